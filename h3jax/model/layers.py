@@ -1,0 +1,136 @@
+"""Building blocks of a Llama-family decoder, as pure functions.
+
+Numerics follow transformers' Llama exactly where it matters for parity:
+RMSNorm upcasts to float32 and casts back *before* the weight multiply, RoPE
+angles are computed in float32 and rotate split halves (never interleaved),
+and GQA groups query head h with kv head h // R (a reshape, never a tile).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from h3jax.config import ModelConfig, RopeConfig
+
+
+def rms_norm(x_BTD, scale_D, eps: float):
+  x32_BTD = x_BTD.astype(jnp.float32)
+  var_BT1 = jnp.mean(jnp.square(x32_BTD), axis=-1, keepdims=True)
+  y_BTD = (x32_BTD * jax.lax.rsqrt(var_BT1 + eps)).astype(x_BTD.dtype)
+  return scale_D.astype(x_BTD.dtype) * y_BTD
+
+
+def _default_inv_freq(theta: float, head_dim: int) -> np.ndarray:
+  exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
+  return (1.0 / (theta ** exponents.astype(np.float64))).astype(np.float32)  # [Dh/2]
+
+
+def _llama3_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+  inv = _default_inv_freq(rope.theta, head_dim).astype(np.float64)
+  old_ctx = rope.original_max_position_embeddings
+  low_wl, high_wl = old_ctx / rope.low_freq_factor, old_ctx / rope.high_freq_factor
+  wavelen = 2 * math.pi / inv
+  scaled = np.where(wavelen > low_wl, inv / rope.factor, inv)
+  smooth = (old_ctx / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+  medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_inv_freq(cfg: ModelConfig, positions_BT=None):
+  """Inverse frequencies [Dh/2] (f32). `dynamic` depends on the largest position seen."""
+  rope, dh = cfg.rope, cfg.head_dim
+  if rope.rope_type in ("default", "linear"):
+    return jnp.asarray(_default_inv_freq(rope.theta, dh))
+  if rope.rope_type == "llama3":
+    return jnp.asarray(_llama3_inv_freq(rope, dh))
+  # dynamic NTK, stateless form of transformers' update: rescale the base once the
+  # sequence outgrows max_position_embeddings.
+  max_pos = cfg.max_position_embeddings
+  seq_len = jnp.maximum(jnp.max(positions_BT) + 1, max_pos).astype(jnp.float32)
+  base = rope.theta * ((rope.factor * seq_len / max_pos) - (rope.factor - 1)) ** (dh / (dh - 2))
+  exponents = jnp.asarray(np.arange(0, dh, 2).astype(np.float32) / dh)
+  return 1.0 / (base ** exponents)
+
+
+def rope_cos_sin(positions_BT, cfg: ModelConfig):
+  """cos, sin of shape [B, T, Dh] in float32."""
+  inv_freq = rope_inv_freq(cfg, positions_BT)  # [Dh/2]
+  pos_BT = positions_BT.astype(jnp.float32)
+  if cfg.rope.rope_type == "linear":
+    pos_BT = pos_BT / cfg.rope.factor
+  angles_BTd = pos_BT[..., None] * inv_freq
+  emb_BTD = jnp.concatenate([angles_BTd, angles_BTd], axis=-1)  # [B, T, Dh]
+  return jnp.cos(emb_BTD), jnp.sin(emb_BTD)
+
+
+def apply_rope(x_BTNH, cos_BTH, sin_BTH):
+  """Split-half rotation: x*cos + rotate_half(x)*sin, in x's dtype (as HF)."""
+  cos_BT1H = cos_BTH[:, :, None, :].astype(x_BTNH.dtype)
+  sin_BT1H = sin_BTH[:, :, None, :].astype(x_BTNH.dtype)
+  x1, x2 = jnp.split(x_BTNH, 2, axis=-1)
+  rotated_BTNH = jnp.concatenate([-x2, x1], axis=-1)
+  return x_BTNH * cos_BT1H + rotated_BTNH * sin_BT1H
+
+
+def linear(p: dict, x_BTI, cfg: ModelConfig, rng=None):
+  """y = x @ kernel (+ bias) (+ lora_scale * dropout(x) @ lora_a @ lora_b)."""
+  dt = cfg.compute_dtype
+  x_BTI = x_BTI.astype(dt)
+  y_BTO = jnp.einsum("...i,io->...o", x_BTI, p["kernel"].astype(dt))
+  if "bias" in p:
+    y_BTO = y_BTO + p["bias"].astype(dt)
+  if "lora_a" in p:
+    xl_BTI = x_BTI
+    if rng is not None and cfg.lora_dropout > 0:
+      keep = jax.random.bernoulli(rng, 1.0 - cfg.lora_dropout, x_BTI.shape)
+      xl_BTI = jnp.where(keep, x_BTI / (1.0 - cfg.lora_dropout), 0).astype(dt)
+    h_BTR = jnp.einsum("...i,ir->...r", xl_BTI, p["lora_a"].astype(dt))
+    y_BTO = y_BTO + cfg.lora_scale * jnp.einsum("...r,ro->...o", h_BTR, p["lora_b"].astype(dt))
+  return y_BTO
+
+
+def swiglu_mlp(p: dict, x_BTD, cfg: ModelConfig, rng=None):
+  rngs = jax.random.split(rng, 3) if rng is not None else (None,) * 3
+  gate_BTF = linear(p["gate_proj"], x_BTD, cfg, rngs[0])
+  up_BTF = linear(p["up_proj"], x_BTD, cfg, rngs[1])
+  return linear(p["down_proj"], jax.nn.silu(gate_BTF) * up_BTF, cfg, rngs[2])
+
+
+def attention(p: dict, x_BTD, cos_BTH, sin_BTH, mask_BTS, cfg: ModelConfig, *,
+              kv_cache=None, cache_index=None, rng=None):
+  """Causal GQA self-attention.
+
+  mask_BTS: bool, True where query t may attend key s (causality and padding
+  already folded in by the caller). With `kv_cache=(k_BSKH, v_BSKH)` the new
+  keys/values are written at `cache_index` and attention runs over the whole
+  cache; the updated cache is returned.
+  """
+  B, T, _ = x_BTD.shape
+  H, K, Dh, R = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.q_per_kv
+  rngs = jax.random.split(rng, 4) if rng is not None else (None,) * 4
+  q_BTNH = linear(p["q_proj"], x_BTD, cfg, rngs[0]).reshape(B, T, H, Dh)
+  k_BTKH = linear(p["k_proj"], x_BTD, cfg, rngs[1]).reshape(B, T, K, Dh)
+  v_BTKH = linear(p["v_proj"], x_BTD, cfg, rngs[2]).reshape(B, T, K, Dh)
+  q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
+  k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
+  new_cache = None
+  if kv_cache is not None:
+    k_cache, v_cache = kv_cache
+    k_BSKH = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BTKH.astype(k_cache.dtype), cache_index, axis=1)
+    v_BSKH = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BTKH.astype(v_cache.dtype), cache_index, axis=1)
+    new_cache = (k_BSKH, v_BSKH)
+  else:
+    k_BSKH, v_BSKH = k_BTKH, v_BTKH
+  q_BTKRH = q_BTNH.reshape(B, T, K, R, Dh)  # query head h uses kv head h // R
+  scores_BKRTS = jnp.einsum("btkrh,bskh->bkrts", q_BTKRH, k_BSKH.astype(q_BTKRH.dtype),
+                            preferred_element_type=jnp.float32) / math.sqrt(Dh)
+  scores_BKRTS = jnp.where(mask_BTS[:, None, None], scores_BKRTS, jnp.finfo(jnp.float32).min)
+  probs_BKRTS = jax.nn.softmax(scores_BKRTS, axis=-1).astype(cfg.compute_dtype)
+  out_BTKRH = jnp.einsum("bkrts,bskh->btkrh", probs_BKRTS, v_BSKH.astype(cfg.compute_dtype))
+  out_BTD = linear(p["o_proj"], out_BTKRH.reshape(B, T, H * Dh), cfg, rngs[3])
+  return out_BTD, new_cache

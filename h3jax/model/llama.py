@@ -1,0 +1,160 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2; dense or MoE FFN) over a params pytree.
+
+Layers are stacked on a leading axis and run with `jax.lax.scan`. The same
+block serves training (full sequences, optional packing) and cached decoding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from h3jax.config import ModelConfig
+from h3jax.model import layers
+
+
+def positions_from_mask(attention_mask_BT):
+  """Positions for left- or right-padded rows: count of real tokens before t."""
+  mask_BT = attention_mask_BT.astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(mask_BT, axis=-1) - 1, 0)
+
+
+def _remat(fn, cfg: ModelConfig):
+  if cfg.remat == "full":
+    return jax.checkpoint(fn)
+  if cfg.remat == "dots":
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  return fn
+
+
+def _block(p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT, cfg: ModelConfig,
+           kv=None, cache_index=None, rng=None):
+  rngs = jax.random.split(rng, 2) if rng is not None else (None, None)
+  h_BTD = layers.rms_norm(x_BTD, p["attn_norm"]["scale"], cfg.rms_norm_eps)
+  attn_BTD, new_kv = layers.attention(p["attn"], h_BTD, cos_BTH, sin_BTH, mask_BTS, cfg,
+                                      kv_cache=kv, cache_index=cache_index, rng=rngs[0])
+  x_BTD = x_BTD + attn_BTD.astype(x_BTD.dtype)
+  h_BTD = layers.rms_norm(x_BTD, p["mlp_norm"]["scale"], cfg.rms_norm_eps)
+  aux = {}
+  if cfg.is_moe:
+    from h3jax.model import moe  # imported lazily: dense models never need it
+    ffn_BTD, aux = moe.moe_ffn(p["moe"], h_BTD, cfg, mask_BT=token_mask_BT, rng=rngs[1])
+  else:
+    ffn_BTD = layers.swiglu_mlp(p["mlp"], h_BTD, cfg, rngs[1])
+  return x_BTD + ffn_BTD.astype(x_BTD.dtype), new_kv, aux
+
+
+def _run_layers(layers_p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT, cfg: ModelConfig,
+                cache=None, cache_index=None, rng=None):
+  """Scan the stacked layers. Returns (x_BTD, new_cache or None, aux stacked on L)."""
+  L = cfg.num_layers
+  rngs_L = jax.random.split(rng, L) if rng is not None else None
+
+  def step(x_BTD, xs):
+    p, kv, r = xs
+    x_BTD, new_kv, aux = _block(p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT, cfg,
+                                kv=kv, cache_index=cache_index, rng=r)
+    return x_BTD, (new_kv, aux)
+
+  step = _remat(step, cfg)
+  kv_L = (cache["k"], cache["v"]) if cache is not None else None
+  if cfg.scan_layers:
+    x_BTD, (new_kv, aux) = jax.lax.scan(step, x_BTD, (layers_p, kv_L, rngs_L))
+  else:
+    outs = []
+    for i in range(L):
+      take = lambda t: jax.tree.map(lambda a: a[i], t)
+      x_BTD, out = step(x_BTD, (take(layers_p), take(kv_L), None if rngs_L is None else rngs_L[i]))
+      outs.append(out)
+    new_kv, aux = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else (None, {})
+  new_cache = {"k": new_kv[0], "v": new_kv[1]} if cache is not None else None
+  return x_BTD, new_cache, aux
+
+
+def embed(params, input_ids_BT, cfg: ModelConfig):
+  return jnp.take(params["embed"]["embedding"], input_ids_BT, axis=0).astype(cfg.compute_dtype)
+
+
+def logits_from_hidden(params, hidden_BTD, cfg: ModelConfig):
+  """Vocabulary projection (tied or untied) with float32 logits."""
+  dt = cfg.compute_dtype
+  if cfg.tie_word_embeddings:
+    return jnp.einsum("btd,vd->btv", hidden_BTD.astype(dt), params["embed"]["embedding"].astype(dt),
+                      preferred_element_type=jnp.float32)
+  return jnp.einsum("btd,dv->btv", hidden_BTD.astype(dt), params["lm_head"]["kernel"].astype(dt),
+                    preferred_element_type=jnp.float32)
+
+
+def hidden_states(params, input_ids_BT, cfg: ModelConfig, *, attention_mask_BT=None,
+                  positions_BT=None, segment_ids_BT=None, rng=None):
+  """Final-norm hidden states [B, T, D] and per-layer aux (MoE router stats, [L, ...])."""
+  B, T = input_ids_BT.shape
+  if positions_BT is None:
+    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  token_mask_BT = (jnp.ones((B, T), bool) if attention_mask_BT is None
+                   else attention_mask_BT.astype(bool))
+  causal_TS = jnp.tril(jnp.ones((T, T), bool))
+  mask_BTS = causal_TS[None] & token_mask_BT[:, None, :]
+  if segment_ids_BT is not None:
+    mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+  cos_BTH, sin_BTH = layers.rope_cos_sin(positions_BT, cfg)
+  x_BTD = embed(params, input_ids_BT, cfg)
+  x_BTD, _, aux = _run_layers(params["layers"], x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT,
+                              cfg, rng=rng)
+  return layers.rms_norm(x_BTD, params["final_norm"]["scale"], cfg.rms_norm_eps), aux
+
+
+def forward(params, input_ids_BT, cfg: ModelConfig, *, attention_mask_BT=None, positions_BT=None,
+            segment_ids_BT=None, rng=None, return_aux=False):
+  """Logits [B, T, V] (float32).
+
+  attention_mask_BT marks real tokens (padding may be left or right). Positions
+  default to 0..T-1 as in transformers; pass `positions_from_mask(mask)` for
+  left-padded batches. segment_ids_BT restricts attention to one packed
+  sequence. `rng` enables LoRA dropout. With return_aux, also returns
+  {"hidden_BTD", and for MoE "router_logits"/"router_probs" [L, B, T, E], ...}.
+  """
+  hidden_BTD, aux = hidden_states(params, input_ids_BT, cfg, attention_mask_BT=attention_mask_BT,
+                                  positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, rng=rng)
+  logits_BTV = logits_from_hidden(params, hidden_BTD, cfg)
+  if return_aux:
+    return logits_BTV, dict(aux, hidden_BTD=hidden_BTD)
+  return logits_BTV
+
+
+# ----------------------------------------------------------------------------- cached decoding
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+  """Empty KV cache {"k", "v"}: [L, B, S, K, Dh] each."""
+  dt = cfg.compute_dtype if dtype is None else dtype
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+
+
+def forward_cached(params, input_ids_BT, positions_BT, cache, cache_index, key_mask_BS,
+                   cfg: ModelConfig):
+  """Run T new tokens written at cache slots [cache_index, cache_index + T).
+
+  key_mask_BS marks valid cache slots (prompt padding False); slot order is
+  causal order. Returns (logits_BTV float32, new_cache).
+  """
+  B, T = input_ids_BT.shape
+  S = cache["k"].shape[2]
+  slot_T = cache_index + jnp.arange(T)
+  mask_BTS = (jnp.arange(S)[None, :] <= slot_T[:, None])[None] & key_mask_BS[:, None, :]
+  cos_BTH, sin_BTH = layers.rope_cos_sin(positions_BT, cfg)
+  x_BTD = embed(params, input_ids_BT, cfg)
+  token_mask_BT = jax.lax.dynamic_slice_in_dim(key_mask_BS, cache_index, T, axis=1)
+  x_BTD, new_cache, _ = _run_layers(params["layers"], x_BTD, cos_BTH, sin_BTH, mask_BTS,
+                                    token_mask_BT, cfg, cache=cache, cache_index=cache_index)
+  hidden_BTD = layers.rms_norm(x_BTD, params["final_norm"]["scale"], cfg.rms_norm_eps)
+  return logits_from_hidden(params, hidden_BTD, cfg), new_cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "return_aux"))
+def forward_jit(params, input_ids_BT, cfg: ModelConfig, attention_mask_BT=None, positions_BT=None,
+                return_aux=False):
+  return forward(params, input_ids_BT, cfg, attention_mask_BT=attention_mask_BT,
+                 positions_BT=positions_BT, return_aux=return_aux)
