@@ -1,0 +1,197 @@
+"""Batched KV-cache generation: jitted prefill + jitted decode chunks.
+
+Prompts are left-padded so every row's next token goes to the same cache slot.
+Decoding runs `chunk` tokens per jitted `lax.while_loop` call; between chunks
+the host checks stop strings, so a finished batch stops early without a
+host round trip per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from h3jax.config import ModelConfig
+from h3jax.model import llama
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """temperature == 0 means greedy (argmax); top_k == 0 and top_p == 1 disable filtering."""
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample_logits(logits_BV, key, sampling: SamplingConfig):
+  """Next token ids [B] from float32 logits, with HF-style top-k then top-p filtering."""
+  if sampling.temperature == 0.0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits_BV = logits_BV.astype(jnp.float32) / sampling.temperature
+  neg = jnp.finfo(jnp.float32).min
+  if sampling.top_k > 0:
+    kth_B1 = jax.lax.top_k(logits_BV, sampling.top_k)[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth_B1, neg, logits_BV)
+  if sampling.top_p < 1.0:
+    sorted_BV = jnp.sort(logits_BV, axis=-1)  # ascending, as transformers' TopPLogitsWarper
+    cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+    remove_BV = cum_BV <= 1.0 - sampling.top_p
+    remove_BV = remove_BV.at[:, -1].set(False)  # always keep the most likely token
+    cutoff_B1 = jnp.max(jnp.where(remove_BV, sorted_BV, neg), axis=-1, keepdims=True)
+    logits_BV = jnp.where((logits_BV <= cutoff_B1) & jnp.any(remove_BV, -1, keepdims=True), neg, logits_BV)
+  return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_len"), donate_argnums=())
+def _prefill(params, ids_BP, mask_BP, cfg: ModelConfig, max_len: int):
+  B, P = ids_BP.shape
+  cache = llama.init_cache(cfg, B, max_len)
+  key_mask_BS = jnp.concatenate([mask_BP.astype(bool), jnp.ones((B, max_len - P), bool)], axis=1)
+  positions_BP = llama.positions_from_mask(mask_BP)
+  logits_BPV, cache = llama.forward_cached(params, ids_BP, positions_BP, cache, 0, key_mask_BS, cfg)
+  next_pos_B = jnp.sum(mask_BP.astype(jnp.int32), axis=-1)
+  return logits_BPV[:, -1], cache, key_mask_BS, next_pos_B
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "n_steps"), donate_argnames=("state",))
+def _decode_chunk(params, state, eos_E, key, cfg: ModelConfig, sampling: SamplingConfig, n_steps: int):
+  """Decode up to n_steps tokens into state["out_BN"], stopping early once every row is done."""
+  start = state["step"]
+
+  def cond(s):
+    return (s["step"] < start + n_steps) & (s["step"] < s["out_BN"].shape[1]) & ~jnp.all(s["done_B"])
+
+  def body(s):
+    step = s["step"]
+    tok_B = sample_logits(s["logits_BV"], jax.random.fold_in(key, step), sampling)
+    tok_B = jnp.where(s["done_B"], 0, tok_B)
+    out_BN = s["out_BN"].at[:, step].set(tok_B)
+    done_B = s["done_B"] | jnp.any(tok_B[:, None] == eos_E[None, :], axis=-1)
+    logits_B1V, cache = llama.forward_cached(params, tok_B[:, None], s["pos_B"][:, None], s["cache"],
+                                             s["cache_index"], s["key_mask_BS"], cfg)
+    return dict(s, step=step + 1, out_BN=out_BN, done_B=done_B, logits_BV=logits_B1V[:, 0],
+                cache=cache, cache_index=s["cache_index"] + 1, pos_B=s["pos_B"] + 1,
+                lengths_B=jnp.where(s["done_B"], s["lengths_B"], step + 1))
+
+  return jax.lax.while_loop(cond, body, state)
+
+
+def generate_tokens(params, cfg: ModelConfig, prompt_ids_BP, prompt_mask_BP, *, max_new_tokens: int,
+                    sampling: SamplingConfig = SamplingConfig(), eos_token_ids: Sequence[int] = (),
+                    seed: int = 0, chunk: Optional[int] = None, should_stop=None):
+  """Token-level generation from left-padded prompts.
+
+  Returns (tokens [B, N] int32, lengths [B]) where lengths count generated tokens
+  up to and including EOS. `should_stop(tokens, lengths) -> bool[B]` is called
+  between chunks (e.g. stop strings); rows it flags are finished.
+  """
+  ids_BP = jnp.asarray(prompt_ids_BP, jnp.int32)
+  mask_BP = jnp.asarray(prompt_mask_BP, jnp.int32)
+  B, P = ids_BP.shape
+  if P + max_new_tokens > cfg.max_position_embeddings and cfg.rope.rope_type == "default":
+    pass  # allowed, as in transformers; quality may degrade past the trained context
+  logits_BV, cache, key_mask_BS, next_pos_B = _prefill(params, ids_BP, mask_BP, cfg, P + max_new_tokens)
+  state = dict(step=jnp.int32(0), out_BN=jnp.zeros((B, max_new_tokens), jnp.int32),
+               done_B=jnp.zeros((B,), bool), logits_BV=logits_BV, cache=cache,
+               cache_index=jnp.int32(P), pos_B=next_pos_B.astype(jnp.int32), key_mask_BS=key_mask_BS,
+               lengths_B=jnp.zeros((B,), jnp.int32))
+  eos_E = jnp.asarray(list(eos_token_ids) or [-1], jnp.int32)
+  key = jax.random.PRNGKey(seed)
+  chunk = chunk or max_new_tokens
+  while True:
+    state = _decode_chunk(params, state, eos_E, key, cfg, sampling, chunk)
+    step = int(state["step"])
+    if should_stop is not None and step:
+      stop_B = np.asarray(should_stop(np.asarray(state["out_BN"][:, :step]), np.asarray(state["lengths_B"])))
+      state["done_B"] = state["done_B"] | jnp.asarray(stop_B)
+    if step >= max_new_tokens or bool(jnp.all(state["done_B"])):
+      break
+  return np.asarray(state["out_BN"]), np.asarray(state["lengths_B"])
+
+
+# ----------------------------------------------------------------------------- text level
+
+def _bucket(n: int, multiple: int = 16) -> int:
+  return max(multiple, -(-n // multiple) * multiple)
+
+
+def format_prompts(tokenizer, prompts: Sequence[str], *, chat: bool, system: Optional[str] = None):
+  if not chat:
+    return list(prompts)
+  if not getattr(tokenizer, "chat_template", None):
+    raise ValueError("chat=True but the tokenizer has no chat template")
+  out = []
+  for p in prompts:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+    out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+  return out
+
+
+def generate(params, cfg: ModelConfig, tokenizer, prompts, *, chat: bool = False, system: Optional[str] = None,
+             max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int = 0, stop_strings: Sequence[str] = (), eos_token_ids: Optional[Sequence[int]] = None,
+             batch_size: int = 8, chunk: int = 32, progress: bool = False) -> list:
+  """Generate completions (text after the prompt) for one prompt or a list of prompts.
+
+  Greedy when temperature == 0. Generation stops at an EOS id (default: the
+  config's and the tokenizer's) or when a stop string appears; the stop string
+  itself is cut from the returned text.
+  """
+  single = isinstance(prompts, str)
+  prompts = [prompts] if single else list(prompts)
+  sampling = SamplingConfig(temperature, top_k, top_p)
+  texts = format_prompts(tokenizer, prompts, chat=chat, system=system)
+  if eos_token_ids is None:
+    eos = set(cfg.eos_token_id)
+    if tokenizer.eos_token_id is not None:
+      eos.add(int(tokenizer.eos_token_id))
+    eos_token_ids = sorted(eos)
+  add_special = not chat  # chat templates already contain BOS where the model wants it
+  outputs = []
+  batches = range(0, len(texts), batch_size)
+  if progress:
+    import tqdm
+    batches = tqdm.tqdm(batches, desc="generate", unit="batch")
+  for start in batches:
+    batch = texts[start:start + batch_size]
+    enc = [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in batch]
+    P = _bucket(max(len(e) for e in enc))
+    n_rows = batch_size if len(texts) > batch_size else len(batch)  # fixed shapes across batches
+    ids = np.full((n_rows, P), tokenizer.pad_token_id or 0, np.int32)
+    mask = np.zeros((n_rows, P), np.int32)
+    for i, e in enumerate(enc):
+      ids[i, P - len(e):], mask[i, P - len(e):] = e, 1
+    for i in range(len(enc), n_rows):  # filler rows: a single token
+      mask[i, -1] = 1
+
+    def should_stop(tokens_BN, lengths_B, n_real=len(enc)):
+      if not stop_strings:
+        return np.zeros(len(tokens_BN), bool)
+      decoded = tokenizer.batch_decode(tokens_BN, skip_special_tokens=True)
+      return np.array([any(s in d for s in stop_strings) if i < n_real else True
+                       for i, d in enumerate(decoded)])
+
+    toks, lengths = generate_tokens(params, cfg, ids, mask, max_new_tokens=max_new_tokens, sampling=sampling,
+                                    eos_token_ids=eos_token_ids, seed=seed + start, chunk=chunk,
+                                    should_stop=should_stop if stop_strings else None)
+    for i in range(len(enc)):
+      row = [int(t) for t in toks[i, :lengths[i]] if int(t) not in eos_token_ids]
+      text = tokenizer.decode(row, skip_special_tokens=True)
+      for s in stop_strings:
+        if s in text:
+          text = text[:text.index(s)]
+      outputs.append(text)
+  return outputs[0] if single else outputs
