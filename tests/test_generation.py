@@ -1,0 +1,92 @@
+"""Generation: greedy identity with transformers.generate, sampling filters vs HF warpers, seeding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import h3jax
+from h3jax import generation
+from tiny_hf import VARIANTS, make_model, save_model
+
+
+def _left_padded(seed=0, batch=3, length=12):
+  rs = np.random.RandomState(seed)
+  ids = rs.randint(3, 128, (batch, length))
+  mask = np.ones_like(ids)
+  for row, n in enumerate([5, 0, 2][:batch]):
+    ids[row, :n], mask[row, :n] = 0, 0
+  return ids, mask
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_greedy_matches_transformers_generate(variant, tmp_path):
+  # std 0.3 makes the logits peaked enough that near-ties are unlikely.
+  model = make_model(variant, std=0.3, eos_token_id=None)
+  cfg, params = h3jax.load_pretrained(save_model(model, tmp_path))
+  ids, mask = _left_padded()
+  with torch.no_grad():
+    ref = model.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False,
+                         max_new_tokens=20, pad_token_id=0)[:, ids.shape[1]:].numpy()
+  toks, lengths = generation.generate_tokens(params, cfg, ids, mask, max_new_tokens=20, chunk=7)
+  np.testing.assert_array_equal(toks, ref)
+  np.testing.assert_array_equal(lengths, [20, 20, 20])
+
+
+def test_eos_stops_rows_and_reports_lengths(tmp_path):
+  model = make_model("llama_gqa_tied_llama3", std=0.3, eos_token_id=None)
+  cfg, params = h3jax.load_pretrained(save_model(model, tmp_path))
+  ids, mask = _left_padded()
+  free, _ = generation.generate_tokens(params, cfg, ids, mask, max_new_tokens=12)
+  eos = int(free[0, 4])  # make row 0's 5th greedy token the EOS id
+  toks, lengths = generation.generate_tokens(params, cfg, ids, mask, max_new_tokens=12, eos_token_ids=[eos])
+  first = [int(np.argmax(np.append(r == eos, True))) for r in free]  # first EOS index (or 12)
+  np.testing.assert_array_equal(lengths, [min(f + 1, 12) for f in first])
+  for r, f in enumerate(first):
+    np.testing.assert_array_equal(toks[r, :f + 1], free[r, :f + 1])
+    assert (toks[r, f + 1:] == 0).all()  # nothing generated after EOS
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.7), (20, 0.5), (0, 0.05)])
+def test_filters_match_transformers_warpers(top_k, top_p):
+  logits = np.random.RandomState(0).standard_normal((4, 64)).astype(np.float32) * 3
+  warpers = transformers.LogitsProcessorList(
+      ([transformers.TopKLogitsWarper(top_k)] if top_k else []) +
+      ([transformers.TopPLogitsWarper(top_p)] if top_p < 1 else []))
+  ref_kept = np.isfinite(warpers(None, torch.as_tensor(logits)).numpy())
+  sampling = generation.SamplingConfig(temperature=1.0, top_k=top_k, top_p=top_p)
+  draws = jax.vmap(lambda k: generation.sample_logits(jnp.asarray(logits), k, sampling))(
+      jax.random.split(jax.random.PRNGKey(0), 2000))  # [N, B]
+  for b in range(4):
+    seen = np.zeros(64, bool)
+    seen[np.asarray(draws[:, b])] = True
+    assert not (seen & ~ref_kept[b]).any(), "sampled a token transformers filters out"
+    if ref_kept[b].sum() <= 5:  # small kept sets are fully covered by 2000 draws
+      np.testing.assert_array_equal(seen, ref_kept[b])
+
+
+def test_sampling_is_seeded(tmp_path):
+  model = make_model("qwen2_bias", eos_token_id=None)
+  cfg, params = h3jax.load_pretrained(save_model(model, tmp_path))
+  ids, mask = _left_padded()
+  s = generation.SamplingConfig(temperature=1.0, top_k=50, top_p=0.95)
+  a = generation.generate_tokens(params, cfg, ids, mask, max_new_tokens=16, sampling=s, seed=3)[0]
+  b = generation.generate_tokens(params, cfg, ids, mask, max_new_tokens=16, sampling=s, seed=3, chunk=5)[0]
+  c = generation.generate_tokens(params, cfg, ids, mask, max_new_tokens=16, sampling=s, seed=4)[0]
+  np.testing.assert_array_equal(a, b)  # chunking does not change the stream
+  assert (a != c).any()
+
+
+def test_bad_sampling_arguments():
+  with pytest.raises(ValueError, match="top_p must be in"):
+    generation.SamplingConfig(temperature=1.0, top_p=0.0)
+  with pytest.raises(ValueError, match="temperature must be >= 0"):
+    generation.SamplingConfig(temperature=-1.0)
+
+
+def test_module_import_does_not_shadow_function():
+  import importlib
+  importlib.import_module("h3jax.generate")
+  assert callable(h3jax.generate)

@@ -1,0 +1,103 @@
+"""Logit parity of h3jax.model.llama against transformers (torch fp32) and model invariants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import h3jax
+from h3jax.model import llama, params as params_lib
+from tiny_hf import VARIANTS, make_model, save_model
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def tiny(request, tmp_path_factory):
+  model = make_model(request.param)
+  path = save_model(model, tmp_path_factory.mktemp(request.param))
+  cfg, params = h3jax.load_pretrained(path)
+  return request.param, model, cfg, params
+
+
+def _torch_logits(model, ids, mask=None):
+  with torch.no_grad():
+    kw = {} if mask is None else {"attention_mask": torch.as_tensor(mask)}
+    return model(torch.as_tensor(ids), **kw).logits.numpy()
+
+
+def test_logits_match_transformers(tiny):
+  name, model, cfg, params = tiny
+  ids = np.random.RandomState(0).randint(0, 128, (2, 40))  # 40 > 16: llama3/dynamic scaling active
+  ours = np.asarray(llama.forward_jit(params, jnp.asarray(ids), cfg))
+  np.testing.assert_array_less(np.abs(ours - _torch_logits(model, ids)).max(), 1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_matches_transformers(tiny, side):
+  name, model, cfg, params = tiny
+  ids = np.random.RandomState(1).randint(3, 128, (3, 24))
+  mask = np.ones_like(ids)
+  pads = [5, 0, 11]
+  for row, n in enumerate(pads):
+    if n:
+      sl = slice(0, n) if side == "left" else slice(24 - n, 24)
+      mask[row, sl], ids[row, sl] = 0, 0
+  ref = _torch_logits(model, ids, mask)
+  ours = np.asarray(llama.forward_jit(params, jnp.asarray(ids), cfg, jnp.asarray(mask)))
+  real = mask.astype(bool)  # logits at padding positions are meaningless on both sides
+  assert np.abs(ours - ref)[real].max() < 1e-4, name
+
+
+def test_scan_remat_and_unrolled_agree(tiny):
+  _, _, cfg, params = tiny
+  ids = jnp.asarray(np.random.RandomState(2).randint(0, 128, (2, 12)))
+  base = llama.forward(params, ids, cfg)
+  for variant in (cfg.replace(scan_layers=False), cfg.replace(remat="full"), cfg.replace(remat="dots")):
+    np.testing.assert_allclose(llama.forward(params, ids, variant), base, atol=1e-5)
+
+
+def test_bfloat16_compute_close_to_float32(tiny):
+  _, _, cfg, params = tiny
+  ids = jnp.asarray(np.random.RandomState(3).randint(0, 128, (2, 16)))
+  ref = llama.forward(params, ids, cfg)
+  bf = llama.forward(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), ids, cfg.replace(dtype="bfloat16"))
+  assert bf.dtype == jnp.float32  # logits always float32
+  # bf16 has ~3 significant digits; the argmax should mostly survive.
+  agree = np.mean(np.argmax(bf, -1) == np.argmax(ref, -1))
+  assert agree > 0.9 and float(jnp.abs(bf - ref).max()) < 0.25 * float(jnp.abs(ref).max())
+
+
+def test_causality_by_gradient():
+  cfg = h3jax.ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=8)
+  params = params_lib.init_params(cfg, jax.random.PRNGKey(0))
+  x_BTD = jax.random.normal(jax.random.PRNGKey(1), (1, 8, 32))
+  cos, sin = llama.layers.rope_cos_sin(jnp.arange(8)[None], cfg)
+  mask = jnp.tril(jnp.ones((8, 8), bool))[None]
+
+  def out_at(x, t):
+    y, _, _ = llama._run_layers(params["layers"], x, cos, sin, mask, jnp.ones((1, 8), bool), cfg)
+    return y[0, t].sum()
+
+  for t in (0, 3, 7):
+    g = jax.grad(out_at)(x_BTD, t)
+    assert float(jnp.abs(g[0, t + 1:]).max(initial=0.0)) == 0.0
+    assert float(jnp.abs(g[0, :t + 1]).min()) > 0.0
+
+
+def test_lora_leaves_add_scaled_delta():
+  cfg = h3jax.ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=2,
+                          num_kv_heads=1, head_dim=8, lora_scale=0.5)
+  params = params_lib.init_params(cfg, jax.random.PRNGKey(0))
+  ids = jnp.arange(10)[None] % 32
+  ref = llama.forward(params, ids, cfg)
+  k = jax.random.split(jax.random.PRNGKey(1), 2)
+  a = 0.3 * jax.random.normal(k[0], (2, 16, 4))
+  b = 0.3 * jax.random.normal(k[1], (2, 4, 24))
+  with_lora = jax.tree.map(lambda x: x, params)
+  with_lora["layers"]["mlp"]["up_proj"].update(lora_a=a, lora_b=jnp.zeros_like(b))
+  np.testing.assert_allclose(llama.forward(with_lora, ids, cfg), ref, atol=1e-6)  # B = 0: no change
+  with_lora["layers"]["mlp"]["up_proj"]["lora_b"] = b
+  merged = jax.tree.map(lambda x: x, params)
+  merged["layers"]["mlp"]["up_proj"]["kernel"] = params["layers"]["mlp"]["up_proj"]["kernel"] + 0.5 * a @ b
+  np.testing.assert_allclose(llama.forward(with_lora, ids, cfg), llama.forward(merged, ids, cfg), atol=1e-5)
