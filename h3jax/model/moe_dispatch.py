@@ -1,0 +1,227 @@
+"""MoE dispatch backends over per-expert SwiGLU weights: capacity, ragged, expert-parallel.
+
+Every backend takes routed tokens (x_ND in compute dtype, topi_NK, combine_NK =
+renormalised top-k weights already zeroed for padding, valid_N) and returns
+y_ND (float32). `h3jax.model.moe` owns routing and the dense oracle.
+
+Capacity semantics (`capacity`, `expert_parallel`):
+  * C = ceil(capacity_factor * N * k / E) slots per expert (at most N). A
+    capacity_factor <= 0 means dropless: C = N, the most any expert can get,
+    since the top-k experts of one token are distinct.
+  * Priority: every token's top-1 choice is placed before any top-2 choice
+    (assignments flattened choice-major), then in token order; padding tokens
+    take no slot.
+  * A dropped choice contributes nothing and the surviving weights are NOT
+    renormalised (GShard/Switch convention): the layer stays the same function
+    of the router as `dense`, minus the dropped terms, and a token that loses
+    every choice outputs 0 (the residual stream carries it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from h3jax.config import ModelConfig
+
+BACKENDS = ("dense", "capacity", "ragged", "expert_parallel")
+EXPERT_AXIS = "expert"
+
+
+# ----------------------------------------------------------------------------- expert compute
+
+def _lora_input(x, keep, cfg: ModelConfig):
+  if keep is None:
+    return x
+  return jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0).astype(x.dtype)
+
+
+def expert_linear(p: dict, x, keep_EMI, cfg: ModelConfig):
+  """Per-expert x @ kernel (+ LoRA). x is [M, I] (shared by all experts) or [E, M, I] -> [E, M, O]."""
+  dt = cfg.compute_dtype
+  x = x.astype(dt)
+  sub = "mi" if x.ndim == 2 else "emi"
+  y_EMO = jnp.einsum(f"{sub},eio->emo", x, p["kernel"].astype(dt))
+  if "lora_a" in p:
+    xl = _lora_input(x, keep_EMI, cfg)  # broadcasts a shared x against [E, M, I] masks
+    sub_l = "mi" if xl.ndim == 2 else "emi"
+    h_EMR = jnp.einsum(f"{sub_l},eir->emr", xl, p["lora_a"].astype(dt))
+    y_EMO = y_EMO + cfg.lora_scale * jnp.einsum("emr,ero->emo", h_EMR, p["lora_b"].astype(dt))
+  return y_EMO
+
+
+def expert_swiglu(p_experts: dict, x, keeps_E, cfg: ModelConfig):
+  """down(silu(gate x) * up x) for every expert: x [M, D] or [E, M, D] -> [E, M, D]."""
+  kp = (lambda n: None) if keeps_E is None else keeps_E.get
+  gate_EMF = expert_linear(p_experts["gate_proj"], x, kp("gate_proj"), cfg)
+  up_EMF = expert_linear(p_experts["up_proj"], x, kp("up_proj"), cfg)
+  return expert_linear(p_experts["down_proj"], jax.nn.silu(gate_EMF) * up_EMF, kp("down_proj"), cfg)
+
+
+def _ragged_linear(p: dict, x_MI, group_sizes_E, keep_MI, cfg: ModelConfig):
+  dt = cfg.compute_dtype
+  x_MI = x_MI.astype(dt)
+  y_MO = jax.lax.ragged_dot(x_MI, p["kernel"].astype(dt), group_sizes_E)
+  if "lora_a" in p:
+    h_MR = jax.lax.ragged_dot(_lora_input(x_MI, keep_MI, cfg), p["lora_a"].astype(dt), group_sizes_E)
+    y_MO = y_MO + cfg.lora_scale * jax.lax.ragged_dot(h_MR, p["lora_b"].astype(dt), group_sizes_E)
+  return y_MO
+
+
+# ----------------------------------------------------------------------------- capacity
+
+def capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
+  """Slots per expert; capacity_factor <= 0 gives the dropless C = num_tokens."""
+  if capacity_factor <= 0:
+    return num_tokens
+  c = math.ceil(capacity_factor * num_tokens * k / num_experts)
+  return max(1, min(c, num_tokens))
+
+
+def capacity_slots(topi_NK, valid_N, num_experts: int, C: int):
+  """Slot of every assignment a = j * N + n (choice-major, so top-1 fills first).
+
+  Returns slot_A (E*C where dropped), kept_A bool, src_S (assignment feeding
+  each of the E*C slots; A where empty).
+  """
+  N, K = topi_NK.shape
+  E, A = num_experts, N * K
+  e_A = topi_NK.T.reshape(A)
+  valid_A = jnp.tile(valid_N, K)
+  onehot_AE = jax.nn.one_hot(e_A, E, dtype=jnp.int32) * valid_A[:, None].astype(jnp.int32)
+  pos_A = jnp.sum(jnp.cumsum(onehot_AE, axis=0) * onehot_AE, axis=-1) - 1
+  kept_A = valid_A & (pos_A < C)
+  slot_A = jnp.where(kept_A, e_A * C + pos_A, E * C)
+  src_S = jnp.full((E * C,), A, jnp.int32).at[slot_A].set(jnp.arange(A, dtype=jnp.int32), mode="drop")
+  return slot_A, kept_A, src_S
+
+
+def capacity_ffn(p_experts, x_ND, topi_NK, combine_NK, valid_N, keeps, C: int, cfg: ModelConfig,
+                 expert_fn=None):
+  """Scatter tokens into [E, C, D], run the experts batched, gather back and combine.
+
+  expert_fn(x_ECD, keeps_ECI) -> out_ECD replaces the local expert run
+  (expert_parallel wraps it in all_to_all). Returns (y_ND f32, dropped_N int32).
+  """
+  N, K = topi_NK.shape
+  D, A = x_ND.shape[-1], N * K
+  E = p_experts["gate_proj"]["kernel"].shape[0] if expert_fn is None else cfg.num_experts
+  slot_A, kept_A, src_S = capacity_slots(topi_NK, valid_N, E, C)
+  token_S = jnp.where(src_S < A, src_S % N, N)  # N = empty slot -> zero row
+  x_ECD = jnp.take(x_ND, token_S, axis=0, mode="fill", fill_value=0).reshape(E, C, D)
+  keeps_E = None
+  if keeps is not None:
+    keeps_E = {n: jnp.take(jnp.swapaxes(m_NKI, 0, 1).reshape(A, -1), src_S, axis=0, mode="fill",
+                           fill_value=True).reshape(E, C, -1) for n, m_NKI in keeps.items()}
+  if expert_fn is None:
+    out_ECD = expert_swiglu(p_experts, x_ECD, keeps_E, cfg)
+  else:
+    out_ECD = expert_fn(x_ECD, keeps_E)
+  out_KND = jnp.take(out_ECD.reshape(E * C, D), slot_A, axis=0, mode="fill", fill_value=0).reshape(K, N, D)
+  kept_KN = kept_A.reshape(K, N)
+  w_KN = jnp.where(kept_KN, combine_NK.T, 0.0).astype(out_KND.dtype)
+  y_ND = jnp.einsum("knd,kn->nd", out_KND, w_KN, preferred_element_type=jnp.float32)
+  dropped_N = jnp.sum(valid_N[None, :] & ~kept_KN, axis=0).astype(jnp.int32)
+  return y_ND, dropped_N
+
+
+# ----------------------------------------------------------------------------- ragged
+
+def ragged_ffn(p_experts, x_ND, topi_NK, combine_NK, valid_N, keeps, cfg: ModelConfig):
+  """Dropless: sort the N*k assignments by expert, grouped matmuls with `jax.lax.ragged_dot`.
+
+  Padding assignments sort after every expert group (key E), so ragged_dot
+  leaves their rows out of every group.
+  """
+  N, K = topi_NK.shape
+  E, A = cfg.num_experts, N * K
+  valid_A = jnp.repeat(valid_N, K)  # a = n * K + j
+  key_A = jnp.where(valid_A, topi_NK.reshape(A), E)
+  order_A = jnp.argsort(key_A, stable=True)
+  group_sizes_E = jnp.sum(jax.nn.one_hot(key_A, E, dtype=jnp.int32), axis=0)
+  x_AD = jnp.take(x_ND, order_A // K, axis=0)
+  kp = {} if keeps is None else {n: m_NKI.reshape(A, -1)[order_A] for n, m_NKI in keeps.items()}
+  pe = p_experts
+  gate_AF = _ragged_linear(pe["gate_proj"], x_AD, group_sizes_E, kp.get("gate_proj"), cfg)
+  up_AF = _ragged_linear(pe["up_proj"], x_AD, group_sizes_E, kp.get("up_proj"), cfg)
+  out_AD = _ragged_linear(pe["down_proj"], jax.nn.silu(gate_AF) * up_AF, group_sizes_E,
+                          kp.get("down_proj"), cfg)
+  inv_A = jnp.zeros((A,), jnp.int32).at[order_A].set(jnp.arange(A, dtype=jnp.int32))
+  out_NKD = jnp.take(out_AD, inv_A, axis=0).reshape(N, K, -1)
+  out_NKD = jnp.where(valid_N[:, None, None], out_NKD, 0)  # rows outside all groups are unspecified
+  return jnp.einsum("nkd,nk->nd", out_NKD, combine_NK.astype(out_NKD.dtype),
+                    preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------- expert parallel
+
+def _resolve_mesh(mesh):
+  m = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+  if m is None or m.empty or EXPERT_AXIS not in m.axis_names:
+    raise ValueError(f"moe_dispatch='expert_parallel' needs a mesh with an {EXPERT_AXIS!r} axis: pass "
+                     f"mesh= or call inside `with jax.set_mesh(mesh)` (got {m})")
+  return m
+
+
+def _to_spec(x, spec, mesh, explicit: bool):
+  """Explicit axes need inputs laid out as shard_map's in_specs; Auto axes reshard themselves."""
+  if not explicit:
+    return x
+  return jax.sharding.reshard(x, NamedSharding(mesh, spec) if isinstance(mesh, jax.sharding.Mesh) else spec)
+
+
+def expert_parallel_ffn(p_experts, x_ND, topi_NK, combine_NK, valid_N, keeps, cfg: ModelConfig, mesh=None):
+  """Capacity dispatch with experts sharded over the `expert` mesh axis (GShard all_to_all).
+
+  Tokens are split over every mesh axis (each device routes its own slice);
+  expert weights are split over `expert` and replicated over the other axes.
+  Each device fills a local [E, C, D] buffer (C from its local token count),
+  all_to_all sends expert block i to device i of the expert axis, the local
+  experts run on [E/m, m*C, D], and the reverse all_to_all brings the outputs
+  home. The token count is padded (with padding tokens) to a multiple of the
+  device count. With capacity_factor <= 0 (dropless) the result equals the
+  single-device layer; with drops, priority is decided per device.
+  """
+  mesh = _resolve_mesh(mesh)
+  m = dict(zip(mesh.axis_names, mesh.axis_sizes))[EXPERT_AXIS]
+  E, (N, K) = cfg.num_experts, topi_NK.shape
+  if E % m:
+    raise ValueError(f"num_experts={E} is not divisible by the {EXPERT_AXIS!r} mesh axis size {m}")
+  explicit = any(t == AxisType.Explicit for t in mesh.axis_types)
+  in_spec = jax.typeof(x_ND).sharding.spec if explicit else None
+  tok_axes = tuple(mesh.axis_names)
+  shards = math.prod(mesh.axis_sizes)
+  pad = (-N) % shards
+  if pad:
+    x_ND = jnp.pad(x_ND, ((0, pad), (0, 0)))
+    topi_NK, combine_NK = jnp.pad(topi_NK, ((0, pad), (0, 0))), jnp.pad(combine_NK, ((0, pad), (0, 0)))
+    valid_N = jnp.pad(valid_N, (0, pad))
+    keeps = None if keeps is None else {n: jnp.pad(v, ((0, pad), (0, 0), (0, 0))) for n, v in keeps.items()}
+  C = capacity((N + pad) // shards, E, K, cfg.capacity_factor)
+  tok = P(tok_axes)
+  exp = P(EXPERT_AXIS)
+  p_specs = jax.tree.map(lambda _: exp, p_experts)
+  k_specs = None if keeps is None else jax.tree.map(lambda _: tok, keeps)
+
+  def local(pe, x_nD, topi_nK, comb_nK, valid_n, keeps_n):
+    def run(x_ECD, keeps_ECI):
+      send = lambda b: jax.lax.all_to_all(b, EXPERT_AXIS, 0, 1, tiled=True)  # [E, C, .] -> [E/m, m*C, .]
+      kl = None if keeps_ECI is None else {n: send(v) for n, v in keeps_ECI.items()}
+      out_eCD = expert_swiglu(pe, send(x_ECD), kl, cfg)
+      return jax.lax.all_to_all(out_eCD, EXPERT_AXIS, 1, 0, tiled=True)  # back to [E, C, D]
+    return capacity_ffn(pe, x_nD, topi_nK, comb_nK, valid_n, keeps_n, C, cfg, expert_fn=run)
+
+  args = (p_experts, x_ND, topi_NK, combine_NK, valid_N, keeps)
+  specs = (p_specs, tok, tok, tok, tok, k_specs)
+  args = jax.tree.map(lambda s, a: _to_spec(a, s, mesh, explicit), specs, args,
+                      is_leaf=lambda s: isinstance(s, P))
+  y_ND, dropped_N = jax.shard_map(local, mesh=mesh if isinstance(mesh, jax.sharding.Mesh) else None,
+                                  in_specs=specs, out_specs=(tok, tok))(*args)
+  if explicit:  # hand the tokens back laid out as they came in
+    out_spec = P(*in_spec) if not pad else P()
+    y_ND = _to_spec(y_ND, P(*out_spec[:2]), mesh, True)
+    dropped_N = _to_spec(dropped_N, P(*out_spec[:1]), mesh, True)
+  return y_ND[:N], dropped_N[:N]
