@@ -1,0 +1,439 @@
+"""Merge configurations: mergekit 0.1.5 YAML (read unchanged) and ml_collections `.py` files.
+
+Both become one `MergeSpec`. Parameter values keep mergekit's setting syntax and
+are resolved per tensor by `resolve_tensor_params` exactly as mergekit 0.1.5's
+`evaluate_setting` / `resolve_parameters` do:
+  * a scalar;
+  * a *gradient* list, interpolated linearly over t = layer / (L - 1) (t = 0 for
+    tensors outside the layer stack, t = 1 for a one-layer model);
+  * a list of `{filter: substring, value: setting}`, first match wins.
+Precedence: the model's own `parameters` -> global `parameters` -> default.
+
+mergekit YAML is checked against mergekit's own parameter table for its methods
+(unknown or misplaced keys are errors, as are `slices`/`modules`, which h3jax
+does not implement). A `.py` config (a `get_config()` returning a ConfigDict)
+reaches every h3jax method and knob: its `parameters` use h3jax keyword names;
+a Python *tuple* is passed through literally (e.g. per-task `alpha` of tsv_m),
+a *list* is a mergekit gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+import pathlib
+import re
+from typing import Any, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+# mergekit 0.1.5 parameter tables for the methods h3jax shares with it:
+# name -> (shared {param: default}, per-model {param: default}); REQUIRED = no default.
+REQUIRED = object()
+_TA_SHARED = {"int8_mask": False, "normalize": False, "rescale": False, "lambda": 1.0}
+_TA_MODEL = {"weight": REQUIRED, "density": 1.0}
+
+
+def _ta(normalize, rescale, **model_extra):
+  return ({**_TA_SHARED, "normalize": normalize, "rescale": rescale}, {**_TA_MODEL, **model_extra})
+
+
+MERGEKIT_METHODS = {
+    "linear": ({"normalize": True}, {"weight": REQUIRED}),
+    "task_arithmetic": _ta(False, False),
+    "ties": _ta(True, False),
+    "dare_ties": _ta(False, True),
+    "dare_linear": _ta(False, True),
+    "breadcrumbs": _ta(False, False, gamma=0.01),
+    "breadcrumbs_ties": _ta(False, False, gamma=0.01),
+    "della": _ta(True, True, epsilon=0.15),
+    "della_linear": _ta(False, True, epsilon=0.15),
+    "slerp": ({"t": REQUIRED}, {}),
+    "model_stock": ({"filter_wise": False}, {}),
+}
+# Methods that need no base model (everything else is base-relative).
+BASE_FREE = ("linear",)
+# Keyword names that are per-model sequences aligned with `models` in h3jax.
+PER_MODEL_KEYS = ("weight", "density", "gamma", "epsilon")
+# Top-level keys of a mergekit YAML that h3jax reads.
+_YAML_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+              "tokenizer_source", "chat_template"}
+_YAML_UNSUPPORTED = {"slices": "layer slices", "modules": "multi-module merges",
+                     "tokenizer": "the tokenizer: block (vocabulary surgery)"}
+# Top-level keys of an h3jax `.py` config.
+_PY_KEYS = _YAML_KEYS | {"seed", "max_shard_size", "rules", "embeddings", "out_shard_size"}
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class MergeConfigError(ValueError):
+  """A merge configuration that cannot be run; the message says which key and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One row of the path -> rule table (first matching filter wins).
+
+  `filter` is a substring of the tensor name or a regex written `re:<pattern>`.
+  action: "merge" (with optional per-tensor `parameters` overriding the
+  global ones), "base" (copy the base tensor unchanged) or "skip" (leave out).
+  """
+  filter: str
+  action: str = "merge"
+  parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def matches(self, name: str) -> bool:
+    if self.filter.startswith("re:"):
+      return re.search(self.filter[3:], name) is not None
+    return self.filter == "*" or self.filter in name
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeSpec:
+  """A parsed, validated merge: what to merge, how, and where the knobs are."""
+  method: str
+  models: Tuple[str, ...]
+  base_model: Optional[str] = None
+  model_parameters: Tuple[Mapping[str, Any], ...] = ()
+  parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  dtype: Optional[str] = None  # inputs are cast to this on load (mergekit `dtype`)
+  out_dtype: Optional[str] = None  # saved dtype; default: the base's (or first model's) dtype
+  tokenizer_source: Optional[str] = "base"
+  seed: int = 0
+  max_shard_size: str = "5GB"
+  rules: Tuple[Rule, ...] = ()
+  flavour: str = "h3jax"  # "mergekit": mergekit 0.1.5 parameter table and defaults
+
+  @property
+  def inputs(self) -> Tuple[str, ...]:
+    """Every distinct folder read: base first, then the models."""
+    return ((self.base_model,) if self.base_model else ()) + self.models
+
+  def rule_for(self, name: str) -> Optional[Rule]:
+    for rule in self.rules:
+      if rule.matches(name):
+        return rule
+    return None
+
+
+# ---------------------------------------------------------------------------
+# mergekit setting syntax.
+
+
+def _is_scalar(x) -> bool:
+  return isinstance(x, (bool, int, float, str))
+
+
+def evaluate_setting(setting, tensor_name: str, t: float):
+  """mergekit 0.1.5 `evaluate_setting`: scalars, gradient lists, filter lists."""
+  if isinstance(setting, Mapping):
+    setting = [setting]
+  if _is_scalar(setting) or isinstance(setting, tuple) or setting is None:
+    return setting
+  if isinstance(setting, list):
+    if not setting:
+      return None
+    if all(_is_scalar(e) for e in setting):
+      if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+        return setting[int(t * (len(setting) - 1))]
+      scaled = t * (len(setting) - 1)
+      i0 = int(scaled)
+      i1 = min(len(setting) - 1, i0 + 1)
+      frac = scaled - i0
+      return (1 - frac) * setting[i0] + frac * setting[i1]
+    for cond in setting:
+      if not isinstance(cond, Mapping) or "value" not in cond:
+        raise MergeConfigError(f"cannot read parameter setting {setting!r}: a list must hold only "
+                               f"numbers (a gradient) or {{filter, value}} entries")
+      filt = cond.get("filter")
+      if filt is None or filt == "*" or (tensor_name and filt in tensor_name):
+        return evaluate_setting(cond["value"], tensor_name, t)
+    return None
+  raise MergeConfigError(f"cannot read parameter setting {setting!r}")
+
+
+def _validate_setting(where: str, setting):
+  """Fail early on settings mergekit would reject at run time."""
+  if isinstance(setting, Mapping):
+    setting = [setting]
+  if isinstance(setting, list):
+    for e in setting:
+      if isinstance(e, Mapping):
+        extra = set(e) - {"filter", "value"}
+        if extra or "value" not in e:
+          raise MergeConfigError(f"{where}: a conditional parameter takes keys 'filter' and 'value', "
+                                 f"got {sorted(e)}")
+        _validate_setting(where, e["value"])
+      elif not _is_scalar(e):
+        raise MergeConfigError(f"{where}: cannot read list entry {e!r}")
+  elif not (_is_scalar(setting) or isinstance(setting, tuple) or setting is None):
+    raise MergeConfigError(f"{where}: cannot read parameter value {setting!r}")
+
+
+def resolve_tensor_params(spec: MergeSpec, tensor_name: str, t: float,
+                          defaults: Tuple[Mapping[str, Any], Mapping[str, Any]]):
+  """-> (shared kwargs, per-model kwargs as tuples aligned with spec.models).
+
+  `defaults` = (shared {name: default}, per-model {name: default}); a REQUIRED
+  default that resolves to nothing is an error naming the tensor.
+  """
+  shared_defaults, model_defaults = defaults
+  rule = spec.rule_for(tensor_name)
+  scopes = ([rule.parameters] if rule is not None else []) + [spec.parameters]
+  shared = {}
+  for key, default in shared_defaults.items():
+    shared[key] = _resolve(key, scopes, tensor_name, t, default, where=tensor_name)
+  per_model = {}
+  for key, default in model_defaults.items():
+    values = []
+    for path, own in zip(spec.models, spec.model_parameters):
+      values.append(_resolve(key, [own] + scopes, tensor_name, t, default, where=f"{path}.{tensor_name}"))
+    per_model[key] = tuple(values)
+  return shared, per_model
+
+
+def _resolve(key, scopes, tensor_name, t, default, where):
+  for scope in scopes:
+    if scope and key in scope:
+      value = evaluate_setting(scope[key], tensor_name, t)
+      if value is not None:
+        return value
+  if default is REQUIRED:
+    raise MergeConfigError(f"missing required parameter {key!r} for {where}")
+  return default
+
+
+# ---------------------------------------------------------------------------
+# Readers.
+
+
+def load_config(path) -> MergeSpec:
+  """A mergekit YAML (.yml/.yaml) or an ml_collections .py config -> MergeSpec."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise MergeConfigError(f"config file not found: {path}")
+  if path.suffix in (".yml", ".yaml"):
+    try:
+      raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+      raise MergeConfigError(f"{path}: not valid YAML ({e})") from None
+    return from_mergekit_dict(raw, where=str(path))
+  if path.suffix == ".py":
+    return from_py_config(_load_py(path), where=str(path))
+  raise MergeConfigError(f"{path}: unknown config type {path.suffix!r}; use a mergekit .yaml/.yml or "
+                         f"an ml_collections .py file")
+
+
+def _load_py(path):
+  spec = importlib.util.spec_from_file_location(f"_h3jax_merge_cfg_{abs(hash(str(path)))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise MergeConfigError(f"{path}: a .py merge config must define get_config()")
+  return module.get_config()
+
+
+def _model_path(ref, where) -> str:
+  if isinstance(ref, Mapping):  # mergekit's `model: {path: ...}` form
+    if set(ref) - {"path"} or "path" not in ref:
+      raise MergeConfigError(f"{where}: a model reference takes only 'path', got {sorted(ref)}")
+    ref = ref["path"]
+  if not isinstance(ref, str) or not ref:
+    raise MergeConfigError(f"{where}: a model must be a path string, got {ref!r}")
+  if "+" in pathlib.Path(ref).name and not pathlib.Path(ref).exists():
+    raise MergeConfigError(f"{where}: 'model+lora' references are not supported ({ref!r})")
+  return ref
+
+
+def _check_dtype(key, value, where):
+  if value is not None and value not in _DTYPES:
+    raise MergeConfigError(f"{where}: {key} must be one of {_DTYPES}, got {value!r}")
+
+
+def _common(raw, where, allowed):
+  if not isinstance(raw, Mapping):
+    raise MergeConfigError(f"{where}: a merge config must be a mapping, got {type(raw).__name__}")
+  for key, what in _YAML_UNSUPPORTED.items():
+    if key in raw:
+      raise MergeConfigError(f"{where}: {key!r} ({what}) is not supported by h3jax; use 'models'")
+  unknown = sorted(set(raw) - allowed)
+  if unknown:
+    raise MergeConfigError(f"{where}: unknown top-level key(s) {unknown}; expected some of {sorted(allowed)}")
+  if "merge_method" not in raw:
+    raise MergeConfigError(f"{where}: 'merge_method' is required")
+  models = raw.get("models")
+  if not models:
+    raise MergeConfigError(f"{where}: 'models' must list at least one model")
+  base = raw.get("base_model")
+  base = _model_path(base, f"{where}: base_model") if base is not None else None
+  paths, params = [], []
+  for i, entry in enumerate(models):
+    if not isinstance(entry, Mapping) or "model" not in entry:
+      raise MergeConfigError(f"{where}: models[{i}] must be a mapping with a 'model' key")
+    extra = set(entry) - {"model", "parameters"}
+    if extra:
+      raise MergeConfigError(f"{where}: models[{i}] has unknown key(s) {sorted(extra)}")
+    paths.append(_model_path(entry["model"], f"{where}: models[{i}]"))
+    params.append(dict(entry.get("parameters") or {}))
+  for key in ("dtype", "out_dtype"):
+    _check_dtype(key, raw.get(key), where)
+  tok = raw.get("tokenizer_source", "base")
+  if tok not in (None, "base"):
+    raise MergeConfigError(f"{where}: tokenizer_source {tok!r} is not supported; h3jax copies the base "
+                           f"model's tokenizer (tokenizer_source: base)")
+  return base, paths, params, dict(raw.get("parameters") or {})
+
+
+def _drop_base(base, paths, params):
+  """mergekit treats a base listed among `models` as the base only."""
+  keep = [(p, q) for p, q in zip(paths, params) if p != base]
+  return tuple(p for p, _ in keep), tuple(q for _, q in keep)
+
+
+def from_mergekit_dict(raw, where: str = "config") -> MergeSpec:
+  """A mergekit 0.1.5 YAML document (as a dict) -> MergeSpec with mergekit semantics."""
+  base, paths, params, global_params = _common(raw, where, _YAML_KEYS)
+  method = raw["merge_method"]
+  if method not in MERGEKIT_METHODS:
+    raise MergeConfigError(f"{where}: unknown merge_method {method!r} for a mergekit YAML; h3jax reads "
+                           f"{sorted(MERGEKIT_METHODS)} (use a .py config for the other h3jax methods)")
+  shared, per_model = MERGEKIT_METHODS[method]
+  for key, value in global_params.items():
+    if key not in shared and key not in per_model:
+      raise MergeConfigError(f"{where}: unknown parameter {key!r} for {method}; expected some of "
+                             f"{sorted(set(shared) | set(per_model))}")
+    _validate_setting(f"{where}: parameters.{key}", value)
+  for path, p in zip(paths, params):
+    for key, value in p.items():
+      if key not in per_model:
+        hint = " (a global parameter; put it under the top-level 'parameters')" if key in shared else ""
+        raise MergeConfigError(f"{where}: unknown parameter {key!r} for model {path} in {method}{hint}")
+      _validate_setting(f"{where}: {path}.parameters.{key}", value)
+  if method not in BASE_FREE:
+    if base is None:
+      raise MergeConfigError(f"{where}: {method} needs a base_model")
+    paths, params = _drop_base(base, paths, params)
+  elif base is not None and base not in paths:
+    raise MergeConfigError(f"{where}: linear merges only its listed models; list base_model {base!r} "
+                           f"under models with a weight, or remove base_model")
+  else:
+    base = None
+    paths, params = tuple(paths), tuple(params)
+  if method == "slerp" and len(paths) != 1:
+    raise MergeConfigError(f"{where}: slerp needs a base_model and exactly one other model, got {len(paths)}")
+  if method == "model_stock" and len(paths) < 2:
+    raise MergeConfigError(f"{where}: model_stock needs at least two models besides the base")
+  return MergeSpec(method=method, models=paths, base_model=base, model_parameters=params,
+                   parameters=global_params, dtype=raw.get("dtype"), out_dtype=raw.get("out_dtype"),
+                   tokenizer_source="base", flavour="mergekit")
+
+
+def from_py_config(cfg, where: str = "config") -> MergeSpec:
+  """An ml_collections ConfigDict (or plain dict) -> MergeSpec with h3jax keyword names."""
+  raw = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+  base, paths, params, global_params = _common(raw, where, _PY_KEYS)
+  method = raw["merge_method"]
+  method_fn = _h3jax_method(method, where)
+  accepted = _accepted_kwargs(method_fn)
+  for key, value in list(global_params.items()) + [(k, v) for p in params for k, v in p.items()]:
+    if accepted is not None and key not in accepted:
+      raise MergeConfigError(f"{where}: unknown parameter {key!r} for h3jax method {method}; it takes "
+                             f"{sorted(accepted)}")
+    _validate_setting(f"{where}: parameter {key}", value)
+  rules = []
+  for i, r in enumerate(raw.get("rules") or ()):
+    r = dict(r)
+    extra = set(r) - {"filter", "action", "parameters"}
+    if extra or "filter" not in r:
+      raise MergeConfigError(f"{where}: rules[{i}] takes keys filter, action, parameters; got {sorted(r)}")
+    action = r.get("action", "merge")
+    if action not in ("merge", "base", "skip"):
+      raise MergeConfigError(f"{where}: rules[{i}].action must be merge|base|skip, got {action!r}")
+    for key in (r.get("parameters") or {}):
+      if accepted is not None and key not in accepted:
+        raise MergeConfigError(f"{where}: rules[{i}] sets unknown parameter {key!r} for {method}")
+    rules.append(Rule(filter=r["filter"], action=action, parameters=dict(r.get("parameters") or {})))
+  embeddings = raw.get("embeddings", "merge")
+  if embeddings not in ("merge", "base"):
+    raise MergeConfigError(f"{where}: embeddings must be 'merge' or 'base', got {embeddings!r}")
+  if embeddings == "base":  # keep the base's embeddings and head (FusionBench's merge_backbone)
+    rules = [Rule("embed_tokens", "base"), Rule("lm_head", "base")] + rules
+  if _needs_base(method_fn, method):
+    if base is None:
+      raise MergeConfigError(f"{where}: {method} needs a base_model")
+    paths, params = _drop_base(base, paths, params)
+  else:
+    paths, params = tuple(paths), tuple(params)
+    if base is not None and embeddings == "base":
+      pass
+  seed = raw.get("seed", 0)
+  if not isinstance(seed, int):
+    raise MergeConfigError(f"{where}: seed must be an int, got {seed!r}")
+  return MergeSpec(method=method, models=paths, base_model=base, model_parameters=params,
+                   parameters=global_params, dtype=raw.get("dtype"), out_dtype=raw.get("out_dtype"),
+                   tokenizer_source="base", seed=seed,
+                   max_shard_size=str(raw.get("max_shard_size", raw.get("out_shard_size", "5GB"))),
+                   rules=tuple(rules), flavour="h3jax")
+
+
+def _h3jax_method(name, where):
+  from h3jax import merging  # the transforms (merge-core); imported lazily for a cheap CLI --help
+  try:
+    return merging.get_method(name)
+  except (KeyError, ValueError) as e:
+    raise MergeConfigError(f"{where}: unknown merge_method {name!r}; h3jax has {sorted(merging.METHODS)}") from e
+
+
+# Keywords every h3jax transform takes through **kw (see h3jax.merging.basic).
+_COMMON_KWARGS = {"rules", "lora_scale", "lambda"}
+
+
+def _accepted_kwargs(fn) -> Optional[set]:
+  """Keyword names a transform takes (its named knobs plus the common ones)."""
+  try:
+    sig = inspect.signature(fn)
+  except (TypeError, ValueError):
+    return None
+  params = list(sig.parameters.values())
+  names = {p.name for p in params[2:] if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+  if any(p.kind == p.VAR_KEYWORD for p in params):
+    names |= _COMMON_KWARGS
+  if "lambda_" in names:
+    names.add("lambda")
+  return names
+
+
+def _needs_base(fn, name) -> bool:
+  if name in BASE_FREE:
+    return False
+  needs = getattr(fn, "needs_base", None)
+  return True if needs is None else bool(needs)
+
+
+def method_defaults(spec: MergeSpec, method_fn=None) -> Tuple[dict, dict]:
+  """(shared, per-model) parameter defaults for resolving `spec` per tensor."""
+  if spec.flavour == "mergekit":
+    return MERGEKIT_METHODS[spec.method]
+  keys = set(spec.parameters) | {k for p in spec.model_parameters for k in p}
+  keys |= {k for r in spec.rules for k in r.parameters}
+  shared = {k: None for k in keys if k not in PER_MODEL_KEYS}
+  per_model = {k: None for k in keys if k in PER_MODEL_KEYS}
+  return shared, per_model
+
+
+def h3jax_kwargs(shared: Mapping[str, Any], per_model: Mapping[str, Sequence], spec: MergeSpec) -> dict:
+  """Resolved parameters -> keyword arguments of the h3jax transform."""
+  out = {}
+  for key, value in shared.items():
+    if value is None:
+      continue
+    if spec.flavour == "mergekit" and key == "int8_mask":
+      continue  # only the sign mask's storage dtype in mergekit; numerically identical
+    out["lambda_" if key == "lambda" else key] = value
+  for key, values in per_model.items():
+    if all(v is None for v in values):
+      continue
+    if any(v is None for v in values):
+      raise MergeConfigError(f"parameter {key!r} is set for some models but not all")
+    out[key] = tuple(values)
+  return out
