@@ -1,0 +1,1 @@
+"""Training: optimizer rules, LoRA, losses, sharding, the jitted step and the loop."""

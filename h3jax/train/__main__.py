@@ -1,0 +1,25 @@
+r"""Train one stage: `python -m h3jax.train --config=configs/tiny.py:sft --workdir=/tmp/run`.
+
+Dotted overrides work: `--config.train.steps=20 --config.loss.gate_weight=0.01`.
+Re-running the same command in the same workdir resumes from its latest
+checkpoint. The library function is `h3jax.train.loop.train_and_evaluate`.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, export.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  from h3jax.train import loop
+  out = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  print(f"done: step {out['steps']} loss {out.get('loss', float('nan')):.4f} -> {out['workdir']}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,103 @@
+"""Default training config (ml_collections); configs/*.py start from it and override.
+
+Every field is overridable on the command line: `--config.train.steps=100`.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import ml_collections
+
+
+def default_data_root() -> str:
+  """$H3JAX_DATA_ROOT, else ../shared/data next to the repo when it exists (as tests/conftest.py)."""
+  if os.environ.get("H3JAX_DATA_ROOT"):
+    return os.environ["H3JAX_DATA_ROOT"]
+  guess = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"
+  return str(guess) if guess.is_dir() else ""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "sft"  # sft (Stage A) | fusion (Stage B)
+  c.seed = 42
+
+  c.model = ml_collections.ConfigDict()
+  c.model.hf_dir = ""  # HF folder or h3jax checkpoint; empty: random `tiny` model
+  c.model.param_dtype = "float32"
+  c.model.compute_dtype = "float32"  # or bfloat16 (norms, softmax, router, loss stay f32)
+  c.model.remat = "none"
+  c.model.tiny = ml_collections.ConfigDict(dict(
+      vocab_size=259, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+      head_dim=8, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1,
+      eos_token_id=(2,), pad_token_id=0, rope_theta=10000.0))
+
+  c.fusion = ml_collections.ConfigDict()  # Stage B: h3jax.fusion.build_moe arguments
+  c.fusion.base_dir = ""
+  c.fusion.expert_dirs = ()
+  c.fusion.expert_names = ("helpful", "harmless", "honest")
+  c.fusion.router_init = "random"  # random | zeros | hidden
+  c.fusion.top_k = 2
+  c.fusion.dispatch = "capacity"  # dense | capacity | ragged | expert_parallel
+  c.fusion.capacity_factor = 0.0  # <= 0: dropless
+  c.fusion.attn_from = "base"  # base | average
+  c.fusion.delta_scale = "lora"  # "one": reference defect #2
+  c.fusion.alias_experts = False  # True: reference defect #1
+
+  c.lora = ml_collections.ConfigDict()  # paper: r=8, alpha=4 (scale 0.5), dropout 0.1
+  c.lora.enabled = True
+  c.lora.rank = 8
+  c.lora.alpha = 4.0
+  c.lora.dropout = 0.1
+  c.lora.targets = ("ffn",)  # "ffn", "attn" or path regexes over linear-layer paths
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.lm_weight = 1.0
+  c.loss.gate_weight = 0.0  # λ
+  c.loss.drift_weights = ()  # γ_i, one per expert
+  c.loss.drift_mode = "lora_delta"  # frobenius | lora_delta | lora_a_plus_b (#7)
+  c.loss.drift_layer_divisor = 0.0  # 0: num_layers; 32 reproduces the reference
+  c.loss.gate_mode = "nll"  # nll | double_softmax (#6)
+  c.loss.gate_masked = True  # False: unmasked averaging (#6)
+  c.loss.balance_weight = 0.0
+  c.loss.z_weight = 0.0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.sources = ("helpful",)  # 3H axis names (h3jax.data) or JSONL paths
+  c.data.tasks = ()  # per-source task label override; empty: source index (or its own label)
+  c.data.task_labels = "per_source"  # cumulative: reference defect #5
+  c.data.data_root = default_data_root()
+  c.data.max_examples = 0  # per source; 0 = all
+  c.data.tokenizer = ""  # "bytes" or an HF folder; empty: the model's folder
+  c.data.template = "alpaca"  # alpaca | chat | plain
+  c.data.end_marker = ""  # "###END" reproduces the reference target suffix
+  c.data.add_eos = True
+  c.data.seq_len = 128
+  c.data.eval_fraction = 0.05
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100
+  c.train.batch_size = 8
+  c.train.grad_accum_steps = 1
+  c.train.lr = 5e-4
+  c.train.warmup_steps = 0
+  c.train.decay = "linear"  # linear | cosine | constant
+  c.train.end_lr_frac = 0.0
+  c.train.weight_decay = 0.0
+  c.train.clip_norm = 1.0
+  c.train.trainable = ()  # extra trainable-leaf regexes, e.g. "^layers/mlp/" for full-FFN SFT
+  c.train.router_trainable = True  # False: reference defect #4
+  c.train.checkpoint_every = 50
+  c.train.keep_checkpoints = 2
+  c.train.eval_every = 50
+  c.train.eval_batches = 2
+  c.train.mesh_data = -1  # -1: all devices not on the model axis
+  c.train.mesh_model = 1
+  c.train.progress = True
+
+  c.export = ml_collections.ConfigDict()
+  c.export.enabled = False  # HF folder (LoRA merged; Mixtral for an MoE) at the end
+  c.export.out_dir = ""  # empty: workdir/hf
+  return c

@@ -1,0 +1,170 @@
+"""train_and_evaluate(config, workdir): the training loop with exact resume.
+
+Per step: batch = data.batch(step) (a pure function of seed and step), one
+jitted step over the (data, model) mesh, metrics appended to
+workdir/metrics.jsonl (and TensorBoard if tensorboardX is installed), a tqdm
+bar. Every `train.checkpoint_every` steps params + optimizer state + the data
+iterator state go to workdir/checkpoints (Orbax, `h3jax.checkpoint`). Running
+the same command again restores the latest checkpoint and continues: same
+batches, same dropout keys (folded from the step), so the final params equal
+an uninterrupted run's. A non-finite loss stops the run with an error that
+names the last good checkpoint; the bad state is never saved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from h3jax.train import optim, sharding, stages, step as step_lib
+
+METRICS_FILE = "metrics.jsonl"
+CKPT_DIR = "checkpoints"
+
+
+class _Writer:
+  """metrics.jsonl (+ TensorBoard scalars when tensorboardX is importable)."""
+
+  def __init__(self, workdir: pathlib.Path, resume_step: int):
+    self.path = workdir / METRICS_FILE
+    if self.path.exists():  # drop lines a killed run wrote after its last checkpoint
+      keep = [l for l in self.path.read_text().splitlines()
+              if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+      self.path.write_text("".join(l + "\n" for l in keep))
+    self.f = open(self.path, "a")
+    try:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(str(workdir / "tb"))
+    except ImportError:
+      self.tb = None
+
+  def write(self, step: int, metrics: dict, prefix: str = "train"):
+    row = {"step": step, **{f"{prefix}/{k}": float(v) for k, v in metrics.items()}}
+    self.f.write(json.dumps(row) + "\n")
+    self.f.flush()
+    if self.tb is not None:
+      for k, v in metrics.items():
+        self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
+
+  def close(self):
+    self.f.close()
+    if self.tb is not None:
+      self.tb.close()
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+  if not enabled:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0)
+
+
+def evaluate(eval_fn, params, batches, n_batches: int, put) -> dict:
+  """Token-weighted mean eval loss (+ mean router stats) over the first n batches."""
+  tot, n_tok, sums = 0.0, 0.0, {}
+  for i in range(n_batches):
+    m = jax.device_get(eval_fn(params, put(batches.batch(i))))
+    tot += float(m["lm_loss"]) * float(m["n_tokens"])
+    n_tok += float(m["n_tokens"])
+    for k in ("gate_loss", "router_acc"):
+      if k in m:
+        sums[k] = sums.get(k, 0.0) + float(m[k]) / n_batches
+  return {"lm_loss": tot / max(n_tok, 1.0), **sums}
+
+
+def train_and_evaluate(config, workdir, *, run: Optional[stages.Run] = None) -> dict:
+  """Train per `config` in `workdir` (resuming if it holds checkpoints). Returns a summary dict."""
+  from h3jax.checkpoint import Checkpointer
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  t = config.train
+  run = run or stages.setup(config)
+  cfg, labels = run.cfg, run.labels
+  schedule = optim.make_schedule(t.lr, t.steps, warmup_steps=t.warmup_steps, decay=t.decay,
+                                 end_lr_frac=t.end_lr_frac)
+  tx = optim.make_optimizer(labels, schedule, weight_decay=t.weight_decay, clip_norm=t.clip_norm)
+  mesh = sharding.make_mesh(t.mesh_data, t.mesh_model)
+  p_shard = sharding.param_shardings(run.params, mesh)
+  params = jax.device_put(run.params, p_shard)
+  init_params = params if run.loss.drift_weights and run.loss.drift_mode == "frobenius" else None
+  opt_like = jax.eval_shape(tx.init, params)
+  o_shard = sharding.tree_shardings_like(opt_like, params, mesh)
+  state_shard = {"params": p_shard, "opt_state": o_shard,
+                 "step": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())}
+
+  ckpt = Checkpointer(workdir / CKPT_DIR, max_to_keep=t.keep_checkpoints)
+  start = ckpt.latest_step() or 0
+  if start:
+    like = lambda tree, shard: jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shard)
+    got = ckpt.restore(start, params_like=like(params, p_shard), opt_state_like=like(opt_like, o_shard))
+    state = {"params": got["params"], "opt_state": got["opt_state"],
+             "step": jax.device_put(jnp.asarray(start, jnp.int32), state_shard["step"])}
+    if init_params is not None:  # drift reference = the fused init, rebuilt deterministically
+      init_params = params
+  else:
+    state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_shard)(params)
+
+  batch_like = run.train.batch(0)
+  b_shard = sharding.batch_shardings(batch_like, mesh)
+  put = lambda b: jax.device_put(b, b_shard)
+  step_fn = jax.jit(step_lib.make_step(cfg, run.loss, labels, tx, accum=t.grad_accum_steps, seed=config.seed,
+                                       schedule=schedule),
+                    in_shardings=(state_shard, b_shard, None if init_params is None else p_shard),
+                    out_shardings=(state_shard, None), donate_argnums=(0,))
+  eval_fn = jax.jit(step_lib.make_eval_step(cfg, run.loss))
+  writer = _Writer(workdir, start)
+  bar = _progress(t.steps, start, f"{config.stage}:{workdir.name}", t.progress)
+  last_saved = start
+  t0, summary = time.time(), {}
+  try:
+    for s in range(start, t.steps):
+      state, m = step_fn(state, put(run.train.batch(s)), init_params)
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      if not math.isfinite(m["loss"]):
+        ckpt.wait()
+        raise FloatingPointError(
+            f"non-finite training loss ({m['loss']}) at step {s + 1}; stopping without saving this state. "
+            f"Last good checkpoint: step {last_saved} in {workdir / CKPT_DIR}" if last_saved else
+            f"non-finite training loss ({m['loss']}) at step {s + 1}; stopping. No checkpoint was saved "
+            f"before it (checkpoint_every={t.checkpoint_every}).")
+      writer.write(s + 1, m)
+      summary = m
+      if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
+      done = s + 1 == t.steps
+      if (s + 1) % t.checkpoint_every == 0 or done:
+        ckpt.save(s + 1, params=state["params"], opt_state=state["opt_state"],
+                  extra={"data": run.train.state(s + 1), "seed": int(config.seed)}, config=cfg, force=True)
+        last_saved = s + 1
+      if run.eval is not None and t.eval_every and ((s + 1) % t.eval_every == 0 or done):
+        ev = evaluate(eval_fn, state["params"], run.eval, t.eval_batches, put)
+        writer.write(s + 1, ev, prefix="eval")
+        summary = dict(summary, **{f"eval_{k}": v for k, v in ev.items()})
+    ckpt.wait()
+  finally:
+    if bar is not None:
+      bar.close()
+    writer.close()
+    ckpt.close()
+  summary.update(steps=t.steps, seconds=time.time() - t0, workdir=str(workdir))
+  if config.export.enabled:
+    summary["export_dir"] = export(state["params"], cfg, workdir, config, run)
+  return dict(summary, params=state["params"], cfg=cfg)
+
+
+def export(params, cfg, workdir: pathlib.Path, config, run: stages.Run) -> str:
+  """HF folder (LoRA merged; Mixtral for a fused MoE) at export.out_dir or workdir/hf."""
+  from h3jax.hf.export import save_pretrained
+  out = pathlib.Path(config.export.out_dir or workdir / "hf")
+  save_pretrained(jax.device_get(params), cfg, out, tokenizer_source=run.tokenizer_source, overwrite=True)
+  return str(out)

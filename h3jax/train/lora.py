@@ -1,0 +1,81 @@
+"""Add fresh LoRA factors to the linear leaves a path-rule table selects.
+
+A matched linear dict `{kernel [..., in, out]}` gains
+  lora_a [..., in, r]  Kaiming-uniform, bound 1/sqrt(in) (PEFT's
+                       `kaiming_uniform_(a=sqrt(5))` on its [r, in] weight)
+  lora_b [..., r, out] zeros, so the model is unchanged at step 0.
+Leading axes (layers L, experts E) are kept, so per-expert MoE kernels
+[L, E, in, out] get one independent adapter per expert. The model applies
+them with `cfg.lora_scale = alpha / r` (see `lora_model_config`). Merging
+into the kernels for export is `h3jax.lora.merge_lora`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Sequence
+
+import flax.traverse_util as tu
+import jax
+import jax.numpy as jnp
+
+from h3jax.config import ModelConfig
+from h3jax.train.optim import path_str
+
+# The paper's LoRA targets (h3fusion-method.md §3, §6.1) as path regexes over
+# the linear dict's path (without the trailing "/kernel").
+FFN_TARGETS = (r"^layers/(mlp|moe/experts)/(gate|up|down)_proj$",)
+ATTN_TARGETS = (r"^layers/attn/(q|k|v|o)_proj$",)
+
+
+def lora_model_config(cfg: ModelConfig, rank: int, alpha: float, dropout: float) -> ModelConfig:
+  if rank < 1:
+    raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+  return cfg.replace(lora_scale=float(alpha) / rank, lora_dropout=float(dropout))
+
+
+def add_lora(params: dict, targets: Sequence[str], rank: int, key: jax.Array,
+             dtype=jnp.float32) -> dict:
+  """Copy of `params` with lora_a / lora_b next to every matched `kernel`.
+
+  Raises if a target regex matches no linear layer (a typo would otherwise
+  silently train nothing) or if a matched layer already has LoRA.
+  """
+  if rank < 1:
+    raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+  flat = tu.flatten_dict(params)
+  linears = sorted(k[:-1] for k in flat if k[-1] == "kernel")
+  hits = {pattern: [] for pattern in targets}
+  for lin in linears:
+    for pattern in targets:
+      if re.search(pattern, path_str(lin)):
+        hits[pattern].append(lin)
+        break
+  unused = [p for p, h in hits.items() if not h]
+  if unused:
+    raise ValueError(f"LoRA target patterns {unused} match no linear layer; linear layers are "
+                     f"{[path_str(l) for l in linears]}")
+  chosen = [lin for h in hits.values() for lin in h]
+  keys = jax.random.split(key, max(len(chosen), 1))
+  out = dict(flat)
+  for lin, k in zip(chosen, keys):
+    if lin + ("lora_a",) in flat:
+      raise ValueError(f"{path_str(lin)} already has LoRA factors")
+    kernel = flat[lin + ("kernel",)]
+    *lead, d_in, d_out = kernel.shape
+    bound = 1.0 / math.sqrt(d_in)
+    out[lin + ("lora_a",)] = jax.random.uniform(k, (*lead, d_in, rank), jnp.float32, -bound, bound).astype(dtype)
+    out[lin + ("lora_b",)] = jnp.zeros((*lead, rank, d_out), dtype)
+  return tu.unflatten_dict(out)
+
+
+def lora_delta(leaf: dict, scale: float):
+  """Effective weight change scale * A @ B of one linear dict ([..., in, out])."""
+  return scale * jnp.einsum("...ir,...ro->...io", leaf["lora_a"].astype(jnp.float32),
+                            leaf["lora_b"].astype(jnp.float32))
+
+
+def strip_lora(params: dict) -> dict:
+  return tu.unflatten_dict({k: v for k, v in tu.flatten_dict(params).items()
+                            if k[-1] not in ("lora_a", "lora_b")})
