@@ -230,6 +230,9 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
         and ref.dtype(name) != ml_dtypes.bfloat16:
       action = "base"  # integer buffers are copied
     kwargs = _kwargs_for(spec, name, layer_position(name, L), accepted) if action == "merge" else {}
+    if action == "merge" and spec.method == "model_stock" and accepted and "in_axis" in accepted \
+        and "in_axis" not in kwargs:
+      kwargs["in_axis"] = max(len(ref.shape(name)) - 1, 0)  # mergekit: filters along the last axis
     plan.append((name, action, kwargs))
 
   out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,51 @@
+"""h3jax.merging: weight-merging methods as jitted pytree -> pytree transforms.
+
+Every method is `method(base, models, **hparams)` over params trees (as returned by
+`h3jax.load_pretrained`) or single arrays; `base` may be None where a method needs
+none; per-model values are sequences aligned with `models`. See docs/merging.md.
+"""
+
+from h3jax.merging import blocks, rules
+from h3jax.merging.basic import (breadcrumbs, breadcrumbs_ties, consensus_ta, consensus_ties,
+                                 dare_linear, dare_ties, della, della_linear, linear,
+                                 model_stock, slerp, task_arithmetic)
+from h3jax.merging.data_dependent import (compute_fisher, compute_regmean_grams, fisher,
+                                          regmean)
+from h3jax.merging.emr import emr
+from h3jax.merging.resm import resm
+from h3jax.merging.svd import iso_c, iso_cts, tsv_m
+from h3jax.merging.ties import global_thresholds, ties
+from h3jax.merging.tree import fold_lora, merge_leaf, merge_tree
+
+METHODS = {
+    "linear": linear,
+    "task_arithmetic": task_arithmetic,
+    "ties": ties,
+    "dare_linear": dare_linear,
+    "dare_ties": dare_ties,
+    "breadcrumbs": breadcrumbs,
+    "breadcrumbs_ties": breadcrumbs_ties,
+    "della": della,
+    "della_linear": della_linear,
+    "slerp": slerp,
+    "model_stock": model_stock,
+    "consensus_ta": consensus_ta,
+    "consensus_ties": consensus_ties,
+    "tsv_m": tsv_m,
+    "iso_c": iso_c,
+    "iso_cts": iso_cts,
+    "emr": emr,
+    "resm": resm,
+    "fisher": fisher,
+    "regmean": regmean,
+}
+
+# Methods that need no base model (base may be None).
+BASE_FREE = ("linear", "fisher", "regmean")
+
+
+def get_method(name: str):
+  """The merge function called `name`; ValueError listing the known ones otherwise."""
+  if name not in METHODS:
+    raise ValueError(f"unknown merge method {name!r}; known methods: {', '.join(sorted(METHODS))}")
+  return METHODS[name]

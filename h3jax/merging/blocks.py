@@ -1,0 +1,232 @@
+"""Building blocks of the merge methods, on single tensors (jit/vmap friendly).
+
+Shapes: N models, X = one tensor's shape (any rank). `density` etc. are Python
+floats (static). Each block states which oracle's semantics it follows.
+Compose them into new methods; see docs/merging.md.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def task_vectors(base_X, models_NX):
+  """tau_i = theta_i - theta_0: [N, X]."""
+  return models_NX - base_X[None]
+
+
+# ----------------------------------------------------------------------------- sparsification masks
+
+def topk_mask(x_X, density: float):
+  """mergekit `magnitude`: keep exactly k = max(1, int(density * numel)) largest |x|.
+
+  Ties at the k-th magnitude are broken by flat index (mergekit's argsort is arbitrary).
+  """
+  n = x_X.size
+  if density >= 1:
+    return jnp.ones(x_X.shape, bool)
+  if density <= 0 or n == 0:
+    return jnp.zeros(x_X.shape, bool)
+  k = max(1, int(density * n))
+  a_n = jnp.abs(x_X).reshape(-1).astype(jnp.float32)
+  thr = jnp.sort(a_n)[n - k]
+  gt_n, eq_n = a_n > thr, a_n == thr
+  need = k - jnp.sum(gt_n)
+  return (gt_n | (eq_n & (jnp.cumsum(eq_n) <= need))).reshape(x_X.shape)
+
+
+def kth_largest_threshold(x_X, density: float):
+  """FusionBench TIES threshold: the magnitude of the (numel - int(numel*density))-th smallest."""
+  n = x_X.size
+  k = n - int(n * density)
+  a_n = jnp.abs(x_X).reshape(-1).astype(jnp.float32)
+  if k <= 0:
+    return jnp.min(a_n)
+  return jnp.sort(a_n)[k - 1]
+
+
+def threshold_mask(x_X, threshold):
+  """FusionBench `topk_values_mask`: keep |x| >= threshold (ties at the threshold kept)."""
+  return jnp.abs(x_X) >= threshold
+
+
+def outlier_mask(x_X, density: float, gamma: float):
+  """mergekit `magnitude_outliers` (Breadcrumbs): drop the top gamma and the smallest values.
+
+  Keeps ascending-|x| positions [n_bot, n_bot + int(density*N)), with
+  n_bot = max(0, N - target - int(gamma*N)).
+  """
+  if density >= 1:
+    return jnp.ones(x_X.shape, bool)
+  n = x_X.size
+  target = int(density * n)
+  n_top = int(gamma * n)
+  n_bot = max(0, n - target - n_top)
+  a_n = jnp.abs(x_X).reshape(-1).astype(jnp.float32)
+  rank_n = jnp.argsort(jnp.argsort(a_n, stable=True), stable=True)
+  return ((rank_n >= n_bot) & (rank_n < n_bot + target)).reshape(x_X.shape)
+
+
+def bernoulli_mask(key, shape, density: float):
+  """DARE: keep each entry with probability `density` (= 1 - p)."""
+  if density >= 1:
+    return jnp.ones(shape, bool)
+  return jax.random.bernoulli(key, density, shape)
+
+
+def della_keep_probs(x_X, density: float, epsilon: float, axis: int = 1):
+  """DELLA (mergekit `della_magprune`): per row, p = (d - eps) + 2 eps * rank_norm.
+
+  Ranks |x| along `axis` (mergekit ranks along dim 1 of the HF [out, in] weight;
+  for h3jax [in, out] kernels pass axis=0). 1-D tensors are one row.
+  """
+  if not (0 < density - epsilon and density + epsilon < 1):
+    raise ValueError(f"della: epsilon must be chosen such that density +/- epsilon is in (0, 1), "
+                     f"got density={density}, epsilon={epsilon}")
+  m = jnp.abs(x_X).astype(jnp.float32)
+  if m.ndim < 2:
+    m, axis = m[None], 1
+  m = jnp.moveaxis(m, axis, -1)
+  rank = jnp.argsort(jnp.argsort(m, axis=-1, stable=True), axis=-1, stable=True).astype(jnp.float32) + 1
+  lo, hi = rank.min(-1, keepdims=True), rank.max(-1, keepdims=True)
+  rank_norm = jnp.clip((rank - lo) / (hi - lo), 0, 1)
+  probs = (density - epsilon) + rank_norm * 2 * epsilon
+  return jnp.moveaxis(probs, -1, axis).reshape(x_X.shape)
+
+
+# ----------------------------------------------------------------------------- rescaling
+
+def rescale_l1(x_X, masked_X, eps: float = 1e-7):
+  """mergekit >= 0.1: scale the masked tensor so its L1 norm equals the original's."""
+  before = jnp.sum(jnp.abs(x_X))
+  after = jnp.sum(jnp.abs(masked_X))
+  ok = (before >= eps) & (after >= eps)
+  return jnp.where(ok, masked_X * (before / jnp.where(ok, after, 1.0)), masked_X)
+
+
+def rescale_inverse(masked_X, keep_prob):
+  """Paper DARE / DELLA (mergekit 0.0.6, FusionBench): divide kept values by p_keep."""
+  return masked_X / keep_prob
+
+
+def sparsify(x_X, mask_X, rescale: Optional[str], keep_prob=None):
+  """mask * x, then rescale: None | 'l1' (mergekit 0.1.5) | 'inverse' (1/p_keep)."""
+  masked = jnp.where(mask_X, x_X, 0.0)
+  if rescale is None or rescale is False:
+    return masked
+  if rescale == "l1":
+    return rescale_l1(x_X, masked)
+  if rescale == "inverse":
+    return rescale_inverse(masked, keep_prob)
+  raise ValueError(f"rescale must be None, 'l1' or 'inverse', got {rescale!r}")
+
+
+# ----------------------------------------------------------------------------- sign election and combination
+
+def elect_sign(deltas_NX, mode: str = "mergekit"):
+  """Majority sign per entry.
+
+  mergekit ('sum'): +1 where sum_i delta_i >= 0 else -1 (weighted deltas vote).
+  fusion_bench: sign(sum), zeros take the tensor's majority sign.
+  """
+  total_X = jnp.sum(deltas_NX, axis=0)
+  if mode == "mergekit":
+    return jnp.where(total_X >= 0, 1.0, -1.0)
+  if mode == "count":
+    return jnp.where(jnp.sum(jnp.sign(deltas_NX), axis=0) >= 0, 1.0, -1.0)
+  if mode == "fusion_bench":
+    s_X = jnp.sign(total_X)
+    return jnp.where(s_X == 0, jnp.sign(jnp.sum(s_X)), s_X)
+  raise ValueError(f"unknown sign election mode {mode!r}")
+
+
+def agree_mask(deltas_NX, sign_X):
+  """[N, X] True where delta_i is non-zero and has the elected sign."""
+  return jnp.where(sign_X[None] > 0, deltas_NX > 0, deltas_NX < 0)
+
+
+def disjoint_merge(deltas_NX, mask_NX, weights_N=None, how: str = "mean"):
+  """Combine agreeing entries.
+
+  'mean' with weights: mergekit's sum(mask*w*tau) / sum(mask*w) (deltas already
+  weighted; zero divisor -> 1). 'mean' without weights: FusionBench's sum /
+  max(count, 1). 'sum': plain sum. 'max': largest agreeing magnitude, signed.
+  """
+  sel_NX = jnp.where(mask_NX, deltas_NX, 0.0)
+  if how == "sum":
+    return jnp.sum(sel_NX, axis=0)
+  if how == "mean":
+    if weights_N is None:
+      count_X = jnp.sum(sel_NX != 0, axis=0)
+      return jnp.sum(sel_NX, axis=0) / jnp.maximum(count_X, 1)
+    w_NX = jnp.asarray(weights_N, jnp.float32).reshape((-1,) + (1,) * (deltas_NX.ndim - 1))
+    div_X = jnp.sum(jnp.where(mask_NX, w_NX, 0.0), axis=0)
+    return jnp.sum(sel_NX, axis=0) / jnp.where(div_X == 0, 1.0, div_X)
+  if how == "max":
+    sign_X = jnp.sign(jnp.sum(sel_NX, axis=0))
+    return jnp.max(jnp.abs(sel_NX), axis=0) * sign_X
+  raise ValueError(f"unknown disjoint merge {how!r}; expected mean|sum|max")
+
+
+def weighted_sum(deltas_NX, weights_N: Sequence[float]):
+  w_NX = jnp.asarray(weights_N, jnp.float32).reshape((-1,) + (1,) * (deltas_NX.ndim - 1))
+  return jnp.sum(deltas_NX * w_NX, axis=0)
+
+
+def combine(base_X, deltas_NX, weights_N, *, lambda_: float = 1.0, normalize: bool = False,
+            consensus: Optional[str] = None):
+  """mergekit's generalized task arithmetic after sparsification.
+
+  deltas are weighted by w_i; with `consensus` ('mergekit' | 'count' | 'fusion_bench')
+  only sign-agreeing entries are kept and `normalize` divides by the agreeing
+  weights, otherwise by sum(w) (|sum| < 1e-8 -> 1). Then base + lambda * delta.
+  """
+  w_NX = jnp.asarray(weights_N, jnp.float32).reshape((-1,) + (1,) * (deltas_NX.ndim - 1))
+  wd_NX = deltas_NX * w_NX
+  if consensus:
+    sign_X = elect_sign(wd_NX, consensus)
+    mask_NX = agree_mask(wd_NX, sign_X)
+    mixed_X = jnp.sum(jnp.where(mask_NX, wd_NX, 0.0), axis=0)
+    div_X = jnp.sum(jnp.where(mask_NX, w_NX, 0.0), axis=0)
+    div_X = jnp.where(div_X == 0, 1.0, div_X)
+  else:
+    mixed_X = jnp.sum(wd_NX, axis=0)
+    div = jnp.sum(jnp.asarray(weights_N, jnp.float32))
+    div_X = jnp.where(jnp.abs(div) < 1e-8, 1.0, div)
+  if normalize:
+    mixed_X = mixed_X / div_X
+  return base_X + lambda_ * mixed_X
+
+
+def tall_masks(deltas_NX, merged_X, lambdas_N: Sequence[float], strict: bool = False):
+  """TALL masks m_t = |tau_t| >= lambda_t * |merged - tau_t| ('>' with strict)."""
+  lam_NX = jnp.asarray(lambdas_N, jnp.float32).reshape((-1,) + (1,) * (deltas_NX.ndim - 1))
+  lhs, rhs = jnp.abs(deltas_NX), lam_NX * jnp.abs(merged_X[None] - deltas_NX)
+  return lhs > rhs if strict else lhs >= rhs
+
+
+# ----------------------------------------------------------------------------- low-rank / SVD pieces
+
+def svd(x_MN):
+  """Thin SVD in float32: (U [M, r], s [r], Vt [r, N])."""
+  return jnp.linalg.svd(x_MN.astype(jnp.float32), full_matrices=False)
+
+
+def polar(x_MK):
+  """Orthogonal polar factor U V^T of x (nearest matrix with orthonormal columns)."""
+  u, _, vt = jnp.linalg.svd(x_MK, full_matrices=False)
+  return u @ vt
+
+
+def low_rank(x_MN, rank: int):
+  """Best rank-`rank` approximation (Eckart-Young)."""
+  u, s, vt = svd(x_MN)
+  return (u[:, :rank] * s[:rank]) @ vt[:rank]
+
+
+def numerical_rank_mask(s_r, rtol: float = 1e-5):
+  """True for singular values above rtol * s_max (LoRA deltas: drop the null space)."""
+  return s_r > rtol * jnp.max(s_r)

@@ -1,0 +1,162 @@
+"""RESM (Yang et al., arXiv 2502.06876): TSV-M + outlier weighting + sparsity-aware ranks.
+
+RECONSTRUCTION. The paper's equations were not available; this implements the
+parametrised proposal of merging-methods.md §3.3. Every knob is an argument and
+the DEFAULTS (rank_mode='tsvm', outlier_mode='none') REDUCE EXACTLY TO TSV-M
+(`h3jax.merging.tsv_m`, same code path, bit-identical).
+
+Per 2-D tensor l (m x n, r = min(m, n)), tau_t = theta_t - theta_0:
+A. rank_mode='sparsity': sp_l = mean_t frac(|tau_t| <= eps_sp * max|tau_t|);
+   z_l = sp_l min-max normalised over all 2-D tensors of the model; per-task rank
+   k_l = clip(round(r * (1 - lambda_r * z_l) / T), 1, floor(r / T)) (sparser -> fewer).
+B. outlier_mode='sv': robust z-score of the concatenated kept singular values,
+   z_i = (s_i - median) / (1.4826 MAD); weight 1 if z_i <= kappa else (kappa / z_i)^gamma.
+   outlier_mode='param': before the SVD, entries with |tau_t| > M mean|tau_t| are
+   shrunk to sign * (M mean|tau_t| + beta (|tau_t| - M mean|tau_t|)).
+C. Delta = polar(U_hat) diag(w * s_hat) polar(V_hat)^T; theta = theta_0 + alpha Delta.
+D. 1-D tensors / excluded keys: alpha * mean(tau), as TSV-M.
+Returns per-tensor stats with return_stats=True (and logs a summary): the per-task
+rank k used, the layer sparsity, and the outlier fraction / mean weight.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax.numpy as jnp
+import numpy as np
+
+from h3jax.merging import blocks
+from h3jax.merging import rules as rules_lib
+from h3jax.merging import svd as svd_lib
+from h3jax.merging import tree as tree_lib
+from h3jax.merging.basic import _common, _pop_lambda
+
+log = logging.getLogger(__name__)
+
+
+def layer_sparsity(deltas_NMN, eps_sp: float):
+  """mean_t fraction of |tau_t| <= eps_sp * max|tau_t|."""
+  a = jnp.abs(deltas_NMN)
+  thr = eps_sp * jnp.max(a, axis=(1, 2), keepdims=True)
+  return jnp.mean(jnp.mean(a <= thr, axis=(1, 2)))
+
+
+def shrink_outliers(tau_X, M: float, beta: float):
+  """OWL-style soft clipping of entries above M * mean|tau|; returns (tau', outlier fraction)."""
+  a = jnp.abs(tau_X)
+  thr = M * jnp.mean(a)
+  out = a > thr
+  return jnp.where(out, jnp.sign(tau_X) * (thr + beta * (a - thr)), tau_X), jnp.mean(out)
+
+
+def sv_outlier_weights(s_K, keep_K, kappa: float, gamma: float):
+  """Robust z-score weights over the kept singular values (others get weight 1)."""
+  vals = jnp.where(keep_K, s_K, jnp.nan)
+  med = jnp.nanmedian(vals)
+  mad = jnp.nanmedian(jnp.abs(vals - med))
+  z = jnp.where(mad > 0, (s_K - med) / (1.4826 * jnp.where(mad > 0, mad, 1.0)), 0.0)
+  w = jnp.where(z <= kappa, 1.0, (kappa / jnp.maximum(z, 1e-30)) ** gamma)
+  return jnp.where(keep_K, w, 1.0)
+
+
+def _resm_array(base_X, models_NX, key, *, alpha=1.0, rank_mode="tsvm", eps_sp=1e-3,
+                lambda_r=0.3, sp_range=(0.0, 0.0), outlier_mode="none", kappa=3.0, gamma=1.0,
+                M=5.0, beta=0.5, rank_cap=None, rank_rtol=1e-5):
+  n = models_NX.shape[0]
+  if base_X.ndim != 2:
+    out = svd_lib.mean_delta_array(base_X, models_NX, key, alpha=alpha)
+    nan = jnp.float32(jnp.nan)
+    return out, {"rank": jnp.int32(0), "sparsity": nan, "outlier_fraction": nan, "mean_weight": nan}
+  if rank_mode == "tsvm" and outlier_mode == "none":
+    out = svd_lib._tsvm_array(base_X, models_NX, key, alpha=alpha, rank_cap=rank_cap,
+                              rank_rtol=rank_rtol)
+    r = min(base_X.shape)
+    return out, {"rank": jnp.int32(r // n), "sparsity": jnp.float32(jnp.nan),
+                 "outlier_fraction": jnp.float32(0.0), "mean_weight": jnp.float32(1.0)}
+  deltas_NMN, scale = svd_lib._scale_tasks(blocks.task_vectors(base_X, models_NX), alpha)
+  r = min(base_X.shape)
+  kmax = int(r * (1 / n))
+  if kmax == 0:
+    return base_X, {"rank": jnp.int32(0), "sparsity": jnp.float32(jnp.nan),
+                    "outlier_fraction": jnp.float32(0.0), "mean_weight": jnp.float32(1.0)}
+  sp = layer_sparsity(deltas_NMN, eps_sp)
+  outlier_frac = jnp.float32(0.0)
+  if outlier_mode == "param":
+    shrunk = [shrink_outliers(d, M, beta) for d in deltas_NMN]
+    deltas_NMN = jnp.stack([d for d, _ in shrunk])
+    outlier_frac = jnp.mean(jnp.stack([f for _, f in shrunk]))
+  if rank_mode == "sparsity":
+    lo, hi = sp_range
+    z = jnp.where(hi > lo, (sp - lo) / (hi - lo if hi > lo else 1.0), 0.0)
+    k = jnp.clip(jnp.round(r * (1 - lambda_r * z) / n), 1, kmax).astype(jnp.int32)
+  elif rank_mode == "tsvm":
+    k = jnp.int32(kmax)
+  else:
+    raise ValueError(f"resm: rank_mode must be 'tsvm' or 'sparsity', got {rank_mode!r}")
+  keep_TK = jnp.broadcast_to(jnp.arange(kmax) < k, (n, kmax))
+  if rank_cap == "numerical":
+    keep_TK = keep_TK & jnp.stack(
+        [blocks.numerical_rank_mask(blocks.svd(d)[1], rank_rtol)[:kmax] for d in deltas_NMN])
+  u, s, v = svd_lib.tsv_factors(deltas_NMN, kmax, keep_TK)
+  keep_K = keep_TK.reshape(-1)
+  w = jnp.ones_like(s)
+  if outlier_mode == "sv":
+    w = sv_outlier_weights(s, keep_K, kappa, gamma)
+    outlier_frac = jnp.sum((w < 1) & keep_K) / jnp.maximum(jnp.sum(keep_K), 1)
+  elif outlier_mode not in ("none", "param"):
+    raise ValueError(f"resm: outlier_mode must be none|sv|param, got {outlier_mode!r}")
+  out = base_X + scale * svd_lib.tsv_combine(u, w * s, v)
+  mean_w = jnp.sum(jnp.where(keep_K, w, 0.0)) / jnp.maximum(jnp.sum(keep_K), 1)
+  return out, {"rank": k, "sparsity": sp, "outlier_fraction": outlier_frac, "mean_weight": mean_w}
+
+
+def sparsity_range(base, models, eps_sp: float, rules=None, lora_scale: float = 1.0):
+  """(min, max) layer sparsity over all merged 2-D tensors (layers unstacked)."""
+  models = tree_lib.check_models("resm", base, models, needs_base=True)
+  table = rules_lib.validate_rules(rules)
+  base = tree_lib.fold_lora(base, lora_scale)
+  mls = [[x for _, x in tree_lib.leaves_with_paths(tree_lib.fold_lora(m, lora_scale))] for m in models]
+  vals = []
+  for j, (path, b) in enumerate(tree_lib.leaves_with_paths(base)):
+    hp = rules_lib.resolve(path, table, {})
+    if hp.get("keep_base") or hp.get("exclude"):
+      continue
+    bd = hp.get("batch_dims", rules_lib.default_batch_dims(path))
+    if b.ndim - bd != 2:
+      continue
+    d = np.stack([np.asarray(ml[j], np.float32) for ml in mls]) - np.asarray(b, np.float32)[None]
+    d = d.reshape((d.shape[0], -1) + d.shape[-2:]).transpose(1, 0, 2, 3)  # [slices, T, m, n]
+    for sl in d:
+      vals.append(float(layer_sparsity(jnp.asarray(sl), eps_sp)))
+  return (min(vals), max(vals)) if vals else (0.0, 0.0)
+
+
+def resm(base, models, *, alpha=1.0, rank_mode="tsvm", eps_sp=1e-3, lambda_r=0.3,
+         outlier_mode="none", kappa=3.0, gamma=1.0, M=5.0, beta=0.5, rank_cap=None,
+         rank_rtol=1e-5, sp_range=None, return_stats=False, **kw):
+  """RESM (reconstruction; defaults == TSV-M). See the module docstring for every knob.
+
+  sp_range: precomputed (min, max) layer sparsity for rank_mode='sparsity' (the
+  tensor-by-tensor driver computes it in a first pass); computed here when None.
+  return_stats: also return {path: {rank, sparsity, outlier_fraction, mean_weight}}
+  (arrays over stacked layers).
+  """
+  _pop_lambda("resm", None, dict(kw))
+  if not 0.0 <= lambda_r < 1.0:
+    raise ValueError(f"resm: lambda_r must be in [0, 1), got {lambda_r}")
+  if rank_mode == "sparsity" and sp_range is None:
+    sp_range = sparsity_range(base, models, eps_sp, kw.get("rules"), kw.get("lora_scale", 1.0))
+  hp = dict(alpha=svd_lib._alpha(alpha), rank_mode=rank_mode, eps_sp=float(eps_sp),
+            lambda_r=float(lambda_r), sp_range=tuple(float(x) for x in (sp_range or (0.0, 0.0))),
+            outlier_mode=outlier_mode, kappa=float(kappa), gamma=float(gamma), M=float(M),
+            beta=float(beta), rank_cap=rank_cap, rank_rtol=float(rank_rtol))
+  merged, stats = tree_lib.merge_tree(_resm_array, base, models, name="resm", hparams=hp,
+                                      exclude_fn=svd_lib.mean_delta_array, with_aux=True,
+                                      **_common(kw))
+  stats = {p: {k: np.asarray(v) for k, v in s.items()} for p, s in stats.items()}
+  for p, s in stats.items():
+    if np.all(s["rank"] > 0):
+      log.info("resm %s: rank/task %s outlier_fraction %s", p, s["rank"].tolist(),
+               np.round(s["outlier_fraction"], 4).tolist())
+  return (merged, stats) if return_stats else merged

@@ -1,0 +1,154 @@
+"""SVD-based merges: TSV-M (Gargiulo 2025), Iso-C and Iso-CTS (Marczak 2025).
+
+FusionBench 0.2.33 semantics. 2-D tensors (after unstacking layers/experts) go
+through the SVD path; 1-D tensors and `exclude` rules get alpha * mean(tau).
+Maths in float32, output in the base's dtype. Hyper-parameter names follow
+FusionBench: `alpha` (TSV-M), `scaling_factor`, `common_space_fraction` (Iso).
+
+Rank-deficient deltas (LoRA experts) make these methods implementation-defined
+(arbitrary null-space directions leak through the polar step); pass
+`rank_cap='numerical'` to TSV-M to drop singular triples below `rank_rtol * s_max`
+per task (columns are zeroed, which equals truncation because the polar factor of
+[A | 0] is [polar(A) | *]). The default (None) matches FusionBench.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from h3jax.merging import blocks
+from h3jax.merging import tree as tree_lib
+from h3jax.merging.basic import _common, _pop_lambda
+
+
+def _scale_tasks(deltas_NX, alpha):
+  """A per-task alpha list scales each tau before the merge; returns (deltas, final scale)."""
+  if isinstance(alpha, tuple):
+    a_N = jnp.asarray(alpha, jnp.float32).reshape((-1,) + (1,) * (deltas_NX.ndim - 1))
+    return deltas_NX * a_N, 1.0
+  return deltas_NX, alpha
+
+
+def mean_delta_array(base_X, models_NX, key, *, alpha=1.0, **unused):
+  """Fallback for 1-D / excluded tensors: theta_0 + alpha * mean_t tau_t."""
+  deltas_NX, scale = _scale_tasks(blocks.task_vectors(base_X, models_NX), alpha)
+  return base_X + scale * jnp.mean(deltas_NX, axis=0)
+
+
+def tsv_factors(deltas_NMN, k: int, keep_TK=None):
+  """Concatenated top-k singular triples of each task: U_hat [M, T*k], s_hat [T*k], V_hat [N, T*k].
+
+  keep_TK (optional bool [T, k]) zeroes triples (rank caps, per-layer ranks).
+  """
+  us, ss, vs = [], [], []
+  for t in range(deltas_NMN.shape[0]):
+    u, s, vt = blocks.svd(deltas_NMN[t])
+    u, s, v = u[:, :k], s[:k], vt[:k].T
+    if keep_TK is not None:
+      keep = keep_TK[t]
+      u, s, v = u * keep, s * keep, v * keep
+    us.append(u)
+    ss.append(s)
+    vs.append(v)
+  return jnp.concatenate(us, 1), jnp.concatenate(ss), jnp.concatenate(vs, 1)
+
+
+def tsv_combine(u_MK, s_K, v_NK):
+  """Delta = polar(U_hat) diag(s_hat) polar(V_hat)^T."""
+  return (blocks.polar(u_MK) * s_K) @ blocks.polar(v_NK).T
+
+
+def _tsvm_array(base_X, models_NX, key, *, alpha=1.0, rank_ratio=None, rank_cap=None,
+                rank_rtol=1e-5):
+  if base_X.ndim != 2:
+    return mean_delta_array(base_X, models_NX, key, alpha=alpha)
+  deltas_NMN, scale = _scale_tasks(blocks.task_vectors(base_X, models_NX), alpha)
+  n_tasks = deltas_NMN.shape[0]
+  r = min(base_X.shape)
+  k = int(r * (rank_ratio if rank_ratio is not None else 1 / n_tasks))
+  if k == 0:
+    return base_X
+  keep = None
+  if rank_cap == "numerical":
+    keep = jnp.stack([blocks.numerical_rank_mask(blocks.svd(d)[1], rank_rtol)[:k] for d in deltas_NMN])
+  elif rank_cap is not None:
+    raise ValueError(f"tsv_m: rank_cap must be None or 'numerical', got {rank_cap!r}")
+  u, s, v = tsv_factors(deltas_NMN, k, keep)
+  return base_X + scale * tsv_combine(u, s, v)
+
+
+def _alpha(alpha):
+  return tuple(float(a) for a in alpha) if isinstance(alpha, (list, tuple)) else float(alpha)
+
+
+def tsv_m(base, models, *, alpha=1.0, rank_ratio=None, rank_cap=None, rank_rtol=1e-5, **kw):
+  """Task Singular Vector Merging: per 2-D tensor, keep each task's top floor(r/T) singular
+  triples, orthogonalise the concatenated U and V by their polar factors, theta_0 + alpha * Delta.
+  alpha may be a per-task list (scales each tau first). rank_ratio overrides 1/T."""
+  _pop_lambda("tsv_m", None, dict(kw))
+  hp = dict(alpha=_alpha(alpha), rank_ratio=rank_ratio, rank_cap=rank_cap,
+            rank_rtol=float(rank_rtol))
+  return tree_lib.merge_tree(_tsvm_array, base, models, name="tsv_m", hparams=hp,
+                             exclude_fn=mean_delta_array, **_common(kw))
+
+
+def _iso_c_array(base_X, models_NX, key, *, scaling_factor=1.0):
+  deltas_NX = blocks.task_vectors(base_X, models_NX)
+  if base_X.ndim != 2:
+    return base_X + scaling_factor * jnp.mean(deltas_NX, axis=0)
+  u, s, vt = blocks.svd(jnp.sum(deltas_NX, axis=0))
+  return base_X + scaling_factor * (u * jnp.mean(s)) @ vt
+
+
+def iso_c(base, models, *, scaling_factor=1.0, **kw):
+  """Iso-C: sum of task vectors with a flat (isotropic) spectrum, mean(S) U V^T."""
+  _pop_lambda("iso_c", None, dict(kw))
+  return tree_lib.merge_tree(_iso_c_array, base, models, name="iso_c",
+                             hparams=dict(scaling_factor=float(scaling_factor)),
+                             exclude_fn=_iso_mean_array, **_common(kw))
+
+
+def _iso_mean_array(base_X, models_NX, key, *, scaling_factor=1.0, **unused):
+  return base_X + scaling_factor * jnp.mean(blocks.task_vectors(base_X, models_NX), axis=0)
+
+
+def iso_cts_sizes(shape, n_tasks: int, common_space_fraction: float):
+  """FusionBench's (common size, per-task size); uses Python's round like the reference."""
+  r = min(shape)
+  common = int(r * common_space_fraction)
+  common = r - round((r - common) / n_tasks) * n_tasks
+  return common, int((r - common) / n_tasks)
+
+
+def _iso_cts_array(base_X, models_NX, key, *, scaling_factor=1.0, common_space_fraction=0.8):
+  deltas_NX = blocks.task_vectors(base_X, models_NX)
+  if base_X.ndim != 2:
+    return base_X + scaling_factor * jnp.mean(deltas_NX, axis=0)
+  n = deltas_NX.shape[0]
+  kc, kt = iso_cts_sizes(base_X.shape, n, common_space_fraction)
+  u, s, vt = blocks.svd(jnp.sum(deltas_NX, axis=0))
+  uc, sc, vc = u[:, :kc], s[:kc], vt[:kc].T
+  us, ss, vs = [], [], []
+  for t in range(n):
+    resid = deltas_NX[t] - uc @ (uc.T @ deltas_NX[t])
+    ut, st, vtt = blocks.svd(resid)
+    us.append(ut[:, :kt])
+    ss.append(st[:kt])
+    vs.append(vtt[:kt].T)
+  u_all = jnp.concatenate(us + [uc], 1)
+  s_all = jnp.concatenate(ss + [sc])
+  v_all = jnp.concatenate(vs + [vc], 1)
+  delta = (blocks.polar(u_all) * jnp.mean(s_all)) @ blocks.polar(v_all).T
+  return base_X + scaling_factor * delta
+
+
+def iso_cts(base, models, *, scaling_factor=1.0, common_space_fraction=0.8, **kw):
+  """Iso-CTS: common subspace of sum(tau) plus each task's top residual directions, polar-
+  orthogonalised, with all singular values set to their mean."""
+  _pop_lambda("iso_cts", None, dict(kw))
+  if not 0.0 <= common_space_fraction <= 1.0:
+    raise ValueError(f"iso_cts: common_space_fraction must be in [0, 1], got {common_space_fraction}")
+  return tree_lib.merge_tree(_iso_cts_array, base, models, name="iso_cts",
+                             hparams=dict(scaling_factor=float(scaling_factor),
+                                          common_space_fraction=float(common_space_fraction)),
+                             exclude_fn=_iso_mean_array, **_common(kw))
