@@ -20,6 +20,11 @@ def tiny(request, tmp_path_factory):
 
 
 def _torch_logits(model, ids, mask=None):
+  rot = model.model.rotary_emb
+  if getattr(rot, "rope_type", "") == "dynamic":
+    # transformers' dynamic NTK keeps the longest length seen in module state; h3jax is
+    # stateless (depends on this batch only), so reset HF to a fresh model's state.
+    rot.inv_freq, rot.max_seq_len_cached = rot.original_inv_freq.clone(), rot.original_max_seq_len
   with torch.no_grad():
     kw = {} if mask is None else {"attention_mask": torch.as_tensor(mask)}
     return model(torch.as_tensor(ids), **kw).logits.numpy()

@@ -1,0 +1,62 @@
+r"""Export an Orbax training checkpoint as an HF folder.
+
+  python -m h3jax.export --checkpoint workdirs/run/checkpoints --out exported/ \
+      --tokenizer_source artifacts/smollm2-135m-instruct
+
+Dense models come out as Llama/Mistral/Qwen2, fused MoE models as
+MixtralForCausalLM; LoRA is merged into the weights. Without --step the latest
+checkpoint is used. Without --tokenizer_source, the `tokenizer_source` recorded
+in the checkpoint's extra state (if any) is used.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Optional
+
+from absl import app, flags, logging
+
+from h3jax import checkpoint
+from h3jax.hf import export as hf_export
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "Checkpoint directory (the run's Orbax directory).")
+flags.DEFINE_string("out", None, "Output HF folder.")
+flags.DEFINE_integer("step", None, "Step to export (default: latest).")
+flags.DEFINE_string("tokenizer_source", None, "Folder whose tokenizer files are copied.")
+flags.DEFINE_string("dtype", None, "Tensor dtype written: float32 | bfloat16 | float16 (default: as saved).")
+flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors shard.")
+flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
+
+
+def export_checkpoint(checkpoint_dir, out_dir, *, step: Optional[int] = None, tokenizer_source=None,
+                      dtype: Optional[str] = None, max_shard_size="5GB", overwrite: bool = False) -> pathlib.Path:
+  out = pathlib.Path(out_dir)
+  if out.exists() and any(out.iterdir()) and not overwrite:
+    raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+  ckpt = checkpoint.Checkpointer(checkpoint_dir, max_to_keep=None)
+  try:
+    restored = ckpt.restore(step)
+  finally:
+    ckpt.close()
+  cfg = restored["config"]
+  if cfg is None:
+    raise ValueError(f"checkpoint {checkpoint_dir} step {restored['step']} holds no model config")
+  tokenizer_source = tokenizer_source or restored["extra"].get("tokenizer_source")
+  logging.info("exporting step %d of %s", restored["step"], checkpoint_dir)
+  return hf_export.save_pretrained(restored["params"], cfg, out, max_shard_size=max_shard_size,
+                                   tokenizer_source=tokenizer_source, overwrite=overwrite, dtype=dtype,
+                                   progress=True)
+
+
+def main(argv):
+  del argv
+  if not FLAGS.checkpoint or not FLAGS.out:
+    raise app.UsageError("--checkpoint and --out are required")
+  path = export_checkpoint(FLAGS.checkpoint, FLAGS.out, step=FLAGS.step, tokenizer_source=FLAGS.tokenizer_source,
+                           dtype=FLAGS.dtype, max_shard_size=FLAGS.max_shard_size, overwrite=FLAGS.overwrite)
+  print(path)
+
+
+if __name__ == "__main__":
+  app.run(main)

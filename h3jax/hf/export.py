@@ -1,0 +1,133 @@
+"""Write a params tree as an HF folder that `transformers.AutoModelForCausalLM` loads.
+
+Dense models export as their own architecture, MoE models as MixtralForCausalLM.
+LoRA leaves are merged into their kernels first. Tensors stream to sharded
+safetensors one HF tensor at a time (host memory: one params leaf), inside a
+temporary sibling directory that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from h3jax.config import ModelConfig, resolve_dtype
+from h3jax.hf import config_io, keymap, st_io
+from h3jax.model import params as params_lib
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "generation_config.json")
+
+
+def merge_lora(params: dict, scale: float) -> dict:
+  """Folds every `lora_a`/`lora_b` pair into its sibling kernel: W + scale * A @ B."""
+  def visit(node):
+    if not isinstance(node, dict):
+      return node
+    if "lora_a" in node and "kernel" in node:
+      k = node["kernel"]
+      delta = jnp.einsum("...ir,...ro->...io", node["lora_a"].astype(jnp.float32),
+                         node["lora_b"].astype(jnp.float32))  # [.., in, out]
+      rest = {n: v for n, v in node.items() if n not in ("lora_a", "lora_b")}
+      return {**rest, "kernel": (k.astype(jnp.float32) + scale * delta).astype(k.dtype)}
+    return {n: visit(v) for n, v in node.items()}
+  return visit(params)
+
+
+def check_params(params: dict, cfg: ModelConfig):
+  """Raises a ValueError naming the first leaf whose presence or shape disagrees with cfg."""
+  want = dict(jax.tree_util.tree_flatten_with_path(params_lib.param_shapes(cfg),
+                                                   is_leaf=lambda x: isinstance(x, tuple))[0])
+  got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  fmt = lambda p: "/".join(k.key for k in p)
+  for p in sorted(set(want) | set(got), key=fmt):
+    if p not in got:
+      raise ValueError(f"params are missing {fmt(p)} (expected shape {want[p]})")
+    if p not in want:
+      raise ValueError(f"params have {fmt(p)}, which config {config_io.hf_architecture(cfg)} does not use")
+    if tuple(got[p].shape) != tuple(want[p]):
+      raise ValueError(f"params {fmt(p)} has shape {tuple(got[p].shape)}, config implies {want[p]}")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir, overwrite: bool = False):
+  """Yields a temp dir next to `out_dir`, renamed to it on success, removed on error."""
+  out = pathlib.Path(out_dir)
+  if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if out.exists():
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.rename(tmp, out)
+
+
+def copy_tokenizer(source, dest):
+  source = pathlib.Path(source)
+  if not source.is_dir():
+    raise FileNotFoundError(f"tokenizer source folder not found: {source}")
+  copied = [f for f in TOKENIZER_FILES if (source / f).exists()]
+  if not any(f.startswith("tokenizer") or f in ("vocab.json",) for f in copied):
+    raise FileNotFoundError(f"{source} has no tokenizer files (looked for {TOKENIZER_FILES[:3]})")
+  for f in copied:
+    shutil.copy2(source / f, dest / f)
+  return copied
+
+
+def save_pretrained(params: dict, cfg: ModelConfig, out_dir, *, max_shard_size="5GB",
+                    tokenizer_source=None, overwrite: bool = False, dtype: Optional[str] = None,
+                    progress: bool = False) -> pathlib.Path:
+  """Writes `params` as an HF folder; returns its path. `dtype`: tensor dtype written
+  (default: the params' own dtype). A tied lm_head is not written."""
+  params = merge_lora(params, cfg.lora_scale)
+  check_params(params, cfg)
+  leaf_dtype = jax.tree.leaves(params)[0].dtype
+  dtype = dtype or {jnp.dtype(jnp.bfloat16): "bfloat16", jnp.dtype(jnp.float16): "float16"}.get(
+      jnp.dtype(leaf_dtype), "float32")
+  np_dtype = np.dtype(resolve_dtype(dtype))
+  hf_cfg = config_io.model_config_to_hf(cfg, dtype=dtype)
+  rows = keymap.rows(cfg)
+  if progress:
+    from tqdm import tqdm
+    rows = tqdm(rows, desc=f"export {pathlib.Path(out_dir).name}", unit="leaf")
+  with atomic_output_dir(out_dir, overwrite) as tmp:
+    writer = st_io.SafetensorsWriter(tmp, max_shard_size=max_shard_size)
+    for row in rows:
+      leaf = params
+      for k in row.path:
+        leaf = leaf[k]
+      host = np.asarray(jax.device_get(leaf))  # one params leaf on the host at a time
+      for idx, name in keymap.expand(row, cfg):
+        t = host[idx]
+        writer.add(name, np.ascontiguousarray(np.swapaxes(t, -1, -2) if row.transpose else t).astype(np_dtype))
+      del host
+    writer.close()
+    (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": hf_cfg["eos_token_id"],
+           "pad_token_id": cfg.pad_token_id}
+    (tmp / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None},
+                                                           indent=2) + "\n")
+    if tokenizer_source is not None:
+      copy_tokenizer(tokenizer_source, tmp)
+  logging.info("wrote %s (%s, %s)", out_dir, hf_cfg["architectures"][0], dtype)
+  return pathlib.Path(out_dir)
