@@ -185,11 +185,12 @@ def _kwargs_for(spec: mcfg.MergeSpec, name: str, t: float, accepted) -> Dict:
   shared, per_model = mcfg.resolve_tensor_params(spec, name, t, mcfg.method_defaults(spec))
   kwargs = mcfg.h3jax_kwargs(shared, per_model, spec)
   if spec.flavour == "mergekit" and accepted is not None:
-    defaults = dict(mcfg.MERGEKIT_METHODS[spec.method][0])
+    defaults, model_defaults = mcfg.MERGEKIT_METHODS[spec.method]
     for key in list(kwargs):
       if key not in accepted and key.rstrip("_") not in accepted:
         mk = "lambda" if key == "lambda_" else key
-        if mk in defaults and kwargs[key] == defaults[mk]:
+        if mk in defaults and kwargs[key] == defaults[mk] or \
+            mk in model_defaults and all(v == model_defaults[mk] for v in kwargs[key]):
           del kwargs[key]  # mergekit's default, which is h3jax's behaviour too
         else:
           raise MergeError(f"{spec.method}: mergekit parameter {mk}={kwargs[key]!r} is not supported by h3jax")
