@@ -181,3 +181,94 @@ def test_random_methods_match_mergekit_given_its_mask(mk_runs, method, tmp_path)
   # Reproducible: same seed -> same output; another seed -> another mask.
   again = _h3jax_from_yaml(body, tmp_path / "again", tmp_path)
   assert all(np.array_equal(again[k], ours[k]) for k in ours)
+
+
+# ----------------------------------------------------------------------------- fusion-bench 0.2.33
+
+FB_SHAPES = {"w_a": (40, 24), "w_b": (24, 40), "sq": (16, 16), "vec": (40,), "cube": (3, 8, 6)}
+# name -> (h3jax method, .py-config parameters) run through the out-of-core driver.
+FB_DRIVER = {
+    "tsv_m": ("tsv_m", dict(alpha=1.0)),
+    "tsv_m_alpha": ("tsv_m", dict(alpha=0.6)),
+    "iso_c": ("iso_c", dict(scaling_factor=1.0)),
+    "iso_cts": ("iso_cts", dict(scaling_factor=1.0, common_space_fraction=0.8)),
+    "task_arithmetic": ("task_arithmetic", dict(lambda_=0.3)),
+}
+FB_TIES = {"ties_sum": dict(density=0.2, lambda_=0.7, merge_func="sum"),
+           "ties_mean": dict(density=0.3, lambda_=1.0, merge_func="mean")}
+
+
+@pytest.fixture(scope="module")
+def fb_runs(tmp_path_factory):
+  if not mf.FUSIONBENCH_PY.exists():
+    pytest.skip("fusion-bench oracle venv missing: run scripts/setup_oracles.sh")
+  from safetensors.numpy import save_file
+  root = tmp_path_factory.mktemp("fb")
+  base = mf.random_base(FB_SHAPES, 11)
+  files = []
+  for i, t in enumerate([base] + [mf.perturb(base, 300 + i, 0.03 * (1 + 0.5 * i)) for i in range(3)]):
+    files.append(str(root / f"in{i}.safetensors"))
+    save_file(t, files[-1])
+  (root / "out").mkdir()
+  (root / "job.json").write_text(json.dumps(dict(base=files[0], models=files[1:], out=str(root / "out"))))
+  mf.run_oracle(mf.FUSIONBENCH_PY, mf.FUSIONBENCH_BATCH, root / "job.json")
+  return root, files
+
+
+def _rel_fro(a, b):
+  return float(np.linalg.norm((a - b).ravel()) / max(np.linalg.norm(b.ravel()), 1e-12))
+
+
+@needs_fusionbench
+@pytest.mark.parametrize("name", sorted(FB_DRIVER))
+def test_matches_fusion_bench_via_driver(fb_runs, name, tmp_path):
+  """An ml_collections .py config through the CLI entry point equals fusion-bench's state dict."""
+  root, files = fb_runs
+  method, params = FB_DRIVER[name]
+  cfg = tmp_path / "merge_cfg.py"
+  cfg.write_text(
+      "import ml_collections\n"
+      "def get_config():\n"
+      "  c = ml_collections.ConfigDict()\n"
+      f"  c.merge_method = {method!r}\n"
+      f"  c.base_model = {files[0]!r}\n"
+      f"  c.models = [dict(model=m) for m in {files[1:]!r}]\n"
+      f"  c.parameters = {params!r}\n"
+      "  return c\n")
+  from h3jax.merge import merge_from_config
+  merge_from_config(str(cfg), str(tmp_path / "out"), progress=False)
+  ours = mf.read_tensors(tmp_path / "out")
+  theirs = mf.read_tensors(root / "out" / f"{name}.safetensors")
+  assert sorted(ours) == sorted(theirs)
+  base = mf.read_tensors(files[0])
+  for k in theirs:
+    err = _rel_fro(ours[k] - base[k], theirs[k] - base[k])  # error relative to the merged delta
+    assert err <= 1e-4, f"{name}: {k} rel Frobenius error {err:.3g}"
+
+
+@needs_fusionbench
+@pytest.mark.parametrize("name", sorted(FB_TIES))
+def test_ties_fusion_bench_mode(fb_runs, name):
+  """Global trimming over the whole model, sign with majority for zeros, sum/mean."""
+  from h3jax import merging
+  root, files = fb_runs
+  base, *models = [mf.read_tensors(f) for f in files]
+  ours = merging.get_method("ties")(base, models, mode="fusion_bench", **FB_TIES[name])
+  theirs = mf.read_tensors(root / "out" / f"{name}.safetensors")
+  for k in theirs:
+    err = np.max(np.abs(np.asarray(ours[k]) - theirs[k]) / (1 + np.abs(theirs[k])))
+    assert err <= 1e-6, f"{name}: {k} differs by {err:.3g}"
+
+
+@needs_fusionbench
+def test_emr_matches_fusion_bench(fb_runs):
+  from h3jax import merging
+  root, files = fb_runs
+  base, *models = [mf.read_tensors(f) for f in files]
+  parts = merging.get_method("emr")(base, models, return_parts=True)
+  theirs = mf.read_tensors(root / "out" / "emr.safetensors")
+  np.testing.assert_allclose(parts["rescalers"], theirs["rescalers"], rtol=1e-5)
+  for k in base:
+    np.testing.assert_allclose(np.asarray(parts["unified"][k]), theirs["uni." + k], rtol=1e-6, atol=1e-7)
+    for i in range(len(models)):
+      np.testing.assert_array_equal(np.asarray(parts["masks"][i][k]), theirs[f"mask{i}." + k] > 0)
