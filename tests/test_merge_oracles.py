@@ -193,6 +193,9 @@ FB_DRIVER = {
     "iso_c": ("iso_c", dict(scaling_factor=1.0)),
     "iso_cts": ("iso_cts", dict(scaling_factor=1.0, common_space_fraction=0.8)),
     "task_arithmetic": ("task_arithmetic", dict(lambda_=0.3)),
+    # Global trimming, streamed: the driver finds each model's exact threshold in two passes.
+    "ties_sum": ("ties", dict(mode="fusion_bench", density=0.2, lambda_=0.7, merge_func="sum")),
+    "ties_mean": ("ties", dict(mode="fusion_bench", density=0.3, lambda_=1.0, merge_func="mean")),
 }
 FB_TIES = {"ties_sum": dict(density=0.2, lambda_=0.7, merge_func="sum"),
            "ties_mean": dict(density=0.3, lambda_=1.0, merge_func="mean")}

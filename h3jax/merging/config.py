@@ -404,10 +404,8 @@ def _accepted_kwargs(fn) -> Optional[set]:
 
 
 def _needs_base(fn, name) -> bool:
-  if name in BASE_FREE:
-    return False
-  needs = getattr(fn, "needs_base", None)
-  return True if needs is None else bool(needs)
+  from h3jax import merging
+  return name not in getattr(merging, "BASE_FREE", BASE_FREE)
 
 
 def method_defaults(spec: MergeSpec, method_fn=None) -> Tuple[dict, dict]:

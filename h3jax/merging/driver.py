@@ -46,6 +46,18 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 TIED_HEAD, EMBED = "lm_head.weight", "model.embed_tokens.weight"
 
 
+# Methods whose output is not one model, or that need per-tensor statistics the
+# driver does not stream: use the pytree API (h3jax.merging.<method>) for these.
+NOT_STREAMABLE = {
+    "emr": "EMR returns one task-specific model per input (use h3jax.merging.emr on params trees)",
+    "fisher": "Fisher merging needs Fisher statistics (use h3jax.merging.compute_fisher + fisher)",
+    "regmean": "RegMean needs Gram matrices (use h3jax.merging.compute_regmean_grams + regmean)",
+}
+# Transforms that return statistics computed on host (not traceable as a whole): called
+# eagerly, their per-tensor kernels are still jitted inside h3jax.merging.
+EAGER = ("resm",)
+
+
 class MergeError(ValueError):
   """Inputs that cannot be merged; raised before anything is written."""
 
@@ -145,10 +157,10 @@ def _num_layers(inputs: List[_Input]) -> int:
 
 @functools.lru_cache(maxsize=256)
 def _jitted(method: str, kwargs_items: tuple, randomized: bool, load_dtype: Optional[str]) -> Callable:
-  """jit(method) over one tensor, hyper-parameters baked in as static values.
+  """method over one tensor -> (merged float32, stats or None), hyper-parameters static.
 
-  Inputs arrive in their stored dtype (straight from the mmap) and are cast
-  inside the jit: through `load_dtype` first (mergekit's `dtype`), then float32.
+  Inputs arrive in their stored dtype and are cast inside the jit: through
+  `load_dtype` first (mergekit's `dtype`), then float32.
   """
   from h3jax import merging
   fn = merging.get_method(method)
@@ -163,10 +175,12 @@ def _jitted(method: str, kwargs_items: tuple, randomized: bool, load_dtype: Opti
     base_X = None if base_X is None else cast(base_X)
     models = [cast(m) for m in models]
     extra = {"seed": key} if randomized else {}
-    out = fn(base_X, models, **extra, **kwargs)
-    return out[0] if isinstance(out, tuple) else out  # (merged, stats) for resm
+    if method in EAGER:
+      merged, stats = fn(base_X, models, return_stats=True, **extra, **kwargs)
+      return merged, stats.get("", stats)
+    return fn(base_X, models, **extra, **kwargs), None
 
-  return jax.jit(run)
+  return run if method in EAGER else jax.jit(run)
 
 
 def _freeze(v):
@@ -212,6 +226,8 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
     raise MergeError(f"output folder {out_dir} already exists (pass overwrite=True / --overwrite)")
   if spec.dtype is not None and spec.dtype not in _DTYPES:
     raise MergeError(f"unknown dtype {spec.dtype!r}")
+  if spec.method in NOT_STREAMABLE:
+    raise MergeError(f"{spec.method} cannot be run by the file-to-file driver: {NOT_STREAMABLE[spec.method]}")
   inputs = [_Input(p) for p in spec.inputs]
   base = inputs[0] if spec.base_model else None
   models = inputs[1:] if spec.base_model else inputs
@@ -236,13 +252,15 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
       kwargs["in_axis"] = max(len(ref.shape(name)) - 1, 0)  # mergekit: filters along the last axis
     plan.append((name, action, kwargs))
 
+  plan = _global_pre_passes(spec, plan, base, models)
+
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
   try:
     writer = SafetensorsWriter(tmp, max_shard_size=max_shard_size or spec.max_shard_size,
                                metadata={"h3jax_merge_method": spec.method})
     bar = _progress(plan, progress)
-    largest = 0
+    largest, stats = 0, {}
     for name, action, kwargs in bar:
       if hasattr(bar, "set_postfix_str"):
         bar.set_postfix_str(name, refresh=False)
@@ -259,12 +277,15 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
       largest = max(largest, int(np.prod(xs[0].shape)) * 4)
       jfn = _jitted(spec.method, tuple(sorted((k, _freeze(v)) for k, v in kwargs.items())),
                     randomized, spec.dtype)
-      out = np.asarray(jfn(base_x, xs, tensor_key(spec.seed, name) if randomized else None))
+      out, tensor_stats = jfn(base_x, xs, tensor_key(spec.seed, name) if randomized else None)
+      out = np.asarray(out)
       del base_x, xs
+      if tensor_stats:
+        stats[name] = {k: np.asarray(v).tolist() for k, v in tensor_stats.items()}
       writer.add(name, out.astype(out_np_dtype))
       del out
     writer.close()
-    _write_sidecars(spec, ref, tmp, out_tied)
+    _write_sidecars(spec, ref, tmp, out_tied, stats)
     if out_dir.exists():
       shutil.rmtree(out_dir)
     tmp.rename(out_dir)
@@ -275,7 +296,70 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
     for i in inputs:
       i.reader.close()
   return {"out_dir": str(out_dir), "tensors": len([p for p in plan if p[1] != "skip"]),
-          "largest_tensor_bytes": largest}
+          "largest_tensor_bytes": largest, "tensor_stats": stats}
+
+
+def _global_pre_passes(spec, plan, base, models):
+  """Whole-model statistics some methods need, computed by streaming passes (O(tensor) memory).
+
+  * ties mode='fusion_bench' (global trim): each model's exact k-th largest |tau| over
+    all merged tensors, from two histogram passes over the float32 bit patterns;
+  * resm rank_mode='sparsity': the (min, max) layer sparsity over all 2-D tensors.
+  """
+  merged = [(n, kw) for n, a, kw in plan if a == "merge"]
+  if not merged or base is None:
+    return plan
+  kw0 = merged[0][1]
+  extra = {}
+  if spec.method == "ties" and kw0.get("mode") == "fusion_bench" and \
+      kw0.get("trim_scope", "global") == "global" and "thresholds" not in kw0:
+    density = kw0.get("density", 1.0)
+    density = density if isinstance(density, tuple) else (density,) * len(models)
+    extra["thresholds"] = _streaming_thresholds([n for n, _ in merged], base, models, density)
+  if spec.method == "resm" and kw0.get("rank_mode") == "sparsity" and "sp_range" not in kw0:
+    from h3jax.merging.resm import layer_sparsity
+    vals = []
+    for name, kw in merged:
+      if len(base.shape(name)) == 2:
+        d = np.stack([m.get(name).astype(np.float32) for m in models]) - base.get(name).astype(np.float32)
+        vals.append(float(layer_sparsity(jnp.asarray(d), kw.get("eps_sp", 1e-3))))
+    extra["sp_range"] = (min(vals), max(vals)) if vals else (0.0, 0.0)
+  if not extra:
+    return plan
+  return [(n, a, {**kw, **extra} if a == "merge" else kw) for n, a, kw in plan]
+
+
+def _streaming_thresholds(names, base, models, density) -> tuple:
+  """FusionBench's per-model threshold: the (n - int(n * density))-th smallest |tau| over
+  the whole model, exactly, in two passes (|tau| as float32 bits sorts like uint32)."""
+  n_models = len(models)
+  total = 0
+  hi = np.zeros((n_models, 1 << 16), np.int64)
+  for name in names:
+    b = base.get(name).astype(np.float32)
+    total += b.size
+    for i, m in enumerate(models):
+      bits = np.abs(m.get(name).astype(np.float32) - b).view(np.uint32).ravel()
+      hi[i] += np.bincount(bits >> 16, minlength=1 << 16)
+  targets, bins = [], []
+  for i in range(n_models):
+    k = max(total - int(total * density[i]), 1)
+    c = np.cumsum(hi[i])
+    bin_i = int(np.searchsorted(c, k))
+    targets.append(k - (int(c[bin_i - 1]) if bin_i else 0))
+    bins.append(bin_i)
+  lo = np.zeros((n_models, 1 << 16), np.int64)
+  for name in names:
+    b = base.get(name).astype(np.float32)
+    for i, m in enumerate(models):
+      bits = np.abs(m.get(name).astype(np.float32) - b).view(np.uint32).ravel()
+      sel = bits[(bits >> 16) == bins[i]]
+      lo[i] += np.bincount(sel & 0xFFFF, minlength=1 << 16)
+  out = []
+  for i in range(n_models):
+    j = int(np.searchsorted(np.cumsum(lo[i]), targets[i]))
+    out.append(float(np.array([(bins[i] << 16) | j], np.uint32).view(np.float32)[0]))
+  return tuple(out)
 
 
 def _out_dtype(spec: mcfg.MergeSpec, src_dtype) -> np.dtype:
@@ -292,7 +376,7 @@ def _progress(plan, enabled):
   return tqdm(plan, desc="merge", unit="tensor")
 
 
-def _write_sidecars(spec: mcfg.MergeSpec, ref: _Input, tmp: pathlib.Path, out_tied: bool):
+def _write_sidecars(spec: mcfg.MergeSpec, ref: _Input, tmp: pathlib.Path, out_tied: bool, stats: dict):
   """config.json (dtype updated), generation config and the base's tokenizer files."""
   if ref.folder is None:
     return
@@ -311,4 +395,5 @@ def _write_sidecars(spec: mcfg.MergeSpec, ref: _Input, tmp: pathlib.Path, out_ti
   (tmp / "h3jax_merge.json").write_text(json.dumps({
       "merge_method": spec.method, "base_model": spec.base_model, "models": list(spec.models),
       "flavour": spec.flavour, "seed": spec.seed, "dtype": spec.dtype, "out_dtype": spec.out_dtype,
+      "tensor_stats": stats,
   }, indent=2) + "\n")
