@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 ARTIFACTS ?= artifacts
 SMOLLM2 := $(ARTIFACTS)/smollm2-135m-instruct
 
-.PHONY: quickstart test test-optin venv smollm2 oracles
+.PHONY: quickstart test test-optin venv smollm2 oracles bench
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,7 +27,11 @@ quickstart: smollm2
 	$(PY) -m h3jax.generate --model $(SMOLLM2) --chat --max_new_tokens 64 \
 	  --prompt "Give me three tips for staying healthy."
 
-test: smollm2
+# mergekit 0.1.5 and fusion-bench 0.2.33 in their own venvs: the merge oracle tests run them.
+oracles:
+	scripts/setup_oracles.sh
+
+test: smollm2 oracles
 	$(PY) -m pytest -n 2 -m "not optin" tests
 
 test-optin: smollm2
