@@ -280,8 +280,9 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
       out, tensor_stats = jfn(base_x, xs, tensor_key(spec.seed, name) if randomized else None)
       out = np.asarray(out)
       del base_x, xs
-      if tensor_stats:
+      if tensor_stats and np.all(np.asarray(tensor_stats.get("rank", 1)) > 0):  # SVD-path tensors only
         stats[name] = {k: np.asarray(v).tolist() for k, v in tensor_stats.items()}
+        log(f"{spec.method} {name}: " + ", ".join(f"{k}={np.round(v, 4)}" for k, v in stats[name].items()))
       writer.add(name, out.astype(out_np_dtype))
       del out
     writer.close()
@@ -320,7 +321,7 @@ def _global_pre_passes(spec, plan, base, models):
     from h3jax.merging.resm import layer_sparsity
     vals = []
     for name, kw in merged:
-      if len(base.shape(name)) == 2:
+      if len(base.shape(name)) == 2 and 0 not in base.shape(name):
         d = np.stack([m.get(name).astype(np.float32) for m in models]) - base.get(name).astype(np.float32)
         vals.append(float(layer_sparsity(jnp.asarray(d), kw.get("eps_sp", 1e-3))))
     extra["sp_range"] = (min(vals), max(vals)) if vals else (0.0, 0.0)
@@ -378,8 +379,6 @@ def _progress(plan, enabled):
 
 def _write_sidecars(spec: mcfg.MergeSpec, ref: _Input, tmp: pathlib.Path, out_tied: bool, stats: dict):
   """config.json (dtype updated), generation config and the base's tokenizer files."""
-  if ref.folder is None:
-    return
   if ref.config is not None:
     cfg = dict(ref.config)
     dt = spec.out_dtype or spec.dtype
@@ -388,10 +387,12 @@ def _write_sidecars(spec: mcfg.MergeSpec, ref: _Input, tmp: pathlib.Path, out_ti
       cfg.pop("torch_dtype", None)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
   names = ("generation_config.json",) + (_TOKENIZER_FILES if spec.tokenizer_source == "base" else ())
-  for fname in names:
+  for fname in names if ref.folder is not None else ():
     src = ref.folder / fname
     if src.is_file():
       shutil.copy2(src, tmp / fname)
+  stats = {n: {k: (None if isinstance(v, float) and v != v else v) for k, v in s.items()}
+           for n, s in stats.items()}  # NaN (undefined statistic) -> null: strict JSON
   (tmp / "h3jax_merge.json").write_text(json.dumps({
       "merge_method": spec.method, "base_model": spec.base_model, "models": list(spec.models),
       "flavour": spec.flavour, "seed": spec.seed, "dtype": spec.dtype, "out_dtype": spec.out_dtype,
