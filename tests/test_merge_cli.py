@@ -1,0 +1,143 @@
+"""`python -m h3jax.merge`: end to end, and one clear error (nothing written) per bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+import merge_fixtures as mf
+from h3jax.merge import merge_from_config
+from h3jax.merging.config import MergeConfigError
+from h3jax.merging.driver import MergeError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+  root = tmp_path_factory.mktemp("cli")
+  base, models, cfg = mf.llama_family(root / "llama", 2, tied=False, seed=4)
+  return root, base, models
+
+
+def _cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
+  return subprocess.run([sys.executable, "-m", "h3jax.merge", *args], capture_output=True, text=True,
+                        cwd=REPO, env=env, timeout=600)
+
+
+def test_cli_mergekit_yaml_end_to_end(fam, tmp_path):
+  root, base, models = fam
+  cfg = tmp_path / "ties.yaml"
+  cfg.write_text(yaml.safe_dump(dict(
+      merge_method="ties", base_model=base, dtype="float32", tokenizer_source="base",
+      models=[dict(model=m, parameters=dict(weight=1.0, density=0.4)) for m in models],
+      parameters=dict(normalize=True, int8_mask=True, **{"lambda": 1.0}))))
+  r = _cli(f"--config={cfg}", f"--out={tmp_path / 'out'}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "merge" in r.stderr and "tensor" in r.stderr  # the per-tensor progress bar
+  out = mf.read_tensors(tmp_path / "out")
+  assert json.loads((tmp_path / "out" / "config.json").read_text())["hidden_size"] == mf.LLAMA["hidden_size"]
+  merge_from_config(str(cfg), str(tmp_path / "lib"), progress=False)
+  lib = mf.read_tensors(tmp_path / "lib")
+  assert sorted(out) == sorted(lib) and all(np.array_equal(out[k], lib[k]) for k in out)
+  # The output exists already: refused without --overwrite, replaced with it.
+  r = _cli(f"--config={cfg}", f"--out={tmp_path / 'out'}", "--noprogress")
+  assert r.returncode == 2 and "already exists" in r.stderr
+  assert _cli(f"--config={cfg}", f"--out={tmp_path / 'out'}", "--overwrite", "--noprogress").returncode == 0
+
+
+def test_cli_unknown_method_is_one_clear_error(fam, tmp_path):
+  root, base, models = fam
+  cfg = tmp_path / "bad.yaml"
+  cfg.write_text(yaml.safe_dump(dict(merge_method="frankenmerge", base_model=base,
+                                     models=[dict(model=m) for m in models])))
+  r = _cli(f"--config={cfg}", f"--out={tmp_path / 'out'}")
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines()[-1].startswith("error: ")
+  assert "unknown merge_method 'frankenmerge'" in r.stderr and "Traceback" not in r.stderr
+  assert not (tmp_path / "out").exists()
+
+
+def _mk(base, models, method="ties", params=None, model_params=None, **top):
+  body = dict(merge_method=method, models=[dict(model=m, parameters=dict(dict(weight=1.0) if model_params is None else model_params))
+                                           for m in models], **top)
+  if base is not None:
+    body["base_model"] = base
+  if params is not None:
+    body["parameters"] = params
+  return body
+
+
+def _other_arch(root):
+  cfg = mf.llama_config(False, hidden_size=16, head_dim=4)
+  return mf.write_llama(root / "other_arch", mf.random_base(mf.llama_shapes(cfg), 1), cfg)
+
+
+def _other_shape(root):
+  """Same config.json, one tensor with another shape (a corrupt or mislabelled expert)."""
+  cfg = mf.llama_config(False)
+  t = mf.random_base(mf.llama_shapes(cfg), 2)
+  t["model.layers.1.mlp.up_proj.weight"] = t["model.layers.1.mlp.up_proj.weight"][:40]
+  return mf.write_llama(root / "other_shape", t, cfg)
+
+
+# id -> (builder(root, base, models) -> config dict or (.py source), expected error type, message)
+BAD = {
+    "different_architectures": (lambda r, b, ms: _mk(b, [ms[0], _other_arch(r)]), MergeError,
+                                "models have different architectures: hidden_size"),
+    "different_shapes": (lambda r, b, ms: _mk(b, [ms[0], _other_shape(r)]), MergeError,
+                         "models have different shapes for model.layers.1.mlp.up_proj.weight"),
+    "missing_base": (lambda r, b, ms: _mk(None, ms), MergeConfigError, "ties needs a base_model"),
+    "density_zero": (lambda r, b, ms: _mk(b, ms, model_params=dict(weight=1.0, density=0.0)), MergeError,
+                     "density must be in (0, 1]"),
+    "density_above_one": (lambda r, b, ms: _mk(b, ms, "dare_linear", dict(density=1.5)),
+                          MergeError, "density must be in (0, 1], got 1.5"),
+    "unknown_method": (lambda r, b, ms: _mk(b, ms, "frankenmerge"), MergeConfigError,
+                       "unknown merge_method 'frankenmerge'"),
+    "unknown_top_level_key": (lambda r, b, ms: _mk(b, ms, merge_options=dict(x=1)), MergeConfigError,
+                              "unknown top-level key(s) ['merge_options']"),
+    "unknown_parameter": (lambda r, b, ms: _mk(b, ms, params=dict(densty=0.5)), MergeConfigError,
+                          "unknown parameter 'densty' for ties"),
+    "global_param_on_model": (lambda r, b, ms: _mk(b, ms, model_params=dict(weight=1.0, normalize=True)),
+                              MergeConfigError, "put it under the top-level 'parameters'"),
+    "missing_weight": (lambda r, b, ms: _mk(b, ms, "task_arithmetic", model_params={}), MergeConfigError,
+                       "missing required parameter 'weight'"),
+    "slices": (lambda r, b, ms: dict(merge_method="ties", base_model=b, slices=[]), MergeConfigError,
+               "'slices' (layer slices) is not supported"),
+    "missing_model_folder": (lambda r, b, ms: _mk(b, [ms[0], str(r / "nope")]), MergeError, "input not found"),
+    "slerp_two_models": (lambda r, b, ms: _mk(b, ms, "slerp", dict(t=0.5), {}), MergeConfigError,
+                         "slerp needs a base_model and exactly one other model"),
+    "py_unknown_knob": (lambda r, b, ms: f"""
+import ml_collections
+def get_config():
+  return ml_collections.ConfigDict(dict(merge_method="tsv_m", base_model={b!r},
+      models=[dict(model=m) for m in {ms!r}], parameters=dict(alpha=1.0, rank_ration=0.5)))
+""", MergeConfigError, "unknown parameter 'rank_ration' for h3jax method tsv_m"),
+    "py_emr_not_streamable": (lambda r, b, ms: f"""
+def get_config():
+  return dict(merge_method="emr", base_model={b!r}, models=[dict(model=m) for m in {ms!r}])
+""", MergeError, "emr cannot be run by the file-to-file driver"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_one_clear_error_nothing_written(fam, tmp_path, case):
+  root, base, models = fam
+  build, err, msg = BAD[case]
+  body = build(root, base, models)
+  cfg = tmp_path / ("cfg.py" if isinstance(body, str) else "cfg.yaml")
+  cfg.write_text(body if isinstance(body, str) else yaml.safe_dump(body))
+  out_parent = tmp_path / "outs"
+  out_parent.mkdir()
+  with pytest.raises(err) as e:
+    merge_from_config(str(cfg), str(out_parent / "merged"), progress=False)
+  assert msg in str(e.value)
+  assert os.listdir(out_parent) == []  # neither the output nor a temporary folder
