@@ -19,7 +19,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from h3jax.config import ModelConfig
 from h3jax.merging import tree as tree_lib
@@ -126,11 +125,9 @@ def compute_regmean_grams(params, cfg: ModelConfig, batches) -> dict:
 
 # ----------------------------------------------------------------------------- merges
 
-def _fisher_array(base_X, models_NX, key, *, coef, minimal_fisher_weight):
-  n = len(coef)
-  params_NX, fish_NX = models_NX[:n], models_NX[n:] + minimal_fisher_weight
-  c_NX = jnp.asarray(coef, jnp.float32).reshape((-1,) + (1,) * (params_NX.ndim - 1))
-  return jnp.sum(c_NX * fish_NX * params_NX, axis=0) / jnp.sum(c_NX * fish_NX, axis=0)
+def _fisher_array(base_X, models_NX, key, *, n):
+  params_NX, fish_NX = models_NX[:n], models_NX[n:]  # fish: c_i * (F_i + eps), pre-scaled
+  return jnp.sum(fish_NX * params_NX, axis=0) / jnp.sum(fish_NX, axis=0)
 
 
 def fisher(base, models, *, fishers, weight=1.0, normalize_fisher_weight=True,
@@ -144,16 +141,17 @@ def fisher(base, models, *, fishers, weight=1.0, normalize_fisher_weight=True,
     raise ValueError(f"fisher: need one Fisher tree per model ({len(models)}), "
                      f"got {len(fishers) if isinstance(fishers, (list, tuple)) else type(fishers).__name__}")
   n = len(models)
-  coef = np.asarray([float(w) for w in tree_lib.rules_lib.per_model("weight", weight, n)])
+  coef = jnp.asarray([float(w) for w in tree_lib.rules_lib.per_model("weight", weight, n)], jnp.float32)
   if normalize_fisher_weight:
-    norms = np.asarray([np.sqrt(sum(float(jnp.sum(jnp.square(x.astype(jnp.float32))))
+    norms = jnp.stack([jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
                                     for x in jax.tree.leaves(f))) for f in fishers])
     inv = 1.0 / (norms + minimal_fisher_weight)
-    coef = coef * inv / inv.sum()
-  hp = dict(coef=tuple(float(c) for c in coef), minimal_fisher_weight=float(minimal_fisher_weight))
+    coef = coef * inv / jnp.sum(inv)
+  scaled = [jax.tree.map(lambda x, c=coef[i]: c * (x.astype(jnp.float32) + minimal_fisher_weight), f)
+            for i, f in enumerate(fishers)]
   models = [tree_lib.fold_lora(m, kw.get("lora_scale", 1.0)) for m in models]
-  return tree_lib.merge_tree(_fisher_array, None, list(models) + list(fishers), name="fisher",
-                             hparams=hp, needs_base=False, **_common(kw))
+  return tree_lib.merge_tree(_fisher_array, None, list(models) + scaled, name="fisher",
+                             hparams=dict(n=n), needs_base=False, **_common(kw))
 
 
 @functools.partial(jax.jit, static_argnames=("alpha",))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from h3jax.merging import blocks
 from h3jax.merging import tree as tree_lib
@@ -38,24 +37,24 @@ def _emr_unified_array(base_X, models_NX, key):
 def emr(base, models, *, return_parts=False, **kw):
   """EMR: returns the list of task-specific models [theta_t] (one per input model, in the
   input's tree structure and dtypes), or with return_parts a dict
-  {unified: tau_uni tree (float32), masks: [bool trees], rescalers: np.ndarray [T]}."""
+  {unified: tau_uni tree (float32), masks: [bool trees], rescalers: float32 [T]}."""
   _pop_lambda("emr", None, dict(kw))
   unified, aux = tree_lib.merge_tree(_emr_unified_array, base, models, name="emr", hparams={},
                                      with_aux=True, **_common(kw))
   n = len(models)
-  scales, new_scales = np.zeros(n), np.zeros(n)
+  scales, new_scales = jnp.zeros(n), jnp.zeros(n)
   for a in aux.values():
     # Stacked leaves return [*batch, T]: every slice is its own key.
-    scales += np.asarray(a["abs_mean"], np.float64).reshape(-1, n).sum(0)
-    new_scales += np.asarray(a["masked_abs_mean"], np.float64).reshape(-1, n).sum(0)
-  rescalers = scales / np.where(new_scales == 0, 1.0, new_scales)
+    scales = scales + a["abs_mean"].reshape(-1, n).sum(0)
+    new_scales = new_scales + a["masked_abs_mean"].reshape(-1, n).sum(0)
+  rescalers = scales / jnp.where(new_scales == 0, 1.0, new_scales)  # [T]
   base_f = tree_lib.fold_lora(base, kw.get("lora_scale", 1.0))
   uni = jax.tree.map(lambda u, b: u.astype(jnp.float32) - b.astype(jnp.float32), unified, base_f)
   models_f = [tree_lib.fold_lora(m, kw.get("lora_scale", 1.0)) for m in models]
   masks = [jax.tree.map(lambda u, m, b: (m.astype(jnp.float32) - b.astype(jnp.float32)) * jnp.sign(u) > 0,
                         uni, m, base_f) for m in models_f]
   if return_parts:
-    return {"unified": uni, "masks": masks, "rescalers": rescalers.astype(np.float32)}
-  return [jax.tree.map(lambda b, u, mk: (b.astype(jnp.float32) + float(r) * jnp.where(mk, u, 0.0)
+    return {"unified": uni, "masks": masks, "rescalers": rescalers}
+  return [jax.tree.map(lambda b, u, mk: (b.astype(jnp.float32) + rescalers[t] * jnp.where(mk, u, 0.0)
                                          ).astype(b.dtype), base_f, uni, mask)
-          for r, mask in zip(rescalers, masks)]
+          for t, mask in enumerate(masks)]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -154,9 +155,11 @@ def resm(base, models, *, alpha=1.0, rank_mode="tsvm", eps_sp=1e-3, lambda_r=0.3
   merged, stats = tree_lib.merge_tree(_resm_array, base, models, name="resm", hparams=hp,
                                       exclude_fn=svd_lib.mean_delta_array, with_aux=True,
                                       **_common(kw))
-  stats = {p: {k: np.asarray(v) for k, v in s.items()} for p, s in stats.items()}
-  for p, s in stats.items():
-    if np.all(s["rank"] > 0):
-      log.info("resm %s: rank/task %s outlier_fraction %s", p, s["rank"].tolist(),
-               np.round(s["outlier_fraction"], 4).tolist())
+  concrete = not any(isinstance(v, jax.core.Tracer) for s in stats.values() for v in s.values())
+  if concrete:  # under an outer jit the stats stay traced arrays
+    stats = {p: {k: np.asarray(v) for k, v in s.items()} for p, s in stats.items()}
+    for p, s in stats.items():
+      if np.all(s["rank"] > 0):
+        log.info("resm %s: rank/task %s outlier_fraction %s", p, s["rank"].tolist(),
+                 np.round(s["outlier_fraction"], 4).tolist())
   return (merged, stats) if return_stats else merged

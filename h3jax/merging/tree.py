@@ -162,12 +162,13 @@ def merge_tree(fn: Callable, base, models: Sequence, *, name: str, hparams: Mapp
                exclude_fn: Optional[Callable] = None, lora_scale: float = 1.0,
                with_aux: bool = False, extra_leaf_hp: Optional[Callable] = None):
   """Applies `fn` leaf by leaf; returns the merged tree (and {path: aux} if with_aux)."""
+  if isinstance(models, (list, tuple)):
+    models = [fold_lora(m, lora_scale) for m in models]
+  if base is not None:
+    base = fold_lora(base, lora_scale)
   models = check_models(name, base, models, needs_base=needs_base, min_models=min_models,
                         max_models=max_models)
   table = rules_lib.validate_rules(rules)
-  if base is not None:
-    base = fold_lora(base, lora_scale)
-  models = [fold_lora(m, lora_scale) for m in models]
   n = len(models)
   hp0 = dict(hparams)
   for k in per_model_keys:
