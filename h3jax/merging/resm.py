@@ -89,7 +89,7 @@ def _resm_array(base_X, models_NX, key, *, alpha=1.0, rank_mode="tsvm", eps_sp=1
     outlier_frac = jnp.mean(jnp.stack([f for _, f in shrunk]))
   if rank_mode == "sparsity":
     lo, hi = sp_range
-    z = jnp.where(hi > lo, (sp - lo) / (hi - lo if hi > lo else 1.0), 0.0)
+    z = jnp.clip(jnp.where(hi > lo, (sp - lo) / (hi - lo if hi > lo else 1.0), 0.0), 0.0, 1.0)
     k = jnp.clip(jnp.round(r * (1 - lambda_r * z) / n), 1, kmax).astype(jnp.int32)
   elif rank_mode == "tsvm":
     k = jnp.int32(kmax)

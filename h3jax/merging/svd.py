@@ -53,6 +53,22 @@ def tsv_factors(deltas_NMN, k: int, keep_TK=None):
   return jnp.concatenate(us, 1), jnp.concatenate(ss), jnp.concatenate(vs, 1)
 
 
+def factored_svd(b_MR, a_RN):
+  """Thin SVD of a low-rank product b @ a (a LoRA delta) from QRs of its factors:
+  O((M + N) R^2) instead of an M x N SVD. Returns (U [M, R], s [R], V [N, R])."""
+  qb, rb = jnp.linalg.qr(b_MR.astype(jnp.float32))
+  qa, ra = jnp.linalg.qr(a_RN.astype(jnp.float32).T)
+  u, s, vt = jnp.linalg.svd(rb @ ra.T)
+  return qb @ u, s, qa @ vt.T
+
+
+def tsv_lora_delta(bs, as_, alpha: float = 1.0):
+  """TSV-M Delta for LoRA task vectors tau_t = b_t @ a_t, capped at each factor's rank:
+  the factored counterpart of tsv_m(..., rank_cap='numerical') when R_t <= r / T."""
+  us, ss, vs = zip(*[factored_svd(b, a) for b, a in zip(bs, as_)])
+  return alpha * tsv_combine(jnp.concatenate(us, 1), jnp.concatenate(ss), jnp.concatenate(vs, 1))
+
+
 def tsv_combine(u_MK, s_K, v_NK):
   """Delta = polar(U_hat) diag(s_hat) polar(V_hat)^T."""
   return (blocks.polar(u_MK) * s_K) @ blocks.polar(v_NK).T
