@@ -189,5 +189,5 @@ def regmean(base, models, *, grams, reduce_non_diagonal_ratio=0.1, **kw):
       out = solve(ws, gs)
     else:
       out = jnp.mean(ws, axis=0)
-    outs.append(out.astype(ref.dtype))
+    outs.append(out.astype(jax.dtypes.canonicalize_dtype(ref.dtype)))
   return jax.tree.unflatten(jax.tree.structure(models[0]), outs)
