@@ -391,3 +391,21 @@ def test_bad_input_errors(trees):
     M.model_stock(b, ms[:1])
   with pytest.raises(ValueError, match="`models` must be a list"):
     M.linear(None, b)
+
+
+def test_docs_composition_example(trees):
+  """The 'Composing a new method' example of docs/merging.md, run verbatim."""
+  import pathlib
+  import re
+  text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "merging.md").read_text()
+  block = re.search(r"### Composing a new method.*?```python\n(.*?)```", text, re.S).group(1)
+  ns = {}
+  exec(block, ns)  # noqa: S102 - our own documentation
+  base, models = trees
+  # density 1 (no drop) and a rank above every matrix size: plain TIES without trimming.
+  out = ns["dare_ties_lowrank"](base, models, density=1.0, rank=64)
+  ref = M.ties(base, models, density=1.0)
+  jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-6), out, ref)
+  out = jax.jit(lambda b, m: ns["dare_ties_lowrank"](b, m, density=0.5, rank=2))(base, models)
+  d = out["layers"]["mlp"]["up_proj"]["kernel"][0] - base["layers"]["mlp"]["up_proj"]["kernel"][0]
+  assert np.linalg.matrix_rank(np.asarray(d), tol=1e-6) == 2
