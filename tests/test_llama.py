@@ -106,3 +106,20 @@ def test_lora_leaves_add_scaled_delta():
   merged = jax.tree.map(lambda x: x, params)
   merged["layers"]["mlp"]["up_proj"]["kernel"] = params["layers"]["mlp"]["up_proj"]["kernel"] + 0.5 * a @ b
   np.testing.assert_allclose(llama.forward(with_lora, ids, cfg), llama.forward(merged, ids, cfg), atol=1e-5)
+
+
+def test_batch_sharded_on_explicit_mesh_matches_single_device(tiny):
+  _, _, cfg, params = tiny
+  ids = np.random.RandomState(4).randint(0, 128, (4, 12))
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  P, NS = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
+  ids_s = jax.device_put(jnp.asarray(ids), NS(mesh, P("data")))
+  params_s = jax.device_put(params, NS(mesh, P()))
+
+  def loss(p, x):
+    return jnp.mean(llama.forward(p, x, cfg) ** 2)
+
+  ref_l, ref_g = jax.value_and_grad(loss)(params, jnp.asarray(ids))
+  l, g = jax.jit(jax.value_and_grad(loss))(params_s, ids_s)
+  np.testing.assert_allclose(l, ref_l, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g, ref_g)

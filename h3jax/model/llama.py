@@ -74,7 +74,12 @@ def _run_layers(layers_p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT, cfg:
 
 
 def embed(params, input_ids_BT, cfg: ModelConfig):
-  return jnp.take(params["embed"]["embedding"], input_ids_BT, axis=0).astype(cfg.compute_dtype)
+  table_VD = params["embed"]["embedding"]
+  ids_sharding = jax.typeof(input_ids_BT).sharding
+  if ids_sharding.mesh.axis_names:  # explicit mesh: the gather's output follows the batch sharding
+    out = jax.sharding.NamedSharding(ids_sharding.mesh, jax.sharding.PartitionSpec(*ids_sharding.spec, None))
+    return table_VD.at[input_ids_BT].get(out_sharding=out).astype(cfg.compute_dtype)  # [B, T, D]
+  return jnp.take(table_VD, input_ids_BT, axis=0).astype(cfg.compute_dtype)  # [B, T, D]
 
 
 def logits_from_hidden(params, hidden_BTD, cfg: ModelConfig):
