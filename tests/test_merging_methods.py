@@ -16,9 +16,10 @@ from h3jax.config import ModelConfig
 from h3jax.merging import blocks
 from h3jax.model.params import init_params
 
-CFG = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=2,
-                  num_kv_heads=1, head_dim=8)
-PROPS = settings(max_examples=8, deadline=None)
+# Few distinct leaf shapes keep the number of compilations (and the runtime) small.
+CFG = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=2, num_heads=2,
+                  num_kv_heads=2, head_dim=4)
+PROPS = settings(max_examples=5, deadline=None)
 
 
 def _arrays(seed, n=3, shape=(6, 5), scale=0.1):
@@ -297,20 +298,23 @@ def test_every_transform_jits_and_keeps_structure_and_dtypes():
   models = [jax.tree.map(lambda s, i=i: (1 + 0.1 * jax.random.normal(jax.random.key(i), s)).astype(jnp.bfloat16),
                          shapes, is_leaf=is_shape) for i in range(3)]
   assert set(ALL_KW) | {"emr", "fisher", "regmean"} == set(M.METHODS)
-  for name, kw in ALL_KW.items():
-    ms = models[:1] if name == "slerp" else models
-    out = jax.jit(lambda b, m, f=M.get_method(name), kw=kw: f(b, m, **kw))(base, ms)
+  fishers = [jax.tree.map(jnp.abs, m) for m in models]
+  grams = [{"embed/embedding": jnp.eye(8)}] * 3
+  calls = {name: (lambda b, m, f=M.get_method(name), kw=kw: f(b, m[:1] if f is M.slerp else m, **kw))
+           for name, kw in ALL_KW.items()}
+  calls["emr"] = lambda b, m: M.emr(b, m)[1]
+  calls["fisher"] = lambda b, m: M.fisher(None, m, fishers=fishers)
+  calls["regmean"] = lambda b, m: M.regmean(None, m, grams=grams)
+  for name, call in calls.items():
+    # Tracing with abstract values proves jittability and gives structure and dtypes
+    # without paying an XLA compilation per method.
+    out = jax.eval_shape(call, base, models)
     assert jax.tree.structure(out) == jax.tree.structure(base), name
     assert all(o.dtype == jnp.bfloat16 and o.shape == b.shape
                for o, b in zip(jax.tree.leaves(out), jax.tree.leaves(base))), name
-  outs = jax.jit(lambda b, m: M.emr(b, m))(base, models)
-  assert len(outs) == 3 and jax.tree.structure(outs[0]) == jax.tree.structure(base)
-  fishers = [jax.tree.map(jnp.abs, m) for m in models]
-  out = jax.jit(lambda m, f: M.fisher(None, m, fishers=f))(models, fishers)
-  assert jax.tree.structure(out) == jax.tree.structure(base)
-  grams = [{"embed/embedding": jnp.eye(8)}] * 3
-  out = jax.jit(lambda m: M.regmean(None, m, grams=grams))(models)
-  assert jax.tree.structure(out) == jax.tree.structure(base)
+  for name in ("ties", "dare_ties", "tsv_m", "emr"):  # compiled under an outer jit == eager
+    jax.tree.map(lambda a, r: np.testing.assert_allclose(np.float32(a), np.float32(r), rtol=1e-2, atol=1e-2),
+                 jax.jit(calls[name])(base, models), calls[name](base, models))
 
 
 def test_stacked_layers_are_merged_per_tensor(trees):
