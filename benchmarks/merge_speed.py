@@ -1,0 +1,200 @@
+"""Merge speed and peak memory: h3jax vs mergekit-yaml (TIES) and vs fusion-bench (TSV-M).
+
+  .venv/bin/python benchmarks/merge_speed.py [--smollm2 artifacts/smollm2-135m-instruct]
+      [--work artifacts/merge_bench] [--methods ties,tsv_m] [--repeats 1]
+
+Inputs: SmolLM2-135M-Instruct and three deterministic "fine-tuned" variants of it
+(base + seeded sparse Gaussian deltas on 5% of every tensor, written once to
+--work). Every tool runs in its own subprocess on the same files in this run;
+the wall time is the whole process (imports, reading, merging, writing) and the
+peak RSS is the child's ru_maxrss. TIES: density 0.2, weights 1, normalize,
+lambda 1 (the same mergekit YAML for both). TSV-M: alpha 1 over all 2-D tensors
+(fusion-bench's defaults). Outputs are cross-checked in the same run (max
+relative error for TIES, relative Frobenius error of the merged delta for
+TSV-M). Prints a table and writes benchmarks/results/merge_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+H3JAX_PY = REPO / ".venv" / "bin" / "python"
+MERGEKIT_YAML = REPO / ".venv-mergekit" / "bin" / "mergekit-yaml"
+FUSIONBENCH_PY = REPO / ".venv-fusionbench" / "bin" / "python"
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja")
+
+# Runs argv[1:] as a child and prints {"wall_s", "peak_rss_mb", "rc"} as its last line.
+_WRAP = r"""
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+wall = time.perf_counter() - t
+print(json.dumps({"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                  "rc": r.returncode, "stderr_tail": r.stderr[-2000:] if r.returncode else ""}))
+"""
+
+_FUSIONBENCH_TSVM = r"""
+import sys, torch, transformers, contextlib, io, logging
+logging.disable(logging.WARNING)
+from fusion_bench.modelpool import BaseModelPool
+from fusion_bench.method import TaskSingularVectorMerging
+base, out, *experts = sys.argv[1:]
+load = lambda p: transformers.AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
+pool = BaseModelPool({"_pretrained_": load(base), **{f"m{i}": load(p) for i, p in enumerate(experts)}})
+with contextlib.redirect_stdout(io.StringIO()):
+  merged = TaskSingularVectorMerging(alpha=1.0, exclude_keys=[]).run(pool)
+merged.save_pretrained(out)
+"""
+
+
+def make_variants(base_dir: pathlib.Path, work: pathlib.Path, n: int = 3, frac: float = 0.05) -> list:
+  """Deterministic fine-tune stand-ins: theta + N(0, (0.05 std(theta))^2) on `frac` of entries."""
+  sys.path.insert(0, str(REPO))
+  from h3jax.hf.st_io import SafetensorsReader, SafetensorsWriter
+  dirs = []
+  for i in range(n):
+    d = work / f"variant{i}"
+    dirs.append(d)
+    if (d / ".done").exists():
+      continue
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    with SafetensorsReader(base_dir) as r:
+      w = SafetensorsWriter(d, max_shard_size="5GB")
+      for j, name in enumerate(sorted(r.keys())):
+        x = r.get(name).astype(np.float32)
+        rng = np.random.default_rng([i, j])
+        mask = rng.random(x.shape) < frac
+        delta = rng.standard_normal(x.shape).astype(np.float32) * (0.05 * float(x.std()) + 1e-4)
+        w.add(name, np.where(mask, x + delta, x).astype(np.float32))
+      w.close()
+    for f in SIDE_FILES:
+      if (base_dir / f).exists():
+        shutil.copy2(base_dir / f, d / f)
+    (d / ".done").write_text("ok\n")
+  return dirs
+
+
+def timed(cmd, env=None) -> dict:
+  r = subprocess.run([sys.executable, "-c", _WRAP, *map(str, cmd)], capture_output=True, text=True,
+                     env=env)
+  res = json.loads(r.stdout.strip().splitlines()[-1])
+  if res["rc"]:
+    raise RuntimeError(f"{cmd[0]} failed (rc {res['rc']}):\n{res['stderr_tail']}")
+  return res
+
+
+def read(path) -> dict:
+  from safetensors.numpy import load_file
+  out = {}
+  for f in sorted(pathlib.Path(path).glob("*.safetensors")):
+    out.update({k: v.astype(np.float32) for k, v in load_file(str(f)).items()})
+  return out
+
+
+def ties_error(a_dir, b_dir) -> float:
+  a, b = read(a_dir), read(b_dir)
+  return max(float(np.max(np.abs(a[k] - b[k]) / (1 + np.abs(b[k])))) for k in a)
+
+
+def tsvm_error(a_dir, b_dir, base_dir) -> float:
+  a, b, base = read(a_dir), read(b_dir), read(base_dir)
+  errs = []
+  for k in a:
+    da, db = a[k] - base[k], b[k] - base[k]
+    errs.append(float(np.linalg.norm(da - db) / max(np.linalg.norm(db), 1e-12)))
+  return max(errs)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--smollm2", default=str(REPO / "artifacts" / "smollm2-135m-instruct"))
+  p.add_argument("--work", default=str(REPO / "artifacts" / "merge_bench"))
+  p.add_argument("--methods", default="ties,tsv_m")
+  p.add_argument("--repeats", type=int, default=1, help="runs per tool; the best wall time is reported")
+  p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "merge_speed.json"))
+  args = p.parse_args()
+  base = pathlib.Path(args.smollm2)
+  work = pathlib.Path(args.work)
+  work.mkdir(parents=True, exist_ok=True)
+  t0 = time.perf_counter()
+  variants = make_variants(base, work)
+  print(f"variants ready in {time.perf_counter() - t0:.1f}s: {[str(v) for v in variants]}", flush=True)
+  env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", JAX_PLATFORMS=os.environ.get(
+      "JAX_PLATFORMS", "cpu"))
+  rows, results = [], {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                       "model": str(base), "variants": [str(v) for v in variants], "runs": {}}
+
+  def run(tag, cmd, out_dir):
+    best = None
+    for _ in range(args.repeats):
+      shutil.rmtree(out_dir, ignore_errors=True)
+      res = timed(cmd, env)
+      best = res if best is None or res["wall_s"] < best["wall_s"] else best
+      print(f"  {tag}: {res['wall_s']:.1f}s, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+    results["runs"][tag] = best
+    return best
+
+  methods = args.methods.split(",")
+  if "ties" in methods:
+    cfg = work / "ties.yaml"
+    cfg.write_text(
+        "merge_method: ties\n"
+        f"base_model: {base}\n"
+        "models:\n" + "".join(f"  - model: {v}\n    parameters: {{weight: 1.0, density: 0.2}}\n" for v in variants)
+        + "parameters: {normalize: true, lambda: 1.0}\ndtype: float32\nout_dtype: float32\n")
+    h = run("h3jax_ties", [H3JAX_PY, "-m", "h3jax.merge", f"--config={cfg}", f"--out={work / 'h3jax_ties'}",
+                           "--noprogress"], work / "h3jax_ties")
+    row = {"method": "TIES d=0.2", "h3jax_s": h["wall_s"], "h3jax_rss_mb": h["peak_rss_mb"]}
+    if MERGEKIT_YAML.exists():
+      m = run("mergekit_ties", [MERGEKIT_YAML, cfg, work / "mergekit_ties"], work / "mergekit_ties")
+      err = ties_error(work / "h3jax_ties", work / "mergekit_ties")
+      row.update(peer="mergekit-yaml 0.1.5", peer_s=m["wall_s"], peer_rss_mb=m["peak_rss_mb"],
+                 speedup=m["wall_s"] / h["wall_s"], max_err=err)
+      results["ties_max_rel_err_vs_mergekit"] = err
+    rows.append(row)
+  if "tsv_m" in methods:
+    cfg = work / "tsvm_cfg.py"
+    cfg.write_text(
+        "def get_config():\n"
+        f"  return dict(merge_method='tsv_m', base_model={str(base)!r},\n"
+        f"              models=[dict(model=m) for m in {[str(v) for v in variants]!r}],\n"
+        "              parameters=dict(alpha=1.0), dtype='float32')\n")
+    h = run("h3jax_tsv_m", [H3JAX_PY, "-m", "h3jax.merge", f"--config={cfg}", f"--out={work / 'h3jax_tsvm'}",
+                            "--noprogress"], work / "h3jax_tsvm")
+    row = {"method": "TSV-M a=1", "h3jax_s": h["wall_s"], "h3jax_rss_mb": h["peak_rss_mb"]}
+    if FUSIONBENCH_PY.exists():
+      f = run("fusion_bench_tsv_m", [FUSIONBENCH_PY, "-c", _FUSIONBENCH_TSVM, base, work / "fb_tsvm", *variants],
+              work / "fb_tsvm")
+      err = tsvm_error(work / "h3jax_tsvm", work / "fb_tsvm", base)
+      row.update(peer="fusion-bench 0.2.33", peer_s=f["wall_s"], peer_rss_mb=f["peak_rss_mb"],
+                 speedup=f["wall_s"] / h["wall_s"], max_err=err)
+      results["tsv_m_max_rel_fro_err_vs_fusion_bench"] = err
+    rows.append(row)
+  results["table"] = rows
+  print(f"\n{'method':<12}{'h3jax s':>9}{'RSS MB':>8}  {'peer':<22}{'peer s':>8}{'RSS MB':>8}{'speedup':>9}"
+        f"{'max err':>10}")
+  for r in rows:
+    print(f"{r['method']:<12}{r['h3jax_s']:>9.1f}{r['h3jax_rss_mb']:>8.0f}  {r.get('peer', '-'):<22}"
+          f"{r.get('peer_s', float('nan')):>8.1f}{r.get('peer_rss_mb', float('nan')):>8.0f}"
+          f"{r.get('speedup', float('nan')):>8.1f}x{r.get('max_err', float('nan')):>10.2g}")
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(results, indent=2) + "\n")
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
