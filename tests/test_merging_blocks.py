@@ -117,3 +117,14 @@ def test_gradient_values_follow_mergekit():
   assert rules.per_model("weight", 0.5, 3) == (0.5, 0.5, 0.5)
   with pytest.raises(ValueError, match="weight has 2 values but there are 3 models"):
     rules.per_model("weight", [1, 2], 3)
+
+
+def test_kth_largest_by_bisection_matches_sort():
+  rng = np.random.default_rng(0)
+  x = np.concatenate([rng.standard_t(2, 500), rng.integers(-3, 4, 200), [0.0, -0.0, 1e-40, np.inf]])
+  x = x.astype(np.float32)
+  a = np.sort(np.abs(x))[::-1]
+  for k in (1, 2, 77, 400, x.size):
+    assert float(blocks.kth_largest_abs(jnp.asarray(x), k)) == a[k - 1]
+    m = np.asarray(blocks.exact_topk_mask(jnp.asarray(x), k))
+    assert m.sum() == k and np.abs(x[m]).min() >= np.abs(x[~m]).max(initial=0)

@@ -20,6 +20,38 @@ def task_vectors(base_X, models_NX):
 
 # ----------------------------------------------------------------------------- sparsification masks
 
+def kth_largest_abs(x_X, k: int):
+  """The k-th largest |x| (1 <= k <= numel), exactly, by bisection on the float bits.
+
+  Non-negative float32 values order like their int32 bit patterns, so 32 counting
+  passes find it: O(32 n) instead of a sort (about 10x faster on CPU for 28M values).
+  """
+  bits_n = jax.lax.bitcast_convert_type(jnp.abs(x_X).reshape(-1).astype(jnp.float32), jnp.int32)
+
+  def body(_, c):
+    lo, hi = c
+    mid = lo + (hi - lo) // 2
+    ok = jnp.sum(bits_n >= mid) >= k
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  lo, _ = jax.lax.fori_loop(0, 32, body, (jnp.int32(0), jnp.int32(0x7F800001)))
+  return jax.lax.bitcast_convert_type(lo, jnp.float32)
+
+
+def exact_topk_mask(x_X, k: int):
+  """Exactly the k largest |x|; ties at the k-th magnitude broken by flat index."""
+  n = x_X.size
+  if k >= n:
+    return jnp.ones(x_X.shape, bool)
+  if k <= 0:
+    return jnp.zeros(x_X.shape, bool)
+  a_n = jnp.abs(x_X).reshape(-1).astype(jnp.float32)
+  thr = kth_largest_abs(a_n, k)
+  gt_n, eq_n = a_n > thr, a_n == thr
+  need = k - jnp.sum(gt_n)
+  return (gt_n | (eq_n & (jnp.cumsum(eq_n) <= need))).reshape(x_X.shape)
+
+
 def topk_mask(x_X, density: float):
   """mergekit `magnitude`: keep exactly k = max(1, int(density * numel)) largest |x|.
 
@@ -30,22 +62,16 @@ def topk_mask(x_X, density: float):
     return jnp.ones(x_X.shape, bool)
   if density <= 0 or n == 0:
     return jnp.zeros(x_X.shape, bool)
-  k = max(1, int(density * n))
-  a_n = jnp.abs(x_X).reshape(-1).astype(jnp.float32)
-  thr = jnp.sort(a_n)[n - k]
-  gt_n, eq_n = a_n > thr, a_n == thr
-  need = k - jnp.sum(gt_n)
-  return (gt_n | (eq_n & (jnp.cumsum(eq_n) <= need))).reshape(x_X.shape)
+  return exact_topk_mask(x_X, max(1, int(density * n)))
 
 
 def kth_largest_threshold(x_X, density: float):
   """FusionBench TIES threshold: the magnitude of the (numel - int(numel*density))-th smallest."""
   n = x_X.size
   k = n - int(n * density)
-  a_n = jnp.abs(x_X).reshape(-1).astype(jnp.float32)
   if k <= 0:
-    return jnp.min(a_n)
-  return jnp.sort(a_n)[k - 1]
+    return jnp.min(jnp.abs(x_X)).astype(jnp.float32)
+  return kth_largest_abs(x_X, n - k + 1)
 
 
 def threshold_mask(x_X, threshold):
@@ -65,9 +91,8 @@ def outlier_mask(x_X, density: float, gamma: float):
   target = int(density * n)
   n_top = int(gamma * n)
   n_bot = max(0, n - target - n_top)
-  a_n = jnp.abs(x_X).reshape(-1).astype(jnp.float32)
-  rank_n = jnp.argsort(jnp.argsort(a_n, stable=True), stable=True)
-  return ((rank_n >= n_bot) & (rank_n < n_bot + target)).reshape(x_X.shape)
+  # Ascending positions [n_bot, n_bot + target) = top (n - n_bot) minus top (n - n_bot - target).
+  return exact_topk_mask(x_X, n - n_bot) & ~exact_topk_mask(x_X, n - n_bot - target)
 
 
 def bernoulli_mask(key, shape, density: float):
