@@ -20,16 +20,20 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace an existing output f
 _SEED = flags.DEFINE_integer("seed", None, "seed for randomized methods (overrides the config's)")
 _SHARD = flags.DEFINE_string("max_shard_size", None, "output shard size, e.g. 2GB (overrides the config's)")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a per-tensor progress bar")
+_CACHE = flags.DEFINE_string("compilation_cache", "~/.cache/h3jax/xla",
+                             "persistent XLA compilation cache folder ('' to disable)")
 
 
 def merge_from_config(config_path: str, out_dir: str, *, overwrite: bool = False, seed=None,
-                      max_shard_size=None, progress: bool = True) -> dict:
+                      max_shard_size=None, progress: bool = True, compilation_cache=None) -> dict:
   """Library entry point of the CLI: parse the config, then stream the merge."""
   import dataclasses
 
   from h3jax.merging import config as mcfg
   from h3jax.merging import driver
   spec = mcfg.load_config(config_path)
+  if compilation_cache:
+    driver.enable_compilation_cache(compilation_cache)
   if seed is not None:
     spec = dataclasses.replace(spec, seed=seed)
   return driver.run_merge(spec, out_dir, overwrite=overwrite, progress=progress,
@@ -43,7 +47,8 @@ def main(argv):
   from h3jax.merging.driver import MergeError
   try:
     report = merge_from_config(_CONFIG.value, _OUT.value, overwrite=_OVERWRITE.value, seed=_SEED.value,
-                               max_shard_size=_SHARD.value, progress=_PROGRESS.value)
+                               max_shard_size=_SHARD.value, progress=_PROGRESS.value,
+                               compilation_cache=_CACHE.value)
   except (MergeConfigError, MergeError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -40,8 +40,9 @@ def test_cli_mergekit_yaml_end_to_end(fam, tmp_path):
       merge_method="ties", base_model=base, dtype="float32", tokenizer_source="base",
       models=[dict(model=m, parameters=dict(weight=1.0, density=0.4)) for m in models],
       parameters=dict(normalize=True, int8_mask=True, **{"lambda": 1.0}))))
-  r = _cli(f"--config={cfg}", f"--out={tmp_path / 'out'}")
+  r = _cli(f"--config={cfg}", f"--out={tmp_path / 'out'}", f"--compilation_cache={tmp_path / 'xla'}")
   assert r.returncode == 0, r.stderr[-3000:]
+  assert any((tmp_path / "xla").iterdir())  # compiled kernels persisted for the next run
   assert "merge" in r.stderr and "tensor" in r.stderr  # the per-tensor progress bar
   out = mf.read_tensors(tmp_path / "out")
   assert json.loads((tmp_path / "out" / "config.json").read_text())["hidden_size"] == mf.LLAMA["hidden_size"]

@@ -62,6 +62,15 @@ class MergeError(ValueError):
   """Inputs that cannot be merged; raised before anything is written."""
 
 
+def enable_compilation_cache(path) -> None:
+  """Persist compiled per-shape kernels across runs (a model has ~6 distinct tensor shapes, each
+  compiled once per method and hyper-parameters; on a busy CPU that is seconds per shape)."""
+  path = pathlib.Path(path).expanduser()
+  path.mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
 def layer_position(name: str, num_layers: int) -> float:
   """mergekit's t: layer / (L - 1) for layer tensors (1 when L == 1), 0 otherwise."""
   m = _LAYER_RE.search(name)
