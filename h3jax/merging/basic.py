@@ -36,11 +36,12 @@ def _common(kw):
   return {k: kw[k] for k in _COMMON if k in kw and k != "seed"}
 
 
-def _in_axis_hp(in_axis):
-  """mergekit ranks/normalises along dim 1 of HF [out, in] weights = axis 0 of h3jax kernels."""
+def _in_axis_hp(in_axis, default: int = 1):
+  """mergekit ranks (DELLA: dim 1) / normalises (Model Stock: dim -1) along the input axis of
+  HF [out, in] weights, which is axis 0 of h3jax [in, out] kernels."""
   if in_axis is not None:
     return lambda path, j: {"in_axis": in_axis}
-  return lambda path, j: {"in_axis": 0 if path.endswith("kernel") else 1}
+  return lambda path, j: {"in_axis": 0 if path.endswith("kernel") else default}
 
 
 # ----------------------------------------------------------------------------- linear / task arithmetic family
@@ -209,7 +210,8 @@ def _model_stock_array(base_X, models_NX, key, *, filter_wise=False, angle_avg="
   shape = base_X.shape
   if filter_wise:
     w0 = base_X[None] if base_X.ndim == 1 else jnp.moveaxis(base_X, in_axis, -1)
-    ws = models_NX[:, None] if base_X.ndim == 1 else jnp.moveaxis(models_NX, in_axis + 1, -1)
+    ax = in_axis % base_X.ndim if base_X.ndim > 1 else 0
+    ws = models_NX[:, None] if base_X.ndim == 1 else jnp.moveaxis(models_NX, ax + 1, -1)
   else:
     w0, ws = base_X.reshape(-1), models_NX.reshape(n, -1)
   off = ws - w0[None]
@@ -241,7 +243,7 @@ def model_stock(base, models, *, filter_wise=False, angle_avg="cos", in_axis=Non
   _pop_lambda("model_stock", 1.0, dict(kw))
   return tree_lib.merge_tree(_model_stock_array, base, models, name="model_stock",
                              hparams=dict(filter_wise=bool(filter_wise), angle_avg=angle_avg),
-                             min_models=2, extra_leaf_hp=_in_axis_hp(in_axis), **_common(kw))
+                             min_models=2, extra_leaf_hp=_in_axis_hp(in_axis, -1), **_common(kw))
 
 
 # ----------------------------------------------------------------------------- Consensus (TALL masks)

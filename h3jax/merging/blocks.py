@@ -69,6 +69,8 @@ def kth_largest_threshold(x_X, density: float):
   """FusionBench TIES threshold: the magnitude of the (numel - int(numel*density))-th smallest."""
   n = x_X.size
   k = n - int(n * density)
+  if n == 0:
+    return jnp.float32(0.0)
   if k <= 0:
     return jnp.min(jnp.abs(x_X)).astype(jnp.float32)
   return kth_largest_abs(x_X, n - k + 1)

@@ -22,6 +22,13 @@ def emr_flag(deltas_NX):
   return jnp.where(jnp.sum(deltas_NX, axis=0) > 0, 1.0, -1.0)
 
 
+def emr_tensor(base_X, models_NX):
+  """One tensor's EMR pieces: (tau_uni [X], mean|tau_t| [T], mean|M_t tau_uni| [T]).
+  Rescalers = (sum over tensors of the 2nd) / (sum of the 3rd), e.g. in a streaming pass."""
+  out, aux = _emr_unified_array(base_X, models_NX, None)
+  return out - base_X, aux["abs_mean"], aux["masked_abs_mean"]
+
+
 def _emr_unified_array(base_X, models_NX, key):
   """theta_0 + tau_uni, with per-task (mean|tau_t|, mean|M_t tau_uni|) as aux."""
   deltas_NX = blocks.task_vectors(base_X, models_NX)

@@ -130,6 +130,9 @@ def merge_leaf(fn, base_X, models, path: str, hp: Mapping[str, Any], *, per_mode
       ref = base_X if base_X is not None else models[0]
       return jnp.asarray(ref, jnp.float32), None
     fn, with_aux = exclude_fn, False
+  ref = base_X if base_X is not None else models[0]
+  if ref.size == 0:  # nothing to merge (e.g. an empty tensor in a raw safetensors file)
+    return jnp.asarray(ref, jnp.float32), None
   bd = hp.pop("batch_dims", None)
   bd = batch_dims if bd is None else bd
   bd = rules_lib.default_batch_dims(path) if bd is None else bd
