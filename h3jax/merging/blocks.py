@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from h3jax.merging import select
+
 
 def task_vectors(base_X, models_NX):
   """tau_i = theta_i - theta_0: [N, X]."""
@@ -21,21 +23,9 @@ def task_vectors(base_X, models_NX):
 # ----------------------------------------------------------------------------- sparsification masks
 
 def kth_largest_abs(x_X, k: int):
-  """The k-th largest |x| (1 <= k <= numel), exactly, by bisection on the float bits.
-
-  Non-negative float32 values order like their int32 bit patterns, so 32 counting
-  passes find it: O(32 n) instead of a sort (about 10x faster on CPU for 28M values).
-  """
-  bits_n = jax.lax.bitcast_convert_type(jnp.abs(x_X).reshape(-1).astype(jnp.float32), jnp.int32)
-
-  def body(_, c):
-    lo, hi = c
-    mid = lo + (hi - lo) // 2
-    ok = jnp.sum(bits_n >= mid) >= k
-    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-  lo, _ = jax.lax.fori_loop(0, 32, body, (jnp.int32(0), jnp.int32(0x7F800001)))
-  return jax.lax.bitcast_convert_type(lo, jnp.float32)
+  """The k-th largest |x| (1 <= k <= numel), exactly: radix select on the float bits
+  (`h3jax.merging.select`, two 65536-bin histograms) instead of an O(n log n) sort."""
+  return select.kth_largest_abs(x_X, k)
 
 
 def exact_topk_mask(x_X, k: int):
@@ -49,7 +39,10 @@ def exact_topk_mask(x_X, k: int):
   thr = kth_largest_abs(a_n, k)
   gt_n, eq_n = a_n > thr, a_n == thr
   need = k - jnp.sum(gt_n)
-  return (gt_n | (eq_n & (jnp.cumsum(eq_n) <= need))).reshape(x_X.shape)
+  # The index tie-break (a cumsum) is only needed when the k-th magnitude is repeated.
+  mask_n = jax.lax.cond(jnp.sum(eq_n) == need, lambda: gt_n | eq_n,
+                        lambda: gt_n | (eq_n & (jnp.cumsum(eq_n) <= need)))
+  return mask_n.reshape(x_X.shape)
 
 
 def topk_mask(x_X, density: float):
