@@ -1,0 +1,86 @@
+"""Per-model JSONL cache of generations and log-prob scores, so re-runs skip finished work.
+
+One file per model; one JSON object per line:
+  {"key": sha256 hex, "kind": "generation" | "mc", "value": ..., "meta": {...}}
+The key hashes the exact model input (formatted prompt, or context and
+choices) together with every setting that changes the output (decoding
+settings, max_new_tokens, seed, dtype, format), so a changed setting misses
+the cache instead of reusing stale text.
+
+Writes append whole lines and flush + fsync after each batch: a run killed
+mid-batch loses at most that batch. A torn last line (the process died while
+writing it) is dropped on load; a malformed line elsewhere is an error that
+names the file and line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+from typing import Dict, Iterable, Tuple
+
+
+def item_key(kind: str, payload, settings: dict) -> str:
+  blob = json.dumps({"kind": kind, "payload": payload, "settings": settings}, sort_keys=True,
+                    ensure_ascii=False)
+  return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class Cache:
+  """Append-only key -> value store backed by one JSONL file."""
+
+  def __init__(self, path):
+    self.path = pathlib.Path(path)
+    self._data: Dict[str, object] = {}
+    if self.path.exists():
+      self._load()
+
+  def _load(self):
+    with open(self.path, "rb") as f:
+      raw = f.read()
+    lines = raw.split(b"\n")
+    torn = bool(lines) and lines[-1] != b""  # the last line lacks its newline
+    for lineno, line in enumerate(lines, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line.decode("utf-8"))
+        key, value = row["key"], row["value"]
+      except (ValueError, KeyError, TypeError) as e:
+        if torn and lineno == len(lines):
+          break  # interrupted write: that item is simply redone
+        raise ValueError(f"{self.path}:{lineno}: malformed cache row ({e}); delete the file to "
+                         f"regenerate everything") from None
+      self._data[key] = value
+    if torn:  # drop the torn tail so later appends start on a fresh line
+      with open(self.path, "wb") as f:
+        f.write(raw[:raw.rfind(b"\n") + 1] if b"\n" in raw else b"")
+
+  def __contains__(self, key: str) -> bool:
+    return key in self._data
+
+  def __len__(self) -> int:
+    return len(self._data)
+
+  def get(self, key: str, default=None):
+    return self._data.get(key, default)
+
+  def put_many(self, entries: Iterable[Tuple[str, str, object, dict]]):
+    """Append (key, kind, value, meta) rows durably."""
+    entries = list(entries)
+    rows = [json.dumps({"key": k, "kind": kind, "value": v, "meta": meta}, ensure_ascii=False)
+            for k, kind, v, meta in entries]
+    if not rows:
+      return
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write("\n".join(rows) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+    for k, _, v, _ in entries:
+      self._data[k] = v
+
+  def put(self, key: str, kind: str, value, meta=None):
+    self.put_many([(key, kind, value, meta or {})])

@@ -1,0 +1,64 @@
+"""The eval sets of one run, by name, each a list of items {"id", "prompt", "set", ...}.
+
+Thin adapters over `h3jax.data` (sources + hash splits) and the per-axis
+modules; `limit` keeps the first N items of each set in file order, so a
+`--limit` run is a prefix of the full run and shares its cache.
+
+  alpaca_eval     helpfulness eval split (433, or 50 with helpful_subset="paper")
+  harmbench, strongreject, advbench, xstest_safe, xstest_unsafe   see harm.py
+  truthfulqa_gen  TruthfulQA eval-split questions, generated answers (415)
+  truthfulqa_mc   the same questions' MC1/MC2 targets, scored by log-probs
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+from h3jax.data import sources, splits
+from h3jax.evaluation import harm, helpful
+
+ALL_SETS = ("alpaca_eval", "harmbench", "strongreject", "advbench", "xstest_safe", "xstest_unsafe",
+            "truthfulqa_gen", "truthfulqa_mc")
+AXIS_SETS = {"helpful": ("alpaca_eval",), "harmless": harm.HARMFUL_SETS + harm.XSTEST_SETS,
+             "honest": ("truthfulqa_gen", "truthfulqa_mc")}
+
+
+def truthfulqa_gen(data_root=None) -> List[dict]:
+  return [{"id": f"truthfulqa-{r['meta']['idx']}", "prompt": r["instruction"], "set": "truthfulqa_gen"}
+          for r in splits.honesty("eval", data_root)]
+
+
+def truthfulqa_mc(data_root=None) -> List[dict]:
+  """Eval-split MC items (the hash rule on question.strip(), as for generation)."""
+  out = []
+  for r in sources.load_source("truthfulqa_mc", data_root).to_list():
+    q = r["question"].strip()
+    if splits.is_train_key(q):
+      continue
+    out.append({"id": f"truthfulqa_mc-{r['idx']}", "question": q, "set": "truthfulqa_mc",
+                "mc1_targets": r["mc1_targets"], "mc2_targets": r["mc2_targets"]})
+  return out
+
+
+def load_eval_sets(config, limit: int = 0) -> Dict[str, List[dict]]:
+  """{name: items} for config.sets, each cut to `limit` items (0 = all)."""
+  names = tuple(config.sets)
+  unknown = set(names) - set(ALL_SETS)
+  if unknown:
+    raise ValueError(f"unknown eval sets {sorted(unknown)}; known: {ALL_SETS}")
+  if limit is not None and limit < 0:
+    raise ValueError(f"limit must be >= 0 (0 = all), got {limit}")
+  root = config.data_root or None
+  out = {}
+  if "alpaca_eval" in names:
+    out["alpaca_eval"] = helpful.alpaca_eval(root, subset=config.helpful_subset,
+                                             references=tuple(config.references))
+  harm_names = [n for n in names if n in harm.HARMFUL_SETS + harm.XSTEST_SETS]
+  if harm_names:
+    out.update(harm.load_sets(root, harm_names, drop_trained_advbench=config.drop_trained_advbench))
+  if "truthfulqa_gen" in names:
+    out["truthfulqa_gen"] = truthfulqa_gen(root)
+  if "truthfulqa_mc" in names:
+    out["truthfulqa_mc"] = truthfulqa_mc(root)
+  out = {n: out[n] for n in names}  # config order
+  return {n: items[:limit] if limit else items for n, items in out.items()}
