@@ -5,7 +5,7 @@ Re-running the same command in the same workdir resumes from its latest
 checkpoint. The library function is `h3jax.train.loop.train_and_evaluate`.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -16,6 +16,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; tqdm shows progress
   from h3jax.train import loop
   out = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   print(f"done: step {out['steps']} loss {out.get('loss', float('nan')):.4f} -> {out['workdir']}")

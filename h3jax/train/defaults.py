@@ -5,6 +5,7 @@ Every field is overridable on the command line: `--config.train.steps=100`.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 
@@ -101,3 +102,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.export.enabled = False  # HF folder (LoRA merged; Mixtral for an MoE) at the end
   c.export.out_dir = ""  # empty: workdir/hf
   return c
+
+
+def load_config_file(path, arg=None) -> ml_collections.ConfigDict:
+  """get_config(arg) of a config file (what `--config=path:arg` does), for library callers."""
+  spec = importlib.util.spec_from_file_location(f"h3jax_config_{pathlib.Path(path).stem}", str(path))
+  if spec is None or not pathlib.Path(path).is_file():
+    raise FileNotFoundError(f"config file not found: {path}")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg) if arg is not None else mod.get_config()

@@ -69,7 +69,7 @@ def make_step(cfg: ModelConfig, lc: objective.LossConfig, labels: dict, tx: opta
       metrics["drift"] = drift
     updates, opt_state = tx.update(optim.full_grads(grads, params, labels), state["opt_state"], params)
     new_params = optim.apply_trainable(params, updates, labels)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     if schedule is not None:
       metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
     return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics

@@ -1,0 +1,132 @@
+"""Training loop: kill-and-resume equals uninterrupted (real SIGKILL), NaN guard, data reader."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from h3jax.checkpoint import load_params
+from h3jax.train import loop, sft_data
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+AXES = ("helpful", "harmless", "honest")
+
+
+def write_jsonl(path, n=24):
+  rows = [{"instruction": f"question {i} about {AXES[i % 3]}?", "response": f"answer {i}: " + "abc" * (i % 4 + 1),
+           "task": i % 3} for i in range(n)]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return path
+
+
+def overrides(data, steps, every, extra=()):
+  return [f"--config.data.sources=('{data}',)", f"--config.train.steps={steps}",
+          f"--config.train.checkpoint_every={every}", "--config.data.seq_len=32", "--config.train.batch_size=4",
+          "--config.train.eval_every=0", "--config.train.progress=False", "--config.lora.dropout=0.1",
+          *extra]
+
+
+def train_cmd(workdir, args):
+  return [sys.executable, "-m", "h3jax.train", "--config=configs/tiny.py:helpful", f"--workdir={workdir}", *args]
+
+
+def _env():
+  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+  data = write_jsonl(tmp_path / "d.jsonl")
+  args = overrides(data, 40, 4)
+  full = subprocess.run(train_cmd(tmp_path / "full", args), cwd=REPO, env=_env(), capture_output=True,
+                        text=True, timeout=300)
+  assert full.returncode == 0, full.stderr[-3000:]
+
+  ck = tmp_path / "killed" / "checkpoints"
+  proc = subprocess.Popen(train_cmd(tmp_path / "killed", args), cwd=REPO, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if (ck / "8").is_dir():  # a checkpoint exists: kill mid-run
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=30)
+  assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  steps_at_kill = sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit())
+  assert 40 not in steps_at_kill and steps_at_kill, steps_at_kill
+
+  resumed = subprocess.run(train_cmd(tmp_path / "killed", args), cwd=REPO, env=_env(), capture_output=True,
+                           text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  _, p_full = load_params(tmp_path / "full" / "checkpoints")
+  _, p_res = load_params(tmp_path / "killed" / "checkpoints")
+  for a, b in zip(jax.tree.leaves(p_full), jax.tree.leaves(p_res)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # the metric log of the resumed run has each step exactly once and matches the uninterrupted one
+  rows = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+  full_rows, res_rows = rows(tmp_path / "full"), rows(tmp_path / "killed")
+  assert [r["step"] for r in res_rows] == list(range(1, 41))
+  assert [r["train/loss"] for r in res_rows] == [r["train/loss"] for r in full_rows]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  from h3jax.train.defaults import load_config_file
+  c = load_config_file(REPO / "configs" / "tiny.py", "helpful")
+  data = write_jsonl(tmp_path / "d.jsonl")
+  c.data.sources = (str(data),)
+  c.data.seq_len = 32
+  c.train.batch_size = 4
+  c.train.steps = 6
+  c.train.checkpoint_every = 1
+  c.train.progress = False
+  c.train.eval_every = 0
+  c.train.clip_norm = 0.0
+  c.train.decay = "constant"
+  c.train.lr = 1e30  # the first update blows the LoRA factors up: loss is inf/NaN at step 2
+  with pytest.raises(FloatingPointError) as e:
+    loop.train_and_evaluate(c, tmp_path / "run")
+  msg = str(e.value)
+  assert "non-finite training loss" in msg and "Last good checkpoint: step 1" in msg
+  cfg, params = load_params(tmp_path / "run" / "checkpoints")
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+  assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [1]
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+  arrays = {"input_ids_BT": np.arange(10)[:, None] * np.ones((1, 3), np.int32),
+            "task_B": np.arange(10, dtype=np.int32)}
+  a, b = sft_data.SFTBatches(arrays, 4, seed=7), sft_data.SFTBatches(arrays, 4, seed=7)
+  seen = np.concatenate([a.batch(s)["task_B"] for s in range(5)])  # two epochs
+  assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+  assert list(seen[:10]) != list(seen[10:20])  # reshuffled each epoch
+  for s in (4, 1, 3):  # any order, fresh object: same batches
+    np.testing.assert_array_equal(a.batch(s)["task_B"], b.batch(s)["task_B"])
+
+
+def test_tokenize_masks_response_only():
+  tok = sft_data.ByteTokenizer()
+  arr = sft_data.tokenize([{"instruction": "hi", "response": "yo", "task": 2}], tok, 10, "plain")
+  ids = arr["input_ids_BT"][0]
+  assert list(ids) == [1, *tok.encode("hi\n"), *tok.encode("yo"), 2, 0, 0, 0]
+  assert list(arr["loss_mask_BT"][0]) == [0, 0, 0, 0, 1, 1, 1, 0, 0, 0]
+  assert list(arr["attention_mask_BT"][0]) == [1] * 7 + [0] * 3 and arr["task_B"][0] == 2
+  alpaca = sft_data.format_example({"instruction": "Say hi", "response": "hi"}, tok, "alpaca", "###END", False)
+  assert tok.decode(alpaca[0]).endswith("### Instruction:\nSay hi\n\n### Response:")
+  assert tok.decode(alpaca[1]) == "hi###END"
+
+
+def test_mixed_task_labels_and_bad_rows(tmp_path):
+  assert sft_data.mixed_task_labels([2, 1, 2]) == [0, 0, 1, 2, 2]
+  # reference defect #5: cumulative lengths, label 2 never reached when n_t <= n_h
+  assert sft_data.mixed_task_labels([2, 1, 2], "cumulative") == [0, 0, 1, 1, 1]
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "a"}\n')
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'response' missing"):
+    sft_data.read_jsonl(bad)
