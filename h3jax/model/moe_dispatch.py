@@ -61,13 +61,27 @@ def expert_swiglu(p_experts: dict, x, keeps_E, cfg: ModelConfig):
   return expert_linear(p_experts["down_proj"], jax.nn.silu(gate_EMF) * up_EMF, kp("down_proj"), cfg)
 
 
+def _ragged_dot(x_MI, w_EIO, group_sizes_E):
+  """jax.lax.ragged_dot; under an Explicit mesh on replicated operands inside shard_map.
+
+  jax 0.10 has no Explicit-sharding rule for ragged_dot_general (nor for its
+  transpose), so the grouped matmul runs replicated in a manual region.
+  """
+  m = jax.sharding.get_abstract_mesh()
+  if m is None or m.empty or not any(t == AxisType.Explicit for t in m.axis_types):
+    return jax.lax.ragged_dot(x_MI, w_EIO, group_sizes_E)
+  rep = lambda a: jax.sharding.reshard(a, P())
+  f = jax.shard_map(jax.lax.ragged_dot, in_specs=(P(), P(), P()), out_specs=P())
+  return f(rep(x_MI), rep(w_EIO), rep(group_sizes_E))
+
+
 def _ragged_linear(p: dict, x_MI, group_sizes_E, keep_MI, cfg: ModelConfig):
   dt = cfg.compute_dtype
   x_MI = x_MI.astype(dt)
-  y_MO = jax.lax.ragged_dot(x_MI, p["kernel"].astype(dt), group_sizes_E)
+  y_MO = _ragged_dot(x_MI, p["kernel"].astype(dt), group_sizes_E)
   if "lora_a" in p:
-    h_MR = jax.lax.ragged_dot(_lora_input(x_MI, keep_MI, cfg), p["lora_a"].astype(dt), group_sizes_E)
-    y_MO = y_MO + cfg.lora_scale * jax.lax.ragged_dot(h_MR, p["lora_b"].astype(dt), group_sizes_E)
+    h_MR = _ragged_dot(_lora_input(x_MI, keep_MI, cfg), p["lora_a"].astype(dt), group_sizes_E)
+    y_MO = y_MO + cfg.lora_scale * _ragged_dot(h_MR, p["lora_b"].astype(dt), group_sizes_E)
   return y_MO
 
 
@@ -133,6 +147,8 @@ def capacity_ffn(p_experts, x_ND, topi_NK, combine_NK, valid_N, keeps, C: int, c
 def ragged_ffn(p_experts, x_ND, topi_NK, combine_NK, valid_N, keeps, cfg: ModelConfig):
   """Dropless: sort the N*k assignments by expert, grouped matmuls with `jax.lax.ragged_dot`.
 
+  Under an Explicit mesh the grouped matmuls run on replicated operands
+  (ragged_dot has no sharding rule yet): use expert_parallel for sharded MoE.
   Padding assignments sort after every expert group (key E), so ragged_dot
   leaves their rows out of every group.
   """
