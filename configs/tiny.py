@@ -44,6 +44,8 @@ def get_config(arg: str = "helpful"):
     c.loss.drift_weights = (1e-3, 1e-3, 1e-3)
     c.fusion.top_k = 2
     c.export.enabled = True
+    c.pipeline = dict(axes=AXES, stage_a_steps=30, stage_a_lr=1e-2, prompt="What is the capital of France?",
+                      max_new_tokens=16)
   else:
     raise ValueError(f"configs/tiny.py arg must be one of {AXES + ('fusion', 'pipeline')}, got {arg!r}")
   return c
