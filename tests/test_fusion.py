@@ -139,3 +139,23 @@ def test_bad_input(folders, tmp_path):
     fusion.build_moe(folders["base"], folders["experts"], router_init="hidden")
   with pytest.raises(ValueError, match="expert_names has 2 entries for 3 experts"):
     fusion.build_moe(folders["base"], folders["experts"], expert_names=("a", "b"))
+
+
+def test_fused_moe_exports_as_mixtral_with_matching_logits(folders, tmp_path):
+  """Fuse -> h3jax.save_pretrained -> transformers MixtralForCausalLM: same logits (fp32)."""
+  from h3jax.hf.export import save_pretrained
+  import transformers
+  cfg, p = fusion.build_moe(folders["base"], folders["experts"], top_k=2)
+  p["layers"]["moe"]["router"]["kernel"] = 0.5 * jax.random.normal(jax.random.key(2), (2, 64, 3))
+  # a few stage-B LoRA leaves on the experts: the export must merge them
+  lora = p["layers"]["moe"]["experts"]["up_proj"]
+  lora["lora_a"] = 0.1 * jax.random.normal(jax.random.key(0), (2, 3, 64, 4))
+  lora["lora_b"] = 0.1 * jax.random.normal(jax.random.key(1), (2, 3, 4, 96))
+  cfg = cfg.replace(lora_scale=0.5)
+  out = save_pretrained(p, cfg, tmp_path / "mixtral")
+  hf = transformers.MixtralForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  ids = np.random.default_rng(1).integers(0, 128, (2, 9))
+  with torch.no_grad():
+    want = hf(torch.tensor(ids)).logits.numpy()
+  got = llama.forward(p, jnp.asarray(ids), cfg)
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
