@@ -33,6 +33,12 @@ def test_alpaca_template_is_the_papers():
   assert fmt.format_prompt("Name a colour.", None, "alpaca") == p
 
 
+def test_plain_template():
+  assert fmt.format_example(REC, None, "plain") == ("Name a colour.\n", "Blue.")
+  rec = dict(REC, input="2 3")
+  assert fmt.format_example(rec, None, "plain", end_marker="<e>") == ("Name a colour.\n2 3\n", "Blue.<e>")
+
+
 def test_chat_template_matches_transformers(smol_tok):
   p, t = fmt.format_example(REC, smol_tok, "chat")
   msgs = [{"role": "user", "content": "Name a colour."}]
@@ -62,8 +68,8 @@ def test_input_goes_into_chat_user_turn(smol_tok):
 
 
 def test_format_errors():
-  with pytest.raises(ValueError, match="unknown prompt template 'plain'; expected one of"):
-    fmt.format_example(REC, None, "plain")
+  with pytest.raises(ValueError, match="unknown prompt template 'raw'; expected one of"):
+    fmt.format_example(REC, None, "raw")
   with pytest.raises(ValueError, match="tokenizer has no chat template; use template='alpaca'"):
     fmt.format_example(REC, tk.ByteTokenizer(), "chat")
   bad = dict(REC, meta={"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
@@ -72,5 +78,5 @@ def test_format_errors():
 
 
 def test_end_marker_is_alpaca_only(smol_tok):
-  with pytest.raises(ValueError, match="end_marker applies to template='alpaca'"):
+  with pytest.raises(ValueError, match="end_marker applies to templates 'alpaca' and 'plain'"):
     fmt.format_example(REC, smol_tok, "chat", end_marker="###END")

@@ -142,7 +142,7 @@ def test_iterator_errors():
   with pytest.raises(ValueError, match="examples exceed max_len=16"):
     pipeline.BatchIterator(exs, batch_size=2, max_len=16, seed=0)
   with pytest.raises(ValueError, match="unknown prompt template"):
-    pipeline.make_iterator(_records(3), BT, batch_size=2, max_len=16, seed=0, template="plain")
+    pipeline.make_iterator(_records(3), BT, batch_size=2, max_len=16, seed=0, template="raw")
 
 
 def test_mixture(data_root):
@@ -160,3 +160,25 @@ def test_mixture(data_root):
   assert collections.Counter(r["task"] for r in two) == {0: 443, 2: 1330}  # N = 372 + 1401 = 1773: 1/4, 3/4 of it
   with pytest.raises(ValueError, match="mixture weights must map axes"):
     pipeline.mixture_records(data_root, weights={"helpfulness": 1})
+
+
+def test_load_records(data_root, tmp_path):
+  assert len(pipeline.load_records("honest", data_root=data_root)) == 1401
+  assert len(pipeline.load_records("helpful", split="eval", data_root=data_root)) == 433
+  harm = pipeline.load_records("harmless", data_root=data_root, task=0)
+  assert len(harm) == 1160 and {r["task"] for r in harm} == {0}
+  f = tmp_path / "mine.jsonl"
+  f.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "c", "response": "d", "task": 2}\n')
+  recs = pipeline.load_records(str(f))
+  assert [(r["instruction"], r["response"], r["task"]) for r in recs] == [("a", "b", 0), ("c", "d", 2)]
+  f.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "c", "response": "d", "task": 5}\n')
+  with pytest.raises(ValueError, match=r"mine.jsonl:2: task must be 0, 1 or 2, got 5"):
+    pipeline.load_records(str(f))
+  f.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "c", "response": "d"\n')
+  with pytest.raises(ValueError, match=r"mine.jsonl:2: malformed JSONL row"):
+    pipeline.load_records(str(f))
+  f.write_text('{"instruction": "a"}\n')
+  with pytest.raises(ValueError, match=r"mine.jsonl:1: row lacks required field 'response'"):
+    pipeline.load_records(str(f))
+  with pytest.raises(ValueError, match="the mixture is a training set"):
+    pipeline.load_records("mixture", split="eval", data_root=data_root)

@@ -14,6 +14,8 @@ prompts, so a model is evaluated with exactly the text it was trained on.
           prompt), target = the rest of template(messages + assistant reply),
           i.e. the reply and the template's end-of-turn token. Multi-turn
           HH-RLHF records carry their dialogue in meta["messages"].
+  plain   "{instruction}\n" (input on the next line), target = the response: for
+          tiny models and byte tokenizers. BOS as for alpaca, no end marker.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a respo
 ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
                          "further context. Write a response that appropriately completes the request.\n\n")
 END_MARKER = "###END"  # the paper's stop string (sftekin/h3fusion data_creator.py:L152)
-TEMPLATES = ("alpaca", "chat")
+TEMPLATES = ("alpaca", "chat", "plain")
 
 
 def check_template(template: str) -> str:
@@ -71,17 +73,21 @@ def format_prompt(record, tokenizer, template: str, *, system: Optional[str] = N
     record = {"instruction": record}
   if check_template(template) == "alpaca":
     return alpaca_prompt(record["instruction"], record.get("input", ""))
+  if template == "plain":
+    return "".join(f"{t}\n" for t in (record["instruction"], record.get("input")) if t)
   return _chat_template(tokenizer, chat_messages(record, system), True)
 
 
 def format_example(record: dict, tokenizer, template: str, *, end_marker: Optional[str] = None,
                    system: Optional[str] = None) -> Tuple[str, str]:
-  """(prompt, target) texts. end_marker: alpaca only, default "###END" ("" for none)."""
+  """(prompt, target) texts. end_marker: alpaca default "###END", plain default "" (chat: none)."""
   prompt = format_prompt(record, tokenizer, template, system=system)
   if template == "alpaca":
     return prompt, record["response"] + (END_MARKER if end_marker is None else end_marker)
+  if template == "plain":
+    return prompt, record["response"] + (end_marker or "")
   if end_marker:
-    raise ValueError("end_marker applies to template='alpaca'; the chat template ends turns itself")
+    raise ValueError("end_marker applies to templates 'alpaca' and 'plain'; the chat template ends turns itself")
   msgs = chat_messages(record, system) + [{"role": "assistant", "content": record["response"]}]
   full = _chat_template(tokenizer, msgs, False)
   if not full.startswith(prompt):

@@ -2,6 +2,10 @@
 
 Interface for the trainer (kept stable):
 
+  records = load_records(spec, split="train", data_root=None, task=None)
+      spec: an axis ("helpful" | "harmless" | "honest"), "mixture", or a JSONL
+      file of {"instruction", "response", ["input"], ["task"]} rows (errors name
+      file:line); task overrides every record's label.
   records = mixture_records(data_root, axes=AXES, weights=None, seed=0)
       Union of the per-axis train splits with task labels 0 helpful, 1
       harmless, 2 honest (372 + 1,160 + 1,401 = 2,933 records by default).
@@ -43,6 +47,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from h3jax.data import format as fmt
+from h3jax.data import sources
 from h3jax.data import splits
 from h3jax.data import tokenize as tok_lib
 
@@ -74,6 +79,34 @@ def mixture_records(data_root=None, *, axes: Sequence[str] = AXES, weights: Opti
     rng = np.random.default_rng([seed, splits.axis_index(a)])
     out += recs * reps + [recs[i] for i in sorted(rng.choice(len(recs), rest, replace=False))]
   return out
+
+
+def load_records(spec: str, *, split: str = "train", data_root=None, task: Optional[int] = None) -> List[dict]:
+  """Records of an axis, of the mixture, or of a user JSONL file (see the module docstring)."""
+  if str(spec).endswith(".jsonl"):
+    rows, lines = sources.scan_jsonl(spec, ("instruction", "response"))
+    recs = []
+    for row, line in zip(rows, lines):
+      if not isinstance(row["instruction"], str) or not isinstance(row["response"], str):
+        raise ValueError(f"{spec}:{line}: 'instruction' and 'response' must be strings")
+      rec = {"instruction": row["instruction"], "input": row.get("input") or "", "response": row["response"],
+             "task": row.get("task", 0 if task is None else task), "source": str(spec), "key": row["instruction"],
+             "meta": {"line": line}}
+      try:
+        tok_lib.task_label(rec)
+      except ValueError:
+        raise ValueError(f"{spec}:{line}: task must be 0, 1 or 2, got {rec['task']!r}") from None
+      recs.append(rec)
+  elif spec == "mixture":
+    if split != "train":
+      raise ValueError("the mixture is a training set; evaluate per axis (split='eval')")
+    recs = mixture_records(data_root)
+  else:
+    recs = splits.axis_split(spec, split, data_root)
+  if task is not None:
+    recs = [dict(r, task=int(task)) for r in recs]
+    tok_lib.task_label(recs[0])
+  return recs
 
 
 def pack_order(order: Sequence[int], lengths: Sequence[int], tasks: Sequence[int], max_len: int):

@@ -104,8 +104,8 @@ def tokenize_example(record: dict, tokenizer, template: str, max_len: int, *,
   if max_len < 2:
     raise ValueError(f"max_len must be >= 2, got {max_len}")
   prompt, target = fmt.format_example(record, tokenizer, template, end_marker=end_marker, system=system)
-  # alpaca: BOS by the tokenizer's rule; chat templates already spell out their special tokens
-  p = tokenizer.encode(prompt, add_special_tokens=(template == "alpaca"))
+  # alpaca/plain: BOS by the tokenizer's rule; chat templates already spell out their special tokens
+  p = tokenizer.encode(prompt, add_special_tokens=(template != "chat"))
   t = tokenizer.encode(target, add_special_tokens=False)
   if add_eos:
     if tokenizer.eos_token_id is None:
@@ -113,7 +113,7 @@ def tokenize_example(record: dict, tokenizer, template: str, max_len: int, *,
     t = t + [tokenizer.eos_token_id]
   if not t:
     raise ValueError(f"record has an empty target: {record['instruction'][:60]!r}")
-  bos = tokenizer.bos_token_id if template == "alpaca" else None
+  bos = tokenizer.bos_token_id if template != "chat" else None
   p, t, cut = truncate(p, t, max_len, min_prompt_frac=min_prompt_frac, bos_id=bos)
   return {"input_ids": np.asarray(p + t, np.int32),
           "loss_mask": np.asarray([0] * len(p) + [1] * len(t), np.int32),
