@@ -1,0 +1,126 @@
+"""Judge heads on hashed sparse features: a linear or one-hidden-layer MLP scorer, trained with optax.
+
+params (plain dict):
+  w [dim, H]   sparse-feature embedding (H = 1 for linear)
+  v [F, H]     dense-feature weights (features standardised with `mean`/`std`)
+  c [H]        hidden bias
+  u [H]        output weights (MLP only; linear uses u = 1)
+  b []         output bias
+The row score is s = u . act(sum_j val_j w[id_j] + dense_std v + c) + b, with
+act = identity (linear) or relu (MLP). Pointwise judges read sigmoid(s);
+the pairwise judge is Bradley-Terry: P(a beats b) = sigmoid(s_a - s_b), which
+is position-free by construction (prefer(a, b) = 1 - prefer(b, a)).
+
+Training is full-batch Adam for a fixed number of steps from a fixed PRNG key
+(deterministic on one machine), loss = soft-label binary cross-entropy + l2 on
+w and v.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from h3jax.evaluation.judges.features import Sparse
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+  hidden: int = 0  # 0: linear; > 0: MLP width H
+  steps: int = 300
+  lr: float = 0.05
+  l2: float = 1e-4
+  seed: int = 0
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def dense_stats(x: Sparse):
+  """Per-feature mean/std of the dense block (std floored so constants stay finite)."""
+  return x.dense.mean(0), np.maximum(x.dense.std(0), 1e-3)
+
+
+def init_head(dim: int, n_dense: int, hp: HeadConfig, mean, std) -> dict:
+  H = max(hp.hidden, 1)
+  k_w, k_u = jax.random.split(jax.random.key(hp.seed))
+  scale = 0.0 if hp.hidden == 0 else 0.1  # MLP needs symmetry breaking; linear starts at 0
+  p = {"w": scale * jax.random.normal(k_w, (dim, H), jnp.float32),  # [dim, H]
+       "v": jnp.zeros((n_dense, H), jnp.float32), "c": jnp.zeros((H,), jnp.float32),
+       "b": jnp.zeros((), jnp.float32),
+       "mean": jnp.asarray(mean, jnp.float32), "std": jnp.asarray(std, jnp.float32)}
+  if hp.hidden:
+    p["u"] = jax.random.normal(k_u, (H,), jnp.float32) / np.sqrt(H)
+  return p
+
+
+def _scores(p, ids, vals, rows, dense_NF, n: int):
+  """Row scores [N]."""
+  h_NH = jax.ops.segment_sum(vals[:, None] * p["w"][ids], rows, num_segments=n)
+  h_NH = h_NH + ((dense_NF - p["mean"]) / p["std"]) @ p["v"] + p["c"]
+  if "u" in p:
+    return jax.nn.relu(h_NH) @ p["u"] + p["b"]
+  return h_NH[:, 0] + p["b"]
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _scores_jit(p, ids, vals, rows, dense_NF, n):
+  return _scores(p, ids, vals, rows, dense_NF, n)
+
+
+def scores(p: dict, x: Sparse) -> np.ndarray:
+  """Float scores (logits) [N] of a featurised batch."""
+  if x.n == 0:
+    return np.zeros(0, np.float32)
+  p = {k: jnp.asarray(v) for k, v in p.items()}
+  return np.asarray(_scores_jit(p, x.ids, x.vals, x.rows, x.dense, x.n))
+
+
+def _bce(logit, y):
+  return optax.sigmoid_binary_cross_entropy(logit, y).mean()
+
+
+def _fit(p, loss_fn, hp: HeadConfig):
+  trainable = {k: v for k, v in p.items() if k not in ("mean", "std")}
+  fixed = {k: p[k] for k in ("mean", "std")}
+  opt = optax.adam(hp.lr)
+
+  @jax.jit
+  def run(trainable):
+    def step(carry, _):
+      t, s = carry
+      loss, g = jax.value_and_grad(lambda t: loss_fn({**t, **fixed}) + hp.l2 * (
+          jnp.sum(t["w"] ** 2) + jnp.sum(t["v"] ** 2)))(t)
+      upd, s = opt.update(g, s, t)
+      return (optax.apply_updates(t, upd), s), loss
+    (t, _), losses = jax.lax.scan(step, (trainable, opt.init(trainable)), None, length=hp.steps)
+    return t, losses
+
+  t, losses = run(trainable)
+  return {k: np.asarray(v) for k, v in {**t, **fixed}.items()}, np.asarray(losses)
+
+
+def train_pointwise(x: Sparse, y, dim: int, hp: HeadConfig):
+  """Fits P(label) = sigmoid(score); y [N] soft labels in [0, 1]. Returns (params, losses)."""
+  y = jnp.asarray(y, jnp.float32)
+  p = init_head(dim, x.dense.shape[1], hp, *dense_stats(x))
+  ids, vals, rows, dense = map(jnp.asarray, (x.ids, x.vals, x.rows, x.dense))
+  return _fit(p, lambda p: _bce(_scores(p, ids, vals, rows, dense, x.n), y), hp)
+
+
+def train_pairwise(x: Sparse, a_idx, b_idx, y, dim: int, hp: HeadConfig):
+  """Bradley-Terry on rows of x: P(row a_idx[i] beats b_idx[i]) = y[i]. Returns (params, losses)."""
+  y = jnp.asarray(y, jnp.float32)
+  a, b = jnp.asarray(a_idx), jnp.asarray(b_idx)
+  p = init_head(dim, x.dense.shape[1], hp, *dense_stats(x))
+  ids, vals, rows, dense = map(jnp.asarray, (x.ids, x.vals, x.rows, x.dense))
+
+  def loss(p):
+    s_N = _scores(p, ids, vals, rows, dense, x.n)
+    return _bce(s_N[a] - s_N[b], y)
+  return _fit(p, loss, hp)

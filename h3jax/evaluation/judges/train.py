@@ -1,0 +1,209 @@
+"""Trains the four local judges, measures held-out agreement next to trivial baselines, writes artifacts.
+
+  python -m h3jax.evaluation.judges.train --out artifacts/judges [--data_root ../shared/data]
+
+Per judge (see `data` for the data and splits):
+  1. hashed n-gram features of every example (cached in --cache_dir as npz keyed
+     by the feature config and the data files' sha256);
+  2. hyperparameters picked on an inner validation split of the *train* rows
+     (keys with bucket('judge-val|' + key) < 20), never on held-out rows;
+  3. fit on all train rows and report agreement with the human / GPT-4 labels on
+     held-out (eval-split) rows, next to the majority class of the train labels
+     and the judge's own baselines (XSTest string match, longer answer wins);
+  4. the shipped head: the train-split fit, except that truth/info are refit on
+     all rows with the same hyperparameters (`--fit_all_honesty`, the GPT-judge
+     recipe; the data README: such judges are for TruthfulQA questions only).
+Writes <out>/<task>.npz + <task>.json cards and <out>/judges.json (all metrics),
+each via temp file + rename, and prints the agreement table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import time
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+from absl import app, flags
+
+from h3jax.data.splits import bucket
+from h3jax.evaluation.judges import JUDGE_CLASSES, JUDGE_NAMES
+from h3jax.evaluation.judges import data as data_lib
+from h3jax.evaluation.judges import features as features_lib
+from h3jax.evaluation.judges import heads
+
+# Hyperparameter grid searched on the inner validation split (same for every judge).
+GRID = tuple(heads.HeadConfig(l2=l2, steps=300, lr=0.05) for l2 in (3e-6, 3e-5, 3e-4))
+INNER_VAL_BUCKETS = 20
+CACHE_ENV = "H3JAX_CACHE_DIR"
+
+
+def default_cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get(CACHE_ENV) or pathlib.Path.home() / ".cache" / "h3jax") / "judge_features"
+
+
+def _cached_features(rows, fcfg: features_lib.FeatureConfig, key_parts: dict, cache_dir) -> features_lib.Sparse:
+  """featurize(rows), memoised on disk under a hash of the config and the data."""
+  if cache_dir is None:
+    return features_lib.featurize(rows, fcfg)
+  blob = json.dumps({"features": fcfg.to_json(), **key_parts, "version": 1}, sort_keys=True)
+  path = pathlib.Path(cache_dir) / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.npz"
+  if path.is_file():
+    with np.load(path) as z:
+      return features_lib.Sparse(z["ids"], z["vals"], z["rows"], z["dense"])
+  x = features_lib.featurize(rows, fcfg)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  with open(tmp, "wb") as f:
+    np.savez(f, ids=x.ids, vals=x.vals, rows=x.rows, dense=x.dense)
+  os.replace(tmp, path)
+  return x
+
+
+def _subset(data: data_lib.JudgeData, fraction: float) -> np.ndarray:
+  """Example mask keeping keys with bucket('subset|' + key) < 100 * fraction (whole keys)."""
+  if fraction >= 1.0:
+    return np.ones(len(data), bool)
+  return np.asarray([bucket(f"subset|{k}") < 100 * fraction for k in data.keys])
+
+
+def _fit(x, data, sel: np.ndarray, fcfg, hp):
+  """Fits a head on the examples (or pairs) in `sel`; returns params."""
+  if data.pairs is None:
+    p, _ = heads.train_pointwise(x.take(np.flatnonzero(sel)), data.y[sel], fcfg.dim, hp)
+  else:
+    a, b = data.pairs
+    p, _ = heads.train_pairwise(x, a[sel], b[sel], data.y[sel], fcfg.dim, hp)
+  return p
+
+
+def _predict(p, x, data, sel: np.ndarray) -> np.ndarray:
+  """P(positive) or P(A better) for the examples / pairs in sel."""
+  if data.pairs is None:
+    s = heads.scores(p, x.take(np.flatnonzero(sel)))
+  else:
+    s_all = heads.scores(p, x)
+    s = s_all[data.pairs[0][sel]] - s_all[data.pairs[1][sel]]
+  return 1.0 / (1.0 + np.exp(-s.astype(np.float64)))
+
+
+def _agreement(pred: np.ndarray, label: np.ndarray) -> float:
+  return float(np.mean(pred == label)) if len(label) else float("nan")
+
+
+def build_judge(task: str, data_root=None, *, fraction: float = 1.0, fit_all_honesty: bool = True,
+                cache_dir=None, grid: Sequence[heads.HeadConfig] = GRID, log=print):
+  """Trains one judge; returns (judge, metrics dict)."""
+  t0 = time.time()
+  data = data_lib.load_judge_data(task, data_root)
+  keep = _subset(data, fraction)
+  fcfg = features_lib.FeatureConfig(fields=data.fields)
+  if data.pairs is None:
+    used_rows = keep
+  else:
+    used_rows = np.zeros(len(data.rows), bool)
+    used_rows[data.pairs[0][keep]] = used_rows[data.pairs[1][keep]] = True
+  x = _cached_features([data.rows[i] for i in np.flatnonzero(used_rows)] if data.pairs is None else data.rows,
+                       fcfg, {"task": task, "sources": data.sources, "fraction": fraction,
+                              "rows": "subset" if data.pairs is None else "all"}, cache_dir)
+  if data.pairs is None:  # re-index examples onto the featurised subset
+    data = _restrict(data, keep)
+    keep = np.ones(len(data), bool)
+  train, held = keep & data.train, keep & ~data.train
+  inner = np.asarray([bucket(f"judge-val|{k}") < INNER_VAL_BUCKETS for k in data.keys])
+  fit_sel, val_sel = train & ~inner, train & inner & data.scored
+  best, best_acc = None, -1.0
+  for hp in grid:
+    acc = _agreement(_predict(_fit(x, data, fit_sel, fcfg, hp), x, data, val_sel) > 0.5, data.label[val_sel])
+    log(f"  {task}: l2={hp.l2:g} hidden={hp.hidden} inner-val agreement {acc:.4f}")
+    if acc > best_acc:
+      best, best_acc = hp, acc
+  p = _fit(x, data, train, fcfg, best)
+  ev = held & data.scored
+  label = data.label[ev]
+  prob = _predict(p, x, data, ev)
+  majority = bool(np.mean(data.label[train & data.scored]) >= 0.5)
+  metrics = {
+      "n_train": int(train.sum()), "n_eval": int(ev.sum()), "agreement": _agreement(prob > 0.5, label),
+      "baselines": {"majority_class": _agreement(np.full(len(label), majority), label),
+                    **{k: _agreement(v[ev], label) for k, v in data.baselines.items()}},
+      "positive_rate_eval": float(label.mean()) if len(label) else float("nan"),
+      "inner_val_agreement": best_acc, "fraction": fraction,
+  }
+  fit = "train"
+  if fit_all_honesty and task in ("truth", "info"):
+    p, fit = _fit(x, data, keep, fcfg, best), "all"
+  card = {"task": task, "features": fcfg.to_json(), "head": best.to_json(), "fit": fit,
+          "data": data.sources, "split": "bucket(key) < 50 train (data README); pairwise: SFT-train instructions",
+          "metrics": metrics, "seconds": round(time.time() - t0, 1)}
+  return JUDGE_CLASSES[task](p, card), metrics
+
+
+def _restrict(data: data_lib.JudgeData, keep: np.ndarray) -> data_lib.JudgeData:
+  idx = np.flatnonzero(keep)
+  return data_lib.JudgeData(
+      data.task, data.fields, [data.rows[i] for i in idx], [data.keys[i] for i in idx], data.y[idx],
+      data.label[idx], data.train[idx], {k: v[idx] for k, v in data.baselines.items()}, data.scored[idx],
+      data.sources)
+
+
+def format_table(metrics: Dict[str, dict]) -> str:
+  lines = ["| judge | n_train | n_eval | agreement | majority class | other baseline |",
+           "|---|---|---|---|---|---|"]
+  for task, m in metrics.items():
+    other = ", ".join(f"{k} {v:.3f}" for k, v in m["baselines"].items() if k != "majority_class") or "-"
+    lines.append(f"| {task} | {m['n_train']} | {m['n_eval']} | {m['agreement']:.3f} | "
+                 f"{m['baselines']['majority_class']:.3f} | {other} |")
+  return "\n".join(lines)
+
+
+def build_judges(out_dir, data_root=None, *, only: Optional[Sequence[str]] = None, fraction: float = 1.0,
+                 fit_all_honesty: bool = True, cache_dir="default", log=print) -> Dict[str, dict]:
+  """Builds the judges in `only` (default all) into out_dir; returns {task: metrics}."""
+  tasks = list(only or JUDGE_NAMES)
+  bad = [t for t in tasks if t not in JUDGE_NAMES]
+  if bad:
+    raise ValueError(f"unknown judges {bad}; expected a subset of {JUDGE_NAMES}")
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+  cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  summary_path = out / "judges.json"
+  summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+  metrics = {}
+  for task in tasks:
+    log(f"building judge {task!r}")
+    judge, metrics[task] = build_judge(task, data_root, fraction=fraction, fit_all_honesty=fit_all_honesty,
+                                       cache_dir=cache_dir, log=log)
+    judge.save(out)
+    summary[task] = dict(metrics[task], fit=judge.card["fit"], head=judge.card["head"])
+  tmp = out / ".judges.json.tmp"
+  tmp.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+  os.replace(tmp, summary_path)
+  log(format_table(metrics))
+  return metrics
+
+
+def main(argv):
+  del argv
+  FLAGS = flags.FLAGS
+  build_judges(FLAGS.out, FLAGS.data_root, only=FLAGS.only or None, fraction=FLAGS.fraction,
+               fit_all_honesty=FLAGS.fit_all_honesty, cache_dir=FLAGS.cache_dir or None)
+
+
+def define_flags():
+  flags.DEFINE_string("out", "artifacts/judges", "output directory for the judge artifacts")
+  flags.DEFINE_string("data_root", None, "data root (default $H3JAX_DATA_ROOT)")
+  flags.DEFINE_list("only", [], f"subset of {JUDGE_NAMES}")
+  flags.DEFINE_float("fraction", 1.0, "keep this fraction of split keys (quick builds)")
+  flags.DEFINE_bool("fit_all_honesty", True, "ship truth/info judges refit on all rows (GPT-judge recipe)")
+  flags.DEFINE_string("cache_dir", str(default_cache_dir()), "feature cache ('' disables)")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
