@@ -3,6 +3,7 @@ fields, and located error messages for a bad data root or a malformed row."""
 
 import json
 
+import datasets
 import pytest
 
 from h3jax.data import sources
@@ -107,3 +108,39 @@ def test_without_root_offline_hub_error_is_clear(monkeypatch, tmp_path):
 def test_unknown_source():
   with pytest.raises(KeyError, match="unknown data source 'nope'"):
     sources.load_source("nope", "/")
+
+
+def test_hub_conversions_give_the_local_schema(data_root, monkeypatch):
+  """The hub path, offline: load_dataset is replaced by hub-shaped copies of the local files."""
+  local = {n: sources.load_source(n, data_root) for n in
+           ("alpaca_eval_instructions", "alpaca_eval_outputs", "hh_rlhf_harmless", "truthfulqa_generation")}
+  inst = local["alpaca_eval_instructions"].to_list()
+  outs = local["alpaca_eval_outputs"].to_list()
+
+  def alpaca_file(generator, spelled):
+    by_idx = {r["idx"]: r["output"] for r in outs if r["generator"] == generator}
+    return datasets.Dataset.from_list([{"instruction": r["instruction"], "output": by_idx[r["idx"]],
+                                        "generator": spelled, "dataset": r["dataset"]} for r in inst])
+
+  hub = {
+      "hf://datasets/tatsu-lab/alpaca_eval/alpaca_eval.json": alpaca_file("text_davinci_003", "text_davinci_003"),
+      "hf://datasets/tatsu-lab/alpaca_eval/alpaca_eval_gpt4_baseline.json":
+          alpaca_file("gpt4_1106_preview", "gpt4_turbo"),
+      "hf://datasets/Anthropic/hh-rlhf/harmless-base/test.jsonl.gz":
+          local["hh_rlhf_harmless"].select_columns(["chosen", "rejected"]),
+      "truthfulqa/truthful_qa": local["truthfulqa_generation"].remove_columns(["idx"]),
+  }
+  monkeypatch.delenv(sources.DATA_ROOT_ENV, raising=False)
+  monkeypatch.setattr(sources.datasets, "load_dataset",
+                      lambda path, name=None, split=None, cache_dir=None, data_files=None:
+                      hub[data_files[0] if data_files else path])
+  got = sources.load_source("alpaca_eval_instructions")
+  assert got.to_list() == [{k: r[k] for k in ("idx", "instruction", "dataset")} for r in inst]
+  want = {(r["idx"], r["generator"]): r["output"] for r in outs
+          if r["generator"] in ("gpt4_1106_preview", "text_davinci_003")}
+  got = sources.load_source("alpaca_eval_outputs").to_list()
+  assert {(r["idx"], r["generator"]): r["output"] for r in got} == want and len(got) == len(want)
+  for name in ("hh_rlhf_harmless", "truthfulqa_generation"):
+    got = sources.load_source(name)
+    assert sorted(got.column_names) == sorted(local[name].column_names), name
+    assert got.select_columns(local[name].column_names).to_list() == local[name].to_list(), name

@@ -52,9 +52,11 @@ def _alpaca_instructions_from_hub(parts):
 
 def _alpaca_outputs_from_hub(parts):
   cols = {"idx": [], "generator": [], "output": []}
-  for ds in parts:  # gpt4_1106_preview baseline file, then alpaca_eval.json (text_davinci_003)
+  # the AlpacaEval 2.0 baseline file is gpt4_1106_preview by definition, whatever its generator
+  # field spells; alpaca_eval.json holds the text_davinci_003 outputs
+  for ds, name in zip(parts, ("gpt4_1106_preview", None)):
     cols["idx"] += list(range(len(ds)))
-    cols["generator"] += list(ds["generator"])
+    cols["generator"] += [name] * len(ds) if name else list(ds["generator"])
     cols["output"] += list(ds["output"])
   return datasets.Dataset.from_dict(cols)
 
