@@ -38,27 +38,27 @@ log = logging.getLogger(__name__)
 
 def layer_sparsity(deltas_NMN, eps_sp: float):
   """mean_t fraction of |tau_t| <= eps_sp * max|tau_t|."""
-  a = jnp.abs(deltas_NMN)
-  thr = eps_sp * jnp.max(a, axis=(1, 2), keepdims=True)
-  return jnp.mean(jnp.mean(a <= thr, axis=(1, 2)))
+  a_NMN = jnp.abs(deltas_NMN)
+  thr_N11 = eps_sp * jnp.max(a_NMN, axis=(1, 2), keepdims=True)
+  return jnp.mean(jnp.mean(a_NMN <= thr_N11, axis=(1, 2)))
 
 
 def shrink_outliers(tau_X, M: float, beta: float):
   """OWL-style soft clipping of entries above M * mean|tau|; returns (tau', outlier fraction)."""
-  a = jnp.abs(tau_X)
-  thr = M * jnp.mean(a)
-  out = a > thr
-  return jnp.where(out, jnp.sign(tau_X) * (thr + beta * (a - thr)), tau_X), jnp.mean(out)
+  a_X = jnp.abs(tau_X)
+  thr = M * jnp.mean(a_X)
+  out_X = a_X > thr
+  return jnp.where(out_X, jnp.sign(tau_X) * (thr + beta * (a_X - thr)), tau_X), jnp.mean(out_X)
 
 
 def sv_outlier_weights(s_K, keep_K, kappa: float, gamma: float):
   """Robust z-score weights over the kept singular values (others get weight 1)."""
-  vals = jnp.where(keep_K, s_K, jnp.nan)
-  med = jnp.nanmedian(vals)
-  mad = jnp.nanmedian(jnp.abs(vals - med))
-  z = jnp.where(mad > 0, (s_K - med) / (1.4826 * jnp.where(mad > 0, mad, 1.0)), 0.0)
-  w = jnp.where(z <= kappa, 1.0, (kappa / jnp.maximum(z, 1e-30)) ** gamma)
-  return jnp.where(keep_K, w, 1.0)
+  vals_K = jnp.where(keep_K, s_K, jnp.nan)
+  med = jnp.nanmedian(vals_K)
+  mad = jnp.nanmedian(jnp.abs(vals_K - med))
+  z_K = jnp.where(mad > 0, (s_K - med) / (1.4826 * jnp.where(mad > 0, mad, 1.0)), 0.0)
+  w_K = jnp.where(z_K <= kappa, 1.0, (kappa / jnp.maximum(z_K, 1e-30)) ** gamma)
+  return jnp.where(keep_K, w_K, 1.0)
 
 
 def _resm_array(base_X, models_NX, key, *, alpha=1.0, rank_mode="tsvm", eps_sp=1e-3,
@@ -99,16 +99,16 @@ def _resm_array(base_X, models_NX, key, *, alpha=1.0, rank_mode="tsvm", eps_sp=1
   if rank_cap == "numerical":
     keep_TK = keep_TK & jnp.stack(
         [blocks.numerical_rank_mask(blocks.svd(d)[1], rank_rtol)[:kmax] for d in deltas_NMN])
-  u, s, v = svd_lib.tsv_factors(deltas_NMN, kmax, keep_TK)
+  u_MK, s_K, v_NK = svd_lib.tsv_factors(deltas_NMN, kmax, keep_TK)  # K = T * kmax
   keep_K = keep_TK.reshape(-1)
-  w = jnp.ones_like(s)
+  w_K = jnp.ones_like(s_K)
   if outlier_mode == "sv":
-    w = sv_outlier_weights(s, keep_K, kappa, gamma)
-    outlier_frac = jnp.sum((w < 1) & keep_K) / jnp.maximum(jnp.sum(keep_K), 1)
+    w_K = sv_outlier_weights(s_K, keep_K, kappa, gamma)
+    outlier_frac = jnp.sum((w_K < 1) & keep_K) / jnp.maximum(jnp.sum(keep_K), 1)
   elif outlier_mode not in ("none", "param"):
     raise ValueError(f"resm: outlier_mode must be none|sv|param, got {outlier_mode!r}")
-  out = base_X + scale * svd_lib.tsv_combine(u, w * s, v)
-  mean_w = jnp.sum(jnp.where(keep_K, w, 0.0)) / jnp.maximum(jnp.sum(keep_K), 1)
+  out = base_X + scale * svd_lib.tsv_combine(u_MK, w_K * s_K, v_NK)
+  mean_w = jnp.sum(jnp.where(keep_K, w_K, 0.0)) / jnp.maximum(jnp.sum(keep_K), 1)
   return out, {"rank": k, "sparsity": sp, "outlier_fraction": outlier_frac, "mean_weight": mean_w}
 
 

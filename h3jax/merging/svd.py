@@ -42,24 +42,24 @@ def tsv_factors(deltas_NMN, k: int, keep_TK=None):
   """
   us, ss, vs = [], [], []
   for t in range(deltas_NMN.shape[0]):
-    u, s, vt = blocks.svd(deltas_NMN[t])
-    u, s, v = u[:, :k], s[:k], vt[:k].T
+    u_MR, s_R, vt_RN = blocks.svd(deltas_NMN[t])
+    u_Mk, s_k, v_Nk = u_MR[:, :k], s_R[:k], vt_RN[:k].T
     if keep_TK is not None:
-      keep = keep_TK[t]
-      u, s, v = u * keep, s * keep, v * keep
-    us.append(u)
-    ss.append(s)
-    vs.append(v)
-  return jnp.concatenate(us, 1), jnp.concatenate(ss), jnp.concatenate(vs, 1)
+      keep_k = keep_TK[t]
+      u_Mk, s_k, v_Nk = u_Mk * keep_k, s_k * keep_k, v_Nk * keep_k
+    us.append(u_Mk)
+    ss.append(s_k)
+    vs.append(v_Nk)
+  return jnp.concatenate(us, 1), jnp.concatenate(ss), jnp.concatenate(vs, 1)  # [M, Tk], [Tk], [N, Tk]
 
 
 def factored_svd(b_MR, a_RN):
   """Thin SVD of a low-rank product b @ a (a LoRA delta) from QRs of its factors:
   O((M + N) R^2) instead of an M x N SVD. Returns (U [M, R], s [R], V [N, R])."""
-  qb, rb = jnp.linalg.qr(b_MR.astype(jnp.float32))
-  qa, ra = jnp.linalg.qr(a_RN.astype(jnp.float32).T)
-  u, s, vt = jnp.linalg.svd(rb @ ra.T)
-  return qb @ u, s, qa @ vt.T
+  qb_MR, rb_RR = jnp.linalg.qr(b_MR.astype(jnp.float32))
+  qa_NR, ra_RR = jnp.linalg.qr(a_RN.astype(jnp.float32).T)
+  u_RR, s_R, vt_RR = jnp.linalg.svd(rb_RR @ ra_RR.T)
+  return qb_MR @ u_RR, s_R, qa_NR @ vt_RR.T
 
 
 def tsv_lora_delta(bs, as_, alpha: float = 1.0):
@@ -89,8 +89,8 @@ def _tsvm_array(base_X, models_NX, key, *, alpha=1.0, rank_ratio=None, rank_cap=
     keep = jnp.stack([blocks.numerical_rank_mask(blocks.svd(d)[1], rank_rtol)[:k] for d in deltas_NMN])
   elif rank_cap is not None:
     raise ValueError(f"tsv_m: rank_cap must be None or 'numerical', got {rank_cap!r}")
-  u, s, v = tsv_factors(deltas_NMN, k, keep)
-  return base_X + scale * tsv_combine(u, s, v)
+  u_MK, s_K, v_NK = tsv_factors(deltas_NMN, k, keep)
+  return base_X + scale * tsv_combine(u_MK, s_K, v_NK)
 
 
 def _alpha(alpha):
@@ -112,8 +112,8 @@ def _iso_c_array(base_X, models_NX, key, *, scaling_factor=1.0):
   deltas_NX = blocks.task_vectors(base_X, models_NX)
   if base_X.ndim != 2:
     return base_X + scaling_factor * jnp.mean(deltas_NX, axis=0)
-  u, s, vt = blocks.svd(jnp.sum(deltas_NX, axis=0))
-  return base_X + scaling_factor * (u * jnp.mean(s)) @ vt
+  u_MR, s_R, vt_RN = blocks.svd(jnp.sum(deltas_NX, axis=0))
+  return base_X + scaling_factor * (u_MR * jnp.mean(s_R)) @ vt_RN
 
 
 def iso_c(base, models, *, scaling_factor=1.0, **kw):
@@ -142,20 +142,20 @@ def _iso_cts_array(base_X, models_NX, key, *, scaling_factor=1.0, common_space_f
     return base_X + scaling_factor * jnp.mean(deltas_NX, axis=0)
   n = deltas_NX.shape[0]
   kc, kt = iso_cts_sizes(base_X.shape, n, common_space_fraction)
-  u, s, vt = blocks.svd(jnp.sum(deltas_NX, axis=0))
-  uc, sc, vc = u[:, :kc], s[:kc], vt[:kc].T
+  u_MR, s_R, vt_RN = blocks.svd(jnp.sum(deltas_NX, axis=0))
+  uc_MC, sc_C, vc_NC = u_MR[:, :kc], s_R[:kc], vt_RN[:kc].T  # common subspace
   us, ss, vs = [], [], []
   for t in range(n):
-    resid = deltas_NX[t] - uc @ (uc.T @ deltas_NX[t])
-    ut, st, vtt = blocks.svd(resid)
-    us.append(ut[:, :kt])
-    ss.append(st[:kt])
-    vs.append(vtt[:kt].T)
-  u_all = jnp.concatenate(us + [uc], 1)
-  s_all = jnp.concatenate(ss + [sc])
-  v_all = jnp.concatenate(vs + [vc], 1)
-  delta = (blocks.polar(u_all) * jnp.mean(s_all)) @ blocks.polar(v_all).T
-  return base_X + scaling_factor * delta
+    resid_MN = deltas_NX[t] - uc_MC @ (uc_MC.T @ deltas_NX[t])
+    ut_MR, st_R, vtt_RN = blocks.svd(resid_MN)
+    us.append(ut_MR[:, :kt])
+    ss.append(st_R[:kt])
+    vs.append(vtt_RN[:kt].T)
+  u_MR = jnp.concatenate(us + [uc_MC], 1)  # T*kt + kc = R columns
+  s_R = jnp.concatenate(ss + [sc_C])
+  v_NR = jnp.concatenate(vs + [vc_NC], 1)
+  delta_MN = (blocks.polar(u_MR) * jnp.mean(s_R)) @ blocks.polar(v_NR).T
+  return base_X + scaling_factor * delta_MN
 
 
 def iso_cts(base, models, *, scaling_factor=1.0, common_space_fraction=0.8, **kw):
