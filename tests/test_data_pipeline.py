@@ -160,6 +160,9 @@ def test_mixture(data_root):
   assert collections.Counter(r["task"] for r in two) == {0: 443, 2: 1330}  # N = 372 + 1401 = 1773: 1/4, 3/4 of it
   with pytest.raises(ValueError, match="mixture weights must map axes"):
     pipeline.mixture_records(data_root, weights={"helpfulness": 1})
+  for bad in ({"helpful": "1"}, {"helpful": -1, "honest": 2}, {"helpful": 0}):
+    with pytest.raises(ValueError, match="mixture weights must map axes"):
+      pipeline.mixture_records(data_root, weights=bad)
 
 
 def test_load_records(data_root, tmp_path):

@@ -60,8 +60,8 @@ def mixture_records(data_root=None, *, axes: Sequence[str] = AXES, weights: Opti
                     seed: int = 0, honesty_rule: str = "hash") -> List[dict]:
   """The Stage-B / data-mixture SFT set (see the module docstring for weights)."""
   if weights is not None:
-    bad = [a for a in weights if a not in AXES]
-    if bad or any(not (w >= 0) for w in weights.values()) or not sum(weights.values()) > 0:
+    num = all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights.values())
+    if any(a not in AXES for a in weights) or not num or not sum(weights.values()) > 0:
       raise ValueError(f"mixture weights must map axes {AXES} to non-negative numbers with a positive "
                        f"sum, got {weights!r}")
     axes = [a for a in AXES if weights.get(a, 0) > 0]
