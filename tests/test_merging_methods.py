@@ -149,10 +149,14 @@ def test_model_stock_hand():
 
 def test_consensus_ta_hand():
   base = np.zeros(3, np.float32)
-  m1, m2 = np.array([1.0, 1.0, 0.1]), np.array([1.0, -3.0, 2.0])
-  # merged = [2, -2, 2.1]; |tau_t| >= |merged - tau_t|: m1 [T, F, F], m2 [T, T, T]; k=2 -> [T, F, F].
-  np.testing.assert_allclose(M.consensus_ta(base, [m1, m2]), [2.0, 0.0, 0.0])
-  np.testing.assert_allclose(M.consensus_ta(base, [m1, m2], k=1), [2.0, -2.0, 2.1], rtol=1e-6)
+  m1, m2, m3 = np.array([1.5, 1.0, 0.1]), np.array([1.0, -3.0, 2.0]), np.array([1.2, -2.5, 0.05])
+  # merged = [3.7, -4.5, 2.15]; strict |tau_t| > |merged - tau_t|: m1 [F, F, F], m2 [F, T, T],
+  # m3 [F, T, F] -> agreeing counts [0, 2, 1].
+  np.testing.assert_allclose(M.consensus_ta(base, [m1, m2, m3]), [0.0, -4.5, 2.15], rtol=1e-6)
+  np.testing.assert_allclose(M.consensus_ta(base, [m1, m2, m3], k=2), [0.0, -4.5, 0.0], rtol=1e-6)
+  # Weights change the merged delta but not the (raw) task vectors the masks compare.
+  np.testing.assert_allclose(M.consensus_ta(base, [m1, m2, m3], weight=[1.0, 1.0, 0.0], k=2),
+                             [0.0, -2.0, 0.0], rtol=1e-6)
 
 
 def test_tsv_m_hand_orthogonal_tasks_and_single_task():
@@ -209,7 +213,7 @@ def test_merging_identical_models_returns_that_model(seed, n, w):
   base, (m,) = _arrays(seed, n=1)
   for name, kw in IDENTITY.items():
     kw = dict(kw)
-    if not name.startswith(("model_stock", "consensus")):  # TALL masks compare weighted deltas
+    if name != "model_stock":
       kw["weight"] = w
     out = M.get_method(name)(base, [m] * n, **kw)
     np.testing.assert_allclose(out, m, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -251,23 +251,23 @@ def model_stock(base, models, *, filter_wise=False, angle_avg="cos", in_axis=Non
 def _consensus_array(base_X, models_NX, key, *, weight, tall_lambda, k, lambda_, normalize,
                      density=None, ties=False):
   deltas_NX = blocks.task_vectors(base_X, models_NX)
+  mixed_NX = deltas_NX
   if ties and density is not None:
-    deltas_NX = jnp.stack([jnp.where(blocks.topk_mask(d, p), d, 0.0)
-                           for d, p in zip(deltas_NX, density)])
-  w_NX = jnp.asarray(weight, jnp.float32).reshape((-1,) + (1,) * (deltas_NX.ndim - 1))
-  wd_NX = deltas_NX * w_NX
-  merged_X = blocks.combine(jnp.zeros_like(base_X), deltas_NX, weight, normalize=normalize,
+    mixed_NX = jnp.stack([jnp.where(blocks.topk_mask(d, p), d, 0.0) for d, p in zip(deltas_NX, density)])
+  merged_X = blocks.combine(jnp.zeros_like(base_X), mixed_NX, weight, normalize=normalize,
                             consensus="mergekit" if ties else None)
-  masks_NX = blocks.tall_masks(wd_NX, merged_X, tall_lambda)
+  # TALL masks compare each raw (unweighted, untrimmed) task vector with the merged delta.
+  masks_NX = blocks.tall_masks(deltas_NX, merged_X, tall_lambda, strict=True)
   keep_X = jnp.sum(masks_NX, axis=0) >= k
   return base_X + lambda_ * jnp.where(keep_X, merged_X, 0.0)
 
 
-def consensus_ta(base, models, *, weight=1.0, tall_lambda=1.0, k=2, lambda_=1.0,
+def consensus_ta(base, models, *, weight=1.0, tall_lambda=1.0, k=1, lambda_=1.0,
                  normalize=False, **kw):
-  """Consensus merging over task arithmetic (mergekit 0.0.6 semantics): TALL masks
-  |w_t tau_t| >= tall_lambda_t |merged - w_t tau_t| against the weighted merged delta; entries
-  kept where >= k masks agree. (mergekit 0.0.6 calls tall_lambda `lambda`.)"""
+  """Consensus merging over task arithmetic, mergekit 0.0.6 semantics: merged = weighted
+  (optionally normalised) sum of task vectors; TALL masks |tau_t| > tall_lambda_t |merged - tau_t|;
+  entries kept where >= k masks agree (mergekit's default k = 1; the paper uses 2). mergekit
+  0.0.6 calls tall_lambda `lambda`; lambda_ here is an extra global scale (1 = mergekit)."""
   lambda_ = _pop_lambda("consensus_ta", lambda_, kw)
   return tree_lib.merge_tree(_consensus_array, base, models, name="consensus_ta",
                              hparams=dict(weight=weight, tall_lambda=tall_lambda, k=int(k),
@@ -275,9 +275,10 @@ def consensus_ta(base, models, *, weight=1.0, tall_lambda=1.0, k=2, lambda_=1.0,
                              per_model_keys=("weight", "tall_lambda"), **_common(kw))
 
 
-def consensus_ties(base, models, *, weight=1.0, density=1.0, tall_lambda=1.0, k=2, lambda_=1.0,
+def consensus_ties(base, models, *, weight=1.0, density=1.0, tall_lambda=1.0, k=1, lambda_=1.0,
                    normalize=True, **kw):
-  """Consensus merging over TIES (magnitude trim, sign election, normalize on)."""
+  """Consensus merging over TIES (per-tensor magnitude trim, sign election, normalize on);
+  the TALL masks use the untrimmed task vectors (mergekit 0.0.6)."""
   lambda_ = _pop_lambda("consensus_ties", lambda_, kw)
   tree_lib.check_density("consensus_ties", density if isinstance(density, (list, tuple)) else [density])
   return tree_lib.merge_tree(_consensus_array, base, models, name="consensus_ties",
