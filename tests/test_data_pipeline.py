@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 import h3jax
+from conftest import SMOLLM2_DIR
+from h3jax.data import format as fmt
 from h3jax.model.params import param_shapes
 from h3jax.data import pipeline
 from h3jax.data import tokenize as tk
@@ -185,3 +187,28 @@ def test_load_records(data_root, tmp_path):
     pipeline.load_records(str(f))
   with pytest.raises(ValueError, match="the mixture is a training set"):
     pipeline.load_records("mixture", split="eval", data_root=data_root)
+
+
+def test_real_mixture_packed_batches_hold_whole_examples(data_root):
+  """SmolLM2 chat template on real records: each packed segment is one record's prompt + reply."""
+  if not SMOLLM2_DIR.is_dir():
+    pytest.skip(f"SmolLM2 folder not found at {SMOLLM2_DIR}")
+  tok = tk.load_tokenizer(SMOLLM2_DIR)
+  recs = pipeline.mixture_records(data_root)
+  recs = recs[:8] + recs[372:380] + recs[-8:]  # a few of each axis
+  texts = [fmt.format_example(r, tok, "chat") for r in recs]
+  it = pipeline.make_iterator(recs, tok, batch_size=4, max_len=256, seed=0, template="chat", pack=True)
+  n_seg = 0
+  for s in range(int(np.ceil(it.steps_per_epoch()))):
+    b = it.batch(s)
+    for row in range(4):
+      seg = b["segment_ids_BT"][row]
+      for k in range(1, seg.max() + 1):
+        ids, m = b["input_ids_BT"][row, seg == k], b["loss_mask_BT"][row, seg == k]
+        prompt = tok.decode(ids[m == 0], skip_special_tokens=False)
+        reply = tok.decode(ids[m == 1], skip_special_tokens=False)
+        # honesty records share a prompt (one per correct answer): match prompt and reply
+        i = next(j for j, (p, t) in enumerate(texts) if p.endswith(prompt) and t.startswith(reply))
+        assert b["task_B"][row] == recs[i]["task"] and len(reply) > 0
+        n_seg += 1
+  assert n_seg >= len(recs)
