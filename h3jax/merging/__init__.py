@@ -3,6 +3,9 @@
 Every method is `method(base, models, **hparams)` over params trees (as returned by
 `h3jax.load_pretrained`) or single arrays; `base` may be None where a method needs
 none; per-model values are sequences aligned with `models`. See docs/merging.md.
+
+Note: `merging.resm` / `merging.emr` are the functions; their modules are
+importable as `h3jax.merging.resm` etc. (`from h3jax.merging.resm import ...`).
 """
 
 from h3jax.merging import blocks, rules
@@ -11,8 +14,8 @@ from h3jax.merging.basic import (breadcrumbs, breadcrumbs_ties, consensus_ta, co
                                  model_stock, slerp, task_arithmetic)
 from h3jax.merging.data_dependent import (compute_fisher, compute_regmean_grams, fisher,
                                           regmean)
-from h3jax.merging.emr import emr
-from h3jax.merging.resm import resm
+from h3jax.merging.emr import emr, emr_tensor
+from h3jax.merging.resm import layer_sparsity, resm, sparsity_range
 from h3jax.merging.svd import iso_c, iso_cts, tsv_m
 from h3jax.merging.ties import global_thresholds, ties
 from h3jax.merging.tree import fold_lora, merge_leaf, merge_tree
