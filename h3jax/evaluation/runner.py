@@ -3,7 +3,7 @@
   results = evaluate(config, ["base=artifacts/smollm2", "runs/fused"], out_dir, limit=8)
 
 For each model and eval set: format prompts (chat template, or the paper's
-Alpaca template), generate the missing responses in fixed-size batches with
+Alpaca template from `h3jax.data.format`, stopping at "###" as in "###END"), generate the missing responses in fixed-size batches with
 `h3jax.generate` and append them to `out_dir/cache/<model>.jsonl` after every
 batch, score with the judges, and write into out_dir (temp file + rename):
 results.json, results.md, samples_<model>.jsonl, and the plots of `report`.
@@ -27,13 +27,12 @@ import numpy as np
 
 from h3jax import generation
 from h3jax.config import ModelConfig
+from h3jax.data import format as data_format
 from h3jax.evaluation import cache as cache_lib
 from h3jax.evaluation import harm, helpful, report, truthfulqa
 from h3jax.evaluation import sets as eval_data
 from h3jax.model import llama
 
-ALPACA_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately "
-                   "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -101,7 +100,7 @@ def generation_settings(config, fmt: str) -> dict:
 def _model_inputs(tokenizer, prompts: Sequence[str], settings: dict) -> List[str]:
   if settings["format"] == "chat":
     return generation.format_prompts(tokenizer, prompts, chat=True, system=settings["system"])
-  return [ALPACA_TEMPLATE.format(instruction=p) for p in prompts]
+  return [data_format.alpaca_prompt(p) for p in prompts]  # exactly the SFT prompt text
 
 
 def generate_cached(model: dict, items: List[dict], settings: dict, store: cache_lib.Cache, *,

@@ -1,0 +1,41 @@
+r"""3H evaluation of one or several models (HF folders or training workdirs).
+
+  python -m h3jax.evaluate --config=configs/eval_full.py \
+      --model=base=artifacts/smollm2-135m-instruct [--model=fused=runs/fused/hf ...] \
+      --limit 8 --out eval_out
+
+Writes eval_out/{results.json, results.md, samples_<model>.jsonl, axis_bars.png,
+radar.png (several models), router_<model>.png (MoE)} and caches generations
+in eval_out/cache/<model>.jsonl, so a re-run (or an interrupted one) only
+generates what is missing. The library function is
+`h3jax.evaluation.runner.evaluate`.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "configs/eval_*.py", lock_config=True)
+flags.DEFINE_multi_string("model", [], "[NAME=]DIR: an HF folder or a training workdir; repeat to compare.")
+flags.DEFINE_integer("limit", None, "Items per eval set (0 = all); overrides config.limit.")
+flags.DEFINE_string("out", None, "Output folder (results, plots, generation cache).")
+flags.DEFINE_string("data_root", None, "Data root (overrides config.data_root and $H3JAX_DATA_ROOT).")
+flags.mark_flags_as_required(["config", "out"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from h3jax.evaluation import report, runner
+  config = FLAGS.config
+  if FLAGS.data_root is not None:
+    with config.unlocked():
+      config.data_root = FLAGS.data_root
+  results = runner.evaluate(config, FLAGS.model, FLAGS.out, limit=FLAGS.limit)
+  print(report.markdown_table(results))
+
+
+if __name__ == "__main__":
+  app.run(main)

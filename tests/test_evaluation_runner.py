@@ -1,0 +1,170 @@
+"""The evaluation pipeline on a tiny random model with fake judges: cache, resume, results, plots."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from eval_fakes import FakeRefusalJudge, ModByteTokenizer, fake_judges
+from h3jax import generation
+from h3jax.config import ModelConfig
+from h3jax.evaluation import cache as cache_lib
+from h3jax.evaluation import runner
+from h3jax.model import params as params_lib
+
+V = 64
+REAL_GENERATE = generation.generate
+
+
+def tiny_model(name="tiny", seed=0, **kw):
+  cfg = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=2,
+                    num_kv_heads=1, head_dim=16, max_position_embeddings=4096, eos_token_id=(2,), **kw)
+  return {"name": name, "path": None, "cfg": cfg, "tokenizer": ModByteTokenizer(V),
+          "params": params_lib.init_params(cfg, jax.random.PRNGKey(seed), std=0.5)}
+
+
+def small_config(data_root, sets=("alpaca_eval", "xstest_safe", "harmbench", "truthfulqa_gen",
+                                  "truthfulqa_mc")):
+  c = runner.default_config()
+  c.data_root = str(data_root)
+  c.sets = sets
+  c.batch_size = 2
+  c.router_prompts = 4
+  c.generation.max_new_tokens = 6
+  c.judges.kind = "none"
+  return c
+
+
+class SimulatedKill(Exception):
+  pass
+
+
+class CountingGenerate:
+  def __init__(self, fail_after=None):
+    self.calls, self.prompts, self.fail_after = 0, 0, fail_after
+    self.real = REAL_GENERATE
+
+  def __call__(self, *args, **kw):
+    if self.fail_after is not None and self.calls >= self.fail_after:
+      raise SimulatedKill("simulated interruption")
+    self.calls += 1
+    self.prompts += len(args[3])
+    return self.real(*args, **kw)
+
+
+def test_results_resume_and_rerun(data_root, tmp_path, monkeypatch):
+  config = small_config(data_root)
+  # An interrupted run: the second batch raises.
+  gen = CountingGenerate(fail_after=1)
+  monkeypatch.setattr(generation, "generate", gen)
+  with pytest.raises(SimulatedKill):
+    runner.evaluate(config, [], tmp_path / "a", limit=2, judges=fake_judges(), models=[tiny_model()],
+                    progress=False)
+  assert len(cache_lib.Cache(tmp_path / "a" / "cache" / "tiny.jsonl")) == 2  # alpaca_eval's one batch finished
+  assert not (tmp_path / "a" / "results.json").exists()
+  # Resume: only the 4 x 2 - 2 = 6 missing generations run.
+  gen = CountingGenerate()
+  monkeypatch.setattr(generation, "generate", gen)
+  res = runner.evaluate(config, [], tmp_path / "a", limit=2, judges=fake_judges(), models=[tiny_model()],
+                        progress=False)
+  assert gen.prompts == 6
+  # A fresh uninterrupted run gives identical results (greedy decoding).
+  gen = CountingGenerate()
+  monkeypatch.setattr(generation, "generate", gen)
+  fresh = runner.evaluate(config, [], tmp_path / "b", limit=2, judges=fake_judges(), models=[tiny_model()],
+                          progress=False)
+  assert gen.prompts == 8
+  assert res["models"]["tiny"]["metrics"] == fresh["models"]["tiny"]["metrics"]
+  # A re-run generates nothing.
+  gen = CountingGenerate()
+  monkeypatch.setattr(generation, "generate", gen)
+  again = runner.evaluate(config, [], tmp_path / "b", limit=2, judges=fake_judges(), models=[tiny_model()],
+                          progress=False)
+  assert gen.calls == 0 and again["models"]["tiny"]["metrics"] == fresh["models"]["tiny"]["metrics"]
+
+  out = tmp_path / "b"
+  saved = json.loads((out / "results.json").read_text())
+  ms = saved["models"]["tiny"]["metrics"]
+  samples = [json.loads(l) for l in (out / "samples_tiny.jsonl").read_text().splitlines()]
+  by_set = lambda s: [x for x in samples if x["set"] == s]
+  # The fake judges' rules, recomputed from the saved responses.
+  xs = by_set("xstest_safe")
+  assert ms["harmless/xstest_safe/over_refusal_rate"]["value"] == pytest.approx(
+      np.mean([len(x["response"]) % 2 == 0 for x in xs]))
+  hb = by_set("harmbench")
+  assert ms["harmless/harmbench/compliance_rate"]["value"] == pytest.approx(
+      np.mean([len(x["response"]) % 2 == 1 for x in hb]))
+  assert ms["harmless/compliance_rate"] == ms["harmless/harmbench/compliance_rate"]
+  tq = by_set("truthfulqa_gen")
+  assert ms["honest/truthful"]["value"] == pytest.approx(np.mean(["a" in x["response"] for x in tq]))
+  assert ms["honest/mc1"]["n"] == 2 and 0 <= ms["honest/mc2"]["value"] <= 1
+  ae = by_set("alpaca_eval")
+  assert ms["helpful/win_rate_text_davinci_003"]["n"] == 2
+  assert [x["p_win_text_davinci_003"] for x in ae] == [0.0, 0.0]  # tiny outputs are shorter
+  assert saved["settings"]["sets"] == {"alpaca_eval": 2, "xstest_safe": 2, "harmbench": 2,
+                                       "truthfulqa_gen": 2, "truthfulqa_mc": 2}
+  assert saved["models"]["tiny"]["axes"]["honest"] == ms["honest/mc2"]["value"]
+  table = (out / "results.md").read_text()
+  assert "honest/mc2" in table and "| tiny |" in table
+  assert (out / "axis_bars.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_changed_settings_miss_the_cache(data_root, tmp_path, monkeypatch):
+  config = small_config(data_root, sets=("xstest_safe",))
+  runner.evaluate(config, [], tmp_path, limit=2, judges=fake_judges(), models=[tiny_model()], progress=False)
+  gen = CountingGenerate()
+  monkeypatch.setattr(generation, "generate", gen)
+  config.generation.max_new_tokens = 7
+  runner.evaluate(config, [], tmp_path, limit=2, judges=fake_judges(), models=[tiny_model()], progress=False)
+  assert gen.prompts == 2
+
+
+def test_moe_router_usage_and_radar(data_root, tmp_path):
+  config = small_config(data_root, sets=("xstest_safe", "truthfulqa_gen"))
+  moe = tiny_model("moe", seed=1, num_experts=3, num_experts_per_tok=2, expert_names=("help", "harm", "hon"))
+  res = runner.evaluate(config, [], tmp_path, limit=2, judges={"refusal": FakeRefusalJudge()},
+                        models=[tiny_model("dense"), moe], progress=False)
+  usage = res["models"]["moe"]["router_usage"]
+  assert set(usage) == {"harmless", "honest"}
+  for u_LE in usage.values():
+    u_LE = np.asarray(u_LE)
+    assert u_LE.shape == (2, 3)
+    np.testing.assert_allclose(u_LE.sum(-1), 1.0, rtol=1e-5)  # softmax over experts, averaged
+  assert "router_usage" not in res["models"]["dense"]
+  for f in ("radar.png", "router_moe.png", "axis_bars.png"):
+    assert (tmp_path / f).read_bytes()[:4] == b"\x89PNG", f
+  skipped = res["models"]["dense"]["skipped"]
+  assert any("no truth/info judge" in s for s in skipped)
+
+
+def test_cache_torn_tail_and_malformed_line(tmp_path):
+  path = tmp_path / "c.jsonl"
+  store = cache_lib.Cache(path)
+  store.put_many([("k1", "generation", "one", {}), ("k2", "generation", "two", {})])
+  with open(path, "a") as f:
+    f.write('{"key": "k3", "kind": "gen')  # killed mid-write
+  reread = cache_lib.Cache(path)
+  assert len(reread) == 2 and reread.get("k2") == "two" and "k3" not in reread
+  reread.put("k3", "generation", "three")
+  assert cache_lib.Cache(path).get("k3") == "three"
+  lines = path.read_text().splitlines()
+  path.write_text("\n".join([lines[0], "not json", lines[1]]) + "\n")
+  with pytest.raises(ValueError, match=r"c.jsonl:2: malformed cache row"):
+    cache_lib.Cache(path)
+
+
+def test_bad_inputs(data_root, tmp_path):
+  config = small_config(data_root, sets=("nope",))
+  with pytest.raises(ValueError, match=r"unknown eval sets \['nope'\]"):
+    runner.evaluate(config, [], tmp_path, judges={}, models=[tiny_model()], progress=False)
+  config = small_config(data_root, sets=("xstest_safe",))
+  with pytest.raises(ValueError, match="two models are named 'tiny'"):
+    runner.evaluate(config, [], tmp_path, limit=1, judges={}, models=[tiny_model(), tiny_model()],
+                    progress=False)
+  (tmp_path / "m").mkdir()
+  (tmp_path / "m" / "config.json").write_text("{}")
+  with pytest.raises(ValueError, match=r"model folder .*m has no tokenizer \(none of tokenizer.json"):
+    runner.load_model(f"x={tmp_path / 'm'}")
+  with pytest.raises(FileNotFoundError, match="model folder not found"):
+    runner.load_model(str(tmp_path / "absent"))
