@@ -162,6 +162,15 @@ def test_mixture(data_root):
   assert collections.Counter(r["task"] for r in two) == {0: 443, 2: 1330}  # N = 372 + 1401 = 1773: 1/4, 3/4 of it
   with pytest.raises(ValueError, match="mixture weights must map axes"):
     pipeline.mixture_records(data_root, weights={"helpfulness": 1})
+  bug = pipeline.mixture_records(data_root, task_labels="cumulative")
+  assert [r["key"] for r in bug] == [r["key"] for r in recs]
+  # hand count: 372 x 0, then [1] * (372 + 1160) = 1532 x 1, then the last 2933 - 1904 = 1029 x 2
+  assert collections.Counter(r["task"] for r in bug) == {0: 372, 1: 1532, 2: 1029}
+  assert [r["task"] for r in bug[1531:1533]] == [1, 1] and bug[1531]["source"] == "hh_rlhf_harmless"
+  assert bug[1532]["source"] == "truthfulqa" and bug[1904]["task"] == 2
+  assert pipeline.cumulative_task_labels([2, 3, 1]) == [0, 0, 1, 1, 1, 1]
+  with pytest.raises(ValueError, match="task_labels must be 'per_source' or 'cumulative'"):
+    pipeline.mixture_records(data_root, task_labels="cum")
   for bad in ({"helpful": "1"}, {"helpful": -1, "honest": 2}, {"helpful": 0}):
     with pytest.raises(ValueError, match="mixture weights must map axes"):
       pipeline.mixture_records(data_root, weights=bad)

@@ -12,6 +12,9 @@ Interface for the trainer (kept stable):
       weights={"helpful": w0, ...}: axis a gets round(w_a / sum(w) * N)
       records (N = the natural total), whole copies first, then a seeded draw
       without replacement; an axis missing from weights is left out.
+      task_labels="cumulative" reproduces the reference code's label bug
+      (defect #5 in h3fusion-method.md): labels [0]*n0 + [1]*(n0+n1) + ...
+      cut to the total, so late examples carry the wrong axis.
   it = make_iterator(records, tokenizer, batch_size=8, max_len=300, seed=42,
                      template="alpaca", pack=False, start_step=0)
   batch = next(it)   # or it.batch(step): a pure function of (data, config, step)
@@ -57,8 +60,10 @@ BATCH_KEYS = ("input_ids_BT", "loss_mask_BT", "attention_mask_BT", "positions_BT
 
 
 def mixture_records(data_root=None, *, axes: Sequence[str] = AXES, weights: Optional[Dict[str, float]] = None,
-                    seed: int = 0, honesty_rule: str = "hash") -> List[dict]:
-  """The Stage-B / data-mixture SFT set (see the module docstring for weights)."""
+                    seed: int = 0, honesty_rule: str = "hash", task_labels: str = "per_source") -> List[dict]:
+  """The Stage-B / data-mixture SFT set (see the module docstring for weights, task_labels)."""
+  if task_labels not in ("per_source", "cumulative"):
+    raise ValueError(f"task_labels must be 'per_source' or 'cumulative' (defect #5), got {task_labels!r}")
   if weights is not None:
     num = all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights.values())
     if any(a not in AXES for a in weights) or not num or not sum(weights.values()) > 0:
@@ -69,16 +74,26 @@ def mixture_records(data_root=None, *, axes: Sequence[str] = AXES, weights: Opti
   for a in axes:
     kw = {"rule": honesty_rule} if splits.axis_index(a) == splits.HONEST else {}
     per_axis[a] = splits.axis_split(a, "train", data_root, **kw)
-  if weights is None:
-    return [r for a in axes for r in per_axis[a]]
-  total_w, n_total = sum(weights[a] for a in axes), sum(len(v) for v in per_axis.values())
-  out = []
-  for a in axes:
-    recs, want = per_axis[a], int(round(weights[a] / total_w * n_total))
-    reps, rest = divmod(want, len(recs))
-    rng = np.random.default_rng([seed, splits.axis_index(a)])
-    out += recs * reps + [recs[i] for i in sorted(rng.choice(len(recs), rest, replace=False))]
+  if weights is not None:
+    total_w, n_total = sum(weights[a] for a in axes), sum(len(v) for v in per_axis.values())
+    for a in axes:
+      recs, want = per_axis[a], int(round(weights[a] / total_w * n_total))
+      reps, rest = divmod(want, len(recs))
+      rng = np.random.default_rng([seed, splits.axis_index(a)])
+      per_axis[a] = recs * reps + [recs[i] for i in sorted(rng.choice(len(recs), rest, replace=False))]
+  out = [r for a in axes for r in per_axis[a]]
+  if task_labels == "cumulative":
+    labels = cumulative_task_labels([len(per_axis[a]) for a in axes])
+    out = [dict(r, task=t) for r, t in zip(out, labels)]
   return out
+
+
+def cumulative_task_labels(sizes: Sequence[int]) -> List[int]:
+  """The reference's labels: [i] * sum(sizes[:i + 1]) for each source i, cut to sum(sizes)."""
+  out = []
+  for i in range(len(sizes)):
+    out += [i] * sum(sizes[:i + 1])
+  return out[:sum(sizes)]
 
 
 def load_records(spec: str, *, split: str = "train", data_root=None, task: Optional[int] = None) -> List[dict]:
