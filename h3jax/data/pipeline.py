@@ -6,7 +6,8 @@ Interface for the trainer (kept stable):
       spec: an axis ("helpful" | "harmless" | "honest"), "mixture", or a JSONL
       file of {"instruction", "response", ["input"], ["task"]} rows (errors name
       file:line); task overrides every record's label.
-  records = mixture_records(data_root, axes=AXES, weights=None, seed=0)
+  records = mixture_records(data_root, axes=AXES, weights=None, seed=0,
+                            honesty_rule="hash", task_labels="per_source")
       Union of the per-axis train splits with task labels 0 helpful, 1
       harmless, 2 honest (372 + 1,160 + 1,401 = 2,933 records by default).
       weights={"helpful": w0, ...}: axis a gets round(w_a / sum(w) * N)
@@ -16,7 +17,11 @@ Interface for the trainer (kept stable):
       (defect #5 in h3fusion-method.md): labels [0]*n0 + [1]*(n0+n1) + ...
       cut to the total, so late examples carry the wrong axis.
   it = make_iterator(records, tokenizer, batch_size=8, max_len=300, seed=42,
-                     template="alpaca", pack=False, start_step=0)
+                     template="alpaca", pack=False, start_step=0,
+                     end_marker=None, add_eos=False, min_prompt_frac=0.5, system=None)
+      template: "alpaca" (the paper's; target + "###END", no EOS), "chat" (the
+      tokenizer's chat template) or "plain"; see h3jax.data.format / tokenize.
+      it.steps_per_epoch(), it.epoch_rows(e) describe an epoch.
   batch = next(it)   # or it.batch(step): a pure function of (data, config, step)
   it.state() -> {"step", "seed", "fingerprint"}   (JSON-able; step = next batch)
   it.restore(state)  # the next batch is batch(state["step"]); raises if the data
