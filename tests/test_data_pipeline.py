@@ -59,9 +59,9 @@ def test_batch_layout_and_epochs():
     assert b["input_ids_BT"].shape == (4, 320) and b["task_B"].shape == (4,)
     for row in range(4):
       n = int(b["attention_mask_BT"][row].sum())
-      i = next(j for j, e in enumerate(exs) if np.array_equal(e["input_ids"], b["input_ids_BT"][row, :n]))
+      i = next(j for j, e in enumerate(exs) if np.array_equal(e["input_ids_T"], b["input_ids_BT"][row, :n]))
       seen.append(i)
-      assert np.array_equal(b["loss_mask_BT"][row, :n], exs[i]["loss_mask"]) and b["task_B"][row] == exs[i]["task"]
+      assert np.array_equal(b["loss_mask_BT"][row, :n], exs[i]["loss_mask_T"]) and b["task_B"][row] == exs[i]["task"]
       assert (b["input_ids_BT"][row, n:] == BT.pad_token_id).all() and not b["loss_mask_BT"][row, n:].any()
       assert (b["segment_ids_BT"][row] == b["attention_mask_BT"][row]).all()
       assert (b["positions_BT"][row] == np.arange(320)).all()
@@ -110,7 +110,7 @@ def test_packing_equals_unpacked_forward():
       lambda path, shape: np.ones(shape, np.float32) if path[-1].key == "scale"
       else rng.normal(0, 0.1, shape).astype(np.float32), param_shapes(cfg),
       is_leaf=lambda x: isinstance(x, tuple))
-  exs = [{"input_ids": rng.integers(3, BT.vocab_size, n).astype(np.int32), "loss_mask": np.ones(n, np.int32),
+  exs = [{"input_ids_T": rng.integers(3, BT.vocab_size, n).astype(np.int32), "loss_mask_T": np.ones(n, np.int32),
           "task": 0} for n in (9, 14, 6, 11, 17)]
   b = pipeline.BatchIterator(exs, batch_size=1, max_len=48, seed=0, pack=True).batch(0)
   assert b["segment_ids_BT"].max() >= 2

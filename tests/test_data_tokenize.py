@@ -27,7 +27,7 @@ def sample(data_root):
 
 
 def _check_mask(ex, tok, prompt, target):
-  ids, m = ex["input_ids"], ex["loss_mask"]
+  ids, m = ex["input_ids_T"], ex["loss_mask_T"]
   n_p = int((m == 0).sum())
   assert (m[:n_p] == 0).all() and (m[n_p:] == 1).all() and m[-1] == 1  # one prompt span, then the target
   # the masked tokens are exactly the target text's tokens; the rest exactly the prompt's
@@ -44,26 +44,26 @@ def test_loss_only_on_response_tokens(sample, smol_tok, template):
     n_p = _check_mask(ex, smol_tok, prompt, target)
     assert not ex["truncated"] and ex["task"] == rec["task"]
     # the prompt tokens are those a generation run starts from
-    assert ex["input_ids"][:n_p].tolist() == smol_tok(prompt, add_special_tokens=template == "alpaca").input_ids
+    assert ex["input_ids_T"][:n_p].tolist() == smol_tok(prompt, add_special_tokens=template == "alpaca").input_ids
     if template == "alpaca":
       assert target == rec["response"] + "###END"
     else:
       assert target == rec["response"].strip() + "<|im_end|>"
-      assert ex["input_ids"][-1] == smol_tok.eos_token_id  # SmolLM2 ends turns with its EOS
+      assert ex["input_ids_T"][-1] == smol_tok.eos_token_id  # SmolLM2 ends turns with its EOS
 
 
 def test_add_eos(smol_tok):
   rec = {"instruction": "Hi", "response": "Hello", "task": 0}
   ex = tk.tokenize_example(rec, smol_tok, "alpaca", 64, add_eos=True, end_marker="")
-  assert ex["input_ids"][-1] == smol_tok.eos_token_id
-  assert smol_tok.decode(ex["input_ids"][ex["loss_mask"] == 1], skip_special_tokens=False) == "Hello<|im_end|>"
+  assert ex["input_ids_T"][-1] == smol_tok.eos_token_id
+  assert smol_tok.decode(ex["input_ids_T"][ex["loss_mask_T"] == 1], skip_special_tokens=False) == "Hello<|im_end|>"
 
 
 def test_byte_tokenizer_adds_bos_to_alpaca_prompt():
   bt = tk.ByteTokenizer()
   ex = tk.tokenize_example({"instruction": "x", "response": "ab", "task": 2}, bt, "alpaca", 512, end_marker="")
-  assert ex["input_ids"][0] == bt.bos_token_id
-  assert ex["input_ids"][-2:].tolist() == [ord("a") + 3, ord("b") + 3] and ex["loss_mask"].sum() == 2
+  assert ex["input_ids_T"][0] == bt.bos_token_id
+  assert ex["input_ids_T"][-2:].tolist() == [ord("a") + 3, ord("b") + 3] and ex["loss_mask_T"].sum() == 2
 
 
 @pytest.mark.parametrize("p, t, max_len, want_p, want_t", [
@@ -89,7 +89,7 @@ def test_truncation_on_a_long_real_record(sample, smol_tok):
   for template in ("alpaca", "chat"):
     ex = tk.tokenize_example(rec, smol_tok, template, max_len=48)
     prompt, target = fmt.format_example(rec, smol_tok, template)
-    ids, m = ex["input_ids"], ex["loss_mask"]
+    ids, m = ex["input_ids_T"], ex["loss_mask_T"]
     assert ex["truncated"] and len(ids) == 48 and m.sum() == 24  # half prompt, half target
     kept_target = smol_tok.decode(ids[m == 1], skip_special_tokens=False)
     kept_prompt = smol_tok.decode(ids[m == 0], skip_special_tokens=False)

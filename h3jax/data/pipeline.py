@@ -155,13 +155,13 @@ class BatchIterator:
       raise ValueError("no examples to iterate over")
     if batch_size < 1 or max_len < 2:
       raise ValueError(f"batch_size must be >= 1 and max_len >= 2, got {batch_size}, {max_len}")
-    too_long = [i for i, e in enumerate(examples) if len(e["input_ids"]) > max_len]
+    too_long = [i for i, e in enumerate(examples) if len(e["input_ids_T"]) > max_len]
     if too_long:
       raise ValueError(f"{len(too_long)} examples exceed max_len={max_len} (first: #{too_long[0]}); "
                        "tokenize with the same max_len")
     self.examples, self.batch_size, self.max_len = list(examples), int(batch_size), int(max_len)
     self.seed, self.pack, self.pad_id = int(seed), bool(pack), int(pad_id)
-    self._lengths = [len(e["input_ids"]) for e in self.examples]
+    self._lengths = [len(e["input_ids_T"]) for e in self.examples]
     self._tasks = [int(e["task"]) for e in self.examples]
     self._rows: Dict[int, list] = {}  # epoch -> rows (a few recent epochs)
     self._epoch_rows: List[int] = []  # rows per epoch, epochs 0.. computed so far
@@ -171,8 +171,8 @@ class BatchIterator:
   def _fingerprint(self) -> str:
     h = hashlib.sha256(json.dumps([self.batch_size, self.max_len, self.seed, self.pack, self.pad_id]).encode())
     for e in self.examples:
-      h.update(np.asarray(e["input_ids"], np.int32).tobytes())
-      h.update(np.asarray(e["loss_mask"], np.int32).tobytes())
+      h.update(np.asarray(e["input_ids_T"], np.int32).tobytes())
+      h.update(np.asarray(e["loss_mask_T"], np.int32).tobytes())
       h.update(bytes([e["task"]]))
     return h.hexdigest()[:16]
 
@@ -213,8 +213,8 @@ class BatchIterator:
       t = 0
       for seg, i in enumerate(self.epoch_rows(epoch)[r], 1):
         ex, n = self.examples[i], self._lengths[i]
-        out["input_ids_BT"][b, t:t + n] = ex["input_ids"]
-        out["loss_mask_BT"][b, t:t + n] = ex["loss_mask"]
+        out["input_ids_BT"][b, t:t + n] = ex["input_ids_T"]
+        out["loss_mask_BT"][b, t:t + n] = ex["loss_mask_T"]
         out["attention_mask_BT"][b, t:t + n] = 1
         out["positions_BT"][b, t:t + n] = np.arange(n)
         out["segment_ids_BT"][b, t:t + n] = seg

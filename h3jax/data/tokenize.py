@@ -1,6 +1,6 @@
 """Tokenization with response-only loss masks, a max length and a truncation policy.
 
-An example is {"input_ids": int32[n], "loss_mask": int32[n], "task": int,
+An example is {"input_ids_T": int32[T], "loss_mask_T": int32[T], "task": int,
 "truncated": bool}; loss_mask is 1 on target tokens (the reply, plus "###END"
 or the end-of-turn token), 0 on the prompt. The trainer predicts token t from
 t-1 and weighs it by loss_mask[t].
@@ -115,8 +115,8 @@ def tokenize_example(record: dict, tokenizer, template: str, max_len: int, *,
     raise ValueError(f"record has an empty target: {record['instruction'][:60]!r}")
   bos = tokenizer.bos_token_id if template != "chat" else None
   p, t, cut = truncate(p, t, max_len, min_prompt_frac=min_prompt_frac, bos_id=bos)
-  return {"input_ids": np.asarray(p + t, np.int32),
-          "loss_mask": np.asarray([0] * len(p) + [1] * len(t), np.int32),
+  return {"input_ids_T": np.asarray(p + t, np.int32),
+          "loss_mask_T": np.asarray([0] * len(p) + [1] * len(t), np.int32),
           "task": task_label(record), "truncated": cut}
 
 
