@@ -1,6 +1,10 @@
 """Tokenization on the real SmolLM2 tokenizer: loss only on response tokens,
 exact prompt/target boundary, truncation policy (hand-computed cases)."""
 
+import math
+
+import hypothesis
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 
@@ -109,3 +113,22 @@ def test_tokenize_errors(smol_tok, tmp_path):
   with pytest.raises(FileNotFoundError, match="has no tokenizer \\(expected tokenizer.json"):
     tk.load_tokenizer(tmp_path)
   assert tk.pad_id(smol_tok) == smol_tok.pad_token_id == 2 and tk.pad_id(tk.ByteTokenizer()) == 0
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(n_p=st.integers(0, 40), n_t=st.integers(1, 40), max_len=st.integers(2, 50),
+                  frac=st.floats(0.0, 1.0), bos=st.booleans())
+def test_truncate_invariants(n_p, n_t, max_len, frac, bos):
+  p = ([1] if bos and n_p else []) + list(range(100, 100 + n_p - (1 if bos and n_p else 0)))
+  t = list(range(500, 500 + n_t))
+  got_p, got_t, cut = tk.truncate(p, t, max_len, min_prompt_frac=frac, bos_id=1)
+  if len(p) + len(t) <= max_len:
+    assert (got_p, got_t, cut) == (p, t, False)
+    return
+  assert cut and len(got_p) + len(got_t) <= max_len and got_t and got_t == t[:len(got_t)]
+  body = got_p[1:] if (bos and got_p and p[0] == 1 and len(got_p) < len(p)) else got_p
+  assert body == p[len(p) - len(body):]  # the prompt keeps its end
+  if bos and got_p and len(got_p) < len(p):
+    assert got_p[0] == 1  # BOS survives
+  assert len(got_p) + len(got_t) == max_len  # nothing wasted
+  assert len(got_p) >= min(len(p), max_len - 1, math.ceil(frac * max_len))  # the prompt's share
