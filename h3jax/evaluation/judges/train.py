@@ -101,17 +101,9 @@ def build_judge(task: str, data_root=None, *, fraction: float = 1.0, fit_all_hon
   data = data_lib.load_judge_data(task, data_root)
   keep = _subset(data, fraction)
   fcfg = features_lib.FeatureConfig(fields=data.fields)
-  if data.pairs is None:
-    used_rows = keep
-  else:
-    used_rows = np.zeros(len(data.rows), bool)
-    used_rows[data.pairs[0][keep]] = used_rows[data.pairs[1][keep]] = True
-  x = _cached_features([data.rows[i] for i in np.flatnonzero(used_rows)] if data.pairs is None else data.rows,
-                       fcfg, {"task": task, "sources": data.sources, "fraction": fraction,
-                              "rows": "subset" if data.pairs is None else "all"}, cache_dir)
-  if data.pairs is None:  # re-index examples onto the featurised subset
-    data = _restrict(data, keep)
-    keep = np.ones(len(data), bool)
+  data = _restrict(data, keep)
+  x = _cached_features(data.rows, fcfg, {"task": task, "sources": data.sources, "fraction": fraction}, cache_dir)
+  keep = np.ones(len(data), bool)
   train, held = keep & data.train, keep & ~data.train
   inner = np.asarray([bucket(f"judge-val|{k}") < INNER_VAL_BUCKETS for k in data.keys])
   fit_sel, val_sel = train & ~inner, train & inner & data.scored
@@ -143,11 +135,19 @@ def build_judge(task: str, data_root=None, *, fraction: float = 1.0, fit_all_hon
 
 
 def _restrict(data: data_lib.JudgeData, keep: np.ndarray) -> data_lib.JudgeData:
+  """The examples (pairs) in keep, with only the rows they use, re-indexed."""
   idx = np.flatnonzero(keep)
+  pairs, rows = None, np.arange(len(data.rows))
+  if data.pairs is not None:
+    a, b = data.pairs[0][idx], data.pairs[1][idx]
+    rows = np.unique(np.concatenate([a, b]))
+    pairs = (np.searchsorted(rows, a), np.searchsorted(rows, b))
+  else:
+    rows = idx
   return data_lib.JudgeData(
-      data.task, data.fields, [data.rows[i] for i in idx], [data.keys[i] for i in idx], data.y[idx],
+      data.task, data.fields, [data.rows[i] for i in rows], [data.keys[i] for i in idx], data.y[idx],
       data.label[idx], data.train[idx], {k: v[idx] for k, v in data.baselines.items()}, data.scored[idx],
-      data.sources)
+      data.sources, pairs)
 
 
 def format_table(metrics: Dict[str, dict]) -> str:
@@ -161,7 +161,8 @@ def format_table(metrics: Dict[str, dict]) -> str:
 
 
 def build_judges(out_dir, data_root=None, *, only: Optional[Sequence[str]] = None, fraction: float = 1.0,
-                 fit_all_honesty: bool = True, cache_dir="default", log=print) -> Dict[str, dict]:
+                 fit_all_honesty: bool = True, cache_dir="default", grid: Sequence[heads.HeadConfig] = GRID,
+                 log=print) -> Dict[str, dict]:
   """Builds the judges in `only` (default all) into out_dir; returns {task: metrics}."""
   tasks = list(only or JUDGE_NAMES)
   bad = [t for t in tasks if t not in JUDGE_NAMES]
@@ -178,7 +179,7 @@ def build_judges(out_dir, data_root=None, *, only: Optional[Sequence[str]] = Non
   for task in tasks:
     log(f"building judge {task!r}")
     judge, metrics[task] = build_judge(task, data_root, fraction=fraction, fit_all_honesty=fit_all_honesty,
-                                       cache_dir=cache_dir, log=log)
+                                       cache_dir=cache_dir, grid=grid, log=log)
     judge.save(out)
     summary[task] = dict(metrics[task], fit=judge.card["fit"], head=judge.card["head"])
   tmp = out / ".judges.json.tmp"
