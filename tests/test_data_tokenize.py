@@ -5,7 +5,6 @@ import math
 
 import hypothesis
 import hypothesis.strategies as st
-import numpy as np
 import pytest
 
 from conftest import SMOLLM2_DIR
