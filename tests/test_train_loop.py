@@ -41,6 +41,7 @@ def _env():
   return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
 
 
+@pytest.mark.slow  # three CLI runs in subprocesses
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
   data = write_jsonl(tmp_path / "d.jsonl")
   args = overrides(data, 40, 4)
