@@ -85,42 +85,50 @@ def _bce(logit, y):
   return optax.sigmoid_binary_cross_entropy(logit, y).mean()
 
 
-def _fit(p, loss_fn, hp: HeadConfig):
+def _fit(p, loss_fn, batch: dict, hp: HeadConfig):
+  """Full-batch Adam; `batch` is an argument, not a closure, so XLA does not constant-fold the data."""
   trainable = {k: v for k, v in p.items() if k not in ("mean", "std")}
   fixed = {k: p[k] for k in ("mean", "std")}
   opt = optax.adam(hp.lr)
 
+  def total_loss(t, batch):
+    return loss_fn({**t, **fixed}, batch) + hp.l2 * (jnp.sum(t["w"] ** 2) + jnp.sum(t["v"] ** 2))
+
   @jax.jit
-  def run(trainable):
+  def run(trainable, batch):
     def step(carry, _):
       t, s = carry
-      loss, g = jax.value_and_grad(lambda t: loss_fn({**t, **fixed}) + hp.l2 * (
-          jnp.sum(t["w"] ** 2) + jnp.sum(t["v"] ** 2)))(t)
+      loss, g = jax.value_and_grad(total_loss)(t, batch)
       upd, s = opt.update(g, s, t)
       return (optax.apply_updates(t, upd), s), loss
     (t, _), losses = jax.lax.scan(step, (trainable, opt.init(trainable)), None, length=hp.steps)
     return t, losses
 
-  t, losses = run(trainable)
+  t, losses = run(trainable, batch)
   return {k: np.asarray(v) for k, v in {**t, **fixed}.items()}, np.asarray(losses)
+
+
+def _batch(x: Sparse, **extra) -> dict:
+  return dict(ids=jnp.asarray(x.ids), vals=jnp.asarray(x.vals), rows=jnp.asarray(x.rows),
+              dense=jnp.asarray(x.dense), **{k: jnp.asarray(v) for k, v in extra.items()})
 
 
 def train_pointwise(x: Sparse, y, dim: int, hp: HeadConfig):
   """Fits P(label) = sigmoid(score); y [N] soft labels in [0, 1]. Returns (params, losses)."""
-  y = jnp.asarray(y, jnp.float32)
   p = init_head(dim, x.dense.shape[1], hp, *dense_stats(x))
-  ids, vals, rows, dense = map(jnp.asarray, (x.ids, x.vals, x.rows, x.dense))
-  return _fit(p, lambda p: _bce(_scores(p, ids, vals, rows, dense, x.n), y), hp)
+  n = x.n
+
+  def loss(p, b):
+    return _bce(_scores(p, b["ids"], b["vals"], b["rows"], b["dense"], n), b["y"])
+  return _fit(p, loss, _batch(x, y=np.asarray(y, np.float32)), hp)
 
 
 def train_pairwise(x: Sparse, a_idx, b_idx, y, dim: int, hp: HeadConfig):
   """Bradley-Terry on rows of x: P(row a_idx[i] beats b_idx[i]) = y[i]. Returns (params, losses)."""
-  y = jnp.asarray(y, jnp.float32)
-  a, b = jnp.asarray(a_idx), jnp.asarray(b_idx)
   p = init_head(dim, x.dense.shape[1], hp, *dense_stats(x))
-  ids, vals, rows, dense = map(jnp.asarray, (x.ids, x.vals, x.rows, x.dense))
+  n = x.n
 
-  def loss(p):
-    s_N = _scores(p, ids, vals, rows, dense, x.n)
-    return _bce(s_N[a] - s_N[b], y)
-  return _fit(p, loss, hp)
+  def loss(p, b):
+    s_N = _scores(p, b["ids"], b["vals"], b["rows"], b["dense"], n)
+    return _bce(s_N[b["a"]] - s_N[b["b"]], b["y"])
+  return _fit(p, loss, _batch(x, a=np.asarray(a_idx), b=np.asarray(b_idx), y=np.asarray(y, np.float32)), hp)
