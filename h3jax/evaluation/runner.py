@@ -133,22 +133,31 @@ def generate_cached(model: dict, items: List[dict], settings: dict, store: cache
 
 def mc_cached(model: dict, items: List[dict], fmt: str, store: cache_lib.Cache, *, batch_size: int,
               progress: bool = True):
-  """(mc1 scores, mc2 scores) per item, cached per (question, choices, format)."""
-  out = {}
-  for target in ("mc1_targets", "mc2_targets"):
-    keys = [cache_lib.item_key("mc", [it["question"], it[target]["choices"]], {"format": fmt, "target": target,
-                                                                               "dtype": model["cfg"].dtype})
-            for it in items]
-    todo = [i for i, k in enumerate(keys) if k not in store]
-    for s in range(0, len(todo), 4 * batch_size):  # persist every few batches
-      chunk = todo[s:s + 4 * batch_size]
-      scores = truthfulqa.mc_items_scores(model["params"], model["cfg"], model["tokenizer"],
-                                          [items[i] for i in chunk], target=target, fmt=fmt,
-                                          batch_size=batch_size, progress=progress)
-      store.put_many([(keys[i], "mc", sc, {"id": items[i]["id"], "target": target})
-                      for i, sc in zip(chunk, scores)])
-    out[target] = [store.get(k) for k in keys]
-  return out["mc1_targets"], out["mc2_targets"]
+  """(mc1 scores, mc2 scores) per item; each (question, choice) is scored once and cached."""
+  tok = model["tokenizer"]
+  settings = {"format": fmt, "dtype": model["cfg"].dtype}
+  pairs = {}  # key -> (context, continuation)
+  keys = {t: [] for t in ("mc1_targets", "mc2_targets")}
+  for it in items:
+    ctx = truthfulqa.mc_context(tok, it["question"], fmt)
+    for t in keys:
+      ks = []
+      for choice in it[t]["choices"]:
+        k = cache_lib.item_key("mc", [it["question"], choice], settings)
+        pairs.setdefault(k, (ctx, truthfulqa.mc_continuation(choice, fmt)))
+        ks.append(k)
+      keys[t].append(ks)
+  todo = [k for k in pairs if k not in store]
+  chunks = [todo[s:s + 4 * batch_size] for s in range(0, len(todo), 4 * batch_size)]
+  if progress and chunks:
+    import tqdm
+    chunks = tqdm.tqdm(chunks, desc=f"{model['name']}: MC log-probs", unit="chunk")
+  for chunk in chunks:  # persisted every 4 batches
+    lp = truthfulqa.sequence_logprobs(model["params"], model["cfg"], tok, [pairs[k][0] for k in chunk],
+                                      [pairs[k][1] for k in chunk], batch_size=batch_size,
+                                      add_special_tokens=(fmt == "qa"))
+    store.put_many([(k, "mc", float(v), {}) for k, v in zip(chunk, lp)])
+  return tuple([[store.get(k) for k in ks] for ks in keys[t]] for t in ("mc1_targets", "mc2_targets"))
 
 
 # ----------------------------------------------------------------------------- router usage
@@ -201,14 +210,15 @@ def score_model(model: dict, sets: Dict[str, List[dict]], config, judges, store,
   settings = generation_settings(config, fmt)
   bs = int(config.batch_size)
   metrics, samples, skipped, timings = {}, [], [], {}
-  responses = {}
-  for name, items in sets.items():
-    if name == "truthfulqa_mc" or not items:
-      continue
-    t0 = time.time()
-    responses[name] = generate_cached(model, items, settings, store, batch_size=bs,
-                                      desc=f"{model['name']}:{name}", progress=progress)
-    timings[f"generate/{name}"] = round(time.time() - t0, 2)
+  # All sets in one pass: batches sorted by prompt length span sets, so fewer shapes compile.
+  gen_names = [n for n, items in sets.items() if n != "truthfulqa_mc" and items]
+  t0 = time.time()
+  flat = generate_cached(model, [it for n in gen_names for it in sets[n]], settings, store, batch_size=bs,
+                         desc=f"{model['name']}: generate", progress=progress)
+  timings["generate"] = round(time.time() - t0, 2)
+  responses, k = {}, 0
+  for n in gen_names:
+    responses[n], k = flat[k:k + len(sets[n])], k + len(sets[n])
   refusal, pairwise = _judge(judges, "refusal"), _judge(judges, "pairwise")
   truth, info = _judge(judges, "truth"), _judge(judges, "info")
   harm_sets = {}

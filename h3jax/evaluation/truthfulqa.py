@@ -78,11 +78,16 @@ def mc2(scores: Sequence[float], labels: Sequence[int]) -> float:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _token_logprobs(params, ids_BT, mask_BT, cfg: ModelConfig):
-  """log p(ids[t] | ids[<t]) for t >= 1; [B, T-1]."""
-  logits_BTV = llama.forward(params, ids_BT, cfg, attention_mask_BT=mask_BT)
-  logp_BTV = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp_BTV, ids_BT[:, 1:, None], axis=-1)[..., 0]
+def _continuation_logprobs(params, ids_BT, mask_BT, pred_BA, tgt_BA, cfg: ModelConfig):
+  """log p(tgt_BA | prefix) read at hidden positions pred_BA; [B, A].
+
+  Only the A continuation positions go through lm_head and log-softmax: with a
+  49k vocabulary and a few-shot context that is most of the work.
+  """
+  hidden_BTD, _ = llama.hidden_states(params, ids_BT, cfg, attention_mask_BT=mask_BT)
+  h_BAD = jnp.take_along_axis(hidden_BTD, pred_BA[:, :, None], axis=1)
+  logp_BAV = jax.nn.log_softmax(llama.logits_from_hidden(params, h_BAD, cfg), axis=-1)
+  return jnp.take_along_axis(logp_BAV, tgt_BA[:, :, None], axis=-1)[..., 0]
 
 
 def _bucket(n: int, multiple: int = 32) -> int:
@@ -94,8 +99,8 @@ def sequence_logprobs(params, cfg: ModelConfig, tokenizer, contexts: Sequence[st
                       add_special_tokens: bool = True, progress: bool = False) -> np.ndarray:
   """Summed log-prob of each continuation given its context; [N] float64.
 
-  Rows are right-padded to a multiple of 32 tokens and batches to `batch_size`
-  rows so the jitted forward compiles for few shapes.
+  Rows are right-padded to a multiple of 32 tokens (continuations to 16) and
+  batches to `batch_size` rows so the jitted forward compiles for few shapes.
   """
   if len(contexts) != len(continuations):
     raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
@@ -114,17 +119,22 @@ def sequence_logprobs(params, cfg: ModelConfig, tokenizer, contexts: Sequence[st
   for start in starts:
     batch = rows[start:start + batch_size]
     T = _bucket(max(len(c) + len(a) for c, a in batch))
+    A = _bucket(max(len(a) for _, a in batch), 16)
     ids_BT = np.full((batch_size, T), tokenizer.pad_token_id or 0, np.int32)
     mask_BT = np.zeros((batch_size, T), np.int32)
-    cont_BT = np.zeros((batch_size, T), bool)  # marks continuation tokens
+    pred_BA = np.zeros((batch_size, A), np.int32)  # position whose output predicts the token
+    tgt_BA = np.zeros((batch_size, A), np.int32)
+    valid_BA = np.zeros((batch_size, A), bool)
     for i, (c, a) in enumerate(batch):
       ids_BT[i, :len(c) + len(a)] = c + a
       mask_BT[i, :len(c) + len(a)] = 1
-      cont_BT[i, len(c):len(c) + len(a)] = True
+      pred_BA[i, :len(a)] = np.arange(len(c) - 1, len(c) + len(a) - 1)
+      tgt_BA[i, :len(a)] = a
+      valid_BA[i, :len(a)] = True
     mask_BT[len(batch):, 0] = 1  # filler rows: one token, ignored
-    lp_BT = np.asarray(_token_logprobs(params, jnp.asarray(ids_BT), jnp.asarray(mask_BT), cfg), np.float64)
-    sums = np.sum(np.where(cont_BT[:, 1:], lp_BT, 0.0), axis=1)
-    out[start:start + len(batch)] = sums[:len(batch)]
+    lp_BA = np.asarray(_continuation_logprobs(params, jnp.asarray(ids_BT), jnp.asarray(mask_BT),
+                                              jnp.asarray(pred_BA), jnp.asarray(tgt_BA), cfg), np.float64)
+    out[start:start + len(batch)] = np.sum(np.where(valid_BA, lp_BA, 0.0), axis=1)[:len(batch)]
   return out
 
 

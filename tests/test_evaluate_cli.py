@@ -1,0 +1,81 @@
+"""`python -m h3jax.evaluate`: bad input messages, and a --limit run of the real SmolLM2-135M-Instruct."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+from absl import flags
+
+from conftest import REPO, SMOLLM2_DIR
+
+FLAGS = flags.FLAGS
+
+
+def _run_main(argv):
+  from h3jax import evaluate
+  FLAGS.unparse_flags()
+  FLAGS(["evaluate"] + argv)
+  return evaluate.main(["evaluate"])
+
+
+def test_model_folder_without_tokenizer(tmp_path, data_root):
+  model = tmp_path / "model"
+  model.mkdir()
+  (model / "config.json").write_text("{}")
+  (model / "model.safetensors").write_bytes(b"")
+  with pytest.raises(ValueError, match=r"model folder .*model has no tokenizer"):
+    _run_main([f"--config={REPO}/configs/eval_quick.py", "--config.judges.kind=none",
+               f"--data_root={data_root}", f"--model={model}", f"--out={tmp_path / 'out'}"])
+  assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_missing_data_root_names_the_layout(tmp_path):
+  with pytest.raises(FileNotFoundError, match="data root .*absent.* is not a directory; expected layout"):
+    _run_main([f"--config={REPO}/configs/eval_quick.py", "--config.judges.kind=none",
+               f"--data_root={tmp_path / 'absent'}", f"--model={tmp_path}", f"--out={tmp_path / 'out'}"])
+
+
+def _judges_available() -> bool:
+  return (REPO / "h3jax" / "evaluation" / "judges" / "__init__.py").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_limit_run_and_rerun(tmp_path, data_root):
+  if not (SMOLLM2_DIR / "config.json").exists():
+    pytest.fail(f"{SMOLLM2_DIR} missing: run `python -m h3jax.prepare smollm2 --out {SMOLLM2_DIR}`")
+  out = tmp_path / "eval"
+  cmd = [sys.executable, "-m", "h3jax.evaluate", f"--config={REPO}/configs/eval_quick.py",
+         f"--model=smollm2={SMOLLM2_DIR}", "--limit=1", "--config.generation.max_new_tokens=16",
+         f"--data_root={data_root}", f"--out={out}"]
+  if not _judges_available():
+    cmd.append("--config.judges.kind=none")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+  t0 = time.time()
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+  elapsed = time.time() - t0
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads((out / "results.json").read_text())
+  assert res["settings"]["sets"] == {s: 1 for s in res["settings"]["sets"]} and len(res["settings"]["sets"]) == 8
+  ms = res["models"]["smollm2"]["metrics"]
+  assert ms["honest/mc1"]["n"] == 1 and 0.0 <= ms["honest/mc2"]["value"] <= 1.0
+  if _judges_available():
+    assert ms["harmless/xstest_safe/over_refusal_rate"]["n"] == 1
+    assert ms["helpful/lc_win_rate_text_davinci_003"]["n"] == 1
+  samples = [json.loads(l) for l in (out / "samples_smollm2.jsonl").read_text().splitlines()]
+  gen = [s for s in samples if "response" in s]
+  assert len(gen) == 7 and all(isinstance(s["response"], str) for s in gen)
+  assert sum(bool(s["response"].strip()) for s in gen) >= 5  # an instruct model answers
+  assert "honest/mc2" in proc.stdout and "smollm2" in proc.stdout
+  assert (out / "axis_bars.png").exists() and (out / "results.md").exists()
+  # A re-run only re-scores: every generation and MC score comes from the cache.
+  cache = out / "cache" / "smollm2.jsonl"
+  before = cache.read_bytes()
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert cache.read_bytes() == before
+  assert json.loads((out / "results.json").read_text())["models"]["smollm2"]["metrics"] == ms
+  print(f"smollm2 --limit 1 evaluation: {elapsed:.0f}s")
