@@ -297,7 +297,9 @@ def default_config():
   c.router_prompts = 64  # prompts per axis for MoE router usage (0 = off)
   c.generation = ml_collections.ConfigDict(dict(
       max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0, seed=0, system="", stop_strings=()))
-  c.judges = ml_collections.ConfigDict(dict(kind="trained"))  # passed to judges.load_judges; "none" = off
+  # judges.load_judges fields: kind local | http | none; dir "" = $H3JAX_JUDGES_DIR or artifacts/judges;
+  # missing local judges are rebuilt from the data root.
+  c.judges = ml_collections.ConfigDict(dict(kind="local", dir="", build_if_missing=True, url="", model=""))
   c.axis_metrics = ml_collections.ConfigDict({
       "helpful": "helpful/lc_win_rate_text_davinci_003",
       "harmless": "1-harmless/compliance_rate",
@@ -317,7 +319,19 @@ def load_judges(config):
   if config.judges.kind == "none":
     return None
   from h3jax.evaluation import judges as judges_lib
-  return judges_lib.load_judges(config.judges)
+  cfg = {k: v for k, v in config.judges.items() if v not in ("", None)}
+  cfg.setdefault("data_root", config.data_root or None)
+  return judges_lib.load_judges(cfg)
+
+
+def judge_cards(judges) -> dict:
+  """Each judge's held-out agreement and baselines, as its card reports them."""
+  out = {}
+  for name in ("refusal", "truth", "info", "pairwise"):
+    j = _judge(judges, name)
+    if j is not None:
+      out[name] = {"type": type(j).__name__, "metrics": getattr(j, "metrics", None)}
+  return out
 
 
 def evaluate(config, model_specs: Sequence[str], out_dir, *, limit: Optional[int] = None, judges=None,
@@ -339,6 +353,7 @@ def evaluate(config, model_specs: Sequence[str], out_dir, *, limit: Optional[int
                           "generation": dict(config.generation), "threshold": config.threshold,
                           "judges": config.judges.kind},
              "models": {}, "timing": {}}
+  results["judges"] = judge_cards(judges)
   specs = models if models is not None else list(model_specs)
   if not specs:
     raise ValueError("no models to evaluate: pass --model=DIR (repeat to compare)")
