@@ -7,7 +7,7 @@ A matched linear dict `{kernel [..., in, out]}` gains
 Leading axes (layers L, experts E) are kept, so per-expert MoE kernels
 [L, E, in, out] get one independent adapter per expert. The model applies
 them with `cfg.lora_scale = alpha / r` (see `lora_model_config`). Merging
-into the kernels for export is `h3jax.lora.merge_lora`.
+into the kernels for export is `h3jax.fusion.merge_lora` (used by `save_pretrained`).
 """
 
 from __future__ import annotations
