@@ -59,6 +59,43 @@ merged.save_pretrained(out)
 """
 
 
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
+
+
+def make_synthetic_base(meta_dir: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+  """Seeded random weights with SmolLM2-135M's exact tensor names/shapes (for machines the
+  540 MB checkpoint cannot be copied to); config/tokenizer files come from `meta_dir`."""
+  sys.path.insert(0, str(REPO))
+  from h3jax.hf.st_io import SafetensorsWriter
+  if (out / ".done").exists():
+    return out
+  shutil.rmtree(out, ignore_errors=True)
+  out.mkdir(parents=True)
+  c = SMOLLM2_135M
+  V, D, F, H, K, Dh = (c["vocab_size"], c["hidden_size"], c["intermediate_size"], c["num_attention_heads"],
+                       c["num_key_value_heads"], c["head_dim"])
+  shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+  for i in range(c["num_hidden_layers"]):
+    p = f"model.layers.{i}."
+    shapes.update({p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
+                   p + "self_attn.q_proj.weight": (H * Dh, D), p + "self_attn.k_proj.weight": (K * Dh, D),
+                   p + "self_attn.v_proj.weight": (K * Dh, D), p + "self_attn.o_proj.weight": (D, H * Dh),
+                   p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D),
+                   p + "mlp.down_proj.weight": (D, F)})
+  w = SafetensorsWriter(out, max_shard_size="5GB")
+  for j, (name, shape) in enumerate(sorted(shapes.items())):
+    rng = np.random.default_rng([99, j])
+    x = rng.uniform(0.5, 1.5, shape) if len(shape) == 1 else 0.02 * rng.standard_normal(shape)
+    w.add(name, x.astype(np.float32))
+  w.close()
+  for f in SIDE_FILES:
+    if (meta_dir / f).exists():
+      shutil.copy2(meta_dir / f, out / f)
+  (out / ".done").write_text("ok\n")
+  return out
+
+
 def make_variants(base_dir: pathlib.Path, work: pathlib.Path, n: int = 3, frac: float = 0.05) -> list:
   """Deterministic fine-tune stand-ins: theta + N(0, (0.05 std(theta))^2) on `frac` of entries."""
   sys.path.insert(0, str(REPO))
@@ -109,13 +146,15 @@ def ties_error(a_dir, b_dir) -> float:
   return max(float(np.max(np.abs(a[k] - b[k]) / (1 + np.abs(b[k])))) for k in a)
 
 
-def tsvm_error(a_dir, b_dir, base_dir) -> float:
+def tsvm_error(a_dir, b_dir, base_dir):
+  """(max relative Frobenius error of the merged delta over tensors, the worst tensor)."""
   a, b, base = read(a_dir), read(b_dir), read(base_dir)
-  errs = []
+  errs = {}
   for k in a:
     da, db = a[k] - base[k], b[k] - base[k]
-    errs.append(float(np.linalg.norm(da - db) / max(np.linalg.norm(db), 1e-12)))
-  return max(errs)
+    errs[k] = float(np.linalg.norm(da - db) / max(np.linalg.norm(db), 1e-12))
+  worst = max(errs, key=errs.get)
+  return errs[worst], worst
 
 
 def main():
@@ -126,10 +165,21 @@ def main():
   p.add_argument("--repeats", type=int, default=2,
                  help="h3jax runs per method (the first is cold: empty compilation cache); best reported")
   p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "merge_speed.json"))
+  p.add_argument("--synthetic_from", default=None,
+                 help="folder with SmolLM2's config/tokenizer files: use seeded random weights of its shapes")
+  p.add_argument("--h3jax_python", default=str(H3JAX_PY))
+  p.add_argument("--mergekit_yaml", default=str(MERGEKIT_YAML))
+  p.add_argument("--fusionbench_python", default=str(FUSIONBENCH_PY))
+  p.add_argument("--mergekit_cuda", action="store_true", help="also time mergekit-yaml --cuda")
   args = p.parse_args()
-  base = pathlib.Path(args.smollm2)
   work = pathlib.Path(args.work)
   work.mkdir(parents=True, exist_ok=True)
+  if args.synthetic_from:
+    base = make_synthetic_base(pathlib.Path(args.synthetic_from), work / "synthetic_base")
+  else:
+    base = pathlib.Path(args.smollm2)
+  h3jax_py, mk_yaml, fb_py = pathlib.Path(args.h3jax_python), pathlib.Path(args.mergekit_yaml), \
+      pathlib.Path(args.fusionbench_python)
   t0 = time.perf_counter()
   variants = make_variants(base, work)
   print(f"variants ready in {time.perf_counter() - t0:.1f}s: {[str(v) for v in variants]}", flush=True)
@@ -151,6 +201,15 @@ def main():
     results["runs"][tag] = {"best": best, "all": all_runs}
     return best, all_runs[0]
 
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+
+  def save(rows):  # after every method, so a cut-short run still leaves its numbers
+    results["synthetic_weights"] = bool(args.synthetic_from)
+    results["jax_platforms"] = env["JAX_PLATFORMS"]
+    results["table"] = rows
+    out.write_text(json.dumps(results, indent=2) + "\n")
+
   methods = args.methods.split(",")
   if "ties" in methods:
     cfg = work / "ties.yaml"
@@ -160,18 +219,23 @@ def main():
         "models:\n" + "".join(f"  - model: {v}\n    parameters: {{weight: 1.0, density: 0.2}}\n" for v in variants)
         + "parameters: {normalize: true, lambda: 1.0}\ndtype: float32\nout_dtype: float32\n")
     shutil.rmtree(work / "xla_cache", ignore_errors=True)
-    h, cold = run("h3jax_ties", [H3JAX_PY, "-m", "h3jax.merge", f"--config={cfg}", f"--out={work / 'h3jax_ties'}",
+    h, cold = run("h3jax_ties", [h3jax_py, "-m", "h3jax.merge", f"--config={cfg}", f"--out={work / 'h3jax_ties'}",
                                  "--noprogress", f"--compilation_cache={work / 'xla_cache'}"], work / "h3jax_ties",
                   args.repeats)
     row = {"method": "TIES d=0.2", "h3jax_s": h["wall_s"], "h3jax_cold_s": cold["wall_s"],
            "h3jax_rss_mb": h["peak_rss_mb"]}
-    if MERGEKIT_YAML.exists():
-      m, _ = run("mergekit_ties", [MERGEKIT_YAML, cfg, work / "mergekit_ties"], work / "mergekit_ties")
+    if mk_yaml.exists():
+      m, _ = run("mergekit_ties", [mk_yaml, cfg, work / "mergekit_ties"], work / "mergekit_ties")
+      if args.mergekit_cuda:
+        mc, _ = run("mergekit_ties_cuda", [mk_yaml, cfg, work / "mergekit_ties_cuda", "--cuda"],
+                    work / "mergekit_ties_cuda")
+        row.update(peer_cuda_s=mc["wall_s"], peer_cuda_rss_mb=mc["peak_rss_mb"])
       err = ties_error(work / "h3jax_ties", work / "mergekit_ties")
       row.update(peer="mergekit-yaml 0.1.5", peer_s=m["wall_s"], peer_rss_mb=m["peak_rss_mb"],
                  speedup=m["wall_s"] / h["wall_s"], max_err=err)
       results["ties_max_rel_err_vs_mergekit"] = err
     rows.append(row)
+    save(rows)
   if "tsv_m" in methods:
     cfg = work / "tsvm_cfg.py"
     cfg.write_text(
@@ -179,20 +243,21 @@ def main():
         f"  return dict(merge_method='tsv_m', base_model={str(base)!r},\n"
         f"              models=[dict(model=m) for m in {[str(v) for v in variants]!r}],\n"
         "              parameters=dict(alpha=1.0), dtype='float32')\n")
-    h, cold = run("h3jax_tsv_m", [H3JAX_PY, "-m", "h3jax.merge", f"--config={cfg}",
+    h, cold = run("h3jax_tsv_m", [h3jax_py, "-m", "h3jax.merge", f"--config={cfg}",
                                   f"--out={work / 'h3jax_tsvm'}", "--noprogress",
                                   f"--compilation_cache={work / 'xla_cache'}"], work / "h3jax_tsvm", args.repeats)
     row = {"method": "TSV-M a=1", "h3jax_s": h["wall_s"], "h3jax_cold_s": cold["wall_s"],
            "h3jax_rss_mb": h["peak_rss_mb"]}
-    if FUSIONBENCH_PY.exists():
-      f, _ = run("fusion_bench_tsv_m", [FUSIONBENCH_PY, "-c", _FUSIONBENCH_TSVM, base, work / "fb_tsvm", *variants],
+    if fb_py.exists():
+      f, _ = run("fusion_bench_tsv_m", [fb_py, "-c", _FUSIONBENCH_TSVM, base, work / "fb_tsvm", *variants],
               work / "fb_tsvm")
-      err = tsvm_error(work / "h3jax_tsvm", work / "fb_tsvm", base)
+      err, worst = tsvm_error(work / "h3jax_tsvm", work / "fb_tsvm", base)
+      results["tsv_m_worst_tensor"] = worst
       row.update(peer="fusion-bench 0.2.33", peer_s=f["wall_s"], peer_rss_mb=f["peak_rss_mb"],
                  speedup=f["wall_s"] / h["wall_s"], max_err=err)
       results["tsv_m_max_rel_fro_err_vs_fusion_bench"] = err
     rows.append(row)
-  results["table"] = rows
+  save(rows)
   print(f"\n{'method':<12}{'h3jax s':>9}{'(cold)':>8}{'RSS MB':>8}  {'peer':<22}{'peer s':>8}{'RSS MB':>8}"
         f"{'speedup':>9}{'max err':>10}")
   for r in rows:
@@ -200,9 +265,6 @@ def main():
           f"{r.get('peer', '-'):<22}"
           f"{r.get('peer_s', float('nan')):>8.1f}{r.get('peer_rss_mb', float('nan')):>8.0f}"
           f"{r.get('speedup', float('nan')):>8.1f}x{r.get('max_err', float('nan')):>10.2g}")
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(results, indent=2) + "\n")
   print(f"wrote {out}")
 
 

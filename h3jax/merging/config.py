@@ -364,8 +364,6 @@ def from_py_config(cfg, where: str = "config") -> MergeSpec:
     paths, params = _drop_base(base, paths, params)
   else:
     paths, params = tuple(paths), tuple(params)
-    if base is not None and embeddings == "base":
-      pass
   seed = raw.get("seed", 0)
   if not isinstance(seed, int):
     raise MergeConfigError(f"{where}: seed must be an int, got {seed!r}")
@@ -408,7 +406,7 @@ def _needs_base(fn, name) -> bool:
   return name not in getattr(merging, "BASE_FREE", BASE_FREE)
 
 
-def method_defaults(spec: MergeSpec, method_fn=None) -> Tuple[dict, dict]:
+def method_defaults(spec: MergeSpec) -> Tuple[dict, dict]:
   """(shared, per-model) parameter defaults for resolving `spec` per tensor."""
   if spec.flavour == "mergekit":
     return MERGEKIT_METHODS[spec.method]

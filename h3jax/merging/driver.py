@@ -24,7 +24,7 @@ import re
 import shutil
 import tempfile
 import zlib
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
