@@ -48,9 +48,10 @@ def _tokenizer_dir(path: pathlib.Path) -> Optional[pathlib.Path]:
 def load_model(spec: str, dtype: str = "float32") -> dict:
   """`[NAME=]DIR` -> {name, path, cfg, params, tokenizer}.
 
-  DIR is an HF folder (config.json) or a training workdir (Orbax checkpoints,
-  read with `h3jax.checkpoint.load_params`) whose tokenizer lives in DIR,
-  DIR/tokenizer or DIR/hf.
+  DIR is an HF folder (config.json) or a training workdir: its export DIR/hf
+  if present, else its latest checkpoint in DIR/checkpoints (or DIR) read with
+  `h3jax.checkpoint.load_params`, with the tokenizer from DIR, DIR/tokenizer
+  or DIR/hf.
   """
   name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
   path = pathlib.Path(path)
@@ -62,12 +63,14 @@ def load_model(spec: str, dtype: str = "float32") -> dict:
     raise ValueError(f"model folder {path} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)} in "
                      f"{path}, {path}/tokenizer or {path}/hf); copy the base model's tokenizer files "
                      f"there or export with --tokenizer_source")
-  if (path / "config.json").is_file():
+  hf_dir = next((d for d in (path, path / "hf") if (d / "config.json").is_file()), None)
+  if hf_dir is not None:  # an HF folder, or a workdir with its export in hf/
     from h3jax.hf.load import load_pretrained
-    cfg, params = load_pretrained(str(path), dtype=dtype)
-  else:
+    cfg, params = load_pretrained(str(hf_dir), dtype=dtype)
+  else:  # a workdir's latest Orbax checkpoint
     from h3jax.checkpoint import load_params
-    cfg, params = load_params(str(path))
+    ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    cfg, params = load_params(str(ckpt_dir))
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
   import transformers
   try:
