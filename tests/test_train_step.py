@@ -195,3 +195,15 @@ def test_wrong_lambda_gamma_length_is_a_clear_error(loss_kw, msg):
 def test_moe_terms_on_dense_model_rejected():
   with pytest.raises(ValueError, match=r"need a fused MoE model"):
     objective.loss_config({"gate_weight": 0.01}, tiny_cfg())
+
+
+def test_bf16_compute_step_tracks_fp32():
+  cfg, params, labels = lora_setup(tiny_cfg())
+  lc = objective.loss_config({}, cfg)
+  b = [batch_of(4, 0)]
+  s32, m32 = run_steps(cfg, params, labels, lc, b)
+  s16, m16 = run_steps(cfg.replace(dtype="bfloat16"), params, labels, lc, b)
+  np.testing.assert_allclose(m16[0]["loss"], m32[0]["loss"], rtol=2e-2)
+  a16 = s16["params"]["layers"]["mlp"]["up_proj"]["lora_a"]
+  assert a16.dtype == jnp.float32  # params (and optimizer state) stay fp32; only matmuls run in bf16
+  assert not np.array_equal(np.asarray(a16), np.asarray(params["layers"]["mlp"]["up_proj"]["lora_a"]))
