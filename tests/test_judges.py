@@ -4,6 +4,9 @@ artifact round trip, HTTP judge against a loopback stub, and clear errors."""
 import http.server
 import json
 import math
+import os
+import subprocess
+import sys
 import threading
 import zlib
 
@@ -17,8 +20,12 @@ from h3jax.evaluation.judges import heads
 from h3jax.evaluation.judges import train as train_lib
 
 # Held-out agreement must beat each baseline by at least this much (absolute).
-# Default test: a 40% subset of split keys (whole questions / prompts / instructions),
-# one hyperparameter setting; the optin test builds on all data with the shipped grid.
+# FULL_MARGINS: the shipped build (all data, hyperparameter grid; optin test, ~2 CPU-min).
+# MARGINS: the default test's quick build on a 40% subset of split keys (whole
+# questions / prompts / instructions) with one hyperparameter setting.
+FULL_MARGINS = {"refusal": {"majority_class": 0.30, "string_match": 0.04},
+                "truth": {"majority_class": 0.10}, "info": {"majority_class": 0.05},
+                "pairwise": {"majority_class": 0.30, "longer_wins": 0.004}}
 MARGINS = {"refusal": {"majority_class": 0.30, "string_match": 0.02},
            "truth": {"majority_class": 0.08}, "info": {"majority_class": 0.03},
            "pairwise": {"majority_class": 0.30, "longer_wins": 0.0}}
@@ -73,8 +80,8 @@ def built(data_root, tmp_path_factory):
   return out, metrics
 
 
-def _assert_beats_baselines(metrics):
-  for task, margins in MARGINS.items():
+def _assert_beats_baselines(metrics, margins_by_task):
+  for task, margins in margins_by_task.items():
     m = metrics[task]
     assert m["n_eval"] > 100, (task, m)
     for base, margin in margins.items():
@@ -83,7 +90,9 @@ def _assert_beats_baselines(metrics):
 
 def test_judges_beat_baselines_on_held_out_rows(built):
   _, metrics = built
-  _assert_beats_baselines(metrics)
+  _assert_beats_baselines(metrics, MARGINS)
+  # the judge ranks the stored models' win rates like GPT-4 does (data README sanity check)
+  assert metrics["pairwise"]["per_generator"]["spearman"] > 0.5
   # the baselines themselves are what the data README says they are
   assert 0.85 < metrics["refusal"]["baselines"]["string_match"] < 0.92
   assert 0.4 < metrics["pairwise"]["baselines"]["majority_class"] < 0.6
@@ -92,8 +101,8 @@ def test_judges_beat_baselines_on_held_out_rows(built):
 @pytest.mark.optin
 def test_full_build_beats_baselines(data_root, tmp_path):
   metrics = train_lib.build_judges(tmp_path, data_root, cache_dir=None, log=lambda *a: None)
-  _assert_beats_baselines(metrics)
-  assert metrics["pairwise"]["agreement"] > metrics["pairwise"]["baselines"]["longer_wins"] + 0.004
+  _assert_beats_baselines(metrics, FULL_MARGINS)
+  assert metrics["pairwise"]["per_generator"]["spearman"] > 0.5
 
 
 def test_artifacts_round_trip_and_behave(built):
@@ -123,6 +132,24 @@ def test_loaded_judge_reproduces_held_out_agreement(built, data_root):
   rows = [d.rows[i] for i in np.flatnonzero(keep)]
   p = judge.score([r[0] for r in rows], [r[1] for r in rows])
   assert np.mean((p > 0.5) == d.label[keep]) == pytest.approx(metrics["refusal"]["agreement"])
+
+
+def test_rebuild_is_deterministic_and_cli_writes_table(built, data_root, tmp_path):
+  out, _ = built
+  judge, _ = train_lib.build_judge("refusal", data_root, fraction=QUICK["fraction"], grid=QUICK["grid"],
+                                   cache_dir=None, log=lambda *a: None)  # no cache: from scratch
+  with np.load(out / "refusal.npz") as z:
+    for k in z.files:
+      np.testing.assert_array_equal(judge.params[k], z[k])
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-m", "h3jax.evaluation.judges.train", "--out", str(tmp_path / "cli"),
+                      "--data_root", str(data_root), "--only", "refusal", "--fraction", "0.2", "--cache_dir", ""],
+                     capture_output=True, text=True, env=env, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "| refusal |" in r.stdout and "string_match" in r.stdout
+  summary = json.loads((tmp_path / "cli" / "judges.json").read_text())
+  assert set(summary) == {"refusal"} and summary["refusal"]["n_eval"] > 0
+  assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["judges.json", "refusal.json", "refusal.npz"]
 
 
 # ----------------------------------------------------------------------------- HTTP judge

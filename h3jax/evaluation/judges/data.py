@@ -47,6 +47,8 @@ class JudgeData:
   scored: np.ndarray  # bool: counts toward agreement (pairwise: drops exact ties)
   sources: Dict[str, str]  # source name -> sha256 of the file (or hub id)
   pairs: Optional[Tuple[np.ndarray, np.ndarray]] = None
+  groups: Optional[np.ndarray] = None  # pairwise: the non-reference generator of each pair
+  group_in_a: Optional[np.ndarray] = None  # pairwise: that generator is response A
 
   def __len__(self):
     return len(self.keys)
@@ -116,7 +118,7 @@ def pairwise_data(data_root=None) -> JudgeData:
              for r in sources.load_source("alpaca_eval_outputs", data_root).to_list()}
   prefs = sources.load_source("alpaca_eval_preferences", data_root).to_list()
   doc: Dict[tuple, int] = {}
-  rows, keys, a_idx, b_idx, y, train = [], [], [], [], [], []
+  rows, keys, a_idx, b_idx, y, train, groups, in_a = [], [], [], [], [], [], [], []
 
   def doc_index(idx, gen):
     if (idx, gen) not in doc:
@@ -140,6 +142,8 @@ def pairwise_data(data_root=None) -> JudgeData:
     y.append(p_first)
     keys.append(instr[idx])
     train.append(is_train)
+    groups.append(g2)
+    in_a.append(first == g2)
   if not keys:
     raise ValueError("no AlpacaEval preference rows with stored outputs for both generators")
   a_idx, b_idx, y = np.asarray(a_idx), np.asarray(b_idx), np.asarray(y, np.float32)
@@ -147,7 +151,8 @@ def pairwise_data(data_root=None) -> JudgeData:
   return JudgeData("pairwise", ("instruction", "response"), rows, keys, y, y > 0.5, np.asarray(train),
                    {"longer_wins": lengths[a_idx] > lengths[b_idx]}, y != 0.5,
                    source_hashes(("alpaca_eval_instructions", "alpaca_eval_outputs", "alpaca_eval_preferences"),
-                                 data_root), pairs=(a_idx, b_idx))
+                                 data_root), pairs=(a_idx, b_idx), groups=np.asarray(groups),
+                   group_in_a=np.asarray(in_a))
 
 
 def load_judge_data(task: str, data_root=None) -> JudgeData:

@@ -125,6 +125,8 @@ def build_judge(task: str, data_root=None, *, fraction: float = 1.0, fit_all_hon
       "positive_rate_eval": float(label.mean()) if len(label) else float("nan"),
       "inner_val_agreement": best_acc, "fraction": fraction,
   }
+  if data.groups is not None:
+    metrics["per_generator"] = _per_generator(data, ev, prob)
   fit = "train"
   if fit_all_honesty and task in ("truth", "info"):
     p, fit = _fit(x, data, keep, fcfg, best), "all"
@@ -132,6 +134,29 @@ def build_judge(task: str, data_root=None, *, fraction: float = 1.0, fit_all_hon
           "data": data.sources, "split": "bucket(key) < 50 train (data README); pairwise: SFT-train instructions",
           "metrics": metrics, "seconds": round(time.time() - t0, 1)}
   return JUDGE_CLASSES[task](p, card), metrics
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+  return np.argsort(np.argsort(v)).astype(np.float64)
+
+
+def _per_generator(data: data_lib.JudgeData, ev: np.ndarray, prob: np.ndarray) -> dict:
+  """Held-out win rate of each generator against the reference: by the judge and by GPT-4.
+
+  The data README's sanity check: the judge should rank the stored models like the
+  GPT-4 annotator does (Spearman rank correlation of the two win rates, no ties handling).
+  """
+  gens = data.groups[ev]
+  in_a = data.group_in_a[ev]  # the generator sits in slot A when the order coin swapped the pair
+  p_gen = np.where(in_a, prob, 1 - prob)
+  y_gen = np.where(in_a, data.y[ev], 1 - data.y[ev])
+  out = {g: {"judge": float(p_gen[gens == g].mean()), "gpt4": float(y_gen[gens == g].mean()),
+             "n": int((gens == g).sum())} for g in sorted(set(gens.tolist()))}
+  j = np.asarray([v["judge"] for v in out.values()])
+  t = np.asarray([v["gpt4"] for v in out.values()])
+  rj, rt = _ranks(j), _ranks(t)
+  rho = float(np.corrcoef(rj, rt)[0, 1]) if len(j) > 1 else float("nan")
+  return {"win_rate": out, "spearman": rho}
 
 
 def _restrict(data: data_lib.JudgeData, keep: np.ndarray) -> data_lib.JudgeData:
@@ -147,7 +172,7 @@ def _restrict(data: data_lib.JudgeData, keep: np.ndarray) -> data_lib.JudgeData:
   return data_lib.JudgeData(
       data.task, data.fields, [data.rows[i] for i in rows], [data.keys[i] for i in idx], data.y[idx],
       data.label[idx], data.train[idx], {k: v[idx] for k, v in data.baselines.items()}, data.scored[idx],
-      data.sources, pairs)
+      data.sources, pairs, *(None if v is None else v[idx] for v in (data.groups, data.group_in_a)))
 
 
 def format_table(metrics: Dict[str, dict]) -> str:
@@ -157,6 +182,12 @@ def format_table(metrics: Dict[str, dict]) -> str:
     other = ", ".join(f"{k} {v:.3f}" for k, v in m["baselines"].items() if k != "majority_class") or "-"
     lines.append(f"| {task} | {m['n_train']} | {m['n_eval']} | {m['agreement']:.3f} | "
                  f"{m['baselines']['majority_class']:.3f} | {other} |")
+  for task, m in metrics.items():
+    if "per_generator" in m:
+      wr = m["per_generator"]["win_rate"]
+      lines.append(f"\n{task}: held-out win rate vs {data_lib.REFERENCE_GENERATOR}, judge / GPT-4 "
+                   f"(Spearman {m['per_generator']['spearman']:.2f}): "
+                   + ", ".join(f"{g} {v['judge']:.3f}/{v['gpt4']:.3f}" for g, v in wr.items()))
   return "\n".join(lines)
 
 
