@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
