@@ -124,8 +124,8 @@ def test_drift_lora_delta_equals_frobenius_and_safe_grad():
   # B = 0 (fresh LoRA): value 0 and finite, zero gradients (jnp.linalg.norm would give NaN)
   zero_b = {n: (a_, np.zeros_like(b_)) for n, (a_, b_) in lora.items()}
   for mode in fl.DRIFT_MODES:
-    f = lambda p: fl.drift_penalty(p, init, g, lora_scale=0.7, mode=mode)
-    grads = jax.grad(f)(_experts_tree(k, zero_b))
+    f = jax.jit(lambda p: fl.drift_penalty(p, init, g, lora_scale=0.7, mode=mode))
+    grads = jax.jit(jax.grad(f))(_experts_tree(k, zero_b))
     leaves = jax.tree.leaves(grads)
     assert all(np.isfinite(np.asarray(x)).all() for x in leaves), mode
     if mode != "lora_a_plus_b":

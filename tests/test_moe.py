@@ -141,6 +141,7 @@ def test_expert_parallel_equals_single_device(shape, axes):
   assert int(aux["dropped_BT"].sum()) == 0
 
 
+@pytest.mark.optin  # ~40 s CPU of compiles; layer-level tests above cover each backend
 def test_model_forward_and_grads_all_backends_under_mesh():
   cfg = _cfg(4, 2)
   params = params_lib.init_params(cfg, jax.random.key(0), std=0.2)
