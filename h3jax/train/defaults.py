@@ -67,7 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.sources = ("helpful",)  # 3H axis names (h3jax.data) or JSONL paths
-  c.data.tasks = ()  # per-source task label override; empty: source index (or its own label)
+  c.data.tasks = ()  # per-source task labels; empty: the source index if several sources, else each row's `task`
   c.data.task_labels = "per_source"  # cumulative: reference defect #5
   c.data.data_root = default_data_root()
   c.data.max_examples = 0  # per source; 0 = all
