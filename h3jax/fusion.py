@@ -199,7 +199,7 @@ def load_model(path, dtype=None):
     from h3jax.hf.load import load_pretrained
     return load_pretrained(path, dtype=dtype)
   from h3jax.checkpoint import load_params
-  return load_params(path)
+  return load_params(path, dtype=dtype)
 
 
 def build_moe(base_dir, expert_dirs: Sequence, *, router_init: str = "random", attn_from: str = "base",

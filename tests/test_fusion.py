@@ -159,3 +159,23 @@ def test_fused_moe_exports_as_mixtral_with_matching_logits(folders, tmp_path):
     want = hf(torch.tensor(ids)).logits.numpy()
   got = llama.forward(p, jnp.asarray(ids), cfg)
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
+
+
+def test_expert_from_h3jax_checkpoint_with_lora(folders, tmp_path):
+  """Stage A hands over an Orbax checkpoint (LoRA leaves + cfg.lora_scale): merged into its expert."""
+  from h3jax.checkpoint import Checkpointer
+  from h3jax.hf.load import load_pretrained
+  cfg, p = load_pretrained(folders["experts"][1])
+  up = p["layers"]["mlp"]["up_proj"]
+  up["lora_a"] = jax.random.normal(jax.random.key(0), (2, 64, 2))
+  up["lora_b"] = jax.random.normal(jax.random.key(1), (2, 2, 96))
+  cfg = cfg.replace(lora_scale=0.5)
+  ck = Checkpointer(tmp_path / "ckpt")
+  ck.save(3, params=p, config=cfg, force=True)
+  ck.wait()
+  ck.close()
+  mcfg, mp = fusion.build_moe(folders["base"], [folders["experts"][0], tmp_path / "ckpt"], top_k=1)
+  want = up["kernel"] + 0.5 * jnp.einsum("lir,lro->lio", up["lora_a"], up["lora_b"])
+  np.testing.assert_allclose(np.asarray(mp["layers"]["moe"]["experts"]["up_proj"]["kernel"][:, 1]),
+                             np.asarray(want), rtol=1e-5, atol=1e-5)
+  assert mcfg.num_experts == 2 and mcfg.num_experts_per_tok == 1
