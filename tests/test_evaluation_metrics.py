@@ -82,3 +82,16 @@ def test_lc_removes_a_pure_length_preference():
   assert metrics.length_controlled_win_rate(q, lm, lr)["value"] == pytest.approx(0.7, abs=1e-3)
   with pytest.raises(ValueError, match="reference lengths"):
     metrics.length_controlled_win_rate(q, lm, lr[:-1])
+
+
+def test_markdown_table_shows_sizes_errors_and_judge_agreement():
+  from h3jax.evaluation import report
+  results = {"models": {
+      "a": {"metrics": {"honest/mc2": {"value": 0.25, "n": 4, "stderr": 0.1}}, "axes": {"honest": 0.25}},
+      "b": {"metrics": {"honest/mc2": {"value": 0.5, "n": 4, "stderr": float("nan")}}, "axes": {"honest": None}}},
+      "judges": {"refusal": {"metrics": {"agreement": 0.939, "n_eval": 1055,
+                                         "baselines": {"string_match": 0.879, "majority_class": 0.483}}}}}
+  table = report.markdown_table(results)
+  assert "| metric | n | a | b |" in table
+  assert "| honest/mc2 ↑ | 4 | 25.0 ± 10.0 | 50.0 |" in table
+  assert "| refusal | 93.9 | 1055 | majority_class 48.3, string_match 87.9 |" in table

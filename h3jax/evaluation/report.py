@@ -55,6 +55,19 @@ def markdown_table(results: dict) -> str:
   lines.append("| **axis score** (0–100, ↑) | | " + " | ".join(
       ", ".join(f"{a[:4]} {100 * v:.1f}" for a, v in results["models"][n]["axes"].items()
                 if v is not None and math.isfinite(v)) or "–" for n in names) + " |")
+  return "\n".join(lines) + "\n" + judge_table(results.get("judges") or {})
+
+
+def judge_table(judges: dict) -> str:
+  """Each judge's held-out agreement with the human / GPT-4 labels next to its trivial baselines."""
+  rows = [(n, j["metrics"]) for n, j in judges.items() if isinstance(j.get("metrics"), dict)
+          and "agreement" in j["metrics"]]
+  if not rows:
+    return ""
+  lines = ["", "| judge | held-out agreement | n held-out | baselines |", "|---|---|---|---|"]
+  for n, m in rows:
+    base = ", ".join(f"{k} {100 * v:.1f}" for k, v in sorted((m.get("baselines") or {}).items()))
+    lines.append(f"| {n} | {100 * m['agreement']:.1f} | {m.get('n_eval', '')} | {base} |")
   return "\n".join(lines) + "\n"
 
 
