@@ -88,7 +88,7 @@ def test_bad_format_message():
     truthfulqa.mc_context(ModByteTokenizer(V), "q", "chat")
 
 
-@pytest.mark.optin  # ~2.5 min on 2 busy cores (full-vocab log-probs over the 6-shot primer)
+@pytest.mark.slow  # loads SmolLM2 twice (jax + torch): ~25 s idle, ~1 min on busy cores
 def test_smollm2_logprobs_match_transformers():
   import torch
   import transformers
