@@ -3,10 +3,14 @@ r"""CI-sized 3H evaluation: 4 items per set, 48 new tokens (the `--limit` smoke 
   H3JAX_DATA_ROOT=../shared/data python -m h3jax.evaluate --config=configs/eval_quick.py \
       --model=smollm2=artifacts/smollm2-135m-instruct --out /tmp/eval_quick
 
-Expected output: the markdown table with n = 4 per set (MC1/MC2 over 4
-questions; judge rows when the trained judges are available) in about 2-3
-minutes on 2 CPU cores; results.json, results.md, samples_smollm2.jsonl and
+Expected output: the markdown table with n = 4 per set (all 15 metric rows
+once the judges are built with `python -m h3jax.evaluation.judges.train`,
+else they are rebuilt on first use, ~4.5 min) and the judges' held-out
+agreement table; results.json, results.md, samples_smollm2.jsonl and
 axis_bars.png in --out. Add more --model flags to also get radar.png.
+Measured on 2 shared CPU cores: `--limit 1 --config.generation.max_new_tokens=16`
+117 s (the CI test), a cached re-run 26 s; eval_full.py with `--limit 8
+--config.generation.max_new_tokens=128` 8.5 min.
 """
 
 from h3jax.evaluation.runner import default_config
