@@ -166,5 +166,7 @@ def test_bad_inputs(data_root, tmp_path):
   (tmp_path / "m" / "config.json").write_text("{}")
   with pytest.raises(ValueError, match=r"model folder .*m has no tokenizer \(none of tokenizer.json"):
     runner.load_model(f"x={tmp_path / 'm'}")
+  with pytest.raises(ValueError, match=r"model name 'a b' must use only letters"):
+    runner.load_model(f"a b={tmp_path / 'm'}")
   with pytest.raises(FileNotFoundError, match="model folder not found"):
     runner.load_model(str(tmp_path / "absent"))

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
@@ -56,6 +57,9 @@ def load_model(spec: str, dtype: str = "float32") -> dict:
   name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
   path = pathlib.Path(path)
   name = name or path.resolve().name
+  if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+    raise ValueError(f"model name {name!r} must use only letters, digits, '.', '_' and '-' (it names "
+                     f"output files); name the model with --model=NAME=DIR")
   if not path.is_dir():
     raise FileNotFoundError(f"model folder not found: {path}")
   tok_dir = _tokenizer_dir(path)
