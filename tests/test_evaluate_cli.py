@@ -33,6 +33,11 @@ def test_model_folder_without_tokenizer(tmp_path, data_root):
   assert not (tmp_path / "out" / "results.json").exists()
 
 
+def test_no_model_flag(tmp_path):
+  with pytest.raises(ValueError, match=r"no models to evaluate: pass --model=DIR"):
+    _run_main([f"--config={REPO}/configs/eval_quick.py", f"--out={tmp_path / 'out'}"])
+
+
 def test_missing_data_root_names_the_layout(tmp_path):
   with pytest.raises(FileNotFoundError, match="data root .*absent.* is not a directory; expected layout"):
     _run_main([f"--config={REPO}/configs/eval_quick.py",                f"--data_root={tmp_path / 'absent'}", f"--model={tmp_path}", f"--out={tmp_path / 'out'}"])

@@ -348,6 +348,9 @@ def evaluate(config, model_specs: Sequence[str], out_dir, *, limit: Optional[int
   `models` (already loaded dicts) replaces `model_specs` loading, for tests.
   `judges` overrides `load_judges(config)`.
   """
+  specs = models if models is not None else list(model_specs)
+  if not specs:
+    raise ValueError("no models to evaluate: pass --model=DIR (repeat to compare)")
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   limit = config.limit if limit is None else limit
@@ -361,9 +364,6 @@ def evaluate(config, model_specs: Sequence[str], out_dir, *, limit: Optional[int
                           "judges": config.judges.kind},
              "models": {}, "timing": {}}
   results["judges"] = judge_cards(judges)
-  specs = models if models is not None else list(model_specs)
-  if not specs:
-    raise ValueError("no models to evaluate: pass --model=DIR (repeat to compare)")
   for spec in specs:
     t0 = time.time()
     model = spec if isinstance(spec, dict) else load_model(spec, config.dtype)
