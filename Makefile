@@ -23,9 +23,18 @@ $(SMOLLM2)/config.json: $(VENV)/.installed
 
 smollm2: $(SMOLLM2)/config.json
 
+# The H3Fusion quickstart on the real SmolLM2-135M-Instruct: Stage A x3 (helpful / harmless /
+# honest) -> fused 3-expert MoE -> Stage B -> MixtralForCausalLM export -> an answer, then a
+# small (--limit) 3H evaluation comparing base, experts and fused model (table + plots).
+DATA_ROOT ?= ../shared/data
+RUN ?= runs/quickstart
+EVAL_LIMIT ?= 2
 quickstart: smollm2
-	$(PY) -m h3jax.generate --model $(SMOLLM2) --chat --max_new_tokens 64 \
-	  --prompt "Give me three tips for staying healthy."
+	H3JAX_DATA_ROOT=$(DATA_ROOT) $(PY) -m h3jax.pipeline --config=configs/smollm2_quickstart.py --workdir=$(RUN)
+	H3JAX_DATA_ROOT=$(DATA_ROOT) $(PY) -m h3jax.evaluate --config=configs/eval_quick.py --limit=$(EVAL_LIMIT) \
+	  --model=base=$(SMOLLM2) --model=helpful=$(RUN)/helpful --model=harmless=$(RUN)/harmless \
+	  --model=honest=$(RUN)/honest --model=fused=$(RUN)/fusion/hf --out=$(RUN)/eval
+	cat $(RUN)/eval/results.md
 
 # mergekit 0.1.5 and fusion-bench 0.2.33 in their own venvs: the merge oracle tests run them.
 oracles:

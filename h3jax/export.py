@@ -20,13 +20,18 @@ from h3jax import checkpoint
 from h3jax.hf import export as hf_export
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Checkpoint directory (the run's Orbax directory).")
-flags.DEFINE_string("out", None, "Output HF folder.")
-flags.DEFINE_integer("step", None, "Step to export (default: latest).")
-flags.DEFINE_string("tokenizer_source", None, "Folder whose tokenizer files are copied.")
-flags.DEFINE_string("dtype", None, "Tensor dtype written: float32 | bfloat16 | float16 (default: as saved).")
-flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors shard.")
-flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
+
+
+def define_flags():
+  """Defines this CLI's flags (only when run as a program, so importing the module
+  never collides with other CLIs' flags of the same name)."""
+  flags.DEFINE_string("checkpoint", None, "Checkpoint directory (the run's Orbax directory).")
+  flags.DEFINE_string("out", None, "Output HF folder.")
+  flags.DEFINE_integer("step", None, "Step to export (default: latest).")
+  flags.DEFINE_string("tokenizer_source", None, "Folder whose tokenizer files are copied.")
+  flags.DEFINE_string("dtype", None, "Tensor dtype written: float32 | bfloat16 | float16 (default: as saved).")
+  flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors shard.")
+  flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
 
 
 def export_checkpoint(checkpoint_dir, out_dir, *, step: Optional[int] = None, tokenizer_source=None,
@@ -59,4 +64,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

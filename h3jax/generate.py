@@ -20,18 +20,23 @@ from absl import app, flags, logging
 from h3jax import generation
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "HF model folder (config.json, safetensors, tokenizer).")
-flags.DEFINE_multi_string("prompt", None, "Prompt; repeat the flag for a batch.")
-flags.DEFINE_bool("chat", False, "Wrap prompts in the tokenizer's chat template.")
-flags.DEFINE_string("system", None, "Optional system message (with --chat).")
-flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt.")
-flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-flags.DEFINE_integer("top_k", 0, "0 disables top-k filtering.")
-flags.DEFINE_float("top_p", 1.0, "1 disables nucleus filtering.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_multi_string("stop", [], "Stop string(s).")
-flags.DEFINE_integer("batch_size", 8, "Prompts per batch.")
-flags.DEFINE_string("dtype", "float32", "Parameter/compute dtype: float32 | bfloat16.")
+
+
+def define_flags():
+  """Defines this CLI's flags (only when run as a program, so importing the module
+  never collides with other CLIs' flags of the same name)."""
+  flags.DEFINE_string("model", None, "HF model folder (config.json, safetensors, tokenizer).")
+  flags.DEFINE_multi_string("prompt", None, "Prompt; repeat the flag for a batch.")
+  flags.DEFINE_bool("chat", False, "Wrap prompts in the tokenizer's chat template.")
+  flags.DEFINE_string("system", None, "Optional system message (with --chat).")
+  flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt.")
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+  flags.DEFINE_integer("top_k", 0, "0 disables top-k filtering.")
+  flags.DEFINE_float("top_p", 1.0, "1 disables nucleus filtering.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_multi_string("stop", [], "Stop string(s).")
+  flags.DEFINE_integer("batch_size", 8, "Prompts per batch.")
+  flags.DEFINE_string("dtype", "float32", "Parameter/compute dtype: float32 | bfloat16.")
 
 
 def load_model(path: str, dtype: str = "float32"):
@@ -77,4 +82,5 @@ class _CallableModule(types.ModuleType):
 sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

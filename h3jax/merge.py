@@ -14,14 +14,20 @@ import sys
 
 from absl import app, flags
 
-_CONFIG = flags.DEFINE_string("config", None, "mergekit .yaml/.yml or ml_collections .py merge config")
-_OUT = flags.DEFINE_string("out", None, "output HF folder (must not exist unless --overwrite)")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace an existing output folder")
-_SEED = flags.DEFINE_integer("seed", None, "seed for randomized methods (overrides the config's)")
-_SHARD = flags.DEFINE_string("max_shard_size", None, "output shard size, e.g. 2GB (overrides the config's)")
-_PROGRESS = flags.DEFINE_bool("progress", True, "show a per-tensor progress bar")
-_CACHE = flags.DEFINE_string("compilation_cache", "~/.cache/h3jax/xla",
-                             "persistent XLA compilation cache folder ('' to disable)")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Defines this CLI's flags (only when run as a program, so importing the module
+  never collides with other CLIs' flags of the same name)."""
+  flags.DEFINE_string("config", None, "mergekit .yaml/.yml or ml_collections .py merge config")
+  flags.DEFINE_string("out", None, "output HF folder (must not exist unless --overwrite)")
+  flags.DEFINE_bool("overwrite", False, "replace an existing output folder")
+  flags.DEFINE_integer("seed", None, "seed for randomized methods (overrides the config's)")
+  flags.DEFINE_string("max_shard_size", None, "output shard size, e.g. 2GB (overrides the config's)")
+  flags.DEFINE_bool("progress", True, "show a per-tensor progress bar")
+  flags.DEFINE_string("compilation_cache", "~/.cache/h3jax/xla",
+                      "persistent XLA compilation cache folder ('' to disable)")
 
 
 def merge_from_config(config_path: str, out_dir: str, *, overwrite: bool = False, seed=None,
@@ -46,9 +52,9 @@ def main(argv):
   from h3jax.merging.config import MergeConfigError
   from h3jax.merging.driver import MergeError
   try:
-    report = merge_from_config(_CONFIG.value, _OUT.value, overwrite=_OVERWRITE.value, seed=_SEED.value,
-                               max_shard_size=_SHARD.value, progress=_PROGRESS.value,
-                               compilation_cache=_CACHE.value)
+    report = merge_from_config(FLAGS.config, FLAGS.out, overwrite=FLAGS.overwrite, seed=FLAGS.seed,
+                               max_shard_size=FLAGS.max_shard_size, progress=FLAGS.progress,
+                               compilation_cache=FLAGS.compilation_cache)
   except (MergeConfigError, MergeError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -56,5 +62,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["config", "out"])
   app.run(main)

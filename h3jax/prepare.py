@@ -164,8 +164,13 @@ def _source(name: str) -> Source:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", None, "Output HF folder.")
-flags.DEFINE_bool("force", False, "Rebuild even if --out already holds a complete checkpoint.")
+
+
+def define_flags():
+  """Defines this CLI's flags (only when run as a program, so importing the module
+  never collides with other CLIs' flags of the same name)."""
+  flags.DEFINE_string("out", None, "Output HF folder.")
+  flags.DEFINE_bool("force", False, "Rebuild even if --out already holds a complete checkpoint.")
 
 
 def main(argv):
@@ -180,4 +185,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -17,6 +17,8 @@ FLAGS = flags.FLAGS
 
 def _run_main(argv):
   from h3jax import evaluate
+  if "model" not in FLAGS:  # the CLI defines its flags only when run as a program
+    evaluate.define_flags()
   FLAGS.unparse_flags()
   FLAGS(["evaluate"] + argv)
   FLAGS.config.judges.kind = "none"  # no judge needed to reach these errors

@@ -58,6 +58,7 @@ def test_cli_missing_package_one_line_error(tmp_path):
           "from h3jax import prepare as p\n"
           "p.SOURCES['smollm2'] = dataclasses.replace(p.SOURCES['smollm2'], package='h3jax_absent')\n"
           "sys.argv = ['prepare', 'smollm2', '--out', sys.argv[1]]\n"
+          "p.define_flags()\n"
           "app.run(p.main)\n")
   r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "o")], cwd=REPO,
                      capture_output=True, text=True, timeout=120)

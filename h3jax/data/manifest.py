@@ -150,9 +150,14 @@ def check_manifest(data_root, manifest_path) -> None:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_root", None, f"Data root (default ${sources.DATA_ROOT_ENV}).")
-flags.DEFINE_string("out", None, "Write the manifest here.")
-flags.DEFINE_string("check", None, "Check the data root against this manifest instead.")
+
+
+def define_flags():
+  """Defines this CLI's flags (only when run as a program, so importing the module
+  never collides with other CLIs' flags of the same name)."""
+  flags.DEFINE_string("data_root", None, f"Data root (default ${sources.DATA_ROOT_ENV}).")
+  flags.DEFINE_string("out", None, "Write the manifest here.")
+  flags.DEFINE_string("check", None, "Check the data root against this manifest instead.")
 
 
 def main(argv):
@@ -167,4 +172,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -9,9 +9,14 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, export.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags():
+  """Defines this CLI's flags (only when run as a program, so importing the module
+  never collides with other CLIs' flags of the same name)."""
+  config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, export.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
@@ -23,4 +28,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
