@@ -109,7 +109,9 @@ def test_lora_leaves_add_scaled_delta():
 
 
 def test_batch_sharded_on_explicit_mesh_matches_single_device(tiny):
-  _, _, cfg, params = tiny
+  name, _, cfg, params = tiny
+  if name != "llama_gqa_tied_llama3":  # one variant suffices: sharding is architecture-independent
+    pytest.skip("covered by llama_gqa_tied_llama3")
   ids = np.random.RandomState(4).randint(0, 128, (4, 12))
   mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
   P, NS = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
