@@ -1,0 +1,84 @@
+r"""Weight-space fusion of the three 3H experts (the RESM comparison), evaluated side by side.
+
+  make quickstart   # makes runs/quickstart: base + helpful/harmless/honest LoRA experts
+  H3JAX_DATA_ROOT=../shared/data .venv/bin/python experiments/merge_3h.py \
+      --run runs/quickstart --out runs/merge_3h --limit 2
+
+Loads the quickstart's base (SmolLM2-135M-Instruct) and its three Stage-A experts
+(LoRA folded in), merges them with each method below, writes every merged model
+as an HF folder under --out, then runs the 3H evaluation on base, the MoE fusion
+of the same experts (runs/quickstart/fusion/hf) and every merge, and prints one
+table (also --out/eval/results.md, radar.png). Expected: merges close to the base
+on every axis, since the quickstart's experts train for a few steps only; use
+configs/smollm2.py experts for a real comparison. RESM rows: `resm` with defaults
+equals `tsv_m` (a reconstruction; see docs/merging.md), `resm_sparsity_sv` turns on
+sparsity-aware ranks and singular-value outlier reweighting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+
+import h3jax
+from h3jax import checkpoint, merging
+from h3jax.fusion import merge_lora
+
+AXES = ("helpful", "harmless", "honest")
+METHODS = {
+    "task_arithmetic": dict(lambda_=0.3),
+    "ties": dict(density=0.2, lambda_=1.0),
+    "dare_ties": dict(density=0.2, seed=0),
+    "tsv_m": dict(alpha=1.0),
+    "resm": dict(),
+    "resm_sparsity_sv": dict(rank_mode="sparsity", outlier_mode="sv"),
+}
+
+
+def load_expert(workdir: pathlib.Path):
+  cfg, params = checkpoint.load_params(workdir / "checkpoints")
+  return merge_lora(params, cfg.lora_scale)
+
+
+def run(run_dir, base_dir, out_dir, limit: int, methods=tuple(METHODS), evaluate: bool = True) -> dict:
+  run_dir, out_dir = pathlib.Path(run_dir), pathlib.Path(out_dir)
+  cfg, base = h3jax.load_pretrained(base_dir)
+  experts = [load_expert(run_dir / a) for a in AXES]
+  models = {"base": str(base_dir)}
+  if (run_dir / "fusion" / "hf").exists():
+    models["moe_fusion"] = str(run_dir / "fusion" / "hf")
+  timings = {}
+  for name in methods:
+    hp = dict(METHODS[name])
+    method = merging.get_method("resm" if name.startswith("resm") else name)
+    t0 = time.perf_counter()
+    merged = method(base, experts, **hp)
+    timings[name] = time.perf_counter() - t0
+    dest = out_dir / "models" / name
+    h3jax.save_pretrained(merged, cfg.replace(lora_scale=1.0), dest, overwrite=True,
+                          tokenizer_source=models["base"])
+    models[name] = str(dest)
+    print(f"[merge_3h] {name}: merged in {timings[name]:.1f}s -> {dest}", flush=True)
+  (out_dir / "merge_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+  if not evaluate:
+    return {"models": models, "timings": timings}
+  from h3jax.evaluation import runner
+  return runner.compare(models, out_dir / "eval", limit=limit)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--run", default="runs/quickstart", help="quickstart workdir holding the experts")
+  ap.add_argument("--base", default="artifacts/smollm2-135m-instruct", help="the experts' base HF folder")
+  ap.add_argument("--out", default="runs/merge_3h")
+  ap.add_argument("--limit", type=int, default=2, help="items per eval set")
+  ap.add_argument("--methods", default=",".join(METHODS))
+  ap.add_argument("--skip_eval", action="store_true", help="only write the merged models")
+  args = ap.parse_args()
+  run(args.run, args.base, args.out, args.limit, tuple(args.methods.split(",")), evaluate=not args.skip_eval)
+
+
+if __name__ == "__main__":
+  main()
