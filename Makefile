@@ -31,6 +31,9 @@ RUN ?= runs/quickstart
 EVAL_LIMIT ?= 2
 quickstart: smollm2
 	H3JAX_DATA_ROOT=$(DATA_ROOT) $(PY) -m h3jax.pipeline --config=configs/smollm2_quickstart.py --workdir=$(RUN)
+	for axis in helpful harmless honest; do test -f $(RUN)/$$axis/hf/config.json || \
+	  $(PY) -m h3jax.export --checkpoint=$(RUN)/$$axis/checkpoints --out=$(RUN)/$$axis/hf \
+	    --tokenizer_source=$(SMOLLM2) || exit 1; done
 	H3JAX_DATA_ROOT=$(DATA_ROOT) $(PY) -m h3jax.evaluate --config=configs/eval_quick.py --limit=$(EVAL_LIMIT) \
 	  --model=base=$(SMOLLM2) --model=helpful=$(RUN)/helpful --model=harmless=$(RUN)/harmless \
 	  --model=honest=$(RUN)/honest --model=fused=$(RUN)/fusion/hf --out=$(RUN)/eval
