@@ -33,6 +33,7 @@ import numpy as np
 
 from h3jax.config import ModelConfig
 from h3jax.model import layers, llama
+from h3jax.train.lora import merge_lora  # re-exported: callers use h3jax.fusion.merge_lora
 
 ROUTER_INITS = ("random", "zeros", "hidden")
 ATTN_FROM = ("base", "average")
@@ -40,21 +41,6 @@ _FFN = ("gate_proj", "up_proj", "down_proj")
 # ModelConfig fields that every expert must share with the base.
 _ARCH_FIELDS = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                 "num_kv_heads", "head_dim", "tie_word_embeddings", "attention_bias")
-
-
-def merge_lora(params: dict, scale: float) -> dict:
-  """Copy of params with every `lora_a`/`lora_b` pair folded into its kernel (scale · A @ B)."""
-  flat = tu.flatten_dict(params)
-  out = {}
-  for path, leaf in flat.items():
-    if path[-1] in ("lora_a", "lora_b"):
-      continue
-    if path[-1] == "kernel" and path[:-1] + ("lora_a",) in flat:
-      a = flat[path[:-1] + ("lora_a",)].astype(jnp.float32)
-      b = flat[path[:-1] + ("lora_b",)].astype(jnp.float32)
-      leaf = (leaf.astype(jnp.float32) + scale * jnp.einsum("...ir,...ro->...io", a, b)).astype(leaf.dtype)
-    out[path] = leaf
-  return tu.unflatten_dict(out)
 
 
 def check_compatible(base_cfg: ModelConfig, base_params: dict, expert_cfgs, expert_params) -> None:

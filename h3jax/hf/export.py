@@ -24,25 +24,11 @@ from absl import logging
 from h3jax.config import ModelConfig, resolve_dtype
 from h3jax.hf import config_io, keymap, st_io
 from h3jax.model import params as params_lib
+from h3jax.train.lora import merge_lora
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                    "generation_config.json")
-
-
-def merge_lora(params: dict, scale: float) -> dict:
-  """Folds every `lora_a`/`lora_b` pair into its sibling kernel: W + scale * A @ B."""
-  def visit(node):
-    if not isinstance(node, dict):
-      return node
-    if "lora_a" in node and "kernel" in node:
-      k = node["kernel"]
-      delta = jnp.einsum("...ir,...ro->...io", node["lora_a"].astype(jnp.float32),
-                         node["lora_b"].astype(jnp.float32))  # [.., in, out]
-      rest = {n: v for n, v in node.items() if n not in ("lora_a", "lora_b")}
-      return {**rest, "kernel": (k.astype(jnp.float32) + scale * delta).astype(k.dtype)}
-    return {n: visit(v) for n, v in node.items()}
-  return visit(params)
 
 
 def check_params(params: dict, cfg: ModelConfig):

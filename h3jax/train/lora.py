@@ -6,8 +6,8 @@ A matched linear dict `{kernel [..., in, out]}` gains
   lora_b [..., r, out] zeros, so the model is unchanged at step 0.
 Leading axes (layers L, experts E) are kept, so per-expert MoE kernels
 [L, E, in, out] get one independent adapter per expert. The model applies
-them with `cfg.lora_scale = alpha / r` (see `lora_model_config`). Merging
-into the kernels for export is `h3jax.fusion.merge_lora` (used by `save_pretrained`).
+them with `cfg.lora_scale = alpha / r` (see `lora_model_config`). `merge_lora`
+folds them into the kernels (used by `save_pretrained` and `h3jax.fusion`).
 """
 
 from __future__ import annotations
@@ -74,6 +74,21 @@ def lora_delta(leaf: dict, scale: float):
   """Effective weight change scale * A @ B of one linear dict ([..., in, out])."""
   return scale * jnp.einsum("...ir,...ro->...io", leaf["lora_a"].astype(jnp.float32),
                             leaf["lora_b"].astype(jnp.float32))
+
+
+def merge_lora(params: dict, scale: float) -> dict:
+  """Copy of params with every `lora_a`/`lora_b` pair folded into its kernel: W + scale * A @ B."""
+  flat = tu.flatten_dict(params)
+  out = {}
+  for path, leaf in flat.items():
+    if path[-1] in ("lora_a", "lora_b"):
+      continue
+    parent = path[:-1]
+    if path[-1] == "kernel" and parent + ("lora_a",) in flat:
+      adapter = {"lora_a": flat[parent + ("lora_a",)], "lora_b": flat[parent + ("lora_b",)]}
+      leaf = (leaf.astype(jnp.float32) + lora_delta(adapter, scale)).astype(leaf.dtype)
+    out[path] = leaf
+  return tu.unflatten_dict(out)
 
 
 def strip_lora(params: dict) -> dict:
