@@ -134,8 +134,7 @@ def load_pretrained(path, dtype: Optional[str] = None, shardings: ShardingSpec =
         buf[idx] = t
         del t
       sharding = _sharding_for(shardings, leaf_path, shape)
-      leaf = jax.device_put(buf, sharding, may_alias=True) if sharding is not None else \
-          jax.device_put(buf, may_alias=True)
+      leaf = jax.device_put(buf, sharding, may_alias=True)  # sharding None: default device
       leaf.block_until_ready()  # an in-flight transfer may hold a second copy of buf
       del buf
       node = params
