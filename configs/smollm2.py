@@ -18,7 +18,9 @@ minutes-long demo is configs/smollm2_quickstart.py. Reference-code switches (h3f
 --config.loss.gate_masked=False (#6), --config.loss.drift_mode=lora_a_plus_b
 --config.loss.drift_layer_divisor=32 (#7), --config.fusion.alias_experts=True (#1),
 --config.fusion.delta_scale=one (#2), --config.data.task_labels=cumulative (#5),
---config.data.template=alpaca --config.data.end_marker=###END (the reference prompt format).
+--config.data.template=alpaca (the reference prompt format; its targets end in "###END").
+--config.data.pack=True packs same-task examples into the 300-token rows (RoPE positions restart per
+example and examples do not attend to each other), so short examples waste less compute.
 """
 
 import pathlib

@@ -11,6 +11,7 @@ The whole chain (A x3 -> fuse -> B -> Mixtral export -> generate) is one command
 Expected: finishes in a few minutes on 2 CPU cores; train/lm_loss falls from ~5.6 (ln 259) within
 the first tens of steps; Stage B logs gate_loss falling below ln 3 = 1.10 and router_acc above 1/3;
 the exported folder loads in transformers as MixtralForCausalLM. Text is gibberish (random tiny model).
+Add --config.data.pack=True to pack same-task examples into each 64-token row (fewer, fuller rows).
 """
 
 from h3jax.train.defaults import default_config
@@ -23,6 +24,7 @@ def get_config(arg: str = "helpful"):
   c.model.hf_dir = ""
   c.data.tokenizer = "bytes"
   c.data.template = "plain"
+  c.data.add_eos = True  # plain targets have no end marker: EOS teaches the model to stop
   c.data.seq_len = 64
   c.data.max_examples = 64
   c.data.eval_fraction = 0.1

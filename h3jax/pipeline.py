@@ -72,18 +72,23 @@ def _finished(run_dir: pathlib.Path, steps: int) -> bool:
   return (run_dir / "checkpoints" / str(steps)).is_dir()
 
 
-def answer(export_dir: str, prompt: str, max_new_tokens: int, tokenizer_spec: str) -> str:
-  """Greedy answer of the exported HF folder (its own tokenizer, or bytes for tiny models)."""
+def answer(export_dir: str, prompt: str, max_new_tokens: int, tokenizer_spec: str,
+           template: str = "plain") -> str:
+  """Greedy answer of the exported HF folder (its own tokenizer, or bytes for tiny models).
+
+  With the byte tokenizer the prompt is formatted by the training `template` (h3jax.data.format).
+  """
   from h3jax import generation
   from h3jax.hf.load import load_pretrained
   cfg, params = load_pretrained(export_dir)
   if tokenizer_spec == "bytes":
     import numpy as np
-    from h3jax.train.sft_data import ByteTokenizer
-    tok = ByteTokenizer()
-    ids = [tok.bos_id] + tok.encode(prompt + "\n")
+    from h3jax.data import format as fmt
+    from h3jax.data import tokenize as tok_lib
+    tok = tok_lib.ByteTokenizer()
+    ids = tok.encode(fmt.format_prompt(prompt, tok, template), add_special_tokens=True)
     toks, n = generation.generate_tokens(params, cfg, np.asarray([ids]), np.ones((1, len(ids))),
-                                         max_new_tokens=max_new_tokens, eos_token_ids=(tok.eos_id,))
+                                         max_new_tokens=max_new_tokens, eos_token_ids=(tok.eos_token_id,))
     return tok.decode(toks[0, :n[0]])
   import transformers
   tok = transformers.AutoTokenizer.from_pretrained(export_dir)
@@ -128,7 +133,7 @@ def run_pipeline(config, workdir) -> dict:
   export_dir = out["export_dir"]
   _log(f"stage B: loss {out.get('loss', float('nan')):.4f}, router_acc {out.get('router_acc', float('nan')):.2f}; "
        f"Mixtral folder: {export_dir}")
-  text = answer(export_dir, p.prompt, p.max_new_tokens, c.data.tokenizer or base_dir)
+  text = answer(export_dir, p.prompt, p.max_new_tokens, c.data.tokenizer or base_dir, c.data.template)
   (workdir / "answer.txt").write_text(f"Q: {p.prompt}\nA: {text}\n")
   _log(f"Q: {p.prompt}\n[pipeline] A: {text}")
   _log(f"done in {time.time() - t0:.0f}s")

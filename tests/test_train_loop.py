@@ -1,4 +1,6 @@
-"""Training loop: kill-and-resume equals uninterrupted (real SIGKILL), NaN guard, data reader."""
+"""Training loop: kill-and-resume equals uninterrupted (real SIGKILL, unpacked and packed), NaN guard.
+
+The data path itself (h3jax.data through stages.make_data) is tested in test_train_data.py."""
 
 import json
 import os
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 
 from h3jax.checkpoint import load_params
-from h3jax.train import loop, sft_data
+from h3jax.train import loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 AXES = ("helpful", "harmless", "honest")
@@ -42,9 +44,11 @@ def _env():
 
 
 @pytest.mark.slow  # three CLI runs in subprocesses
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("pack", [False, True])
+def test_kill_and_resume_equals_uninterrupted(tmp_path, pack):
   data = write_jsonl(tmp_path / "d.jsonl")
-  args = overrides(data, 40, 4)
+  # packed: 128-token rows hold ~2 examples (the ~50-token examples are cut at 32 unpacked)
+  args = overrides(data, 40, 4, ["--config.data.pack=True", "--config.data.seq_len=128"] if pack else [])
   full = subprocess.run(train_cmd(tmp_path / "full", args), cwd=REPO, env=_env(), capture_output=True,
                         text=True, timeout=300)
   assert full.returncode == 0, full.stderr[-3000:]
@@ -98,36 +102,3 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   cfg, params = load_params(tmp_path / "run" / "checkpoints")
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
   assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [1]
-
-
-def test_batches_are_a_pure_function_of_seed_and_step():
-  arrays = {"input_ids_BT": np.arange(10)[:, None] * np.ones((1, 3), np.int32),
-            "task_B": np.arange(10, dtype=np.int32)}
-  a, b = sft_data.SFTBatches(arrays, 4, seed=7), sft_data.SFTBatches(arrays, 4, seed=7)
-  seen = np.concatenate([a.batch(s)["task_B"] for s in range(5)])  # two epochs
-  assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
-  assert list(seen[:10]) != list(seen[10:20])  # reshuffled each epoch
-  for s in (4, 1, 3):  # any order, fresh object: same batches
-    np.testing.assert_array_equal(a.batch(s)["task_B"], b.batch(s)["task_B"])
-
-
-def test_tokenize_masks_response_only():
-  tok = sft_data.ByteTokenizer()
-  arr = sft_data.tokenize([{"instruction": "hi", "response": "yo", "task": 2}], tok, 10, "plain")
-  ids = arr["input_ids_BT"][0]
-  assert list(ids) == [1, *tok.encode("hi\n"), *tok.encode("yo"), 2, 0, 0, 0]
-  assert list(arr["loss_mask_BT"][0]) == [0, 0, 0, 0, 1, 1, 1, 0, 0, 0]
-  assert list(arr["attention_mask_BT"][0]) == [1] * 7 + [0] * 3 and arr["task_B"][0] == 2
-  alpaca = sft_data.format_example({"instruction": "Say hi", "response": "hi"}, tok, "alpaca", "###END", False)
-  assert tok.decode(alpaca[0]).endswith("### Instruction:\nSay hi\n\n### Response:")
-  assert tok.decode(alpaca[1]) == "hi###END"
-
-
-def test_mixed_task_labels_and_bad_rows(tmp_path):
-  assert sft_data.mixed_task_labels([2, 1, 2]) == [0, 0, 1, 2, 2]
-  # reference defect #5: cumulative lengths, label 2 never reached when n_t <= n_h
-  assert sft_data.mixed_task_labels([2, 1, 2], "cumulative") == [0, 0, 1, 1, 1]
-  bad = tmp_path / "bad.jsonl"
-  bad.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "a"}\n')
-  with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'response' missing"):
-    sft_data.read_jsonl(bad)

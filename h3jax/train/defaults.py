@@ -65,17 +65,19 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss.balance_weight = 0.0
   c.loss.z_weight = 0.0
 
-  c.data = ml_collections.ConfigDict()
-  c.data.sources = ("helpful",)  # 3H axis names (h3jax.data) or JSONL paths
+  c.data = ml_collections.ConfigDict()  # read through h3jax.data (pipeline.load_records / make_iterator)
+  c.data.sources = ("helpful",)  # 3H axis names, "mixture" (all three axes) or JSONL paths
   c.data.tasks = ()  # per-source task labels; empty: the source index if several sources, else each row's `task`
   c.data.task_labels = "per_source"  # cumulative: reference defect #5
   c.data.data_root = default_data_root()
   c.data.max_examples = 0  # per source; 0 = all
   c.data.tokenizer = ""  # "bytes" or an HF folder; empty: the model's folder
-  c.data.template = "alpaca"  # alpaca | chat | plain
-  c.data.end_marker = ""  # "###END" reproduces the reference target suffix
-  c.data.add_eos = True
+  c.data.template = "alpaca"  # alpaca (the paper's) | chat (the tokenizer's template) | plain
+  c.data.end_marker = "auto"  # target suffix; auto: "###END" for alpaca (the paper), none for plain / chat
+  c.data.add_eos = False  # EOS after the target (chat targets already end with the end-of-turn token)
   c.data.seq_len = 128
+  c.data.min_prompt_frac = 0.5  # over-long examples keep >= this share of seq_len for the prompt's end
+  c.data.pack = False  # pack same-task examples into rows (positions restart, no cross-attention)
   c.data.eval_fraction = 0.05
 
   c.train = ml_collections.ConfigDict()

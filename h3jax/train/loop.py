@@ -1,13 +1,15 @@
 """train_and_evaluate(config, workdir): the training loop with exact resume.
 
-Per step: batch = data.batch(step) (a pure function of seed and step), one
-jitted step over the (data, model) mesh, metrics appended to
-workdir/metrics.jsonl (and TensorBoard if tensorboardX is installed), a tqdm
-bar. Every `train.checkpoint_every` steps params + optimizer state + the data
-iterator state go to workdir/checkpoints (Orbax, `h3jax.checkpoint`). Running
-the same command again restores the latest checkpoint and continues: same
-batches, same dropout keys (folded from the step), so the final params equal
-an uninterrupted run's. A non-finite loss stops the run with an error that
+Per step: batch = next(data) (an `h3jax.data.pipeline.BatchIterator`, whose
+batches are a pure function of data, config and step), one jitted step over
+the (data, model) mesh, metrics appended to workdir/metrics.jsonl (and
+TensorBoard if tensorboardX is installed), a tqdm bar. Every
+`train.checkpoint_every` steps params + optimizer state + the iterator's
+`state()` (in the checkpoint's `extra["data"]`) go to workdir/checkpoints
+(Orbax, `h3jax.checkpoint`). Running the same command again restores the
+latest checkpoint and the iterator (`restore(state)`, which refuses other data
+or settings) and continues: same batches, same dropout keys (folded from the
+step), so the final params equal an uninterrupted run's. A non-finite loss stops the run with an error that
 names the last good checkpoint; the bad state is never saved.
 """
 
@@ -80,6 +82,17 @@ def evaluate(eval_fn, params, batches, n_batches: int, put) -> dict:
   return {"lm_loss": tot / max(n_tok, 1.0), **sums}
 
 
+def restore_data(it, extra, step: int, ckpt_dir) -> None:
+  """Put the training iterator where checkpoint `step` left it (its extra["data"] state)."""
+  data_state = (extra or {}).get("data")
+  if data_state is None:
+    raise ValueError(f"checkpoint step {step} in {ckpt_dir} has no data-iterator state (extra['data']); "
+                     "cannot resume exactly")
+  it.restore(data_state)
+  if it.step != step:
+    raise ValueError(f"checkpoint step {step} in {ckpt_dir} holds a data-iterator state at step {it.step}")
+
+
 def train_and_evaluate(config, workdir, *, run: Optional[stages.Run] = None) -> dict:
   """Train per `config` in `workdir` (resuming if it holds checkpoints). Returns a summary dict."""
   from h3jax.checkpoint import Checkpointer
@@ -108,12 +121,15 @@ def train_and_evaluate(config, workdir, *, run: Optional[stages.Run] = None) -> 
     got = ckpt.restore(start, params_like=like(params, p_shard), opt_state_like=like(opt_like, o_shard))
     state = {"params": got["params"], "opt_state": got["opt_state"],
              "step": jax.device_put(jnp.asarray(start, jnp.int32), state_shard["step"])}
+    restore_data(run.train, got.get("extra"), start, workdir / CKPT_DIR)
     if init_params is not None:  # drift reference = the fused init, rebuilt deterministically
       init_params = params
   else:
     state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_shard)(params)
+    if run.train.step != 0:
+      raise ValueError(f"fresh run but the data iterator is at step {run.train.step}; pass a new Run")
 
-  batch_like = run.train.batch(0)
+  batch_like = run.train.batch(run.train.step)
   b_shard = sharding.batch_shardings(batch_like, mesh)
   put = lambda b: jax.device_put(b, b_shard)
   step_fn = jax.jit(step_lib.make_step(cfg, run.loss, labels, tx, accum=t.grad_accum_steps, seed=config.seed,
@@ -127,7 +143,7 @@ def train_and_evaluate(config, workdir, *, run: Optional[stages.Run] = None) -> 
   t0, summary = time.time(), {}
   try:
     for s in range(start, t.steps):
-      state, m = step_fn(state, put(run.train.batch(s)), init_params)
+      state, m = step_fn(state, put(next(run.train)), init_params)
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       if not math.isfinite(m["loss"]):
         ckpt.wait()
@@ -144,7 +160,7 @@ def train_and_evaluate(config, workdir, *, run: Optional[stages.Run] = None) -> 
       done = s + 1 == t.steps
       if (s + 1) % t.checkpoint_every == 0 or done:
         ckpt.save(s + 1, params=state["params"], opt_state=state["opt_state"],
-                  extra={"data": run.train.state(s + 1), "seed": int(config.seed)}, config=cfg, force=True)
+                  extra={"data": run.train.state(), "seed": int(config.seed)}, config=cfg, force=True)
         last_saved = s + 1
       if run.eval is not None and t.eval_every and ((s + 1) % t.eval_every == 0 or done):
         ev = evaluate(eval_fn, state["params"], run.eval, t.eval_batches, put)

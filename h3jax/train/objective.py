@@ -5,9 +5,11 @@
 LM is token cross-entropy on target tokens only (loss_mask_BT marks the
 tokens to predict, i.e. response tokens), normalised by the number of target
 tokens in the *global* batch, so gradient accumulation over microbatches gives
-the same loss as one big batch. The MoE terms come from `h3jax.fusion_losses`;
-the router terms are averaged over microbatches; drift depends only on params
-and is added once per step.
+the same loss as one big batch, and a packed batch the same loss as its
+examples unpacked. Batches with `positions_BT` / `segment_ids_BT` (packing)
+pass them to the forward; the gating loss uses `task_B` (one task per row).
+The MoE terms come from `h3jax.fusion_losses`; the router terms are averaged
+over microbatches; drift depends only on params and is added once per step.
 
 Faithful switches for the reference code (h3fusion-method.md §9), all in the
 `loss` config: gate_mode="double_softmax" (#6), gate_masked=False (#6),
@@ -77,8 +79,15 @@ def loss_config(c, cfg: ModelConfig) -> LossConfig:
 
 
 def target_mask(batch):
-  """[B, T-1] f32 weights of the next-token targets (loss_mask of the predicted token)."""
-  return (batch["loss_mask_BT"][:, 1:] * batch["attention_mask_BT"][:, 1:]).astype(jnp.float32)
+  """[B, T-1] f32 weights of the next-token targets (loss_mask of the predicted token).
+
+  In a packed row a token is never a target of the previous segment's last token.
+  """
+  w_BT = batch["loss_mask_BT"][:, 1:] * batch["attention_mask_BT"][:, 1:]
+  if "segment_ids_BT" in batch:
+    seg_BT = batch["segment_ids_BT"]
+    w_BT = w_BT * (seg_BT[:, 1:] == seg_BT[:, :-1])
+  return w_BT.astype(jnp.float32)
 
 
 def token_xent_sum(logits_BTV, batch):
@@ -93,8 +102,11 @@ def token_xent_sum(logits_BTV, batch):
 def micro_loss(params, batch, cfg: ModelConfig, lc: LossConfig, n_tok_global, n_micro: int, rng=None):
   """Loss share of one microbatch (summing over microbatches gives the step loss) and its metrics."""
   from h3jax.model import llama
+  # packed rows (h3jax.data.pipeline): RoPE restarts per example, examples do not attend to each other
   logits_BTV, aux = llama.forward(params, batch["input_ids_BT"], cfg,
-                                  attention_mask_BT=batch["attention_mask_BT"], rng=rng, return_aux=True)
+                                  attention_mask_BT=batch["attention_mask_BT"],
+                                  positions_BT=batch.get("positions_BT"),
+                                  segment_ids_BT=batch.get("segment_ids_BT"), rng=rng, return_aux=True)
   xent_sum, n_tok = token_xent_sum(logits_BTV, batch)
   lm = xent_sum / jnp.maximum(n_tok_global, 1.0)
   loss = lc.lm_weight * lm

@@ -9,6 +9,12 @@
                   on q/k/v/o and every expert's gate/up/down; the router is
                   trainable unless `train.router_trainable=False` (defect #4).
 
+Data comes from `h3jax.data`: records via `h3jax.data.pipeline.load_records`
+(3H axis names, "mixture", or JSONL paths), the tokenizer via
+`h3jax.data.tokenize.load_tokenizer` ("bytes" or an HF folder), batches via
+`make_iterator` (templates alpaca | chat | plain, optional packing). The run's
+`train` / `eval` are `BatchIterator`s; the loop checkpoints `train.state()`.
+
 Everything is driven by the ml_collections config described in configs/*.py.
 """
 
@@ -21,8 +27,10 @@ import jax
 import numpy as np
 
 from h3jax.config import ModelConfig, RopeConfig
+from h3jax.data import pipeline as data_lib
+from h3jax.data import tokenize as tok_lib
 from h3jax.model import params as params_lib
-from h3jax.train import lora, objective, optim, sft_data
+from h3jax.train import lora, objective, optim
 
 STAGES = ("sft", "fusion")
 TARGET_SETS = {"ffn": lora.FFN_TARGETS, "attn": lora.ATTN_TARGETS}
@@ -35,8 +43,8 @@ class Run:
   labels: dict
   loss: objective.LossConfig
   tokenizer: Any
-  train: sft_data.SFTBatches
-  eval: Optional[sft_data.SFTBatches]
+  train: data_lib.BatchIterator
+  eval: Optional[data_lib.BatchIterator]
   tokenizer_source: Optional[str] = None
 
 
@@ -80,30 +88,69 @@ def apply_lora(config, cfg: ModelConfig, params: dict):
   return lora.lora_model_config(cfg, lc.rank, lc.alpha, lc.dropout), params
 
 
-def make_data(config, tokenizer, cfg: ModelConfig):
-  d = config.data
+TASK_LABELS = ("per_source", "cumulative")
+
+
+def load_data_records(d) -> list:
+  """Training records of a `data` ConfigDict, with task labels.
+
+  Per source (axis name, "mixture" or JSONL path), the first `max_examples`
+  records. Labels: `data.tasks[i]` for source i when given; else, with several
+  sources, the source index (`task_labels="per_source"`) or the reference
+  code's cumulative labels (defect #5); else each record's own `task`.
+  "mixture" stands for the three axes (as `h3jax.data.pipeline.mixture_records`).
+  """
+  sources = list(d.sources)
+  if "mixture" in sources:  # = data_lib.mixture_records: the three axes, max_examples per axis
+    if sources != ["mixture"]:
+      raise ValueError(f"data.sources: 'mixture' (the three 3H axes) must be the only source, got {sources}")
+    sources = list(data_lib.AXES)
+  if d.task_labels not in TASK_LABELS:
+    raise ValueError(f"unknown data.task_labels {d.task_labels!r}; expected one of {TASK_LABELS}")
+  if len(d.tasks) and len(d.tasks) != len(sources):
+    raise ValueError(f"data.tasks has {len(d.tasks)} labels for the {len(sources)} sources {sources}; give "
+                     "one per source or none")
   sizes, records = [], []
-  for i, src in enumerate(d.sources):
-    task = d.tasks[i] if len(d.tasks) else None
-    recs = sft_data.load_records(src, task=task, data_root=d.data_root or None, split="train",
-                                 max_examples=d.max_examples)
+  for i, src in enumerate(sources):
+    task = int(d.tasks[i]) if len(d.tasks) else None
+    recs = data_lib.load_records(src, split="train", data_root=d.data_root or None, task=task)
+    if d.max_examples:
+      recs = recs[:d.max_examples]
+    if not recs:
+      raise ValueError(f"data source {src!r} gave no examples")
     sizes.append(len(recs))
     records += recs
-  if len(d.sources) > 1 and not len(d.tasks):
-    for r, t in zip(records, sft_data.mixed_task_labels(sizes, d.task_labels)):
-      r["task"] = t
-  kw = dict(end_marker=d.end_marker, add_eos=d.add_eos)
-  arrays = sft_data.tokenize(records, tokenizer, d.seq_len, d.template, **kw)
-  if int(arrays["input_ids_BT"].max()) >= cfg.vocab_size:
-    raise ValueError(f"token id {int(arrays['input_ids_BT'].max())} >= model vocab_size {cfg.vocab_size}: "
-                     "tokenizer and model do not match")
+  if len(sources) > 1 and not len(d.tasks):
+    labels = (data_lib.cumulative_task_labels(sizes) if d.task_labels == "cumulative"
+              else [i for i, n in enumerate(sizes) for _ in range(n)])
+    records = [dict(r, task=t) for r, t in zip(records, labels)]
+  return records
+
+
+def make_iterator(d, records, tokenizer, batch_size: int, seed: int) -> data_lib.BatchIterator:
+  """`make_iterator` with the `data` config's template, packing and target-suffix settings."""
+  end_marker = None if d.end_marker == "auto" else d.end_marker
+  return data_lib.make_iterator(records, tokenizer, batch_size=batch_size, max_len=d.seq_len, seed=seed,
+                                template=d.template, pack=d.pack, end_marker=end_marker, add_eos=d.add_eos,
+                                min_prompt_frac=d.min_prompt_frac)
+
+
+def make_data(config, tokenizer, cfg: ModelConfig):
+  """(train, eval or None) iterators; eval holds a seeded `eval_fraction` of the records."""
+  d = config.data
+  records = load_data_records(d)
   rng = np.random.default_rng(config.seed)
   n_eval = int(round(d.eval_fraction * len(records)))
   order = rng.permutation(len(records))
-  take = lambda idx: {k: v[idx] for k, v in arrays.items()}
-  train_idx, eval_idx = np.sort(order[n_eval:]), np.sort(order[:n_eval])
-  train = sft_data.SFTBatches(take(train_idx), config.train.batch_size, config.seed)
-  ev = sft_data.SFTBatches(take(eval_idx), config.train.batch_size, config.seed) if n_eval else None
+  if n_eval >= len(records):
+    raise ValueError(f"data.eval_fraction={d.eval_fraction} leaves no training examples of {len(records)}")
+  pick = lambda idx: [records[i] for i in np.sort(idx)]
+  train = make_iterator(d, pick(order[n_eval:]), tokenizer, config.train.batch_size, config.seed)
+  ev = make_iterator(d, pick(order[:n_eval]), tokenizer, config.train.batch_size, config.seed) if n_eval else None
+  for it in (train, ev):
+    top = max(int(np.max(e["input_ids_T"])) for e in it.examples) if it is not None else -1
+    if top >= cfg.vocab_size:
+      raise ValueError(f"token id {top} >= model vocab_size {cfg.vocab_size}: tokenizer and model do not match")
   return train, ev
 
 
@@ -123,7 +170,7 @@ def setup(config) -> Run:
   tok_spec = config.data.tokenizer or tok_src
   if not tok_spec:
     raise ValueError("data.tokenizer is empty and the model has no folder to take one from")
-  tokenizer = sft_data.make_tokenizer(tok_spec)
+  tokenizer = tok_lib.load_tokenizer(tok_spec)
   train, ev = make_data(config, tokenizer, cfg)
   src = tok_spec if tok_spec != "bytes" else None
   return Run(cfg, params, labels, lc, tokenizer, train, ev, src)
