@@ -36,6 +36,11 @@ class SamplingConfig:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+# Attention during decoding reads the filled part of the cache rounded up to this many slots
+# (one compiled decode chunk per bucket).
+KV_BUCKET = 128
+
+
 def sample_logits(logits_BV, key, sampling: SamplingConfig):
   """Next token ids [B] from float32 logits, with HF-style top-k then top-p filtering."""
   if sampling.temperature == 0.0:
@@ -61,14 +66,20 @@ def _prefill(params, ids_BP, mask_BP, cfg: ModelConfig, max_len: int):
   cache = llama.init_cache(cfg, B, max_len)
   key_mask_BS = jnp.concatenate([mask_BP.astype(bool), jnp.ones((B, max_len - P), bool)], axis=1)
   positions_BP = llama.positions_from_mask(mask_BP)
-  logits_BPV, cache = llama.forward_cached(params, ids_BP, positions_BP, cache, 0, key_mask_BS, cfg)
+  logits_BPV, cache = llama.forward_cached(params, ids_BP, positions_BP, cache, 0, key_mask_BS, cfg,
+                                           kv_len=P)
   next_pos_B = jnp.sum(mask_BP.astype(jnp.int32), axis=-1)
   return logits_BPV[:, -1], cache, key_mask_BS, next_pos_B
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "n_steps"), donate_argnames=("state",))
-def _decode_chunk(params, state, eos_E, key, cfg: ModelConfig, sampling: SamplingConfig, n_steps: int):
-  """Decode up to n_steps tokens into state["out_BN"], stopping early once every row is done."""
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "n_steps", "kv_len"),
+                   donate_argnames=("state",))
+def _decode_chunk(params, state, eos_E, key, cfg: ModelConfig, sampling: SamplingConfig, n_steps: int,
+                  kv_len: int):
+  """Decode up to n_steps tokens into state["out_BN"], stopping early once every row is done.
+
+  Attention reads only the first kv_len cache slots (they cover every slot this chunk writes).
+  """
   start = state["step"]
 
   def cond(s):
@@ -81,7 +92,7 @@ def _decode_chunk(params, state, eos_E, key, cfg: ModelConfig, sampling: Samplin
     out_BN = s["out_BN"].at[:, step].set(tok_B)
     done_B = s["done_B"] | jnp.any(tok_B[:, None] == eos_E[None, :], axis=-1)
     logits_B1V, cache = llama.forward_cached(params, tok_B[:, None], s["pos_B"][:, None], s["cache"],
-                                             s["cache_index"], s["key_mask_BS"], cfg)
+                                             s["cache_index"], s["key_mask_BS"], cfg, kv_len=kv_len)
     return dict(s, step=step + 1, out_BN=out_BN, done_B=done_B, logits_BV=logits_B1V[:, 0],
                 cache=cache, cache_index=s["cache_index"] + 1, pos_B=s["pos_B"] + 1,
                 lengths_B=jnp.where(s["done_B"], s["lengths_B"], step + 1))
@@ -111,8 +122,10 @@ def generate_tokens(params, cfg: ModelConfig, prompt_ids_BP, prompt_mask_BP, *, 
   eos_E = jnp.asarray(list(eos_token_ids) or [-1], jnp.int32)
   key = jax.random.PRNGKey(seed)
   chunk = chunk or max_new_tokens
+  S, step = P + max_new_tokens, 0
   while True:
-    state = _decode_chunk(params, state, eos_E, key, cfg, sampling, chunk)
+    kv_len = min(S, -(-(P + step + chunk) // KV_BUCKET) * KV_BUCKET)
+    state = _decode_chunk(params, state, eos_E, key, cfg, sampling, chunk, kv_len)
     step = int(state["step"])
     if should_stop is not None and step:
       stop_B = np.asarray(should_stop(np.asarray(state["out_BN"][:, :step]), np.asarray(state["lengths_B"])))

@@ -102,13 +102,15 @@ def swiglu_mlp(p: dict, x_BTD, cfg: ModelConfig, rng=None):
 
 
 def attention(p: dict, x_BTD, cos_BTH, sin_BTH, mask_BTS, cfg: ModelConfig, *,
-              kv_cache=None, cache_index=None, rng=None):
+              kv_cache=None, cache_index=None, layer=0, kv_len=None, rng=None):
   """Causal GQA self-attention.
 
   mask_BTS: bool, True where query t may attend key s (causality and padding
-  already folded in by the caller). With `kv_cache=(k_BSKH, v_BSKH)` the new
-  keys/values are written at `cache_index` and attention runs over the whole
-  cache; the updated cache is returned.
+  already folded in by the caller). With `kv_cache=(k_LBSKH, v_LBSKH)`, the
+  cache of every layer stacked, this layer's T new keys/values are written in
+  place at [layer, :, cache_index] (only T slots move, however long the cache)
+  and attention runs over the first `kv_len` slots (default all S; mask_BTS
+  then has kv_len columns). The updated stacked cache is returned.
   """
   B, T, _ = x_BTD.shape
   H, K, Dh, R = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.q_per_kv
@@ -120,10 +122,15 @@ def attention(p: dict, x_BTD, cos_BTH, sin_BTH, mask_BTS, cfg: ModelConfig, *,
   k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
   new_cache = None
   if kv_cache is not None:
-    k_cache, v_cache = kv_cache
-    k_BSKH = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BTKH.astype(k_cache.dtype), cache_index, axis=1)
-    v_BSKH = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BTKH.astype(v_cache.dtype), cache_index, axis=1)
-    new_cache = (k_BSKH, v_BSKH)
+    k_LBSKH, v_LBSKH = kv_cache
+    S = kv_len or k_LBSKH.shape[2]
+    at = tuple(jnp.asarray(i, jnp.int32) for i in (layer, 0, cache_index, 0, 0))
+    k_LBSKH = jax.lax.dynamic_update_slice(k_LBSKH, k_BTKH[None].astype(k_LBSKH.dtype), at)
+    v_LBSKH = jax.lax.dynamic_update_slice(v_LBSKH, v_BTKH[None].astype(v_LBSKH.dtype), at)
+    new_cache = (k_LBSKH, v_LBSKH)
+    layer_start = at[:2] + (at[1],) * 3  # (layer, 0, 0, 0, 0)
+    k_BSKH = jax.lax.dynamic_slice(k_LBSKH, layer_start, (1, B, S, K, Dh))[0]
+    v_BSKH = jax.lax.dynamic_slice(v_LBSKH, layer_start, (1, B, S, K, Dh))[0]
   else:
     k_BSKH, v_BSKH = k_BTKH, v_BTKH
   q_BTKRH = q_BTNH.reshape(B, T, K, R, Dh)  # query head h uses kv head h // R

@@ -30,11 +30,12 @@ def _remat(fn, cfg: ModelConfig):
 
 
 def _block(p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT, cfg: ModelConfig,
-           kv=None, cache_index=None, rng=None):
+           kv=None, cache_index=None, layer=0, kv_len=None, rng=None):
   rngs = jax.random.split(rng, 2) if rng is not None else (None, None)
   h_BTD = layers.rms_norm(x_BTD, p["attn_norm"]["scale"], cfg.rms_norm_eps)
   attn_BTD, new_kv = layers.attention(p["attn"], h_BTD, cos_BTH, sin_BTH, mask_BTS, cfg,
-                                      kv_cache=kv, cache_index=cache_index, rng=rngs[0])
+                                      kv_cache=kv, cache_index=cache_index, layer=layer,
+                                      kv_len=kv_len, rng=rngs[0])
   x_BTD = x_BTD + attn_BTD.astype(x_BTD.dtype)
   h_BTD = layers.rms_norm(x_BTD, p["mlp_norm"]["scale"], cfg.rms_norm_eps)
   aux = {}
@@ -47,30 +48,54 @@ def _block(p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT, cfg: ModelConfig
 
 
 def _run_layers(layers_p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT, cfg: ModelConfig,
-                cache=None, cache_index=None, rng=None):
+                cache=None, cache_index=None, kv_len=None, rng=None):
   """Scan the stacked layers. Returns (x_BTD, new_cache or None, aux stacked on L)."""
+  if cache is not None:
+    return _run_layers_cached(layers_p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT, cfg,
+                              cache, cache_index, kv_len)
   L = cfg.num_layers
   rngs_L = jax.random.split(rng, L) if rng is not None else None
 
   def step(x_BTD, xs):
-    p, kv, r = xs
-    x_BTD, new_kv, aux = _block(p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT, cfg,
-                                kv=kv, cache_index=cache_index, rng=r)
-    return x_BTD, (new_kv, aux)
+    p, r = xs
+    x_BTD, _, aux = _block(p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT, cfg, rng=r)
+    return x_BTD, aux
 
   step = _remat(step, cfg)
-  kv_L = (cache["k"], cache["v"]) if cache is not None else None
   if cfg.scan_layers:
-    x_BTD, (new_kv, aux) = jax.lax.scan(step, x_BTD, (layers_p, kv_L, rngs_L))
+    x_BTD, aux = jax.lax.scan(step, x_BTD, (layers_p, rngs_L))
   else:
     outs = []
     for i in range(L):
       take = lambda t: jax.tree.map(lambda a: a[i], t)
-      x_BTD, out = step(x_BTD, (take(layers_p), take(kv_L), None if rngs_L is None else rngs_L[i]))
+      x_BTD, out = step(x_BTD, (take(layers_p), None if rngs_L is None else rngs_L[i]))
       outs.append(out)
-    new_kv, aux = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else (None, {})
-  new_cache = {"k": new_kv[0], "v": new_kv[1]} if cache is not None else None
-  return x_BTD, new_cache, aux
+    aux = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else {}
+  return x_BTD, None, aux
+
+
+def _run_layers_cached(layers_p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT, cfg: ModelConfig,
+                       cache, cache_index, kv_len):
+  # The stacked cache is a loop carry, so XLA updates it in place: a decode step writes its
+  # L x T new slots instead of copying the whole [L, B, S, K, Dh] cache (as scan ys would).
+  def step(carry, xs):
+    x_BTD, kv = carry
+    p, layer = xs
+    x_BTD, kv, aux = _block(p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT, cfg, kv=kv,
+                            cache_index=cache_index, layer=layer, kv_len=kv_len)
+    return (x_BTD, kv), aux
+
+  carry = (x_BTD, (cache["k"], cache["v"]))
+  if cfg.scan_layers:
+    carry, aux = jax.lax.scan(step, carry, (layers_p, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
+  else:
+    outs = []
+    for i in range(cfg.num_layers):
+      carry, out = step(carry, (jax.tree.map(lambda a: a[i], layers_p), i))
+      outs.append(out)
+    aux = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+  x_BTD, (k_LBSKH, v_LBSKH) = carry
+  return x_BTD, {"k": k_LBSKH, "v": v_LBSKH}, aux
 
 
 def embed(params, input_ids_BT, cfg: ModelConfig):
@@ -139,21 +164,24 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
 
 
 def forward_cached(params, input_ids_BT, positions_BT, cache, cache_index, key_mask_BS,
-                   cfg: ModelConfig):
+                   cfg: ModelConfig, kv_len=None):
   """Run T new tokens written at cache slots [cache_index, cache_index + T).
 
   key_mask_BS marks valid cache slots (prompt padding False); slot order is
-  causal order. Returns (logits_BTV float32, new_cache).
+  causal order. `kv_len` (static) limits attention to the first kv_len slots,
+  which must cover cache_index + T: decoding early in a long cache then reads
+  only the filled part. Returns (logits_BTV float32, new_cache).
   """
   B, T = input_ids_BT.shape
-  S = cache["k"].shape[2]
+  S = kv_len or cache["k"].shape[2]
   slot_T = cache_index + jnp.arange(T)
-  mask_BTS = (jnp.arange(S)[None, :] <= slot_T[:, None])[None] & key_mask_BS[:, None, :]
+  mask_BTS = (jnp.arange(S)[None, :] <= slot_T[:, None])[None] & key_mask_BS[:, None, :S]
   cos_BTH, sin_BTH = layers.rope_cos_sin(positions_BT, cfg)
   x_BTD = embed(params, input_ids_BT, cfg)
   token_mask_BT = jax.lax.dynamic_slice_in_dim(key_mask_BS, cache_index, T, axis=1)
   x_BTD, new_cache, _ = _run_layers(params["layers"], x_BTD, cos_BTH, sin_BTH, mask_BTS,
-                                    token_mask_BT, cfg, cache=cache, cache_index=cache_index)
+                                    token_mask_BT, cfg, cache=cache, cache_index=cache_index,
+                                    kv_len=kv_len)
   hidden_BTD = layers.rms_norm(x_BTD, params["final_norm"]["scale"], cfg.rms_norm_eps)
   return logits_from_hidden(params, hidden_BTD, cfg), new_cache
 
