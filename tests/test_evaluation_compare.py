@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -37,6 +38,7 @@ def test_compare_two_hf_folders(tmp_path, data_root, capsys):
   config.sets = ("xstest_safe", "truthfulqa_mc")
   config.batch_size = 2
   config.judges.kind = "none"
+  config.prompt_template = "chat"
   config.generation.max_new_tokens = 4
   res = runner.compare(dirs, tmp_path / "eval", limit=1, config=config)
   out = capsys.readouterr().out
@@ -48,5 +50,7 @@ def test_compare_two_hf_folders(tmp_path, data_root, capsys):
   assert {"radar.png", "axis_bars.png"} <= set(saved["plots"])
   samples = (tmp_path / "eval" / "samples_fused.jsonl").read_text().splitlines()
   assert json.loads(samples[0])["set"] == "xstest_safe"
-  # The chat template was used: the cache key hashes the formatted prompt.
-  assert runner.prompt_format(config, byte_tokenizer()) == "chat"
+  assert saved["settings"]["prompt_template"] == "chat"
+  config.prompt_template = "nope"
+  with pytest.raises(ValueError, match="unknown prompt template 'nope'"):
+    runner.prompt_template(config, byte_tokenizer())

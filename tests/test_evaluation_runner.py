@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 
 from eval_fakes import FakeRefusalJudge, ModByteTokenizer, fake_judges
-from h3jax import generation
 from h3jax.config import ModelConfig
 from h3jax.evaluation import cache as cache_lib
-from h3jax.evaluation import runner
+from h3jax.evaluation import infer, runner
 from h3jax.model import params as params_lib
 
 V = 64
-REAL_GENERATE = generation.generate
+REAL_GENERATE = infer.generate_texts
 
 
 def tiny_model(name="tiny", seed=0, **kw):
@@ -49,7 +48,7 @@ class CountingGenerate:
     if self.fail_after is not None and self.calls >= self.fail_after:
       raise SimulatedKill("simulated interruption")
     self.calls += 1
-    self.prompts += len(args[3])
+    self.prompts += len(args[1])
     return self.real(*args, **kw)
 
 
@@ -57,7 +56,7 @@ def test_results_resume_and_rerun(data_root, tmp_path, monkeypatch):
   config = small_config(data_root)
   # An interrupted run: the second batch raises.
   gen = CountingGenerate(fail_after=1)
-  monkeypatch.setattr(generation, "generate", gen)
+  monkeypatch.setattr(infer, "generate_texts", gen)
   with pytest.raises(SimulatedKill):
     runner.evaluate(config, [], tmp_path / "a", limit=2, judges=fake_judges(), models=[tiny_model()],
                     progress=False)
@@ -65,20 +64,23 @@ def test_results_resume_and_rerun(data_root, tmp_path, monkeypatch):
   assert not (tmp_path / "a" / "results.json").exists()
   # Resume: only the 4 x 2 - 2 = 6 missing generations run.
   gen = CountingGenerate()
-  monkeypatch.setattr(generation, "generate", gen)
+  monkeypatch.setattr(infer, "generate_texts", gen)
   res = runner.evaluate(config, [], tmp_path / "a", limit=2, judges=fake_judges(), models=[tiny_model()],
                         progress=False)
   assert gen.prompts == 6
+  # The compute time of both sessions is recorded (2 + 6 generations).
+  assert res["timing"]["tiny"]["compute"]["generate"]["n"] == 8
+  assert res["timing"]["tiny"]["compute"]["mc"]["n"] > 0
   # A fresh uninterrupted run gives identical results (greedy decoding).
   gen = CountingGenerate()
-  monkeypatch.setattr(generation, "generate", gen)
+  monkeypatch.setattr(infer, "generate_texts", gen)
   fresh = runner.evaluate(config, [], tmp_path / "b", limit=2, judges=fake_judges(), models=[tiny_model()],
                           progress=False)
   assert gen.prompts == 8
   assert res["models"]["tiny"]["metrics"] == fresh["models"]["tiny"]["metrics"]
   # A re-run generates nothing.
   gen = CountingGenerate()
-  monkeypatch.setattr(generation, "generate", gen)
+  monkeypatch.setattr(infer, "generate_texts", gen)
   again = runner.evaluate(config, [], tmp_path / "b", limit=2, judges=fake_judges(), models=[tiny_model()],
                           progress=False)
   assert gen.calls == 0 and again["models"]["tiny"]["metrics"] == fresh["models"]["tiny"]["metrics"]
@@ -114,10 +116,26 @@ def test_changed_settings_miss_the_cache(data_root, tmp_path, monkeypatch):
   config = small_config(data_root, sets=("xstest_safe",))
   runner.evaluate(config, [], tmp_path, limit=2, judges=fake_judges(), models=[tiny_model()], progress=False)
   gen = CountingGenerate()
-  monkeypatch.setattr(generation, "generate", gen)
+  monkeypatch.setattr(infer, "generate_texts", gen)
   config.generation.max_new_tokens = 7
   runner.evaluate(config, [], tmp_path, limit=2, judges=fake_judges(), models=[tiny_model()], progress=False)
   assert gen.prompts == 2
+
+
+def test_judge_answers_are_cached(data_root, tmp_path):
+  config = small_config(data_root, sets=("alpaca_eval", "xstest_safe", "truthfulqa_gen"))
+  judges = fake_judges()
+  first = runner.evaluate(config, [], tmp_path, limit=2, judges=judges, models=[tiny_model()], progress=False)
+  # pairwise (2 references, both orders), truth + info, refusal
+  assert first["timing"]["tiny"]["compute"]["judge"]["n"] == 2 * 2 * 2 + 2 * 2 + 2
+
+  def raising(*a):
+    raise AssertionError("judge called although its answers are cached")
+
+  for j in judges.values():  # the same judges (same identity, so the same cache keys)
+    j.score = j.prefer = raising
+  again = runner.evaluate(config, [], tmp_path, limit=2, judges=judges, models=[tiny_model()], progress=False)
+  assert again["models"]["tiny"]["metrics"] == first["models"]["tiny"]["metrics"]
 
 
 def test_moe_router_usage_and_radar(data_root, tmp_path):

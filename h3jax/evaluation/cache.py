@@ -1,7 +1,10 @@
 """Per-model JSONL cache of generations and log-prob scores, so re-runs skip finished work.
 
 One file per model; one JSON object per line:
-  {"key": sha256 hex, "kind": "generation" | "mc", "value": ..., "meta": {...}}
+  {"key": sha256 hex, "kind": "generation" | "mc" | "judge", "value": ..., "meta": {...}}
+plus "time" rows {"kind": "time", "value": {"stage", "s", "n"}} written with
+each batch: the compute seconds and item count it took, so `times()` sums a
+run's cost over every session that contributed to the cache.
 The key hashes the exact model input (formatted prompt, or context and
 choices) together with every setting that changes the output (decoding
 settings, max_new_tokens, seed, dtype, format), so a changed setting misses
@@ -19,7 +22,8 @@ import hashlib
 import json
 import os
 import pathlib
-from typing import Dict, Iterable, Tuple
+import uuid
+from typing import Dict, Iterable, List, Tuple
 
 
 def item_key(kind: str, payload, settings: dict) -> str:
@@ -28,12 +32,18 @@ def item_key(kind: str, payload, settings: dict) -> str:
   return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def time_row(stage: str, seconds: float, n: int) -> Tuple[str, str, dict, dict]:
+  """A put_many entry recording that `n` items of `stage` took `seconds` of compute."""
+  return (f"time-{uuid.uuid4().hex}", "time", {"stage": stage, "s": round(float(seconds), 3), "n": int(n)}, {})
+
+
 class Cache:
   """Append-only key -> value store backed by one JSONL file."""
 
   def __init__(self, path):
     self.path = pathlib.Path(path)
     self._data: Dict[str, object] = {}
+    self._times: List[dict] = []
     if self.path.exists():
       self._load()
 
@@ -47,13 +57,16 @@ class Cache:
         continue
       try:
         row = json.loads(line.decode("utf-8"))
-        key, value = row["key"], row["value"]
+        key, value, kind = row["key"], row["value"], row.get("kind")
       except (ValueError, KeyError, TypeError) as e:
         if torn and lineno == len(lines):
           break  # interrupted write: that item is simply redone
         raise ValueError(f"{self.path}:{lineno}: malformed cache row ({e}); delete the file to "
                          f"regenerate everything") from None
-      self._data[key] = value
+      if kind == "time":
+        self._times.append(value)
+      else:
+        self._data[key] = value
     if torn:  # drop the torn tail so later appends start on a fresh line
       with open(self.path, "wb") as f:
         f.write(raw[:raw.rfind(b"\n") + 1] if b"\n" in raw else b"")
@@ -79,8 +92,20 @@ class Cache:
       f.write("\n".join(rows) + "\n")
       f.flush()
       os.fsync(f.fileno())
-    for k, _, v, _ in entries:
-      self._data[k] = v
+    for k, kind, v, _ in entries:
+      if kind == "time":
+        self._times.append(v)
+      else:
+        self._data[k] = v
+
+  def times(self) -> Dict[str, dict]:
+    """{stage: {"s": compute seconds, "n": items}} summed over every session's time rows."""
+    out: Dict[str, dict] = {}
+    for t in self._times:
+      acc = out.setdefault(t["stage"], {"s": 0.0, "n": 0})
+      acc["s"] = round(acc["s"] + t["s"], 3)
+      acc["n"] += t["n"]
+    return out
 
   def put(self, key: str, kind: str, value, meta=None):
     self.put_many([(key, kind, value, meta or {})])

@@ -6,8 +6,8 @@ given the prompt,
 
   qa format (default):  context = QA_PRIMER + "\\n\\nQ: " + question + "\\nA:",
                         continuation = " " + choice
-  chat format:          context = chat template(user: question, generation prompt),
-                        continuation = choice
+  template format:      context = the evaluation's prompt template (alpaca, chat,
+                        plain) around the question, continuation = choice
 
 and context and continuation are tokenised separately and concatenated (so
 the choice tokens are the same for every context).
@@ -42,22 +42,36 @@ QA_PRIMER = (
     "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
     "Q: Where were the 1992 Olympics held?\n"
     "A: The 1992 Olympics were held in Barcelona, Spain.")
-MC_FORMATS = ("qa", "chat")
+MC_FORMATS = ("qa", "template", "chat")
 
 
-def mc_context(tokenizer, question: str, fmt: str = "qa") -> str:
+def mc_context(tokenizer, question: str, fmt: str = "qa", template: str = "alpaca", system=None) -> str:
+  """The text every answer choice is appended to.
+
+  qa: the TruthfulQA primer (lm-eval-harness); template: the evaluation's
+  prompt template (`h3jax.data.format.format_prompt`: alpaca, chat or plain),
+  the same text the model is asked to generate from; chat: template 'chat'.
+  """
   if fmt == "qa":
     return f"{QA_PRIMER}\n\nQ: {question}\nA:"
   if fmt == "chat":
-    if not getattr(tokenizer, "chat_template", None):
+    fmt, template = "template", "chat"
+  if fmt == "template":
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
       raise ValueError("TruthfulQA mc_format='chat' but the tokenizer has no chat template")
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
+    from h3jax.data import format as data_format
+    return data_format.format_prompt(question, tokenizer, template, system=system)
   raise ValueError(f"unknown TruthfulQA mc_format {fmt!r}; expected one of {MC_FORMATS}")
 
 
 def mc_continuation(choice: str, fmt: str = "qa") -> str:
+  """qa: " " + choice (after "A:"); a template's reply follows its prompt directly."""
   return " " + choice if fmt == "qa" else choice
+
+
+def mc_add_special_tokens(fmt: str, template: str = "alpaca") -> bool:
+  """BOS by the tokenizer's rule, except under a chat template (it places its own)."""
+  return fmt == "qa" or (fmt == "template" and template != "chat")
 
 
 def mc1(scores: Sequence[float], labels: Sequence[int]) -> float:
@@ -78,20 +92,50 @@ def mc2(scores: Sequence[float], labels: Sequence[int]) -> float:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _continuation_logprobs(params, ids_BT, mask_BT, pred_BA, tgt_BA, cfg: ModelConfig):
-  """log p(tgt_BA | prefix) read at hidden positions pred_BA; [B, A].
-
-  Only the A continuation positions go through lm_head and log-softmax: with a
-  49k vocabulary and a few-shot context that is most of the work.
-  """
-  hidden_BTD, _ = llama.hidden_states(params, ids_BT, cfg, attention_mask_BT=mask_BT)
-  h_BAD = jnp.take_along_axis(hidden_BTD, pred_BA[:, :, None], axis=1)
-  logp_BAV = jax.nn.log_softmax(llama.logits_from_hidden(params, h_BAD, cfg), axis=-1)
-  return jnp.take_along_axis(logp_BAV, tgt_BA[:, :, None], axis=-1)[..., 0]
+def _prefix_cache(params, ids_1P, cfg: ModelConfig):
+  """KV cache [L, 1, P, K, Dh] of the prefix that every row of a call shares."""
+  P = ids_1P.shape[1]
+  cache = llama.init_cache(cfg, 1, P)
+  positions_1P = jnp.arange(P, dtype=jnp.int32)[None]
+  _, cache = llama.forward_cached(params, ids_1P, positions_1P, cache, 0, jnp.ones((1, P), bool), cfg)
+  return cache
 
 
-def _bucket(n: int, multiple: int = 32) -> int:
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _suffix_logprobs(params, prefix_cache, ids_BT, mask_BT, cfg: ModelConfig):
+  """log p(ids_BT[:, t + 1] | prefix, ids_BT[:, :t + 1]) for every t; [B, T] (last column unused)."""
+  B, T = ids_BT.shape
+  P = prefix_cache["k"].shape[2]
+
+  def extend(c_L1PKH):  # the shared prefix for every row, then T empty slots
+    L, _, _, K, H = c_L1PKH.shape
+    return jnp.concatenate([jnp.broadcast_to(c_L1PKH, (L, B, P, K, H)),
+                            jnp.zeros((L, B, T, K, H), c_L1PKH.dtype)], axis=2)  # [L, B, P + T, K, Dh]
+
+  cache = jax.tree.map(extend, prefix_cache)
+  key_mask_BS = jnp.concatenate([jnp.ones((B, P), bool), mask_BT.astype(bool)], axis=1)
+  positions_BT = jnp.broadcast_to(P + jnp.arange(T, dtype=jnp.int32), (B, T))
+  logits_BTV, _ = llama.forward_cached(params, ids_BT, positions_BT, cache, P, key_mask_BS, cfg)
+  logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+  next_BT = jnp.concatenate([ids_BT[:, 1:], jnp.zeros((B, 1), ids_BT.dtype)], axis=1)
+  return jnp.take_along_axis(logp_BTV, next_BT[:, :, None], axis=-1)[..., 0]
+
+
+def _bucket(n: int, multiple: int = 16) -> int:
   return max(multiple, -(-n // multiple) * multiple)
+
+
+def _shared_prefix_len(rows, multiple: int = 16) -> int:
+  """Tokens every context starts with, rounded down to `multiple` (so calls share compiled shapes)
+  and leaving each row at least one context token (it predicts the first continuation token)."""
+  first = rows[0][0]
+  n = min(len(c) for c, _ in rows) - 1
+  for c, _ in rows[1:]:
+    k = 0
+    while k < n and c[k] == first[k]:
+      k += 1
+    n = k
+  return max(0, n) // multiple * multiple
 
 
 def sequence_logprobs(params, cfg: ModelConfig, tokenizer, contexts: Sequence[str],
@@ -99,8 +143,11 @@ def sequence_logprobs(params, cfg: ModelConfig, tokenizer, contexts: Sequence[st
                       add_special_tokens: bool = True, progress: bool = False) -> np.ndarray:
   """Summed log-prob of each continuation given its context; [N] float64.
 
-  Rows are right-padded to a multiple of 32 tokens (continuations to 16) and
-  batches to `batch_size` rows so the jitted forward compiles for few shapes.
+  The token prefix all contexts share (the QA primer, the Alpaca preamble,
+  the chat template's system turn) is run once into a KV cache; rows hold only
+  the rest of their context plus the continuation, sorted by length, batched
+  to `batch_size` rows and right-padded to a multiple of 16 tokens, so the
+  jitted forward compiles for few shapes and does ~5x less work than full rows.
   """
   if len(contexts) != len(continuations):
     raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
@@ -112,44 +159,47 @@ def sequence_logprobs(params, cfg: ModelConfig, tokenizer, contexts: Sequence[st
       raise ValueError(f"empty context or continuation after tokenisation: {ctx[-40:]!r} / {cont!r}")
     rows.append((list(c_ids), list(a_ids)))
   out = np.zeros(len(rows), np.float64)
-  starts = range(0, len(rows), batch_size)
+  if not rows:
+    return out
+  P = _shared_prefix_len(rows)
+  prefix = (_prefix_cache(params, jnp.asarray([rows[0][0][:P]], jnp.int32), cfg) if P
+            else llama.init_cache(cfg, 1, 0))
+  order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+  starts = range(0, len(order), batch_size)
   if progress:
     import tqdm
     starts = tqdm.tqdm(starts, desc="log-probs", unit="batch")
   for start in starts:
-    batch = rows[start:start + batch_size]
-    T = _bucket(max(len(c) + len(a) for c, a in batch))
-    A = _bucket(max(len(a) for _, a in batch), 16)
+    idx = order[start:start + batch_size]
+    T = _bucket(max(len(rows[i][0]) + len(rows[i][1]) - P for i in idx))
     ids_BT = np.full((batch_size, T), tokenizer.pad_token_id or 0, np.int32)
     mask_BT = np.zeros((batch_size, T), np.int32)
-    pred_BA = np.zeros((batch_size, A), np.int32)  # position whose output predicts the token
-    tgt_BA = np.zeros((batch_size, A), np.int32)
-    valid_BA = np.zeros((batch_size, A), bool)
-    for i, (c, a) in enumerate(batch):
-      ids_BT[i, :len(c) + len(a)] = c + a
-      mask_BT[i, :len(c) + len(a)] = 1
-      pred_BA[i, :len(a)] = np.arange(len(c) - 1, len(c) + len(a) - 1)
-      tgt_BA[i, :len(a)] = a
-      valid_BA[i, :len(a)] = True
-    mask_BT[len(batch):, 0] = 1  # filler rows: one token, ignored
-    lp_BA = np.asarray(_continuation_logprobs(params, jnp.asarray(ids_BT), jnp.asarray(mask_BT),
-                                              jnp.asarray(pred_BA), jnp.asarray(tgt_BA), cfg), np.float64)
-    out[start:start + len(batch)] = np.sum(np.where(valid_BA, lp_BA, 0.0), axis=1)[:len(batch)]
+    valid_BT = np.zeros((batch_size, T), bool)  # positions whose next token is a continuation token
+    for r, i in enumerate(idx):
+      c, a = rows[i][0][P:], rows[i][1]
+      ids_BT[r, :len(c) + len(a)] = c + a
+      mask_BT[r, :len(c) + len(a)] = 1
+      valid_BT[r, len(c) - 1:len(c) + len(a) - 1] = True
+    mask_BT[len(idx):, 0] = 1  # filler rows: one token, ignored
+    lp_BT = np.asarray(_suffix_logprobs(params, prefix, jnp.asarray(ids_BT), jnp.asarray(mask_BT), cfg),
+                       np.float64)
+    out[idx] = np.sum(np.where(valid_BT, lp_BT, 0.0), axis=1)[:len(idx)]
   return out
 
 
 def mc_items_scores(params, cfg: ModelConfig, tokenizer, items: List[dict], *, target: str,
-                    fmt: str = "qa", batch_size: int = 8, progress: bool = False) -> List[List[float]]:
+                    fmt: str = "qa", template: str = "alpaca", batch_size: int = 8,
+                    progress: bool = False) -> List[List[float]]:
   """Per-item lists of choice scores for `target` in {'mc1_targets', 'mc2_targets'}."""
   ctxs, conts, owner = [], [], []
   for k, item in enumerate(items):
-    ctx = mc_context(tokenizer, item["question"], fmt)
+    ctx = mc_context(tokenizer, item["question"], fmt, template)
     for choice in item[target]["choices"]:
       ctxs.append(ctx)
       conts.append(mc_continuation(choice, fmt))
       owner.append(k)
   flat = sequence_logprobs(params, cfg, tokenizer, ctxs, conts, batch_size=batch_size,
-                           add_special_tokens=(fmt == "qa"), progress=progress)
+                           add_special_tokens=mc_add_special_tokens(fmt, template), progress=progress)
   scores = [[] for _ in items]
   for k, s in zip(owner, flat):
     scores[k].append(float(s))

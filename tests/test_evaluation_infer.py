@@ -1,0 +1,85 @@
+"""Evaluation inference: prompt templates on the real SmolLM2 tokenizer, bucketed generation vs
+`generation.generate`, shared-prefix MC log-probs vs a plain full forward."""
+
+import jax
+import numpy as np
+import pytest
+
+from eval_fakes import ModByteTokenizer
+from h3jax import generation
+from h3jax.config import ModelConfig
+from h3jax.data import format as data_format
+from h3jax.evaluation import infer, runner, truthfulqa
+from h3jax.model import llama
+from h3jax.model import params as params_lib
+
+V = 64
+
+
+def tiny_model(seed=0):
+  cfg = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=2,
+                    num_kv_heads=1, head_dim=16, max_position_embeddings=4096, eos_token_id=(2,))
+  return {"name": "tiny", "path": None, "cfg": cfg, "tokenizer": ModByteTokenizer(V),
+          "params": params_lib.init_params(cfg, jax.random.PRNGKey(seed), std=0.5)}
+
+
+def full_forward_logprob(m, ctx, cont, add_special):
+  tok = m["tokenizer"]
+  c, a = tok(ctx, add_special_tokens=add_special)["input_ids"], tok(cont, add_special_tokens=False)["input_ids"]
+  ids = np.asarray([c + a], np.int32)
+  logits = np.asarray(llama.forward(m["params"], ids, m["cfg"])[0], np.float64)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  return sum(logp[t - 1, ids[0, t]] for t in range(len(c), ids.shape[1]))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_shared_prefix_logprobs_equal_full_rows(shared):
+  m = tiny_model()
+  pre = "Below is a long shared preamble that every context starts with.\n\n" if shared else ""
+  ctxs = [pre + q for q in ("Q: a?\nA:", "Q: what is much longer here?\nA:", "R: b\nA:", "Q: a?\nA:")]
+  conts = [" yes", " no it is not", " maybe", " yes indeed, very much so"]
+  if shared:
+    assert truthfulqa._shared_prefix_len([(m["tokenizer"].encode(c), [1]) for c in ctxs]) == 64
+  got = truthfulqa.sequence_logprobs(m["params"], m["cfg"], m["tokenizer"], ctxs, conts, batch_size=3)
+  want = [full_forward_logprob(m, c, a, True) for c, a in zip(ctxs, conts)]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_bucketed_generation_equals_generate():
+  m = tiny_model(seed=2)
+  settings = infer.generation_settings(runner.default_config(), "alpaca")
+  settings.update(max_new_tokens=12, stop=["###"])
+  texts = infer.model_inputs(m["tokenizer"], ["Say a.", "A much longer instruction to follow here."], settings)
+  got = infer.generate_texts(m, texts, settings, batch_size=4)
+  want = generation.generate(m["params"], m["cfg"], m["tokenizer"], texts, max_new_tokens=12,
+                             stop_strings=("###",), batch_size=2)
+  assert got == want and len(got) == 2
+  with pytest.raises(ValueError, match="generate_texts takes 1..4 prompts, got 6"):
+    infer.generate_texts(m, texts * 3, settings, batch_size=4)
+
+
+def test_smollm2_prompt_templates():
+  import transformers
+  from conftest import SMOLLM2_DIR
+  if not (SMOLLM2_DIR / "tokenizer.json").exists():
+    pytest.skip(f"{SMOLLM2_DIR} missing (python -m h3jax.prepare smollm2)")
+  tok = transformers.AutoTokenizer.from_pretrained(SMOLLM2_DIR)
+  config = runner.default_config()
+  assert config.prompt_template == "alpaca" and config.mc_format == "template"
+  q = "What happens if you crack your knuckles a lot?"
+  msgs = [{"role": "user", "content": q}]
+  want = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+  config.prompt_template = "chat"
+  settings = infer.generation_settings(config, runner.prompt_template(config, tok))
+  assert infer.model_inputs(tok, [q], settings) == [want]
+  assert truthfulqa.mc_context(tok, q, "template", "chat") == want
+  ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
+  ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+  assert tok(want, add_special_tokens=truthfulqa.mc_add_special_tokens("template", "chat"))["input_ids"] == list(ids)
+  config.prompt_template = "alpaca"
+  settings = infer.generation_settings(config, runner.prompt_template(config, tok))
+  assert infer.model_inputs(tok, [q], settings) == [data_format.alpaca_prompt(q)]
+  assert settings["stop"] == ["###"]
+  assert truthfulqa.mc_context(tok, q, "template", "alpaca") == data_format.alpaca_prompt(q)
+  assert truthfulqa.mc_context(tok, q, "qa").endswith(f"\n\nQ: {q}\nA:")
