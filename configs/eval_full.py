@@ -1,24 +1,30 @@
-r"""Full offline 3H evaluation (every eval split, greedy, 256 new tokens, trained judges).
+r"""Full offline 3H evaluation (every eval split, Alpaca template, greedy, 256 new tokens, trained judges).
 
-  H3JAX_DATA_ROOT=../shared/data python -m h3jax.evaluate --config=configs/eval_full.py \
-      --model=smollm2=artifacts/smollm2-135m-instruct --out eval_out/smollm2
+  mkdir -p runs/eval_full && H3JAX_DATA_ROOT=../shared/data nohup nice -n 19 \
+      .venv/bin/python -m h3jax.evaluate --config=configs/eval_full.py \
+      --model=smollm2=artifacts/smollm2-135m-instruct --out runs/eval_full/smollm2 \
+      > runs/eval_full/log.txt 2>&1 &
 
 Expected output: a markdown table (metrics as rows, models as columns, values
-in % ± one standard error, n per metric) on stdout and in eval_out/smollm2/
-results.md, plus results.json, samples_smollm2.jsonl and axis_bars.png.
+in % ± one standard error, n per metric) on stdout and in runs/eval_full/
+smollm2/results.md, plus results.json, samples_smollm2.jsonl and axis_bars.png.
 Sample sizes: alpaca_eval 433, harmbench 240, strongreject 313, advbench 403,
 xstest_safe 250, xstest_unsafe 200, truthfulqa_gen 415, truthfulqa_mc 415.
-Every item is generated once and cached, so the run can be stopped and
-resumed. Measured on 2 shared CPU cores with SmolLM2-135M: `--limit 24
---config.generation.max_new_tokens=128` took 22.6 min (168 generations in
-16.5 min, 24 MC items in 5.8 min). Extrapolated, the full run (2,254
-generations x 256 tokens + 415 MC items) takes about 8-9 hours there; it was
-not run to completion. Pass `--limit N` for
-a quick run on the first N items of each set.
+Every generation, MC log-prob and judge answer is cached with its compute
+time (runs/eval_full/smollm2/cache/smollm2.jsonl), so the run can be stopped
+and re-started with the same command; results.json's timing.<model>.compute
+sums the compute seconds per stage over all sessions, and the log prints one
+progress line (done/total, s/item, ETA) per batch.
+
+Speed (2 shared CPU cores, SmolLM2-135M): MEASURED_HERE
+Pass `--limit N` for a quick run on the first N items of each set (a prefix of
+the full run: it shares the cache).
 """
 
 from h3jax.evaluation.runner import default_config
 
 
 def get_config():
-  return default_config()
+  c = default_config()
+  c.batch_size = 32  # decode throughput ~2x batch 16 on this CPU (a step costs about the same)
+  return c

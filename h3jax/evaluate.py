@@ -5,10 +5,11 @@ r"""3H evaluation of one or several models (HF folders or training workdirs).
       --limit 8 --out eval_out
 
 Writes eval_out/{results.json, results.md, samples_<model>.jsonl, axis_bars.png,
-radar.png (several models), router_<model>.png (MoE)} and caches generations
-in eval_out/cache/<model>.jsonl, so a re-run (or an interrupted one) only
-generates what is missing. The library function is
-`h3jax.evaluation.runner.evaluate`.
+radar.png (several models), router_<model>.png (MoE)} and caches generations,
+MC log-probs and judge answers with their compute time in
+eval_out/cache/<model>.jsonl, so a re-run (or an interrupted one) only computes
+what is missing; progress goes to stderr, one line per batch. The library
+function is `h3jax.evaluation.runner.evaluate`.
 """
 
 from __future__ import annotations

@@ -83,3 +83,9 @@ def test_smollm2_prompt_templates():
   assert settings["stop"] == ["###"]
   assert truthfulqa.mc_context(tok, q, "template", "alpaca") == data_format.alpaca_prompt(q)
   assert truthfulqa.mc_context(tok, q, "qa").endswith(f"\n\nQ: {q}\nA:")
+
+
+def test_prompt_buckets_and_rows():
+  assert [infer._prompt_bucket(n) for n in (1, 33, 64, 65, 1020, 5000)] == [32, 48, 64, 96, 1024, 5120]
+  # long prompts get fewer rows, so the prefill's [rows, P, V] logits stay bounded
+  assert [infer._rows(P, 32) for P in (48, 256, 384, 1024, 5120)] == [32, 32, 21, 8, 1]

@@ -83,6 +83,16 @@ def _prompt_bucket(n: int) -> int:
   return next((b for b in PROMPT_BUCKETS if b >= n), -(-n // 1024) * 1024)
 
 
+def _rows(P: int, batch_size: int) -> int:
+  """Rows per batch for prompts padded to P: fewer for long prompts, whose prefill logits
+  [rows, P, V] would otherwise take gigabytes (only a few prompts are that long)."""
+  return max(1, min(batch_size, batch_size * 256 // P))
+
+
+def _encode(tok, text: str, settings: dict) -> list:
+  return tok(text, add_special_tokens=settings["format"] != "chat")["input_ids"]
+
+
 def generate_texts(model: dict, texts: Sequence[str], settings: dict, *, batch_size: int,
                    seed: int = 0) -> List[str]:
   """Completions of at most `batch_size` formatted prompts, as one padded [batch_size, P] batch."""
@@ -90,7 +100,7 @@ def generate_texts(model: dict, texts: Sequence[str], settings: dict, *, batch_s
   if not 0 < len(texts) <= batch_size:
     raise ValueError(f"generate_texts takes 1..{batch_size} prompts, got {len(texts)}")
   eos = set(cfg.eos_token_id) | ({int(tok.eos_token_id)} if tok.eos_token_id is not None else set())
-  enc = [tok(t, add_special_tokens=settings["format"] != "chat")["input_ids"] for t in texts]
+  enc = [_encode(tok, t, settings) for t in texts]
   P = _prompt_bucket(max(len(e) for e in enc))
   ids_BP = np.full((batch_size, P), tok.pad_token_id or 0, np.int32)
   mask_BP = np.zeros((batch_size, P), np.int32)
@@ -128,14 +138,21 @@ def generate_cached(model: dict, items: List[dict], settings: dict, store: cache
   lengths = {}
   for i, k in enumerate(keys):  # duplicate prompts are generated once
     if k not in store and k not in lengths:
-      lengths[k] = (len(tok(inputs[i], add_special_tokens=False)["input_ids"]), i)
+      lengths[k] = (len(_encode(tok, inputs[i], settings)), i)
   todo = [i for _, i in sorted(lengths.values())]
   bar = Progress(desc, len(todo), progress)
-  for s in range(0, len(todo), batch_size):
-    b = todo[s:s + batch_size]
+  s = 0
+  while s < len(todo):
+    rows = batch_size
+    while True:  # shrink the batch until its longest prompt's bucket allows that many rows
+      b = todo[s:s + rows]
+      rows = _rows(_prompt_bucket(lengths[keys[b[-1]]][0]), batch_size)
+      if len(b) <= rows:
+        break
     t0 = time.time()
-    texts = generate_texts(model, [inputs[i] for i in b], settings, batch_size=batch_size,
+    texts = generate_texts(model, [inputs[i] for i in b], settings, batch_size=rows,
                            seed=settings["seed"] + s)
+    s += len(b)
     dt = time.time() - t0
     store.put_many([(keys[i], "generation", t, {"id": items[i]["id"], "set": items[i]["set"]})
                     for i, t in zip(b, texts)] + [cache_lib.time_row("generate", dt, len(b))])
