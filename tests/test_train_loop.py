@@ -44,7 +44,8 @@ def _env():
 
 
 @pytest.mark.slow  # three CLI runs in subprocesses
-@pytest.mark.parametrize("pack", [False, True])
+# packed: optin (+3 min on the busy box); test_train_data.py resumes a packed run in-process by default
+@pytest.mark.parametrize("pack", [False, pytest.param(True, marks=pytest.mark.optin)])
 def test_kill_and_resume_equals_uninterrupted(tmp_path, pack):
   data = write_jsonl(tmp_path / "d.jsonl")
   # packed: 128-token rows hold ~2 examples (the ~50-token examples are cut at 32 unpacked)
