@@ -195,3 +195,17 @@ def test_quickstart_config_data_builds(data_root):
   for row in range(c.train.batch_size):  # chat targets end with the end-of-turn token unless truncated
     tgt = b["input_ids_BT"][row][b["loss_mask_BT"][row] > 0]
     assert len(tgt) and (tgt[-1] == im_end or b["attention_mask_BT"][row].all())
+
+
+@pytest.mark.optin  # loads SmolLM2-135M and adds LoRA: ~15 s idle, ~30 s on the busy box
+def test_quickstart_stage_a_sets_up_on_smollm2(data_root):
+  if not (SMOLLM2_DIR / "tokenizer.json").is_file():
+    pytest.skip(f"SmolLM2 folder not found at {SMOLLM2_DIR} (python -m h3jax.prepare smollm2)")
+  from h3jax import pipeline
+  c = load_config_file(REPO / "configs" / "smollm2_quickstart.py")
+  c.data.data_root = str(data_root)
+  tok = tok_lib.load_tokenizer(str(SMOLLM2_DIR))
+  run = stages.setup(pipeline.stage_a_config(c, 0, str(SMOLLM2_DIR)))  # the pipeline's first stage
+  assert run.cfg.vocab_size == len(tok) and run.tokenizer_source == str(SMOLLM2_DIR)
+  assert len(run.train.examples) == c.data.max_examples and run.eval is None
+  assert {int(e["task"]) for e in run.train.examples} == {0}
