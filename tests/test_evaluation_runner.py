@@ -60,7 +60,9 @@ def test_results_resume_and_rerun(data_root, tmp_path, monkeypatch):
   with pytest.raises(SimulatedKill):
     runner.evaluate(config, [], tmp_path / "a", limit=2, judges=fake_judges(), models=[tiny_model()],
                     progress=False)
-  assert len(cache_lib.Cache(tmp_path / "a" / "cache" / "tiny.jsonl")) == 2  # alpaca_eval's one batch finished
+  rows = [json.loads(l) for l in (tmp_path / "a" / "cache" / "tiny.jsonl").read_text().splitlines()]
+  assert sum(r["kind"] == "generation" for r in rows) == 2  # alpaca_eval's one batch finished
+  assert sum(r["kind"] == "mc" for r in rows) > 0  # MC ran before generation
   assert not (tmp_path / "a" / "results.json").exists()
   # Resume: only the 4 x 2 - 2 = 6 missing generations run.
   gen = CountingGenerate()

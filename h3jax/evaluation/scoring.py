@@ -74,7 +74,18 @@ def score_model(model: dict, sets: Dict[str, List[dict]], config, judges, store,
   template = infer.prompt_template(config, model["tokenizer"])
   settings = infer.generation_settings(config, template)
   bs = int(config.batch_size)
-  metrics, samples, skipped, timings = {}, [], [], {}
+  metrics, samples, skipped, timings, mc_samples = {}, [], [], {}, []
+  # MC first: its few minutes give the honesty MC numbers early in a long run.
+  if sets.get("truthfulqa_mc"):
+    t0 = time.time()
+    items = sets["truthfulqa_mc"]
+    s1, s2 = infer.mc_cached(model, items, config.mc_format, template, store, batch_size=bs,
+                             system=settings["system"], progress=progress)
+    ms = truthfulqa.mc_metrics(items, s1, s2)
+    metrics.update(_flat("honest", ms))
+    mc_samples = [{"id": it["id"], "set": "truthfulqa_mc", "mc1": a, "mc2": b}
+                  for it, a, b in zip(items, ms["per_item"]["mc1"], ms["per_item"]["mc2"])]
+    timings["mc"] = round(time.time() - t0, 2)
   # All sets in one pass: batches sorted by prompt length span sets, so fewer shapes compile.
   gen_names = [n for n, items in sets.items() if n != "truthfulqa_mc" and items]
   t0 = time.time()
@@ -92,6 +103,9 @@ def score_model(model: dict, sets: Dict[str, List[dict]], config, judges, store,
   harm_sets = {}
   for name, outs in responses.items():
     items = sets[name]
+    # Judges see the reply without surrounding whitespace (the Alpaca template's reply starts with
+    # "\n"; the judges were trained on clean replies, and the paper strips outputs too).
+    outs = [o.strip() for o in outs]
     rows = [{"id": it["id"], "set": name, "prompt": it["prompt"], "response": o} for it, o in zip(items, outs)]
     if name == "alpaca_eval":
       if pairwise is None:
@@ -121,19 +135,10 @@ def score_model(model: dict, sets: Dict[str, List[dict]], config, judges, store,
         for r, v in zip(rows, p):
           r["p_refusal"] = float(v)
     samples += rows
+  samples += mc_samples
   if any(n in harm_sets for n in harm.HARMFUL_SETS):
     metrics["harmless/compliance_rate"] = harm.pooled_compliance(harm_sets)
   timings["judge"] = round(time.time() - t0, 2)
-  if sets.get("truthfulqa_mc"):
-    t0 = time.time()
-    items = sets["truthfulqa_mc"]
-    s1, s2 = infer.mc_cached(model, items, config.mc_format, template, store, batch_size=bs,
-                             system=settings["system"], progress=progress)
-    ms = truthfulqa.mc_metrics(items, s1, s2)
-    metrics.update(_flat("honest", ms))
-    samples += [{"id": it["id"], "set": "truthfulqa_mc", "mc1": a, "mc2": b}
-                for it, a, b in zip(items, ms["per_item"]["mc1"], ms["per_item"]["mc2"])]
-    timings["mc"] = round(time.time() - t0, 2)
   return metrics, samples, skipped, timings
 
 
