@@ -3,7 +3,7 @@ r"""Full offline 3H evaluation (every eval split, Alpaca template, greedy, 256 n
   mkdir -p runs/eval_full && H3JAX_DATA_ROOT=../shared/data nohup nice -n 19 \
       .venv/bin/python -m h3jax.evaluate --config=configs/eval_full.py \
       --model=smollm2=artifacts/smollm2-135m-instruct --out runs/eval_full/smollm2 \
-      > runs/eval_full/log.txt 2>&1 &
+      >> runs/eval_full/log.txt 2>&1 &  # append: a resumed run keeps the earlier log
 
 Expected output: a markdown table (metrics as rows, models as columns, values
 in % ± one standard error, n per metric) on stdout and in runs/eval_full/
