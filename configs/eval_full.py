@@ -13,7 +13,7 @@ xstest_safe 250, xstest_unsafe 200, truthfulqa_gen 415, truthfulqa_mc 415.
 Every generation, MC log-prob and judge answer is cached with its compute
 time (runs/eval_full/smollm2/cache/smollm2.jsonl), so the run can be stopped
 and re-started with the same command; results.json's timing.<model>.compute
-sums the compute seconds per stage over all sessions, and the log prints one
+sums wall and CPU seconds per stage over all sessions, and the log prints one
 progress line (done/total, s/item, ETA) per batch.
 
 Work: 2,229 distinct prompts (of 2,254) x <= 256 new tokens in batches of 32

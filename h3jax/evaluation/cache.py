@@ -2,8 +2,8 @@
 
 One file per model; one JSON object per line:
   {"key": sha256 hex, "kind": "generation" | "mc" | "judge", "value": ..., "meta": {...}}
-plus "time" rows {"kind": "time", "value": {"stage", "s", "n"}} written with
-each batch: the compute seconds and item count it took, so `times()` sums a
+plus "time" rows {"kind": "time", "value": {"stage", "s", "cpu", "n"}} written
+with each batch: its wall and CPU seconds and item count, so `times()` sums a
 run's cost over every session that contributed to the cache.
 The key hashes the exact model input (formatted prompt, or context and
 choices) together with every setting that changes the output (decoding
@@ -32,9 +32,11 @@ def item_key(kind: str, payload, settings: dict) -> str:
   return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def time_row(stage: str, seconds: float, n: int) -> Tuple[str, str, dict, dict]:
-  """A put_many entry recording that `n` items of `stage` took `seconds` of compute."""
-  return (f"time-{uuid.uuid4().hex}", "time", {"stage": stage, "s": round(float(seconds), 3), "n": int(n)}, {})
+def time_row(stage: str, seconds: float, n: int, cpu_seconds: float = 0.0) -> Tuple[str, str, dict, dict]:
+  """A put_many entry: `n` items of `stage` took `seconds` of wall time and `cpu_seconds` of this
+  process's CPU time (all threads; unlike wall time, not inflated by other jobs or a paused process)."""
+  return (f"time-{uuid.uuid4().hex}", "time",
+          {"stage": stage, "s": round(float(seconds), 3), "cpu": round(float(cpu_seconds), 3), "n": int(n)}, {})
 
 
 class Cache:
@@ -99,11 +101,12 @@ class Cache:
         self._data[k] = v
 
   def times(self) -> Dict[str, dict]:
-    """{stage: {"s": compute seconds, "n": items}} summed over every session's time rows."""
+    """{stage: {"s": wall seconds, "cpu": CPU seconds, "n": items}} summed over every session."""
     out: Dict[str, dict] = {}
     for t in self._times:
-      acc = out.setdefault(t["stage"], {"s": 0.0, "n": 0})
+      acc = out.setdefault(t["stage"], {"s": 0.0, "cpu": 0.0, "n": 0})
       acc["s"] = round(acc["s"] + t["s"], 3)
+      acc["cpu"] = round(acc["cpu"] + t.get("cpu", 0.0), 3)
       acc["n"] += t["n"]
     return out
 

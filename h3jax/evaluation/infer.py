@@ -44,12 +44,12 @@ class Progress:
   def _log(self, msg: str):
     print(f"[{time.strftime('%H:%M:%S')}] {self.desc}: {msg}", file=sys.stderr, flush=True)
 
-  def update(self, n: int, seconds: float):
+  def update(self, n: int, seconds: float, cpu_seconds: float = 0.0):
     self.done, self.seconds = self.done + n, self.seconds + seconds
     if self.enabled:
       rate = self.seconds / max(self.done, 1)
-      self._log(f"{self.done}/{self.total} ({rate:.2f} s/item, {seconds:.1f} s this step, "
-                f"ETA {rate * (self.total - self.done) / 60:.1f} min)")
+      self._log(f"{self.done}/{self.total} ({rate:.2f} s/item, {seconds:.1f} s wall and {cpu_seconds:.1f} "
+                f"CPU s this step, ETA {rate * (self.total - self.done) / 60:.1f} min)")
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -149,14 +149,14 @@ def generate_cached(model: dict, items: List[dict], settings: dict, store: cache
       rows = _rows(_prompt_bucket(lengths[keys[b[-1]]][0]), batch_size)
       if len(b) <= rows:
         break
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     texts = generate_texts(model, [inputs[i] for i in b], settings, batch_size=rows,
                            seed=settings["seed"] + s)
     s += len(b)
-    dt = time.time() - t0
+    dt, dc = time.time() - t0, time.process_time() - c0
     store.put_many([(keys[i], "generation", t, {"id": items[i]["id"], "set": items[i]["set"]})
-                    for i, t in zip(b, texts)] + [cache_lib.time_row("generate", dt, len(b))])
-    bar.update(len(b), dt)
+                    for i, t in zip(b, texts)] + [cache_lib.time_row("generate", dt, len(b), dc)])
+    bar.update(len(b), dt, dc)
   return [store.get(k) for k in keys]
 
 
@@ -184,13 +184,14 @@ def mc_cached(model: dict, items: List[dict], fmt: str, template: str, store: ca
   bar = Progress(f"{model['name']}: MC log-probs (answer choices)", len(todo), progress)
   for s in range(0, len(todo), step):
     chunk = todo[s:s + step]
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     lp = truthfulqa.sequence_logprobs(model["params"], model["cfg"], tok, [pairs[k][0] for k in chunk],
                                       [pairs[k][1] for k in chunk], batch_size=batch_size,
                                       add_special_tokens=truthfulqa.mc_add_special_tokens(fmt, template))
-    dt = time.time() - t0
-    store.put_many([(k, "mc", float(v), {}) for k, v in zip(chunk, lp)] + [cache_lib.time_row("mc", dt, len(chunk))])
-    bar.update(len(chunk), dt)
+    dt, dc = time.time() - t0, time.process_time() - c0
+    store.put_many([(k, "mc", float(v), {}) for k, v in zip(chunk, lp)]
+                   + [cache_lib.time_row("mc", dt, len(chunk), dc)])
+    bar.update(len(chunk), dt, dc)
   return tuple([[store.get(k) for k in ks] for ks in keys[t]] for t in ("mc1_targets", "mc2_targets"))
 
 

@@ -10,8 +10,9 @@ batch, score with the judges (answers cached there too; `scoring`), and write
 into out_dir (temp file + rename): results.json, results.md,
 samples_<model>.jsonl, and the plots of `report`. An interrupted run resumes
 from the cache; a finished run re-scores only. results.json's timing holds
-this run's wall seconds per stage and, under "compute", the compute seconds
-per stage summed over every session that filled the cache.
+this run's wall seconds per stage and, under "compute", the wall and CPU
+seconds and item counts per stage summed over every session that filled the
+cache (CPU seconds are not inflated by other jobs or a paused process).
 """
 
 from __future__ import annotations

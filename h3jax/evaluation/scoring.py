@@ -39,7 +39,6 @@ class CachedJudge:
 
   def __init__(self, judge, name: str, store: cache_lib.Cache):
     self.judge, self.name, self.store, self.ident = judge, name, store, _judge_id(judge)
-    self.seconds = 0.0
 
   @property
   def metrics(self):
@@ -56,12 +55,11 @@ class CachedJudge:
     keys = [cache_lib.item_key("judge", [self.name, method, *r], {"judge": self.ident}) for r in rows]
     todo = list({k: i for i, k in enumerate(keys) if k not in self.store}.values())
     if todo:
-      t0 = time.time()
+      t0, c0 = time.time(), time.process_time()
       vals = getattr(self.judge, method)(*[[f[i] for i in todo] for f in fields])
-      dt = time.time() - t0
-      self.seconds += dt
+      dt, dc = time.time() - t0, time.process_time() - c0
       self.store.put_many([(keys[i], "judge", float(v), {"judge": self.name}) for i, v in zip(todo, vals)]
-                          + [cache_lib.time_row("judge", dt, len(todo))])
+                          + [cache_lib.time_row("judge", dt, len(todo), dc)])
     return np.asarray([self.store.get(k) for k in keys], np.float64)
 
 
