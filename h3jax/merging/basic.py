@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from h3jax.merging import blocks
+from h3jax.merging import select
 from h3jax.merging import tree as tree_lib
 
 _COMMON = ("rules", "lora_scale", "seed")
@@ -63,8 +64,12 @@ def linear(base, models, *, weight=1.0, normalize=True, **kw):
 
 
 def _gta_array(base_X, models_NX, key, *, weight, lambda_, normalize, sparsify=None, density=None,
-               gamma=None, epsilon=None, rescale=None, consensus=None, in_axis=1):
-  """mergekit GeneralizedTaskArithmeticMerge on one tensor."""
+               gamma=None, epsilon=None, rescale=None, consensus=None, in_axis=1, cuts=None):
+  """mergekit GeneralizedTaskArithmeticMerge on one tensor.
+
+  cuts: optional precomputed magnitude top-k cuts (thr_N, cutoff_N) from
+  `select.np_topk_cut` (the streaming driver computes them on the host).
+  """
   deltas_NX = blocks.task_vectors(base_X, models_NX)
   n = deltas_NX.shape[0]
   keys = None if key is None else jax.random.split(key, n)
@@ -73,7 +78,9 @@ def _gta_array(base_X, models_NX, key, *, weight, lambda_, normalize, sparsify=N
     d_X = deltas_NX[i]
     if sparsify is not None and density[i] < 1:
       keep_prob = None
-      if sparsify == "magnitude":
+      if sparsify == "magnitude" and cuts is not None:
+        mask_X = select.mask_from_cut(d_X, cuts[0][i], cuts[1][i])
+      elif sparsify == "magnitude":
         mask_X = blocks.topk_mask(d_X, density[i])
       elif sparsify == "random":
         mask_X = blocks.bernoulli_mask(keys[i], d_X.shape, density[i])
@@ -231,7 +238,7 @@ def _model_stock_array(base_X, models_NX, key, *, filter_wise=False, angle_avg="
   den = 1 + (n - 1) * c
   singular = jnp.abs(den) < 1e-6
   t = jnp.where(singular, 0.0, n * c / jnp.where(singular, 1.0, den))
-  out = t * jnp.mean(ws, axis=0) + (1 - t) * w0
+  out = t * blocks.mean_models(ws) + (1 - t) * w0
   if filter_wise and base_X.ndim > 1:
     out = jnp.moveaxis(out, -1, in_axis)
   return out.reshape(shape)
@@ -258,7 +265,7 @@ def _consensus_array(base_X, models_NX, key, *, weight, tall_lambda, k, lambda_,
                             consensus="mergekit" if ties else None)
   # TALL masks compare each raw (unweighted, untrimmed) task vector with the merged delta.
   masks_NX = blocks.tall_masks(deltas_NX, merged_X, tall_lambda, strict=True)
-  keep_X = jnp.sum(masks_NX, axis=0) >= k
+  keep_X = blocks.sum_models(masks_NX.astype(jnp.int32)) >= k
   return base_X + lambda_ * jnp.where(keep_X, merged_X, 0.0)
 
 

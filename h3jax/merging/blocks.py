@@ -7,6 +7,7 @@ Compose them into new methods; see docs/merging.md.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import jax
@@ -20,29 +21,35 @@ def task_vectors(base_X, models_NX):
   return models_NX - base_X[None]
 
 
+# Reductions over the (small, static) model axis N are unrolled into N - 1 elementwise ops:
+# XLA:CPU runs a reduce over a leading axis as a strided loop, ~100x slower than the fused
+# adds (180 ms vs 1.3 ms for 3 x 1536 x 576). Same order as a sequential sum: a0 + a1 + ...
+
+def sum_models(x_NX):
+  """sum over axis 0 (the model axis) -> [X]."""
+  return functools.reduce(jnp.add, [x_NX[i] for i in range(x_NX.shape[0])])
+
+
+def max_models(x_NX):
+  """max over axis 0 (the model axis) -> [X]."""
+  return functools.reduce(jnp.maximum, [x_NX[i] for i in range(x_NX.shape[0])])
+
+
+def mean_models(x_NX):
+  """mean over axis 0 (the model axis) -> [X]."""
+  return sum_models(x_NX) / x_NX.shape[0]
+
+
 # ----------------------------------------------------------------------------- sparsification masks
 
 def kth_largest_abs(x_X, k: int):
-  """The k-th largest |x| (1 <= k <= numel), exactly: radix select on the float bits
-  (`h3jax.merging.select`, two 65536-bin histograms) instead of an O(n log n) sort."""
+  """The k-th largest |x| (1 <= k <= numel), exactly, without a sort (`h3jax.merging.select`)."""
   return select.kth_largest_abs(x_X, k)
 
 
 def exact_topk_mask(x_X, k: int):
   """Exactly the k largest |x|; ties at the k-th magnitude broken by flat index."""
-  n = x_X.size
-  if k >= n:
-    return jnp.ones(x_X.shape, bool)
-  if k <= 0:
-    return jnp.zeros(x_X.shape, bool)
-  a_n = jnp.abs(x_X).reshape(-1).astype(jnp.float32)
-  thr = kth_largest_abs(a_n, k)
-  gt_n, eq_n = a_n > thr, a_n == thr
-  need = k - jnp.sum(gt_n)
-  # The index tie-break (a cumsum) is only needed when the k-th magnitude is repeated.
-  mask_n = jax.lax.cond(jnp.sum(eq_n) == need, lambda: gt_n | eq_n,
-                        lambda: gt_n | (eq_n & (jnp.cumsum(eq_n) <= need)))
-  return mask_n.reshape(x_X.shape)
+  return select.exact_topk_mask(x_X, k)
 
 
 def topk_mask(x_X, density: float):
@@ -50,12 +57,7 @@ def topk_mask(x_X, density: float):
 
   Ties at the k-th magnitude are broken by flat index (mergekit's argsort is arbitrary).
   """
-  n = x_X.size
-  if density >= 1:
-    return jnp.ones(x_X.shape, bool)
-  if density <= 0 or n == 0:
-    return jnp.zeros(x_X.shape, bool)
-  return exact_topk_mask(x_X, max(1, int(density * n)))
+  return select.topk_mask(x_X, density)
 
 
 def kth_largest_threshold(x_X, density: float):
@@ -152,11 +154,11 @@ def elect_sign(deltas_NX, mode: str = "mergekit"):
   mergekit ('sum'): +1 where sum_i delta_i >= 0 else -1 (weighted deltas vote).
   fusion_bench: sign(sum), zeros take the tensor's majority sign.
   """
-  total_X = jnp.sum(deltas_NX, axis=0)
+  total_X = sum_models(deltas_NX)
   if mode == "mergekit":
     return jnp.where(total_X >= 0, 1.0, -1.0)
   if mode == "count":
-    return jnp.where(jnp.sum(jnp.sign(deltas_NX), axis=0) >= 0, 1.0, -1.0)
+    return jnp.where(sum_models(jnp.sign(deltas_NX)) >= 0, 1.0, -1.0)
   if mode == "fusion_bench":
     s_X = jnp.sign(total_X)
     return jnp.where(s_X == 0, jnp.sign(jnp.sum(s_X)), s_X)
@@ -177,23 +179,23 @@ def disjoint_merge(deltas_NX, mask_NX, weights_N=None, how: str = "mean"):
   """
   sel_NX = jnp.where(mask_NX, deltas_NX, 0.0)
   if how == "sum":
-    return jnp.sum(sel_NX, axis=0)
+    return sum_models(sel_NX)
   if how == "mean":
     if weights_N is None:
-      count_X = jnp.sum(sel_NX != 0, axis=0)
-      return jnp.sum(sel_NX, axis=0) / jnp.maximum(count_X, 1)
+      count_X = sum_models((sel_NX != 0).astype(jnp.int32))
+      return sum_models(sel_NX) / jnp.maximum(count_X, 1)
     w_NX = jnp.asarray(weights_N, jnp.float32).reshape((-1,) + (1,) * (deltas_NX.ndim - 1))
-    div_X = jnp.sum(jnp.where(mask_NX, w_NX, 0.0), axis=0)
-    return jnp.sum(sel_NX, axis=0) / jnp.where(div_X == 0, 1.0, div_X)
+    div_X = sum_models(jnp.where(mask_NX, w_NX, 0.0))
+    return sum_models(sel_NX) / jnp.where(div_X == 0, 1.0, div_X)
   if how == "max":
-    sign_X = jnp.sign(jnp.sum(sel_NX, axis=0))
-    return jnp.max(jnp.abs(sel_NX), axis=0) * sign_X
+    sign_X = jnp.sign(sum_models(sel_NX))
+    return max_models(jnp.abs(sel_NX)) * sign_X
   raise ValueError(f"unknown disjoint merge {how!r}; expected mean|sum|max")
 
 
 def weighted_sum(deltas_NX, weights_N: Sequence[float]):
   w_NX = jnp.asarray(weights_N, jnp.float32).reshape((-1,) + (1,) * (deltas_NX.ndim - 1))
-  return jnp.sum(deltas_NX * w_NX, axis=0)
+  return sum_models(deltas_NX * w_NX)
 
 
 def combine(base_X, deltas_NX, weights_N, *, lambda_: float = 1.0, normalize: bool = False,
@@ -209,11 +211,11 @@ def combine(base_X, deltas_NX, weights_N, *, lambda_: float = 1.0, normalize: bo
   if consensus:
     sign_X = elect_sign(wd_NX, consensus)
     mask_NX = agree_mask(wd_NX, sign_X)
-    mixed_X = jnp.sum(jnp.where(mask_NX, wd_NX, 0.0), axis=0)
-    div_X = jnp.sum(jnp.where(mask_NX, w_NX, 0.0), axis=0)
+    mixed_X = sum_models(jnp.where(mask_NX, wd_NX, 0.0))
+    div_X = sum_models(jnp.where(mask_NX, w_NX, 0.0))
     div_X = jnp.where(div_X == 0, 1.0, div_X)
   else:
-    mixed_X = jnp.sum(wd_NX, axis=0)
+    mixed_X = sum_models(wd_NX)
     div = jnp.sum(jnp.asarray(weights_N, jnp.float32))
     div_X = jnp.where(jnp.abs(div) < 1e-8, 1.0, div)
   if normalize:
@@ -238,7 +240,7 @@ def svd(x_MN):
 def polar(x_MK):
   """Orthogonal polar factor U V^T of x (nearest matrix with orthonormal columns)."""
   u, _, vt = jnp.linalg.svd(x_MK, full_matrices=False)
-  return u @ vt
+  return jnp.matmul(u, vt, precision=jax.lax.Precision.HIGHEST)
 
 
 def low_rank(x_MN, rank: int):

@@ -1,0 +1,146 @@
+"""The streaming driver's inputs and outputs: checkpoints, compatibility checks, side files.
+
+Inputs are Llama-family HF folders (config.json + model.safetensors or a sharded
+index) or raw `.safetensors` files/folders without a config. A tied `lm_head`
+(absent from the files) is neither read nor written; an input that lacks
+`lm_head.weight` while others have it contributes its `embed_tokens.weight`.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import shutil
+from typing import List
+
+import ml_dtypes
+import numpy as np
+
+from h3jax.hf.st_io import SafetensorsReader
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+# Config keys that must agree for two HF folders to be mergeable.
+_ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
+# Non-weight files copied from the tokenizer source (tokenizer_source: base).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                    "chat_template.jinja", "chat_template.json")
+TIED_HEAD, EMBED = "lm_head.weight", "model.embed_tokens.weight"
+
+
+class MergeError(ValueError):
+  """Inputs that cannot be merged; raised before anything is written."""
+
+
+def layer_position(name: str, num_layers: int) -> float:
+  """mergekit's t: layer / (L - 1) for layer tensors (1 when L == 1), 0 otherwise."""
+  m = _LAYER_RE.search(name)
+  if m is None:
+    return 0.0
+  if num_layers <= 1:
+    return 1.0
+  return int(m.group(1)) / (num_layers - 1)
+
+
+class Input:
+  """One input checkpoint: a tensor reader and (for HF folders) its config.json."""
+
+  def __init__(self, path: str):
+    self.path = path
+    p = pathlib.Path(path)
+    if not p.exists():
+      raise MergeError(f"input not found: {path}")
+    self.reader = SafetensorsReader(p)
+    self.folder = p if p.is_dir() else None
+    cfg_file = p / "config.json" if p.is_dir() else None
+    self.config = json.loads(cfg_file.read_text()) if cfg_file and cfg_file.exists() else None
+
+  @property
+  def tied(self) -> bool:
+    return bool(self.config and self.config.get("tie_word_embeddings", False))
+
+  def has(self, name) -> bool:
+    return name in self.reader or (name == TIED_HEAD and EMBED in self.reader)
+
+  def shape(self, name):
+    return self.reader.shape(self._alias(name))
+
+  def dtype(self, name):
+    return self.reader.dtype(self._alias(name))
+
+  def get(self, name):
+    return self.reader.get(self._alias(name))
+
+  def _alias(self, name):
+    return EMBED if name == TIED_HEAD and name not in self.reader else name
+
+
+def check_compatible(inputs: List[Input]):
+  """Same architecture, tensor names and shapes in every input (else one clear error)."""
+  ref = inputs[0]
+  configs = [i for i in inputs if i.config is not None]
+  if configs and len(configs) != len(inputs):
+    raise MergeError("cannot mix HF folders (with config.json) and raw safetensors inputs: "
+                     + ", ".join(i.path for i in inputs if i.config is None))
+  for other in configs[1:]:
+    for key in _ARCH_KEYS:
+      a, b = configs[0].config.get(key), other.config.get(key)
+      if a != b:
+        raise MergeError(f"models have different architectures: {key} = {a!r} in {configs[0].path} "
+                         f"but {b!r} in {other.path}")
+  names = [n for n in ref.reader.keys()]
+  ref_set = set(names) - {TIED_HEAD}
+  for other in inputs[1:]:
+    other_set = set(other.reader.keys()) - {TIED_HEAD}
+    if other_set != ref_set:
+      missing, extra = sorted(ref_set - other_set)[:3], sorted(other_set - ref_set)[:3]
+      raise MergeError(f"models have different tensors: {other.path} lacks {missing} and has extra {extra} "
+                       f"compared with {ref.path}")
+    for n in names:
+      if other.has(n) and other.shape(n) != ref.shape(n):
+        raise MergeError(f"models have different shapes for {n}: {ref.shape(n)} in {ref.path} but "
+                         f"{other.shape(n)} in {other.path}")
+
+
+def plan_tensors(inputs: List[Input], out_tied: bool) -> List[str]:
+  """Tensor names to write, in the reference input's order; a tied head is left out."""
+  names = list(inputs[0].reader.keys())
+  if TIED_HEAD not in names and any(TIED_HEAD in i.reader for i in inputs) and not out_tied:
+    names.append(TIED_HEAD)
+  if out_tied:
+    names = [n for n in names if n != TIED_HEAD]
+  return names
+
+
+def num_layers(inputs: List[Input]) -> int:
+  cfg = inputs[0].config
+  if cfg and "num_hidden_layers" in cfg:
+    return int(cfg["num_hidden_layers"])
+  idx = [int(m.group(1)) for n in inputs[0].reader.keys() for m in [_LAYER_RE.search(n)] if m]
+  return max(idx) + 1 if idx else 0
+
+
+def write_sidecars(spec, ref: Input, tmp: pathlib.Path, out_tied: bool, stats: dict):
+  """config.json (dtype updated), generation config and the base's tokenizer files."""
+  if ref.config is not None:
+    cfg = dict(ref.config)
+    dt = spec.out_dtype or spec.dtype
+    if dt is not None:
+      cfg["dtype"] = dt
+      cfg.pop("torch_dtype", None)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+  names = ("generation_config.json",) + (_TOKENIZER_FILES if spec.tokenizer_source == "base" else ())
+  for fname in names if ref.folder is not None else ():
+    src = ref.folder / fname
+    if src.is_file():
+      shutil.copy2(src, tmp / fname)
+  stats = {n: {k: (None if isinstance(v, float) and v != v else v) for k, v in s.items()}
+           for n, s in stats.items()}  # NaN (undefined statistic) -> null: strict JSON
+  (tmp / "h3jax_merge.json").write_text(json.dumps({
+      "merge_method": spec.method, "base_model": spec.base_model, "models": list(spec.models),
+      "flavour": spec.flavour, "seed": spec.seed, "dtype": spec.dtype, "out_dtype": spec.out_dtype,
+      "tensor_stats": stats,
+  }, indent=2) + "\n")
