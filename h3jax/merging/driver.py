@@ -5,11 +5,10 @@ For each tensor name the driver reads that tensor from the base and every model
 and per-layer gradients, from the layer index in the name), runs the jitted
 array-level transform from `h3jax.merging` (compiled once per tensor shape and
 hyper-parameters), casts, hands the result to a streaming `SafetensorsWriter`,
-and drops everything. Peak host memory is therefore about (inputs + 2) x the
-largest tensor (in float32), not the model size: the result of tensor i is
-fetched while tensor i + 1 is read, so reading overlaps the kernel. Everything
-is written into a temporary folder next to `out_dir` and renamed into place at
-the end, so a failed merge leaves nothing behind. Inputs: `h3jax.merging.inputs`.
+and drops everything. Peak host memory is therefore about (inputs + 1) x the
+largest tensor (in float32), not the model size. Everything is written into a
+temporary folder next to `out_dir` and renamed into place at the end, so a
+failed merge leaves nothing behind. Inputs: `h3jax.merging.inputs`.
 """
 
 from __future__ import annotations
@@ -165,7 +164,7 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
     writer = SafetensorsWriter(tmp, max_shard_size=max_shard_size or spec.max_shard_size,
                                metadata={"h3jax_merge_method": spec.method})
     bar = _progress(plan, progress)
-    largest, stats, pending = 0, {}, None
+    largest, stats = 0, {}
     for name, action, kwargs in bar:
       if hasattr(bar, "set_postfix_str"):
         bar.set_postfix_str(name, refresh=False)
@@ -182,11 +181,7 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
         largest = max(largest, int(np.prod(xs[0].shape)) * 4)
         result = _merge_tensor(spec, name, kwargs, base_x, xs, randomized)
         del base_x, xs
-      if pending is not None:  # the previous kernel ran while this tensor was read
-        _finish(writer, stats, log, spec, *pending)
-      pending = (name, out_np_dtype, result)
-    if pending is not None:
-      _finish(writer, stats, log, spec, *pending)
+      _finish(writer, stats, log, spec, name, out_np_dtype, result)
     writer.close()
     write_sidecars(spec, ref, tmp, out_tied, stats)
     if out_dir.exists():
@@ -213,6 +208,9 @@ def _merge_tensor(spec, name, kwargs, base_x, xs, randomized):
     return host_topk.ties_kernel(hp, spec.dtype)(base_x, xs, thr_N, cut_N), None
   jfn = _jitted(spec.method, tuple(sorted((k, _freeze(v)) for k, v in kwargs.items())),
                 randomized, spec.dtype)
+  # Handed to jax at once, so the numpy reads can be dropped while the kernel runs.
+  base_x = None if base_x is None else jnp.asarray(base_x)
+  xs = [jnp.asarray(x) for x in xs]
   return jfn(base_x, xs, tensor_key(spec.seed, name) if randomized else None)
 
 
