@@ -21,14 +21,14 @@ Work: 2,229 distinct prompts (of 2,254) x <= 256 new tokens in batches of 32
 long prompt buckets use fewer rows), 3,118 distinct MC (question, choice) rows
 (~140k padded tokens once the 16-token shared prefix is cached; the old
 full-row scoring padded ~210k, ~685k with the QA primer), and n-gram judges
-(seconds). Measured on the 2 shared CPU cores (load average 8-12 from other
-jobs, this run at nice 19), SmolLM2-135M, 2026-11-23: the first generation
-batch (32 prompts, compile included) took 411 s = 12.9 s/prompt; MC scoring
-took 2.5 s/row (56 rows in 138 s after compiling; QA format). At those loaded
-rates the full run needs ~8 h of generation + ~2 h of MC; on an idle machine
-(decode ~4x faster) about 2-3 h in all. The previous code measured 14 s per
-MC item (24 items in 5.8 min) and recompiled for each 16-token prompt length
-(41 shapes).
+(~1 ms per row). Measured on the 2 shared CPU cores (load average 8-12 from
+other jobs, this run at nice 19), SmolLM2-135M, 2026-11-23 (MC runs first):
+MC scoring 0.45 CPU s and 0.66 s wall per row (256-row steps of ~115 CPU s),
+i.e. ~35 min wall for all 3,118 rows; generation batches of 32 short prompts
+took 411 s (first, compile included) and 346 s wall, so ~70 batches need ~7 h
+at that load (an idle machine should be 2-3x faster: not measured). The
+previous code took 14 s per MC item (24 items in 5.8 min; 415 items ~1.6 h)
+and recompiled generation for each 16-token prompt length (41 shapes).
 Pass `--limit N` for a quick run on the first N items of each set (a prefix of
 the full run: it shares the cache).
 """
