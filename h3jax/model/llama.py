@@ -62,7 +62,13 @@ def _run_layers(layers_p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT, cfg:
     return x_BTD, aux
 
   step = _remat(step, cfg)
-  if cfg.scan_layers:
+  if isinstance(layers_p, (list, tuple)):  # unstacked (see unstack_layers)
+    outs = []
+    for i, p in enumerate(layers_p):
+      x_BTD, out = step(x_BTD, (p, None if rngs_L is None else rngs_L[i]))
+      outs.append(out)
+    aux = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else {}
+  elif cfg.scan_layers:
     x_BTD, aux = jax.lax.scan(step, x_BTD, (layers_p, rngs_L))
   else:
     outs = []
@@ -86,7 +92,13 @@ def _run_layers_cached(layers_p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_B
     return (x_BTD, kv), aux
 
   carry = (x_BTD, (cache["k"], cache["v"]))
-  if cfg.scan_layers:
+  if isinstance(layers_p, (list, tuple)):  # unstacked (see unstack_layers): one buffer per layer
+    outs = []
+    for i, p in enumerate(layers_p):
+      carry, out = step(carry, (p, i))
+      outs.append(out)
+    aux = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+  elif cfg.scan_layers:
     carry, aux = jax.lax.scan(step, carry, (layers_p, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
   else:
     outs = []
@@ -96,6 +108,25 @@ def _run_layers_cached(layers_p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_B
     aux = jax.tree.map(lambda *a: jnp.stack(a), *outs)
   x_BTD, (k_LBSKH, v_LBSKH) = carry
   return x_BTD, {"k": k_LBSKH, "v": v_LBSKH}, aux
+
+
+@jax.jit
+def _unstack(layers_p):
+  L = jax.tree.leaves(layers_p)[0].shape[0]
+  return tuple(jax.tree.map(lambda a: a[i], layers_p) for i in range(L))
+
+
+def unstack_layers(params) -> dict:
+  """params with "layers" as a tuple of L per-layer trees (a copy of the layer weights).
+
+  For cached decoding: a weight sliced out of the stacked [L, ...] array inside a
+  loop is first copied to its own buffer before XLA:CPU's matrix-vector kernel
+  reads it, which triples the bytes moved per token; one buffer per layer halves
+  the decode step time of SmolLM2-135M on CPU. `forward_cached` accepts either form.
+  """
+  if isinstance(params["layers"], (list, tuple)):
+    return params
+  return dict(params, layers=_unstack(params["layers"]))
 
 
 def embed(params, input_ids_BT, cfg: ModelConfig):
