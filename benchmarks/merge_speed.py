@@ -35,13 +35,15 @@ FUSIONBENCH_PY = REPO / ".venv-fusionbench" / "bin" / "python"
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "chat_template.jinja")
 
-# Runs argv[1:] as a child and prints {"wall_s", "peak_rss_mb", "rc"} as its last line.
+# Runs argv[1:] as a child and prints {"wall_s", "peak_rss_mb", "cpu_s", "rc"} as its last line
+# (cpu_s: user + system seconds of all its threads; unlike wall time, not inflated by other jobs).
 _WRAP = r"""
 import json, resource, subprocess, sys, time
 t = time.perf_counter()
 r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 wall = time.perf_counter() - t
-print(json.dumps({"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"wall_s": wall, "peak_rss_mb": ru.ru_maxrss / 1024, "cpu_s": ru.ru_utime + ru.ru_stime,
                   "rc": r.returncode, "stderr_tail": r.stderr[-2000:] if r.returncode else ""}))
 """
 
@@ -196,7 +198,8 @@ def main():
       shutil.rmtree(out_dir, ignore_errors=True)
       res = timed(cmd, env)
       all_runs.append(res)
-      print(f"  {tag}: {res['wall_s']:.1f}s, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+      print(f"  {tag}: {res['wall_s']:.1f}s (CPU {res['cpu_s']:.1f}s), peak RSS {res['peak_rss_mb']:.0f} MB",
+            flush=True)
     best = min(all_runs, key=lambda r: r["wall_s"])
     results["runs"][tag] = {"best": best, "all": all_runs}
     return best, all_runs[0]
@@ -223,7 +226,7 @@ def main():
                                  "--noprogress", f"--compilation_cache={work / 'xla_cache'}"], work / "h3jax_ties",
                   args.repeats)
     row = {"method": "TIES d=0.2", "h3jax_s": h["wall_s"], "h3jax_cold_s": cold["wall_s"],
-           "h3jax_rss_mb": h["peak_rss_mb"]}
+           "h3jax_cpu_s": h["cpu_s"], "h3jax_rss_mb": h["peak_rss_mb"]}
     if mk_yaml.exists():
       m, _ = run("mergekit_ties", [mk_yaml, cfg, work / "mergekit_ties"], work / "mergekit_ties")
       if args.mergekit_cuda:
@@ -231,7 +234,7 @@ def main():
                     work / "mergekit_ties_cuda")
         row.update(peer_cuda_s=mc["wall_s"], peer_cuda_rss_mb=mc["peak_rss_mb"])
       err = ties_error(work / "h3jax_ties", work / "mergekit_ties")
-      row.update(peer="mergekit-yaml 0.1.5", peer_s=m["wall_s"], peer_rss_mb=m["peak_rss_mb"],
+      row.update(peer="mergekit-yaml 0.1.5", peer_s=m["wall_s"], peer_cpu_s=m["cpu_s"], peer_rss_mb=m["peak_rss_mb"],
                  speedup=m["wall_s"] / h["wall_s"], max_err=err)
       results["ties_max_rel_err_vs_mergekit"] = err
     rows.append(row)
@@ -247,13 +250,13 @@ def main():
                                   f"--out={work / 'h3jax_tsvm'}", "--noprogress",
                                   f"--compilation_cache={work / 'xla_cache'}"], work / "h3jax_tsvm", args.repeats)
     row = {"method": "TSV-M a=1", "h3jax_s": h["wall_s"], "h3jax_cold_s": cold["wall_s"],
-           "h3jax_rss_mb": h["peak_rss_mb"]}
+           "h3jax_cpu_s": h["cpu_s"], "h3jax_rss_mb": h["peak_rss_mb"]}
     if fb_py.exists():
       f, _ = run("fusion_bench_tsv_m", [fb_py, "-c", _FUSIONBENCH_TSVM, base, work / "fb_tsvm", *variants],
               work / "fb_tsvm")
       err, worst = tsvm_error(work / "h3jax_tsvm", work / "fb_tsvm", base)
       results["tsv_m_worst_tensor"] = worst
-      row.update(peer="fusion-bench 0.2.33", peer_s=f["wall_s"], peer_rss_mb=f["peak_rss_mb"],
+      row.update(peer="fusion-bench 0.2.33", peer_s=f["wall_s"], peer_cpu_s=f["cpu_s"], peer_rss_mb=f["peak_rss_mb"],
                  speedup=f["wall_s"] / h["wall_s"], max_err=err)
       results["tsv_m_max_rel_fro_err_vs_fusion_bench"] = err
     rows.append(row)
