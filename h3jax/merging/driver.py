@@ -176,10 +176,14 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
         out = np.asarray(src.get(name)).astype(out_np_dtype)
         result = (out, None)
       else:
-        base_x = base.get(name) if base is not None else None
-        xs = [m.get(name) for m in models]
+        fast = host_topk.ties_hparams(spec.method, kwargs, len(models)) if base is not None else None
+        # Numpy reads stay on the host only where the host needs them (the TIES cuts); otherwise
+        # each is handed to jax at once and dropped.
+        to_jax = (lambda x: x) if fast is not None else jnp.asarray
+        base_x = to_jax(base.get(name)) if base is not None else None
+        xs = [to_jax(m.get(name)) for m in models]
         largest = max(largest, int(np.prod(xs[0].shape)) * 4)
-        result = _merge_tensor(spec, name, kwargs, base_x, xs, randomized)
+        result = _merge_tensor(spec, name, kwargs, base_x, xs, randomized, fast)
         del base_x, xs
       _finish(writer, stats, log, spec, name, out_np_dtype, result)
     writer.close()
@@ -197,20 +201,18 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
           "largest_tensor_bytes": largest, "tensor_stats": stats}
 
 
-def _merge_tensor(spec, name, kwargs, base_x, xs, randomized):
-  """Dispatches the merge of one tensor (asynchronously); returns (merged, stats or None)."""
-  hp = None
-  if base_x is not None:
-    hp = host_topk.ties_hparams(spec.method, kwargs, len(xs))
-  if hp is not None:  # mergekit TIES: the top-k cuts on the host, the rest jitted
+def _merge_tensor(spec, name, kwargs, base_x, xs, randomized, fast):
+  """Dispatches the merge of one tensor (asynchronously); returns (merged, stats or None).
+
+  fast: `host_topk.ties_hparams` for mergekit TIES (numpy inputs: the top-k cuts are
+  computed on the host, the rest in one jitted kernel), else None (the method's kernel).
+  """
+  if fast is not None:
     load_dt = None if spec.dtype is None else np.dtype(DTYPES[spec.dtype])
-    thr_N, cut_N = host_topk.host_cuts(base_x, xs, dict(hp)["density"], load_dt)
-    return host_topk.ties_kernel(hp, spec.dtype)(base_x, xs, thr_N, cut_N), None
+    thr_N, cut_N = host_topk.host_cuts(base_x, xs, dict(fast)["density"], load_dt)
+    return host_topk.ties_kernel(fast, spec.dtype)(base_x, xs, thr_N, cut_N), None
   jfn = _jitted(spec.method, tuple(sorted((k, _freeze(v)) for k, v in kwargs.items())),
                 randomized, spec.dtype)
-  # Handed to jax at once, so the numpy reads can be dropped while the kernel runs.
-  base_x = None if base_x is None else jnp.asarray(base_x)
-  xs = [jnp.asarray(x) for x in xs]
   return jfn(base_x, xs, tensor_key(spec.seed, name) if randomized else None)
 
 
