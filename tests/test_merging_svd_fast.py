@@ -38,6 +38,6 @@ def test_tsv_m_fast_path_matches_float64_reference():
   deltas = [np.where(rng.random(base.shape) < 0.05, rng.standard_normal(base.shape), 0.0)
             for _ in range(3)]  # k = 32, q = 64 < 96: the Gram / Rayleigh-Ritz path
   models = [jnp.asarray(base + d, jnp.float32) for d in deltas]
-  got = np.asarray(svd_lib.tsv_m(jnp.asarray(base), models), np.float64) - base
+  got = np.asarray(svd_lib.tsv_m(jnp.asarray(base), models, topk="gram"), np.float64) - base
   want = tsvm_reference([np.asarray(m, np.float64) - base for m in models])
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
