@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from h3jax.config import ModelConfig
-from h3jax.merging import tree as tree_lib
+from h3jax.merging import blocks, tree as tree_lib
 from h3jax.merging.basic import _common, _pop_lambda
 from h3jax.model import layers, llama
 
@@ -127,7 +127,7 @@ def compute_regmean_grams(params, cfg: ModelConfig, batches) -> dict:
 
 def _fisher_array(base_X, models_NX, key, *, n):
   params_NX, fish_NX = models_NX[:n], models_NX[n:]  # fish: c_i * (F_i + eps), pre-scaled
-  return jnp.sum(fish_NX * params_NX, axis=0) / jnp.sum(fish_NX, axis=0)
+  return blocks.sum_models(fish_NX * params_NX) / blocks.sum_models(fish_NX)
 
 
 def fisher(base, models, *, fishers, weight=1.0, normalize_fisher_weight=True,
@@ -158,7 +158,7 @@ def fisher(base, models, *, fishers, weight=1.0, normalize_fisher_weight=True,
 def _regmean_solve(ws_NIO, gs_NII, alpha: float):
   eye = jnp.eye(gs_NII.shape[-1], dtype=bool)
   gt_NII = jnp.where(eye, gs_NII, alpha * gs_NII)
-  lhs = jnp.sum(gt_NII, axis=0)
+  lhs = blocks.sum_models(gt_NII)
   rhs = jnp.einsum("nij,njo->io", gt_NII, ws_NIO.astype(jnp.float32))
   return jnp.linalg.solve(lhs, rhs)
 

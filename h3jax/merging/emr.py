@@ -19,7 +19,7 @@ from h3jax.merging.basic import _common, _pop_lambda
 
 def emr_flag(deltas_NX):
   """FusionBench `_sign` of the summed task vectors: +1 where > 0, else -1."""
-  return jnp.where(jnp.sum(deltas_NX, axis=0) > 0, 1.0, -1.0)
+  return jnp.where(blocks.sum_models(deltas_NX) > 0, 1.0, -1.0)
 
 
 def emr_tensor(base_X, models_NX):
@@ -34,7 +34,7 @@ def _emr_unified_array(base_X, models_NX, key):
   deltas_NX = blocks.task_vectors(base_X, models_NX)
   flag_X = emr_flag(deltas_NX)
   mask_NX = deltas_NX * flag_X[None] > 0
-  uni_X = jnp.max(jnp.abs(jnp.where(mask_NX, deltas_NX, 0.0)), axis=0) * flag_X
+  uni_X = blocks.max_models(jnp.abs(jnp.where(mask_NX, deltas_NX, 0.0))) * flag_X
   red = tuple(range(1, deltas_NX.ndim))
   aux = {"abs_mean": jnp.mean(jnp.abs(deltas_NX), axis=red),
          "masked_abs_mean": jnp.mean(jnp.abs(jnp.where(mask_NX, uni_X[None], 0.0)), axis=red)}
