@@ -66,10 +66,10 @@ def _prefill(params, ids_BP, mask_BP, cfg: ModelConfig, max_len: int):
   cache = llama.init_cache(cfg, B, max_len)
   key_mask_BS = jnp.concatenate([mask_BP.astype(bool), jnp.ones((B, max_len - P), bool)], axis=1)
   positions_BP = llama.positions_from_mask(mask_BP)
-  logits_BPV, cache = llama.forward_cached(params, ids_BP, positions_BP, cache, 0, key_mask_BS, cfg,
-                                           kv_len=P)
+  logits_B1V, cache = llama.forward_cached(params, ids_BP, positions_BP, cache, 0, key_mask_BS, cfg,
+                                           kv_len=P, last_only=True)  # left padding: last slot is real
   next_pos_B = jnp.sum(mask_BP.astype(jnp.int32), axis=-1)
-  return logits_BPV[:, -1], cache, key_mask_BS, next_pos_B
+  return logits_B1V[:, -1], cache, key_mask_BS, next_pos_B
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "n_steps", "kv_len"),
@@ -193,15 +193,15 @@ def generate(params, cfg: ModelConfig, tokenizer, prompts, *, chat: bool = False
       mask[i, -1] = 1
 
     def should_stop(tokens_BN, lengths_B, n_real=len(enc)):
-      if not stop_strings:
-        return np.zeros(len(tokens_BN), bool)
+      if not stop_strings:  # filler rows are done; real rows stop at EOS inside the loop
+        return np.arange(len(tokens_BN)) >= n_real
       decoded = tokenizer.batch_decode(tokens_BN, skip_special_tokens=True)
       return np.array([any(s in d for s in stop_strings) if i < n_real else True
                        for i, d in enumerate(decoded)])
 
     toks, lengths = generate_tokens(params, cfg, ids, mask, max_new_tokens=max_new_tokens, sampling=sampling,
                                     eos_token_ids=eos_token_ids, seed=seed + start, chunk=chunk,
-                                    should_stop=should_stop if stop_strings else None)
+                                    should_stop=should_stop if stop_strings or len(enc) < n_rows else None)
     for i in range(len(enc)):
       row = [int(t) for t in toks[i, :lengths[i]] if int(t) not in eos_token_ids]
       text = tokenizer.decode(row, skip_special_tokens=True)

@@ -195,13 +195,15 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
 
 
 def forward_cached(params, input_ids_BT, positions_BT, cache, cache_index, key_mask_BS,
-                   cfg: ModelConfig, kv_len=None):
+                   cfg: ModelConfig, kv_len=None, last_only=False):
   """Run T new tokens written at cache slots [cache_index, cache_index + T).
 
   key_mask_BS marks valid cache slots (prompt padding False); slot order is
   causal order. `kv_len` (static) limits attention to the first kv_len slots,
   which must cover cache_index + T: decoding early in a long cache then reads
-  only the filled part. Returns (logits_BTV float32, new_cache).
+  only the filled part. With `last_only` (static) only the last position's
+  logits are computed ([B, 1, V]; a prefill needs no more). Returns
+  (logits_BTV float32, new_cache).
   """
   B, T = input_ids_BT.shape
   S = kv_len or cache["k"].shape[2]
@@ -213,6 +215,8 @@ def forward_cached(params, input_ids_BT, positions_BT, cache, cache_index, key_m
   x_BTD, new_cache, _ = _run_layers(params["layers"], x_BTD, cos_BTH, sin_BTH, mask_BTS,
                                     token_mask_BT, cfg, cache=cache, cache_index=cache_index,
                                     kv_len=kv_len)
+  if last_only:
+    x_BTD = x_BTD[:, -1:]
   hidden_BTD = layers.rms_norm(x_BTD, params["final_norm"]["scale"], cfg.rms_norm_eps)
   return logits_from_hidden(params, hidden_BTD, cfg), new_cache
 
