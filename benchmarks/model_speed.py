@@ -29,17 +29,7 @@ import transformers
 import h3jax
 from h3jax import generation
 from h3jax.model import llama, params as params_lib
-
-
-def best_of(fn, repeats: int) -> float:
-  """Best wall time of `repeats` calls (after one warm-up call)."""
-  fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return min(times)
+from timing import best_of
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:

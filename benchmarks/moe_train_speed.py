@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+from timing import time_steps
+
 
 def shapes(layers: int) -> dict:
   return dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=layers, num_heads=9,
@@ -31,17 +33,6 @@ def batch(B: int, T: int, V: int, seed: int = 0):
   ones = np.ones((B, T), np.int32)
   return {"input_ids_BT": ids_BT, "loss_mask_BT": ones, "attention_mask_BT": ones,
           "task_B": np.zeros((B,), np.int32)}
-
-
-def time_steps(step, n: int, warmup: int) -> list:
-  for _ in range(warmup):
-    step()
-  out = []
-  for _ in range(n):
-    t = time.perf_counter()
-    step()
-    out.append(time.perf_counter() - t)
-  return out
 
 
 def bench_h3jax(a) -> dict:

@@ -1,0 +1,22 @@
+"""Wall-clock timing shared by the benchmark scripts (imported as `timing` when a script runs)."""
+
+from __future__ import annotations
+
+import time
+
+
+def time_steps(step, n: int, warmup: int = 1) -> list:
+  """Wall seconds of `n` calls of `step()` after `warmup` untimed calls."""
+  for _ in range(warmup):
+    step()
+  out = []
+  for _ in range(n):
+    t = time.perf_counter()
+    step()
+    out.append(time.perf_counter() - t)
+  return out
+
+
+def best_of(fn, repeats: int) -> float:
+  """Best wall time of `repeats` calls (after one warm-up call)."""
+  return min(time_steps(fn, repeats, warmup=1))
