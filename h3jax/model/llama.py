@@ -47,36 +47,34 @@ def _block(p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT, cfg: ModelConfig
   return x_BTD + ffn_BTD.astype(x_BTD.dtype), new_kv, aux
 
 
+def _over_layers(step, carry, layers_p, per_layer, cfg: ModelConfig):
+  """carry, aux stacked on L from step(carry, (layer params, per_layer[i])) over the layers:
+  unrolled over an unstacked tuple (see unstack_layers) or slices, else a lax.scan."""
+  unstacked = isinstance(layers_p, (list, tuple))
+  if cfg.scan_layers and not unstacked:
+    return jax.lax.scan(step, carry, (layers_p, per_layer))
+  outs = []
+  for i in range(cfg.num_layers):
+    p = layers_p[i] if unstacked else jax.tree.map(lambda a: a[i], layers_p)
+    carry, out = step(carry, (p, None if per_layer is None else per_layer[i]))
+    outs.append(out)
+  return carry, (jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else {})
+
+
 def _run_layers(layers_p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT, cfg: ModelConfig,
                 cache=None, cache_index=None, kv_len=None, rng=None):
-  """Scan the stacked layers. Returns (x_BTD, new_cache or None, aux stacked on L)."""
+  """Run the layers. Returns (x_BTD, new_cache or None, aux stacked on L)."""
   if cache is not None:
     return _run_layers_cached(layers_p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT, cfg,
                               cache, cache_index, kv_len)
-  L = cfg.num_layers
-  rngs_L = jax.random.split(rng, L) if rng is not None else None
+  rngs_L = jax.random.split(rng, cfg.num_layers) if rng is not None else None
 
   def step(x_BTD, xs):
     p, r = xs
     x_BTD, _, aux = _block(p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT, cfg, rng=r)
     return x_BTD, aux
 
-  step = _remat(step, cfg)
-  if isinstance(layers_p, (list, tuple)):  # unstacked (see unstack_layers)
-    outs = []
-    for i, p in enumerate(layers_p):
-      x_BTD, out = step(x_BTD, (p, None if rngs_L is None else rngs_L[i]))
-      outs.append(out)
-    aux = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else {}
-  elif cfg.scan_layers:
-    x_BTD, aux = jax.lax.scan(step, x_BTD, (layers_p, rngs_L))
-  else:
-    outs = []
-    for i in range(L):
-      take = lambda t: jax.tree.map(lambda a: a[i], t)
-      x_BTD, out = step(x_BTD, (take(layers_p), None if rngs_L is None else rngs_L[i]))
-      outs.append(out)
-    aux = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else {}
+  x_BTD, aux = _over_layers(_remat(step, cfg), x_BTD, layers_p, rngs_L, cfg)
   return x_BTD, None, aux
 
 
@@ -91,22 +89,9 @@ def _run_layers_cached(layers_p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_B
                             cache_index=cache_index, layer=layer, kv_len=kv_len)
     return (x_BTD, kv), aux
 
-  carry = (x_BTD, (cache["k"], cache["v"]))
-  if isinstance(layers_p, (list, tuple)):  # unstacked (see unstack_layers): one buffer per layer
-    outs = []
-    for i, p in enumerate(layers_p):
-      carry, out = step(carry, (p, i))
-      outs.append(out)
-    aux = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-  elif cfg.scan_layers:
-    carry, aux = jax.lax.scan(step, carry, (layers_p, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
-  else:
-    outs = []
-    for i in range(cfg.num_layers):
-      carry, out = step(carry, (jax.tree.map(lambda a: a[i], layers_p), i))
-      outs.append(out)
-    aux = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-  x_BTD, (k_LBSKH, v_LBSKH) = carry
+  layer_L = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+  (x_BTD, (k_LBSKH, v_LBSKH)), aux = _over_layers(step, (x_BTD, (cache["k"], cache["v"])), layers_p,
+                                                  layer_L, cfg)
   return x_BTD, {"k": k_LBSKH, "v": v_LBSKH}, aux
 
 
