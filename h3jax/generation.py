@@ -3,7 +3,12 @@
 Prompts are left-padded so every row's next token goes to the same cache slot.
 Decoding runs `chunk` tokens per jitted `lax.while_loop` call; between chunks
 the host checks stop strings, so a finished batch stops early without a
-host round trip per token.
+host round trip per token. Between chunks the batch is also *compacted*: once
+at most half its rows are still running, they are gathered (with their cache)
+into a batch half as large or smaller, since a decode step's cost grows with
+its rows while one long answer would otherwise keep the whole batch busy.
+Sampling draws per row from (seed, original row, step), so compaction does not
+change what a row samples.
 """
 
 from __future__ import annotations
@@ -60,6 +65,13 @@ def sample_logits(logits_BV, key, sampling: SamplingConfig):
   return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
+def sample_rows(logits_BV, keys_B, sampling: SamplingConfig):
+  """sample_logits with one key per row, so a row's draw does not depend on the batch it is in."""
+  if sampling.temperature == 0.0:
+    return sample_logits(logits_BV, None, sampling)
+  return jax.vmap(lambda l_V, k: sample_logits(l_V[None], k, sampling)[0])(logits_BV, keys_B)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_len"), donate_argnums=())
 def _prefill(params, ids_BP, mask_BP, cfg: ModelConfig, max_len: int):
   B, P = ids_BP.shape
@@ -87,7 +99,8 @@ def _decode_chunk(params, state, eos_E, key, cfg: ModelConfig, sampling: Samplin
 
   def body(s):
     step = s["step"]
-    tok_B = sample_logits(s["logits_BV"], jax.random.fold_in(key, step), sampling)
+    keys_B = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(key, step), s["row_B"])
+    tok_B = sample_rows(s["logits_BV"], keys_B, sampling)
     tok_B = jnp.where(s["done_B"], 0, tok_B)
     out_BN = s["out_BN"].at[:, step].set(tok_B)
     done_B = s["done_B"] | jnp.any(tok_B[:, None] == eos_E[None, :], axis=-1)
@@ -100,40 +113,76 @@ def _decode_chunk(params, state, eos_E, key, cfg: ModelConfig, sampling: Samplin
   return jax.lax.while_loop(cond, body, state)
 
 
+@jax.jit
+def _take_rows(state, rows_R):
+  """The decode state restricted to rows rows_R (batch axis 1 of the cache, 0 elsewhere)."""
+  def take(path, x):
+    if x.ndim == 0:
+      return x
+    return jnp.take(x, rows_R, axis=1 if path[0].key == "cache" else 0)
+  return jax.tree_util.tree_map_with_path(take, state)
+
+
+def _compacted_rows(live_ids, row_ids, n_rows: int):
+  """Positions (into the current batch) of a smaller batch holding every live row.
+
+  The batch shrinks by powers of two (few compiled shapes); the spare slots are
+  filled with finished rows, which stay finished.
+  """
+  new = n_rows
+  while new // 2 >= max(len(live_ids), 1):
+    new //= 2
+  where = {int(r): i for i, r in reversed(list(enumerate(row_ids)))}
+  live_pos = [where[int(r)] for r in live_ids]
+  spare = [i for i in range(n_rows) if i not in set(live_pos)][:new - len(live_pos)]
+  return np.asarray(live_pos + spare, np.int32)
+
+
 def generate_tokens(params, cfg: ModelConfig, prompt_ids_BP, prompt_mask_BP, *, max_new_tokens: int,
                     sampling: SamplingConfig = SamplingConfig(), eos_token_ids: Sequence[int] = (),
-                    seed: int = 0, chunk: Optional[int] = None, should_stop=None):
+                    seed: int = 0, chunk: Optional[int] = None, should_stop=None, compact: bool = True):
   """Token-level generation from left-padded prompts.
 
   Returns (tokens [B, N] int32, lengths [B]) where lengths count generated tokens
-  up to and including EOS. `should_stop(tokens, lengths) -> bool[B]` is called
-  between chunks (e.g. stop strings); rows it flags are finished.
+  up to and including EOS. `should_stop(tokens [B, n], lengths [B]) -> bool[B]`
+  is called before the first chunk and between chunks (e.g. stop strings, or
+  filler rows); rows it flags are finished. `compact=False` keeps all B rows to
+  the end.
   """
   params = llama.unstack_layers(params)
   ids_BP = jnp.asarray(prompt_ids_BP, jnp.int32)
   mask_BP = jnp.asarray(prompt_mask_BP, jnp.int32)
   B, P = ids_BP.shape
-  if P + max_new_tokens > cfg.max_position_embeddings and cfg.rope.rope_type == "default":
-    pass  # allowed, as in transformers; quality may degrade past the trained context
-  logits_BV, cache, key_mask_BS, next_pos_B = _prefill(params, ids_BP, mask_BP, cfg, P + max_new_tokens)
-  state = dict(step=jnp.int32(0), out_BN=jnp.zeros((B, max_new_tokens), jnp.int32),
+  N = max_new_tokens
+  logits_BV, cache, key_mask_BS, next_pos_B = _prefill(params, ids_BP, mask_BP, cfg, P + N)
+  state = dict(step=jnp.int32(0), out_BN=jnp.zeros((B, N), jnp.int32),
                done_B=jnp.zeros((B,), bool), logits_BV=logits_BV, cache=cache,
                cache_index=jnp.int32(P), pos_B=next_pos_B.astype(jnp.int32), key_mask_BS=key_mask_BS,
-               lengths_B=jnp.zeros((B,), jnp.int32))
+               lengths_B=jnp.zeros((B,), jnp.int32), row_B=jnp.arange(B, dtype=jnp.int32))
   eos_E = jnp.asarray(list(eos_token_ids) or [-1], jnp.int32)
   key = jax.random.PRNGKey(seed)
-  chunk = chunk or max_new_tokens
-  S, step = P + max_new_tokens, 0
+  chunk = chunk or N
+  # Host copies of every original row; state rows map to them through row_ids.
+  out_BN, lengths_B, done_B = np.zeros((B, N), np.int32), np.zeros((B,), np.int32), np.zeros((B,), bool)
+  row_ids, step = np.arange(B), 0
   while True:
-    kv_len = min(S, -(-(P + step + chunk) // KV_BUCKET) * KV_BUCKET)
+    if should_stop is not None:
+      done_B |= np.asarray(should_stop(out_BN[:, :step], lengths_B), bool)
+    live = np.flatnonzero(~done_B)
+    if step >= N or not len(live):
+      break
+    n_rows = len(row_ids)
+    if compact and len(live) <= n_rows // 2:
+      keep_R = _compacted_rows(live, row_ids, n_rows)
+      state, row_ids = _take_rows(state, jnp.asarray(keep_R)), row_ids[keep_R]
+    state["done_B"] = jnp.asarray(done_B[row_ids])
+    kv_len = min(P + N, -(-(P + step + chunk) // KV_BUCKET) * KV_BUCKET)
     state = _decode_chunk(params, state, eos_E, key, cfg, sampling, chunk, kv_len)
     step = int(state["step"])
-    if should_stop is not None and step:
-      stop_B = np.asarray(should_stop(np.asarray(state["out_BN"][:, :step]), np.asarray(state["lengths_B"])))
-      state["done_B"] = state["done_B"] | jnp.asarray(stop_B)
-    if step >= max_new_tokens or bool(jnp.all(state["done_B"])):
-      break
-  return np.asarray(state["out_BN"]), np.asarray(state["lengths_B"])
+    out_BN[row_ids, :step] = np.asarray(state["out_BN"][:, :step])
+    lengths_B[row_ids] = np.asarray(state["lengths_B"])
+    done_B[row_ids] |= np.asarray(state["done_B"])
+  return out_BN, lengths_B
 
 
 # ----------------------------------------------------------------------------- text level

@@ -90,3 +90,48 @@ def test_module_import_does_not_shadow_function():
   import importlib
   importlib.import_module("h3jax.generate")
   assert callable(h3jax.generate)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_compaction_keeps_every_row_stream(temperature, tmp_path):
+  """Rows that finish early are dropped from the batch; the others decode exactly as in the full batch."""
+  model = make_model("llama_gqa_tied_llama3", std=0.3, eos_token_id=None)
+  cfg, params = h3jax.load_pretrained(save_model(model, tmp_path))
+  ids, mask = _left_padded(seed=1, batch=8)
+  s = generation.SamplingConfig(temperature=temperature)
+  stop_at = np.array([2, 30, 3, 5, 30, 4, 9, 30])  # rows 1, 4, 7 run to the end
+  seen_rows = []
+
+  def should_stop(tokens_BN, lengths_B):
+    seen_rows.append(int((lengths_B < stop_at).sum()))
+    return tokens_BN.shape[1] >= stop_at
+
+  kw = dict(max_new_tokens=30, sampling=s, seed=7, chunk=4, should_stop=should_stop)
+  full, full_len = generation.generate_tokens(params, cfg, ids, mask, compact=False, **kw)
+  compacted_rows = []
+  orig = generation._decode_chunk
+
+  def spy(params, state, *a, **k):
+    compacted_rows.append(state["out_BN"].shape[0])
+    return orig(params, state, *a, **k)
+
+  generation._decode_chunk = spy
+  try:
+    toks, lengths = generation.generate_tokens(params, cfg, ids, mask, **kw)
+  finally:
+    generation._decode_chunk = orig
+  assert compacted_rows[0] == 8 and compacted_rows[-1] == 4, compacted_rows  # 3 rows left -> 4-row batch
+  np.testing.assert_array_equal(lengths, full_len)
+  for r in range(8):
+    np.testing.assert_array_equal(toks[r, :lengths[r]], full[r, :full_len[r]])
+
+
+def test_rows_flagged_before_the_first_chunk_are_never_decoded(tmp_path):
+  model = make_model("llama_gqa_tied_llama3", std=0.3, eos_token_id=None)
+  cfg, params = h3jax.load_pretrained(save_model(model, tmp_path))
+  ids, mask = _left_padded(seed=2, batch=4)
+  toks, lengths = generation.generate_tokens(
+      params, cfg, ids, mask, max_new_tokens=6, should_stop=lambda t, n: np.array([0, 0, 1, 1], bool))
+  ref, _ = generation.generate_tokens(params, cfg, ids[:2], mask[:2], max_new_tokens=6)
+  np.testing.assert_array_equal(lengths, [6, 6, 0, 0])  # filler rows: nothing generated
+  np.testing.assert_array_equal(toks[:2], ref)
