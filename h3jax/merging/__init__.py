@@ -15,7 +15,9 @@ from h3jax.merging.basic import (breadcrumbs, breadcrumbs_ties, consensus_ta, co
 from h3jax.merging.data_dependent import (compute_fisher, compute_regmean_grams, fisher,
                                           regmean)
 from h3jax.merging.emr import emr, emr_tensor
+from h3jax.merging.mergekit_extra import arcee_fusion, nearswap, passthrough, ram, ramplus_tl, sce
 from h3jax.merging.resm import layer_sparsity, resm, sparsity_range
+from h3jax.merging.spherical import karcher, multislerp, nuslerp
 from h3jax.merging.svd import iso_c, iso_cts, tsv_m
 from h3jax.merging.ties import global_thresholds, ties
 from h3jax.merging.tree import fold_lora, merge_leaf, merge_tree
@@ -41,10 +43,19 @@ METHODS = {
     "resm": resm,
     "fisher": fisher,
     "regmean": regmean,
+    "nuslerp": nuslerp,
+    "multislerp": multislerp,
+    "karcher": karcher,
+    "nearswap": nearswap,
+    "sce": sce,
+    "passthrough": passthrough,
+    "arcee_fusion": arcee_fusion,
+    "ram": ram,
+    "ramplus_tl": ramplus_tl,
 }
 
-# Methods that need no base model (base may be None).
-BASE_FREE = ("linear", "fisher", "regmean")
+# Methods that need no base model (base may be None; nuslerp / multislerp / karcher use one if given).
+BASE_FREE = ("linear", "fisher", "regmean", "nuslerp", "multislerp", "karcher", "passthrough")
 
 
 def get_method(name: str):

@@ -53,9 +53,23 @@ MERGEKIT_METHODS = {
     "della_linear": _ta(False, True, epsilon=0.15),
     "slerp": ({"t": REQUIRED}, {}),
     "model_stock": ({"filter_wise": False}, {}),
+    "nuslerp": ({"nuslerp_row_wise": False, "nuslerp_flatten": True}, {"weight": REQUIRED}),
+    "multislerp": ({"normalize_weights": True, "eps": 1e-8}, {"weight": REQUIRED}),
+    "karcher": ({"max_iter": 10, "tol": 1e-5}, {}),
+    "nearswap": ({"t": REQUIRED}, {}),
+    "sce": ({"int8_mask": False, "select_topk": 1.0}, {}),
+    "passthrough": ({}, {"scale": None}),
+    "arcee_fusion": ({}, {}),
+    "ram": ({"epsilon": 1e-5}, {}),
+    "ramplus_tl": ({"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, {}),
 }
 # Methods that need no base model (everything else is base-relative).
-BASE_FREE = ("linear",)
+BASE_FREE = ("linear", "passthrough")
+# Methods that use a base_model when one is given (task vectors for the slerps; one more input
+# to average for karcher) and run without one too.
+BASE_OPTIONAL = ("nuslerp", "multislerp", "karcher")
+# Exact number of models besides the base that a mergekit method takes.
+_N_MODELS = {"slerp": 1, "nuslerp": 2, "nearswap": 1, "arcee_fusion": 1, "passthrough": 1}
 # Keyword names that are per-model sequences aligned with `models` in h3jax.
 PER_MODEL_KEYS = ("weight", "density", "gamma", "epsilon")
 # Top-level keys of a mergekit YAML that h3jax reads.
@@ -220,18 +234,31 @@ def from_mergekit_dict(raw, where: str = "config") -> MergeSpec:
         hint = " (a global parameter; put it under the top-level 'parameters')" if key in shared else ""
         raise MergeConfigError(f"{where}: unknown parameter {key!r} for model {path} in {method}{hint}")
       _validate_setting(f"{where}: {path}.parameters.{key}", value)
-  if method not in BASE_FREE:
+  if method in BASE_OPTIONAL and base is not None:
+    paths, params = _drop_base(base, paths, params)
+  elif method in BASE_OPTIONAL:
+    paths, params = tuple(paths), tuple(params)
+  elif method not in BASE_FREE:
     if base is None:
       raise MergeConfigError(f"{where}: {method} needs a base_model")
     paths, params = _drop_base(base, paths, params)
   elif base is not None and base not in paths:
-    raise MergeConfigError(f"{where}: linear merges only its listed models; list base_model {base!r} "
-                           f"under models with a weight, or remove base_model")
+    raise MergeConfigError(f"{where}: {method} merges only its listed models; list base_model {base!r} "
+                           f"under models{' with a weight' if method == 'linear' else ''}, or remove "
+                           f"base_model")
   else:
     base = None
     paths, params = tuple(paths), tuple(params)
-  if method == "slerp" and len(paths) != 1:
-    raise MergeConfigError(f"{where}: slerp needs a base_model and exactly one other model, got {len(paths)}")
+  n_want = _N_MODELS.get(method)
+  if n_want is not None and len(paths) != n_want:
+    count = {1: "one", 2: "two"}[n_want]
+    if method in BASE_FREE:
+      what = f"exactly {count} model{'s' * (n_want > 1)}"
+    elif method in BASE_OPTIONAL:
+      what = f"exactly {count} models besides an optional base_model"
+    else:
+      what = f"a base_model and exactly {count} other model{'s' * (n_want > 1)}"
+    raise MergeConfigError(f"{where}: {method} needs {what}, got {len(paths)}")
   if method == "model_stock" and len(paths) < 2:
     raise MergeConfigError(f"{where}: model_stock needs at least two models besides the base")
   return MergeSpec(method=method, models=paths, base_model=base, model_parameters=params,
