@@ -159,6 +159,37 @@ def tsvm_error(a_dir, b_dir, base_dir):
   return errs[worst], worst
 
 
+def tsvm_f64_errors(key, base_dir, variant_dirs, outputs: dict) -> dict:
+  """Relative Frobenius error of each output's merged delta for `key` against TSV-M in float64.
+
+  Decides which of two disagreeing fp32 results is closer to exact arithmetic: near
+  the rank-k cut, near-equal singular values and a small sigma_min of the concatenated
+  V (the polar factor scales errors by ~1/sigma_min) make fp32 results differ.
+  """
+  from h3jax.hf.st_io import SafetensorsReader
+  get = lambda d: SafetensorsReader(str(d)).get(key).astype(np.float64)
+  base = get(base_dir)
+  deltas = [get(v) - base for v in variant_dirs]
+  k = min(base.shape) // len(deltas)
+  us, ss, vs, gaps = [], [], [], []
+  for d in deltas:
+    u, s, vt = np.linalg.svd(d, full_matrices=False)
+    us.append(u[:, :k]), ss.append(s[:k]), vs.append(vt[:k].T)
+    gaps.append(float((s[k - 1] - s[k]) / s[0]) if k < len(s) else 1.0)
+
+  def polar(x):
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    return u @ vt, float(s.min())
+
+  (pu, smin_u), (pv, smin_v) = polar(np.concatenate(us, 1)), polar(np.concatenate(vs, 1))
+  ref = (pu * np.concatenate(ss)) @ pv.T
+  out = {"key": key, "min_relative_gap_at_rank_k": min(gaps), "sigma_min_U_cat": smin_u,
+         "sigma_min_V_cat": smin_v}
+  for name, d in outputs.items():
+    out[f"{name}_rel_err_vs_f64"] = float(np.linalg.norm(get(d) - base - ref) / np.linalg.norm(ref))
+  return out
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--smollm2", default=str(REPO / "artifacts" / "smollm2-135m-instruct"))
@@ -259,6 +290,8 @@ def main():
       row.update(peer="fusion-bench 0.2.33", peer_s=f["wall_s"], peer_cpu_s=f["cpu_s"], peer_rss_mb=f["peak_rss_mb"],
                  speedup=f["wall_s"] / h["wall_s"], max_err=err)
       results["tsv_m_max_rel_fro_err_vs_fusion_bench"] = err
+      results["tsv_m_worst_tensor_vs_f64"] = tsvm_f64_errors(
+          worst, base, variants, {"h3jax": work / "h3jax_tsvm", "fusion_bench": work / "fb_tsvm"})
     rows.append(row)
   save(rows)
   print(f"\n{'method':<12}{'h3jax s':>9}{'(cold)':>8}{'RSS MB':>8}  {'peer':<22}{'peer s':>8}{'RSS MB':>8}"
