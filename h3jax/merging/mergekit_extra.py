@@ -18,8 +18,9 @@ from h3jax.merging.basic import _common, _pop_lambda
 
 
 def _one_value(name, key, value):
-  """A shared hyper-parameter that an h3jax .py config may hand over once per model."""
-  if isinstance(value, (list, tuple)):
+  """A shared hyper-parameter that an h3jax .py config hands over once per model (a tuple; a list
+  is a layer gradient)."""
+  if isinstance(value, tuple):
     if len(set(value)) != 1:
       raise ValueError(f"{name}: {key} is one value for all models, got {value!r}")
     return value[0]
