@@ -71,6 +71,10 @@ def test_nuslerp_bad_input():
     M.nuslerp(None, [a, b])
   with pytest.raises(ValueError, match="at most 2 model"):
     M.nuslerp(None, [a, b, a], weight=1.0)
+  with pytest.raises(ValueError, match=r"nuslerp: unknown hyper-parameter\(s\) \['lambda'\]"):
+    M.nuslerp(None, [a, b], weight=1.0, **{"lambda": 0.5})
+  with pytest.raises(ValueError, match=r"sce: unknown hyper-parameter\(s\) \['density'\]"):
+    M.sce(a, [b], density=0.5)
 
 
 # ----------------------------------------------------------------------------- multislerp

@@ -14,7 +14,8 @@ import numpy as np
 
 from h3jax.merging import blocks
 from h3jax.merging import tree as tree_lib
-from h3jax.merging.basic import _common, _pop_lambda
+from h3jax.merging.basic import _common
+from h3jax.merging.spherical import check_kwargs
 
 
 def _one_value(name, key, value):
@@ -39,7 +40,7 @@ def nearswap(base, models, *, t=None, **kw):
   """NearSwap: take the model's value where it is within ~t of the base's, interpolating with
   weight clip(t / |base - model|, 0, 1) elsewhere. Exactly one model besides the base; `t`
   required (may be a layer gradient)."""
-  _pop_lambda("nearswap", 1.0, dict(kw))
+  check_kwargs("nearswap", kw)
   if t is None:
     raise ValueError("nearswap needs the distance threshold t")
   return tree_lib.merge_tree(_nearswap_array, base, models, name="nearswap", hparams=dict(t=t),
@@ -83,7 +84,7 @@ def sce(base, models, *, select_topk=1.0, int8_mask=False, **kw):
   (sum) majority sign, then the weighted disjoint mean. int8_mask: mergekit's mask dtype only
   (numerically identical; accepted and ignored)."""
   del int8_mask
-  _pop_lambda("sce", 1.0, dict(kw))
+  check_kwargs("sce", kw)
   return tree_lib.merge_tree(_sce_array, base, models, name="sce",
                              hparams=dict(select_topk=float(select_topk)), **_common(kw))
 
@@ -97,7 +98,7 @@ def _passthrough_array(base_X, models_NX, key, *, scale=None):
 def passthrough(base, models, *, scale=None, **kw):
   """Passthrough: a copy of the single input model, optionally times `scale` (a number or a layer
   gradient / rule). `base` must be None (mergekit: at most one input)."""
-  _pop_lambda("passthrough", 1.0, dict(kw))
+  check_kwargs("passthrough", kw)
   if base is not None:
     raise ValueError("passthrough takes exactly one model and no base model")
   scale = _one_value("passthrough", "scale", scale)
@@ -136,7 +137,7 @@ def arcee_fusion(base, models, **kw):
   || softmax(base)) (KL per row) is at least median + 1.5 IQR of the tensor's importances. Exactly
   one model besides the base. Quantiles are exact (mergekit samples 1e6 entries at random from
   tensors larger than that, so it is not reproducible there)."""
-  _pop_lambda("arcee_fusion", 1.0, dict(kw))
+  check_kwargs("arcee_fusion", kw)
   return tree_lib.merge_tree(_arcee_fusion_array, base, models, name="arcee_fusion", hparams={},
                              min_models=1, max_models=1, extra_leaf_hp=_softmax_axis_hp,
                              **_common(kw))
@@ -166,7 +167,7 @@ def _ram_array(base_X, models_NX, key, *, epsilon=1e-5, r=None, alpha=None):
 def ram(base, models, *, epsilon=1e-5, **kw):
   """RAM (arXiv 2601.13572): task-vector entries with |tau| > epsilon; where one model changed an
   entry its change is kept, where several did they are averaged."""
-  _pop_lambda("ram", 1.0, dict(kw))
+  check_kwargs("ram", kw)
   return tree_lib.merge_tree(_ram_array, base, models, name="ram",
                              hparams=dict(epsilon=float(_one_value("ram", "epsilon", epsilon))),
                              **_common(kw))
@@ -175,7 +176,7 @@ def ram(base, models, *, epsilon=1e-5, **kw):
 def ramplus_tl(base, models, *, r=0.1, alpha=0.2, epsilon=1e-5, **kw):
   """RAM+ (tensor-local): RAM with each model's unique changes scaled by 1 + r clip(rho, 0, alpha),
   rho = (its shared changed entries) / (its unique changed entries), per tensor."""
-  _pop_lambda("ramplus_tl", 1.0, dict(kw))
+  check_kwargs("ramplus_tl", kw)
   return tree_lib.merge_tree(_ram_array, base, models, name="ramplus_tl",
                              hparams=dict(epsilon=float(_one_value("ramplus_tl", "epsilon", epsilon)),
                                           r=float(r), alpha=float(alpha)), **_common(kw))

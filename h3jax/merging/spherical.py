@@ -18,6 +18,13 @@ from h3jax.merging import tree as tree_lib
 from h3jax.merging.basic import _common, _pop_lambda
 
 
+def check_kwargs(name, kw):
+  """Only the common keywords; `lambda` is refused (it would be silently meaningless here)."""
+  if "lambda" in kw:
+    raise ValueError(f"{name}: unknown hyper-parameter(s) ['lambda'] ({name} has no task-vector scale)")
+  _pop_lambda(name, 1.0, dict(kw))
+
+
 def _needs_weight(name, weight):
   if weight is None:
     raise ValueError(f"{name} needs a per-model `weight` (mergekit has no default)")
@@ -79,7 +86,7 @@ def nuslerp(base, models, *, weight=None, nuslerp_row_wise=False, nuslerp_flatte
   task vectors (base + slerp(tau_1, tau_2)). nuslerp_flatten: one angle per tensor (default);
   otherwise one per row, along HF dim 0 if nuslerp_row_wise else dim -1 (h3jax kernels: the
   transposed axes). `weight` is required (per model; may be a layer gradient)."""
-  _pop_lambda("nuslerp", 1.0, dict(kw))
+  check_kwargs("nuslerp", kw)
   _needs_weight("nuslerp", weight)
   return tree_lib.merge_tree(_nuslerp_array, base, models, name="nuslerp",
                              hparams=dict(weight=weight, nuslerp_row_wise=bool(nuslerp_row_wise),
@@ -127,7 +134,7 @@ def multislerp(base, models, *, weight=None, normalize_weights=True, eps=1e-8, *
   norm), one per tensor; with a base, of the task vectors. `weight` is required (per model).
   More than two task vectors whose weighted unit mean is ~0 have no answer: mergekit raises, and
   so does this function when called eagerly (under jit / in the file driver such a tensor is NaN)."""
-  _pop_lambda("multislerp", 1.0, dict(kw))
+  check_kwargs("multislerp", kw)
   _needs_weight("multislerp", weight)
   out = tree_lib.merge_tree(_multislerp_array, base, models, name="multislerp",
                             hparams=dict(weight=weight, normalize_weights=bool(normalize_weights),
@@ -189,7 +196,7 @@ def karcher(base, models, *, max_iter=10, tol=1e-5, **kw):
   rescaled by the mean norm; at most `max_iter` gradient steps, stopping when the tangent norm
   falls below `tol` (a `lax.while_loop`; both static). Inputs with norm <= tol are left out of the
   direction. A given `base` is averaged as one more input (as mergekit does)."""
-  _pop_lambda("karcher", 1.0, dict(kw))
+  check_kwargs("karcher", kw)
   if int(max_iter) != max_iter or max_iter < 0:
     raise ValueError(f"karcher: max_iter must be a non-negative integer, got {max_iter!r}")
   return tree_lib.merge_tree(_karcher_array, base, models, name="karcher",
