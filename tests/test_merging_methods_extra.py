@@ -194,6 +194,24 @@ def test_sce_hand():
   np.testing.assert_allclose(M.sce(b, ms * 3), ms[0], rtol=1e-6)
 
 
+def test_selection_host_and_sort_paths_agree():
+  """SCE's top-k and Arcee Fusion's quantiles run in numpy on CPU, as a sort elsewhere."""
+  from h3jax.merging import mergekit_extra as mx
+  rng = np.random.default_rng(11)
+  var = np.abs(rng.normal(size=(50, 7))).astype(np.float32)
+  var[::5] = 0.0  # zero variances do not count towards k
+  var[1, :3] = var[2, 0]  # a tie at one magnitude: broken by flat index on both paths
+  for p in (0.05, 0.3, 0.9):
+    host = jax.jit(lambda v, p=p: mx._sce_mask_host(v, p))(var)
+    np.testing.assert_array_equal(host, jax.jit(lambda v, p=p: mx._sce_mask_sorted(v, p))(var))
+    assert host.sum() == int(np.float32(np.count_nonzero(var)) * np.float32(p))
+    assert var[host].min() >= var[~host].max()
+  x = rng.normal(size=1001).astype(np.float32)
+  idx = (250, 500, 750)
+  np.testing.assert_array_equal(mx._quantiles_host(x, idx), np.sort(x)[list(idx)])
+  np.testing.assert_array_equal(mx._quantiles_sorted(x, idx), np.sort(x)[list(idx)])
+
+
 # ----------------------------------------------------------------------------- passthrough
 
 def test_passthrough():

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from h3jax.merging import blocks
+from h3jax.merging import select
 from h3jax.merging import tree as tree_lib
 from h3jax.merging.basic import _common
 from h3jax.merging.spherical import check_kwargs
@@ -49,6 +50,34 @@ def nearswap(base, models, *, t=None, **kw):
 
 # ----------------------------------------------------------------------------- SCE
 
+def _sce_k(nnz, select_topk):
+  """mergekit: k = int(nnz * select_topk), a float32 product (torch promotes int64 x float)."""
+  return int(np.float32(nnz) * np.float32(select_topk))
+
+
+def _sce_mask_host(var_X, select_topk):
+  """CPU: k and the k-th largest variance found in numpy (XLA:CPU's sort is ~10x slower)."""
+  def cut(v):
+    v_n = np.asarray(v, np.float32).reshape(-1)
+    k = _sce_k(np.count_nonzero(v_n), select_topk)
+    if k == 0:
+      return np.float32(np.inf), np.int32(-1)
+    thr, cutoff = select.np_topk_cut(np.abs(v_n).view(np.uint32), k)
+    return np.array(thr, np.uint32).view(np.float32), np.int32(cutoff)
+  out = (jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32))
+  thr, cutoff = jax.pure_callback(cut, out, var_X, vmap_method="sequential")
+  return select.mask_from_cut(var_X, thr, cutoff)
+
+
+def _sce_mask_sorted(var_X, select_topk):
+  """Accelerators: a stable sort (ties at the k-th variance by flat index, as on the host)."""
+  nnz = jnp.count_nonzero(var_X)
+  k = jnp.floor(nnz.astype(jnp.float32) * jnp.float32(select_topk)).astype(jnp.int32)
+  order = jnp.argsort(-jnp.abs(var_X).reshape(-1), stable=True)  # largest variance first
+  rank = jnp.zeros(order.shape, jnp.int32).at[order].set(jnp.arange(order.size, dtype=jnp.int32))
+  return (rank < k).reshape(var_X.shape)
+
+
 def sce_mask(tv_NX, select_topk: float):
   """Keep the top `select_topk` fraction (of the non-zero variances) of entries by the variance of
   the task vectors across models; k = floor(nnz * select_topk) in float32 as mergekit computes it."""
@@ -57,11 +86,8 @@ def sce_mask(tv_NX, select_topk: float):
   if select_topk >= 1:
     return jnp.ones(tv_NX.shape[1:], bool)
   var_X = jnp.var(tv_NX, axis=0)
-  nnz = jnp.count_nonzero(var_X)
-  k = jnp.floor(nnz.astype(jnp.float32) * jnp.float32(select_topk)).astype(jnp.int32)
-  order = jnp.argsort(-jnp.abs(var_X).reshape(-1), stable=True)  # largest variance first
-  rank = jnp.zeros(order.shape, jnp.int32).at[order].set(jnp.arange(order.size, dtype=jnp.int32))
-  return (rank < k).reshape(var_X.shape)
+  return jax.lax.platform_dependent(var_X, cpu=lambda v: _sce_mask_host(v, select_topk),
+                                    default=lambda v: _sce_mask_sorted(v, select_topk))
 
 
 def _sce_array(base_X, models_NX, key, *, select_topk=1.0):
@@ -109,10 +135,22 @@ def passthrough(base, models, *, scale=None, **kw):
 
 # ----------------------------------------------------------------------------- Arcee Fusion
 
-def _quantile_floor(sorted_n, q: float):
-  """mergekit's approximate quantile: sorted[floor(float32(q) * (n - 1))]."""
-  n = sorted_n.shape[0]
-  return sorted_n[int(np.float32(q) * np.float32(n - 1))]
+def _quantile_index(q: float, n: int) -> int:
+  """mergekit's approximate quantile position: floor(float32(q) * (n - 1)) of the sorted values."""
+  return int(np.float32(q) * np.float32(n - 1))
+
+
+def _quantiles_host(x_n, idx):
+  """CPU: order statistics by numpy's partition (O(n); XLA:CPU sorts ~10x slower)."""
+  def part(a):
+    return np.partition(np.asarray(a, np.float32), idx)[list(idx)].astype(np.float32)
+  return jax.pure_callback(part, jax.ShapeDtypeStruct((len(idx),), jnp.float32), x_n,
+                           vmap_method="sequential")
+
+
+def _quantiles_sorted(x_n, idx):
+  s_n = jnp.sort(x_n)
+  return jnp.stack([s_n[i] for i in idx])
 
 
 def _arcee_fusion_array(base_X, models_NX, key, *, axis=-1):
@@ -121,8 +159,10 @@ def _arcee_fusion_array(base_X, models_NX, key, *, axis=-1):
   q = jax.nn.softmax(base_X, axis=axis) + 1e-8
   kl = jnp.sum(p * jnp.log(p / q), axis=axis, keepdims=True)
   imp_X = jnp.abs(m_X - base_X) * kl  # importance: |delta| x KL of the softmaxed rows
-  s_n = jnp.sort(imp_X.reshape(-1))
-  q1, med, q3 = (_quantile_floor(s_n, q_) for q_ in (0.25, 0.5, 0.75))
+  idx = tuple(_quantile_index(f, imp_X.size) for f in (0.25, 0.5, 0.75))
+  q_3 = jax.lax.platform_dependent(imp_X.reshape(-1), cpu=lambda x: _quantiles_host(x, idx),
+                                   default=lambda x: _quantiles_sorted(x, idx))
+  q1, med, q3 = q_3[0], q_3[1], q_3[2]
   keep_X = imp_X >= med + 1.5 * (q3 - q1)
   return base_X + (m_X - base_X) * keep_X.astype(jnp.float32)
 

@@ -10,6 +10,8 @@ back; the Karcher mean averages the base together with the models (mergekit adds
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -98,28 +100,35 @@ def nuslerp(base, models, *, weight=None, nuslerp_row_wise=False, nuslerp_flatte
 
 # ----------------------------------------------------------------------------- Multi-SLERP
 
+def _add_all(xs):
+  """x_0 + x_1 + ... in order (a sequential sum, as torch's over a short model list)."""
+  return functools.reduce(jnp.add, xs)
+
+
 def _multislerp_array(base_X, models_NX, key, *, weight, normalize_weights=True, eps=1e-8):
   n = models_NX.shape[0]
   if n == 1:  # mergekit returns the model itself, base or not
     return models_NX[0]
   shape = models_NX.shape[1:]
   tv_NX = models_NX if base_X is None else blocks.task_vectors(base_X, models_NX)
-  flat_NM = tv_NX.reshape(n, -1)
+  # Per-model 1-D pieces with scalar norms and dots: XLA:CPU runs a [N, 1]-shaped reduction
+  # broadcast back over [N, M] ~100x slower than these scalar broadcasts.
+  xs = [tv_NX[i].reshape(-1) for i in range(n)]  # N x [M]
   w_N = jnp.asarray(weight, jnp.float32)
   if normalize_weights:
     w_N = w_N / jnp.sum(w_N)
-  norms_N1 = jnp.linalg.norm(flat_NM, axis=-1, keepdims=True)
-  unit_NM = flat_NM / (norms_N1 + eps)
-  mean_M = blocks.sum_models(unit_NM * w_N[:, None])
+  norms = [jnp.linalg.norm(x) for x in xs]
+  units = [x / (nrm + eps) for x, nrm in zip(xs, norms)]
+  mean_M = _add_all([u * w_N[i] for i, u in enumerate(units)])
   mean_norm = jnp.linalg.norm(mean_M)
   degenerate = mean_norm < eps
   mean_M = mean_M / jnp.where(degenerate, 1.0, mean_norm)
   # Tangent space at the mean, weighted average there, exponential map back to the sphere.
-  dots_N1 = jnp.sum(unit_NM * mean_M, axis=-1, keepdims=True)
-  tangent_M = blocks.sum_models((unit_NM - dots_N1 * mean_M) * w_N[:, None])
+  dots = [jnp.sum(u * mean_M) for u in units]
+  tangent_M = _add_all([(u - d * mean_M) * w_N[i] for i, (u, d) in enumerate(zip(units, dots))])
   tn = jnp.linalg.norm(tangent_M) + eps
   out_M = mean_M * jnp.cos(tn) + tangent_M * (jnp.sin(tn) / tn)
-  out_M = out_M * jnp.sum(norms_N1[:, 0] * w_N)
+  out_M = out_M * _add_all([nrm * w_N[i] for i, nrm in enumerate(norms)])
   if n == 2:  # mergekit falls back to a weighted sum for two antipodal task vectors
     out_M = jnp.where(degenerate, (tv_NX[0] * w_N[0] + tv_NX[1] * w_N[1]).reshape(-1), out_M)
   else:  # mergekit raises; a traced kernel cannot, so it marks the tensor (see multislerp)
