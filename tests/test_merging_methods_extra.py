@@ -300,6 +300,9 @@ def test_yaml_base_policies_and_counts():
   assert mcfg.from_mergekit_dict(_yaml("multislerp", 3, base=False, weight=1.0)).base_model is None
   spec = mcfg.from_mergekit_dict(dict(_yaml("karcher", 2), models=[dict(model="/base"), dict(model="/m0")]))
   assert spec.base_model == "/base" and spec.models == ("/m0",)
+  spec = mcfg.from_py_config(dict(merge_method="karcher", base_model="/base",
+                                  models=[dict(model="/base"), dict(model="/m0")]))
+  assert spec.base_model == "/base" and spec.models == ("/m0",)  # .py config: the base counts once
   with pytest.raises(mcfg.MergeConfigError, match="nuslerp needs exactly two models besides an optional base"):
     mcfg.from_mergekit_dict(_yaml("nuslerp", 3, weight=1.0))
   with pytest.raises(mcfg.MergeConfigError, match="nearswap needs a base_model and exactly one other model"):

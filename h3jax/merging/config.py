@@ -300,6 +300,8 @@ def from_py_config(cfg, where: str = "config") -> MergeSpec:
     if base is None:
       raise MergeConfigError(f"{where}: {method} needs a base_model")
     paths, params = _drop_base(base, paths, params)
+  elif method in BASE_OPTIONAL and base is not None:  # the base is used once, as the base
+    paths, params = _drop_base(base, paths, params)
   else:
     paths, params = tuple(paths), tuple(params)
   seed = raw.get("seed", 0)
