@@ -205,7 +205,13 @@ ALL_KW = {
     "della": {"density": 0.5}, "della_linear": {"density": 0.5}, "slerp": {"t": 0.3},
     "model_stock": {}, "consensus_ta": {}, "consensus_ties": {"density": 0.5}, "tsv_m": {},
     "iso_c": {}, "iso_cts": {}, "resm": {},
+    # mergekit 0.1.5's extra methods (their own cases: test_merging_methods_extra.py)
+    "nuslerp": {"weight": [1.0, 2.0]}, "multislerp": {"weight": [1.0, 1.0, 2.0]}, "karcher": {},
+    "nearswap": {"t": 0.5}, "sce": {"select_topk": 0.5}, "passthrough": {}, "arcee_fusion": {},
+    "ram": {}, "ramplus_tl": {},
 }
+# How many of the three models each method takes (default all).
+N_MODELS = {"slerp": 1, "nearswap": 1, "arcee_fusion": 1, "passthrough": 1, "nuslerp": 2}
 
 
 def test_every_transform_jits_and_keeps_structure_and_dtypes():
@@ -219,8 +225,9 @@ def test_every_transform_jits_and_keeps_structure_and_dtypes():
   assert set(ALL_KW) | {"emr", "fisher", "regmean"} == set(M.METHODS)
   fishers = [jax.tree.map(jnp.abs, m) for m in models]
   grams = [{"embed/embedding": jnp.eye(8)}] * 3
-  calls = {name: (lambda b, m, f=M.get_method(name), kw=kw: f(b, m[:1] if f is M.slerp else m, **kw))
+  calls = {name: (lambda b, m, f=M.get_method(name), kw=kw, n=N_MODELS.get(name, 3): f(b, m[:n], **kw))
            for name, kw in ALL_KW.items()}
+  calls["passthrough"] = lambda b, m: M.passthrough(None, m[:1])
   calls["emr"] = lambda b, m: M.emr(b, m)[1]
   calls["fisher"] = lambda b, m: M.fisher(None, m, fishers=fishers)
   calls["regmean"] = lambda b, m: M.regmean(None, m, grams=grams)
