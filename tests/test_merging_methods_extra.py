@@ -192,6 +192,12 @@ def test_sce_hand():
   assert np.all(out[:2] != 0)
   b, ms = _arrays(6, n=1)
   np.testing.assert_allclose(M.sce(b, ms * 3), ms[0], rtol=1e-6)
+  # A layer gradient: select_topk 1 on layer 0, 0.5 on the last layer.
+  b, ms = _arrays(6, n=3, shape=(2, 8))
+  tree = M.sce({"layers": {"s": {"scale": b}}}, [{"layers": {"s": {"scale": m}}} for m in ms],
+               select_topk=[1.0, 0.5])["layers"]["s"]["scale"]
+  np.testing.assert_allclose(tree[0], M.sce(b[0], [m[0] for m in ms]), rtol=1e-6)
+  np.testing.assert_allclose(tree[1], M.sce(b[1], [m[1] for m in ms], select_topk=0.5), rtol=1e-6)
 
 
 def test_selection_host_and_sort_paths_agree():

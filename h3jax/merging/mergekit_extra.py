@@ -29,6 +29,11 @@ def _one_value(name, key, value):
   return value
 
 
+def _num(v):
+  """A float, or a layer gradient (a list) left for the engine to resolve per layer."""
+  return v if isinstance(v, list) else float(v)
+
+
 # ----------------------------------------------------------------------------- NearSwap
 
 def _nearswap_array(base_X, models_NX, key, *, t):
@@ -112,7 +117,7 @@ def sce(base, models, *, select_topk=1.0, int8_mask=False, **kw):
   del int8_mask
   check_kwargs("sce", kw)
   return tree_lib.merge_tree(_sce_array, base, models, name="sce",
-                             hparams=dict(select_topk=float(select_topk)), **_common(kw))
+                             hparams=dict(select_topk=_num(select_topk)), **_common(kw))
 
 
 # ----------------------------------------------------------------------------- Passthrough
@@ -209,7 +214,7 @@ def ram(base, models, *, epsilon=1e-5, **kw):
   entry its change is kept, where several did they are averaged."""
   check_kwargs("ram", kw)
   return tree_lib.merge_tree(_ram_array, base, models, name="ram",
-                             hparams=dict(epsilon=float(_one_value("ram", "epsilon", epsilon))),
+                             hparams=dict(epsilon=_num(_one_value("ram", "epsilon", epsilon))),
                              **_common(kw))
 
 
@@ -218,5 +223,5 @@ def ramplus_tl(base, models, *, r=0.1, alpha=0.2, epsilon=1e-5, **kw):
   rho = (its shared changed entries) / (its unique changed entries), per tensor."""
   check_kwargs("ramplus_tl", kw)
   return tree_lib.merge_tree(_ram_array, base, models, name="ramplus_tl",
-                             hparams=dict(epsilon=float(_one_value("ramplus_tl", "epsilon", epsilon)),
-                                          r=float(r), alpha=float(alpha)), **_common(kw))
+                             hparams=dict(epsilon=_num(_one_value("ramplus_tl", "epsilon", epsilon)),
+                                          r=_num(r), alpha=_num(alpha)), **_common(kw))
