@@ -10,6 +10,10 @@ MC log-probs and judge answers with their compute time in
 eval_out/cache/<model>.jsonl, so a re-run (or an interrupted one) only computes
 what is missing; progress goes to stderr, one line per batch. The library
 function is `h3jax.evaluation.runner.evaluate`.
+
+XLA:CPU decodes on about one core: `--shard=0/2` and `--shard=1/2` started
+together fill two cores with disjoint halves of the missing generations (one
+shared cache), then the same command without --shard scores everything.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ def define_flags():
   flags.DEFINE_integer("limit", None, "Items per eval set (0 = all); overrides config.limit.")
   flags.DEFINE_string("out", None, "Output folder (results, plots, generation cache).")
   flags.DEFINE_string("data_root", None, "Data root (overrides config.data_root and $H3JAX_DATA_ROOT).")
+  flags.DEFINE_string("shard", None, "i/n: only generate part i of n of the missing responses into the "
+                      "cache and exit (run n at once, one per core), then run without --shard to score.")
   flags.mark_flags_as_required(["config", "out"])
 
 
@@ -39,6 +45,11 @@ def main(argv):
   if FLAGS.data_root is not None:
     with config.unlocked():
       config.data_root = FLAGS.data_root
+  shard = runner.parse_shard(FLAGS.shard)
+  if shard is not None:
+    done = runner.generate_shards(config, FLAGS.model, FLAGS.out, shard, limit=FLAGS.limit)
+    print(f"shard {FLAGS.shard}: responses cached per model: {done}; run without --shard to score")
+    return
   results = runner.evaluate(config, FLAGS.model, FLAGS.out, limit=FLAGS.limit)
   print(report.markdown_table(results))
 

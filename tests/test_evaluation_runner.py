@@ -9,7 +9,8 @@ import pytest
 from eval_fakes import FakeRefusalJudge, ModByteTokenizer, fake_judges
 from h3jax.config import ModelConfig
 from h3jax.evaluation import cache as cache_lib
-from h3jax.evaluation import infer, runner
+from h3jax.evaluation import infer, runner, scoring
+from h3jax.evaluation import sets as eval_data
 from h3jax.model import params as params_lib
 
 V = 64
@@ -191,3 +192,52 @@ def test_bad_inputs(data_root, tmp_path):
     runner.load_model(f"a b={tmp_path / 'm'}")
   with pytest.raises(FileNotFoundError, match="model folder not found"):
     runner.load_model(str(tmp_path / "absent"))
+
+
+def test_shards_split_generation_and_the_scoring_run_reuses_them(data_root, tmp_path, monkeypatch):
+  config = small_config(data_root, sets=("alpaca_eval", "xstest_safe", "truthfulqa_gen"))
+  # runner.generate_shards loads models from disk; its per-model step runs on the tiny model here.
+  sets = eval_data.load_eval_sets(config, limit=3)
+  store_path = tmp_path / "s" / "cache" / "tiny.jsonl"
+  counts = []
+  for i in range(2):
+    gen = CountingGenerate()
+    monkeypatch.setattr(infer, "generate_texts", gen)
+    n = scoring.generate_shard(tiny_model(), sets, config, cache_lib.Cache(store_path), (i, 2), progress=False)
+    counts.append((n, gen.prompts))
+  keys = [json.loads(l)["key"] for l in store_path.read_text().splitlines() if '"generation"' in l]
+  assert len(keys) == len(set(keys)) == 9  # 3 sets x 3 items, each generated once
+  assert counts[0][1] + counts[1][1] == 9 and counts[0][1] > 0 and counts[1][1] > 0
+  assert all(infer.in_shard(k, (0, 2)) != infer.in_shard(k, (1, 2)) for k in keys)
+  # The unsharded run generates nothing and scores as a single-process run does.
+  gen = CountingGenerate()
+  monkeypatch.setattr(infer, "generate_texts", gen)
+  res = runner.evaluate(config, [], tmp_path / "s", limit=3, judges=fake_judges(), models=[tiny_model()],
+                        progress=False)
+  assert gen.calls == 0
+  single = runner.evaluate(config, [], tmp_path / "one", limit=3, judges=fake_judges(), models=[tiny_model()],
+                           progress=False)
+  assert res["models"]["tiny"]["metrics"] == single["models"]["tiny"]["metrics"]
+  assert runner.parse_shard("1/2") == (1, 2) and runner.parse_shard(None) is None
+  for bad in ("2/2", "x", "1/0"):
+    with pytest.raises(ValueError, match="shard must be 'i/n'"):
+      runner.parse_shard(bad)
+
+
+def _append_rows(path, tag, n):
+  store = cache_lib.Cache(path)
+  for j in range(n):
+    store.put_many([(f"{tag}{j}-{r}", "generation", "x" * 3000, {}) for r in range(8)])  # ~24 KB per write
+
+
+def test_cache_appends_from_two_processes_stay_whole_rows(tmp_path):
+  import multiprocessing
+  path = tmp_path / "c.jsonl"
+  ctx = multiprocessing.get_context("spawn")
+  procs = [ctx.Process(target=_append_rows, args=(path, tag, 40)) for tag in "ab"]
+  for p in procs:
+    p.start()
+  for p in procs:
+    p.join()
+  assert all(p.exitcode == 0 for p in procs)
+  assert len(cache_lib.Cache(path)) == 2 * 40 * 8  # every row parses: no interleaved writes

@@ -10,14 +10,16 @@ choices) together with every setting that changes the output (decoding
 settings, max_new_tokens, seed, dtype, format), so a changed setting misses
 the cache instead of reusing stale text.
 
-Writes append whole lines and flush + fsync after each batch: a run killed
-mid-batch loses at most that batch. A torn last line (the process died while
+Writes append whole lines (one write under an exclusive flock, so several
+processes may share the file: `evaluate --shard`) and fsync after each batch:
+a run killed mid-batch loses at most that batch. A torn last line (the process died while
 writing it) is dropped on load; a malformed line elsewhere is an error that
 names the file and line.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -50,8 +52,14 @@ class Cache:
       self._load()
 
   def _load(self):
-    with open(self.path, "rb") as f:
+    with open(self.path, "r+b") as f:
+      fcntl.flock(f, fcntl.LOCK_EX)  # another process (evaluate --shard) may be appending
       raw = f.read()
+      self._parse(raw)
+      if raw and not raw.endswith(b"\n"):  # drop a torn tail so later appends start on a fresh line
+        f.truncate(raw.rfind(b"\n") + 1 if b"\n" in raw else 0)
+
+  def _parse(self, raw: bytes):
     lines = raw.split(b"\n")
     torn = bool(lines) and lines[-1] != b""  # the last line lacks its newline
     for lineno, line in enumerate(lines, 1):
@@ -69,9 +77,6 @@ class Cache:
         self._times.append(value)
       else:
         self._data[key] = value
-    if torn:  # drop the torn tail so later appends start on a fresh line
-      with open(self.path, "wb") as f:
-        f.write(raw[:raw.rfind(b"\n") + 1] if b"\n" in raw else b"")
 
   def __contains__(self, key: str) -> bool:
     return key in self._data
@@ -90,10 +95,15 @@ class Cache:
     if not rows:
       return
     self.path.parent.mkdir(parents=True, exist_ok=True)
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write("\n".join(rows) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
+    data = memoryview(("\n".join(rows) + "\n").encode("utf-8"))
+    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX)  # whole rows even when several processes append
+      while data:
+        data = data[os.write(fd, data):]
+      os.fsync(fd)
+    finally:
+      os.close(fd)  # releases the lock
     for k, kind, v, _ in entries:
       if kind == "time":
         self._times.append(v)

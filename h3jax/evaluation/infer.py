@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -129,15 +129,26 @@ def generate_texts(model: dict, texts: Sequence[str], settings: dict, *, batch_s
   return out
 
 
+def in_shard(key: str, shard: Optional[Tuple[int, int]]) -> bool:
+  """Whether the cache key belongs to part i of (i, n): a fixed split by key hash, so workers
+  started at different times never take the same item."""
+  return shard is None or int(key[:12], 16) % shard[1] == shard[0]
+
+
 def generate_cached(model: dict, items: List[dict], settings: dict, store: cache_lib.Cache, *,
-                    batch_size: int, desc: str = "generate", progress: bool = True) -> List[str]:
-  """Responses for items (in order); only prompts missing from `store` are generated, shortest first."""
+                    batch_size: int, desc: str = "generate", progress: bool = True,
+                    shard: Optional[Tuple[int, int]] = None) -> List[Optional[str]]:
+  """Responses for items (in order); only prompts missing from `store` are generated, shortest first.
+
+  shard=(i, n): generate only the missing prompts of part i of n (`in_shard`); the other
+  parts' responses are returned as None unless already cached.
+  """
   tok = model["tokenizer"]
   inputs = model_inputs(tok, [it["prompt"] for it in items], settings)
   keys = [cache_lib.item_key("generation", x, settings) for x in inputs]
   lengths = {}
   for i, k in enumerate(keys):  # duplicate prompts are generated once
-    if k not in store and k not in lengths:
+    if k not in store and k not in lengths and in_shard(k, shard):
       lengths[k] = (len(_encode(tok, inputs[i], settings)), i)
   todo = [i for _, i in sorted(lengths.values())]
   bar = Progress(desc, len(todo), progress)

@@ -22,14 +22,14 @@ import os
 import pathlib
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from h3jax.evaluation import cache as cache_lib
 from h3jax.evaluation import report
 from h3jax.evaluation import sets as eval_data
 from h3jax.evaluation.infer import generation_settings, model_inputs, prompt_template, router_usage
 from h3jax.evaluation.models import load_model
-from h3jax.evaluation.scoring import _judge, axis_scores, score_model
+from h3jax.evaluation.scoring import _judge, axis_scores, generate_shard, score_model
 
 __all__ = ["default_config", "evaluate", "compare", "load_model", "load_judges", "judge_cards",
            "prompt_template", "score_model", "axis_scores"]
@@ -90,6 +90,36 @@ def judge_cards(judges) -> dict:
     if j is not None:
       out[name] = {"type": type(j).__name__, "metrics": getattr(j, "metrics", None)}
   return out
+
+
+def parse_shard(text: Optional[str]) -> Optional[Tuple[int, int]]:
+  """'i/n' -> (i, n) with 0 <= i < n; None for None or ''."""
+  if not text:
+    return None
+  try:
+    i, n = (int(x) for x in text.split("/"))
+  except ValueError:
+    i, n = -1, 0
+  if not 0 <= i < n:
+    raise ValueError(f"shard must be 'i/n' with 0 <= i < n (e.g. 0/2), got {text!r}")
+  return i, n
+
+
+def generate_shards(config, model_specs: Sequence[str], out_dir, shard: Tuple[int, int], *,
+                    limit: Optional[int] = None, progress: bool = True) -> dict:
+  """One worker of a multi-process run: each model's missing generations of part i of n, into the
+  shared cache (no MC, no judges, no results). XLA:CPU decodes on about one core, so n workers at
+  once use n cores; the unsharded command then scores everything from the cache."""
+  if not model_specs:
+    raise ValueError("no models to evaluate: pass --model=DIR (repeat to compare)")
+  sets = eval_data.load_eval_sets(config, limit=config.limit if limit is None else limit)
+  done = {}
+  for spec in model_specs:
+    model = load_model(spec, config.dtype)
+    store = cache_lib.Cache(pathlib.Path(out_dir) / "cache" / f"{model['name']}.jsonl")
+    done[model["name"]] = generate_shard(model, sets, config, store, shard, progress=progress)
+    del model
+  return done
 
 
 def evaluate(config, model_specs: Sequence[str], out_dir, *, limit: Optional[int] = None, judges=None,

@@ -67,6 +67,23 @@ def _flat(prefix: str, ms: dict) -> dict:
   return {f"{prefix}/{k}": v for k, v in ms.items() if k != "per_item"}
 
 
+def generation_sets(sets: Dict[str, List[dict]]) -> List[str]:
+  """The sets answered by generation. They run in one pass: batches sorted by prompt length
+  span sets, so fewer shapes compile."""
+  return [n for n, items in sets.items() if n != "truthfulqa_mc" and items]
+
+
+def generate_shard(model: dict, sets: Dict[str, List[dict]], config, store, shard, *, progress=True) -> int:
+  """Only the missing generations of part shard = (i, n) (`infer.in_shard`); no MC, no judges.
+  Returns how many responses of this part are now cached."""
+  settings = infer.generation_settings(config, infer.prompt_template(config, model["tokenizer"]))
+  items = [it for n in generation_sets(sets) for it in sets[n]]
+  outs = infer.generate_cached(model, items, settings, store, batch_size=int(config.batch_size),
+                               desc=f"{model['name']}: generate {shard[0]}/{shard[1]}", progress=progress,
+                               shard=shard)
+  return sum(o is not None for o in outs)
+
+
 def score_model(model: dict, sets: Dict[str, List[dict]], config, judges, store, *, progress=True):
   """Generates what is missing and scores; returns (metrics, samples, skipped, timings this run)."""
   template = infer.prompt_template(config, model["tokenizer"])
@@ -84,8 +101,7 @@ def score_model(model: dict, sets: Dict[str, List[dict]], config, judges, store,
     mc_samples = [{"id": it["id"], "set": "truthfulqa_mc", "mc1": a, "mc2": b}
                   for it, a, b in zip(items, ms["per_item"]["mc1"], ms["per_item"]["mc2"])]
     timings["mc"] = round(time.time() - t0, 2)
-  # All sets in one pass: batches sorted by prompt length span sets, so fewer shapes compile.
-  gen_names = [n for n, items in sets.items() if n != "truthfulqa_mc" and items]
+  gen_names = generation_sets(sets)
   t0 = time.time()
   flat = infer.generate_cached(model, [it for n in gen_names for it in sets[n]], settings, store,
                                batch_size=bs, desc=f"{model['name']}: generate", progress=progress)
