@@ -235,3 +235,15 @@ def test_peak_host_memory_is_a_few_tensors_not_the_model(tmp_path, monkeypatch):
   assert loop_rss[0] < n_tensors * tensor, f"RSS grew {loop_rss[0] / 2**20:.1f} MiB while streaming"
   grew = (peak[0] - before) * 1024
   assert grew < n_tensors * tensor + 32 * 2**20, f"anonymous RSS grew by {grew / 2**20:.1f} MiB"
+
+
+def test_multislerp_without_an_answer_is_an_error_and_writes_nothing(tmp_path):
+  v = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+  files = []
+  for i, x in enumerate([v, -v, v]):  # weights 1, 2, 1: the weighted unit mean is zero
+    files.append(str(tmp_path / f"m{i}.safetensors"))
+    save_file({"w": x}, files[-1])
+  spec = _spec("multislerp", None, files, model_params=[{"weight": 1.0}, {"weight": 2.0}, {"weight": 1.0}])
+  with pytest.raises(driver.MergeError, match=r"multislerp: the weighted sum of the unit task vectors of 'w'"):
+    driver.run_merge(spec, tmp_path / "out", progress=False)
+  assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))

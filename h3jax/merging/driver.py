@@ -235,6 +235,9 @@ def _finish(writer, stats, log, spec, name, out_np_dtype, result):
   """Waits for one merged tensor, records its statistics and writes it."""
   out, tensor_stats = result
   out = np.asarray(out)
+  if spec.method == "multislerp" and np.isnan(out).any():  # the kernel's mark: mergekit raises here
+    raise MergeError(f"multislerp: the weighted sum of the unit task vectors of {name!r} is zero "
+                     f"(antipodal vectors with balancing weights); use different weights")
   if tensor_stats and np.all(np.asarray(tensor_stats.get("rank", 1)) > 0):  # SVD-path tensors only
     stats[name] = {k: np.asarray(v).tolist() for k, v in tensor_stats.items()}
     log(f"{spec.method} {name}: " + ", ".join(f"{k}={np.round(v, 4)}" for k, v in stats[name].items()))
