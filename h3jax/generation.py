@@ -140,14 +140,17 @@ def _compacted_rows(live_ids, row_ids, n_rows: int):
 
 def generate_tokens(params, cfg: ModelConfig, prompt_ids_BP, prompt_mask_BP, *, max_new_tokens: int,
                     sampling: SamplingConfig = SamplingConfig(), eos_token_ids: Sequence[int] = (),
-                    seed: int = 0, chunk: Optional[int] = None, should_stop=None, compact: bool = True):
+                    seed: int = 0, chunk: Optional[int] = None, should_stop=None, compact: bool = True,
+                    row_seeds: Optional[Sequence[int]] = None):
   """Token-level generation from left-padded prompts.
 
   Returns (tokens [B, N] int32, lengths [B]) where lengths count generated tokens
   up to and including EOS. `should_stop(tokens [B, n], lengths [B]) -> bool[B]`
   is called before the first chunk and between chunks (e.g. stop strings, or
   filler rows); rows it flags are finished. `compact=False` keeps all B rows to
-  the end.
+  the end. Sampling draws from (seed, row seed, step) with row seeds 0..B-1
+  unless `row_seeds` [B] gives them (e.g. per prompt, so a prompt samples the
+  same tokens in any batch).
   """
   params = llama.unstack_layers(params)
   ids_BP = jnp.asarray(prompt_ids_BP, jnp.int32)
@@ -158,7 +161,8 @@ def generate_tokens(params, cfg: ModelConfig, prompt_ids_BP, prompt_mask_BP, *, 
   state = dict(step=jnp.int32(0), out_BN=jnp.zeros((B, N), jnp.int32),
                done_B=jnp.zeros((B,), bool), logits_BV=logits_BV, cache=cache,
                cache_index=jnp.int32(P), pos_B=next_pos_B.astype(jnp.int32), key_mask_BS=key_mask_BS,
-               lengths_B=jnp.zeros((B,), jnp.int32), row_B=jnp.arange(B, dtype=jnp.int32))
+               lengths_B=jnp.zeros((B,), jnp.int32),
+               row_B=jnp.asarray(np.arange(B) if row_seeds is None else row_seeds, jnp.uint32))
   eos_E = jnp.asarray(list(eos_token_ids) or [-1], jnp.int32)
   key = jax.random.PRNGKey(seed)
   chunk = chunk or N

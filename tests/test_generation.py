@@ -135,3 +135,17 @@ def test_rows_flagged_before_the_first_chunk_are_never_decoded(tmp_path):
   ref, _ = generation.generate_tokens(params, cfg, ids[:2], mask[:2], max_new_tokens=6)
   np.testing.assert_array_equal(lengths, [6, 6, 0, 0])  # filler rows: nothing generated
   np.testing.assert_array_equal(toks[:2], ref)
+
+
+def test_row_seeds_make_samples_independent_of_the_batch(tmp_path):
+  model = make_model("qwen2_bias", eos_token_id=None)
+  cfg, params = h3jax.load_pretrained(save_model(model, tmp_path))
+  ids = np.random.RandomState(4).randint(3, 128, (3, 12))
+  mask = np.ones_like(ids)
+  s = generation.SamplingConfig(temperature=1.0)
+  kw = dict(max_new_tokens=10, sampling=s, seed=5)
+  a, _ = generation.generate_tokens(params, cfg, ids, mask, row_seeds=[11, 22, 33], **kw)
+  b, _ = generation.generate_tokens(params, cfg, ids[[2, 0]], mask[[2, 0]], row_seeds=[33, 11], **kw)
+  np.testing.assert_array_equal(b, a[[2, 0]])  # same prompt + row seed -> same samples, any position
+  c, _ = generation.generate_tokens(params, cfg, ids, mask, row_seeds=[12, 22, 33], **kw)
+  assert (c[0] != a[0]).any() and (c[1:] == a[1:]).all()

@@ -94,7 +94,7 @@ def _encode(tok, text: str, settings: dict) -> list:
 
 
 def generate_texts(model: dict, texts: Sequence[str], settings: dict, *, batch_size: int,
-                   seed: int = 0) -> List[str]:
+                   seed: int = 0, row_seeds: Optional[Sequence[int]] = None) -> List[str]:
   """Completions of at most `batch_size` formatted prompts, as one padded [batch_size, P] batch."""
   tok, cfg = model["tokenizer"], model["cfg"]
   if not 0 < len(texts) <= batch_size:
@@ -119,7 +119,8 @@ def generate_texts(model: dict, texts: Sequence[str], settings: dict, *, batch_s
   sampling = generation.SamplingConfig(settings["temperature"], settings["top_k"], settings["top_p"])
   toks_BN, lengths_B = generation.generate_tokens(
       model["params"], cfg, ids_BP, mask_BP, max_new_tokens=settings["max_new_tokens"], sampling=sampling,
-      eos_token_ids=sorted(eos), seed=seed, chunk=32, should_stop=should_stop)
+      eos_token_ids=sorted(eos), seed=seed, chunk=32, should_stop=should_stop,
+      row_seeds=None if row_seeds is None else list(row_seeds) + [0] * (batch_size - len(texts)))
   out = []
   for i in range(n_real):
     text = tok.decode([int(t) for t in toks_BN[i, :lengths_B[i]] if int(t) not in eos], skip_special_tokens=True)
@@ -162,7 +163,7 @@ def generate_cached(model: dict, items: List[dict], settings: dict, store: cache
         break
     t0, c0 = time.time(), time.process_time()
     texts = generate_texts(model, [inputs[i] for i in b], settings, batch_size=rows,
-                           seed=settings["seed"] + s)
+                           seed=settings["seed"], row_seeds=[int(keys[i][:8], 16) for i in b])
     s += len(b)
     dt, dc = time.time() - t0, time.process_time() - c0
     store.put_many([(keys[i], "generation", t, {"id": items[i]["id"], "set": items[i]["set"]})
