@@ -32,6 +32,8 @@ def define_flags():
   flags.DEFINE_integer("limit", None, "Items per eval set (0 = all); overrides config.limit.")
   flags.DEFINE_string("out", None, "Output folder (results, plots, generation cache).")
   flags.DEFINE_string("data_root", None, "Data root (overrides config.data_root and $H3JAX_DATA_ROOT).")
+  flags.DEFINE_string("compilation_cache", "~/.cache/h3jax/xla",
+                      "Persistent XLA compilation cache ('' disables): restarts and shards skip compiles.")
   flags.DEFINE_string("shard", None, "i/n: only generate part i of n of the missing responses into the "
                       "cache and exit (run n at once, one per core), then run without --shard to score.")
   flags.mark_flags_as_required(["config", "out"])
@@ -45,6 +47,9 @@ def main(argv):
   if FLAGS.data_root is not None:
     with config.unlocked():
       config.data_root = FLAGS.data_root
+  if FLAGS.compilation_cache:
+    from h3jax import compile_cache
+    compile_cache.enable(FLAGS.compilation_cache)
   shard = runner.parse_shard(FLAGS.shard)
   if shard is not None:
     done = runner.generate_shards(config, FLAGS.model, FLAGS.out, shard, limit=FLAGS.limit)

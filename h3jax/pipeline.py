@@ -102,9 +102,8 @@ def run_pipeline(config, workdir) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   t0, p = time.time(), config.pipeline
   if p.get("compile_cache", True):  # Stage A experts share shapes: compile once, reuse for the others
-    import jax
-    jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    from h3jax import compile_cache
+    compile_cache.enable(workdir / "jax_cache", min_compile_secs=1.0)
   if len(p.axes) < 2:
     raise ValueError(f"pipeline.axes needs at least 2 experts, got {list(p.axes)}")
   base_dir = config.model.hf_dir or _tiny_base(config, workdir)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from h3jax import compile_cache
 from h3jax.hf.st_io import SafetensorsWriter
 from h3jax.merging import config as mcfg
 from h3jax.merging import host_topk
@@ -49,10 +50,7 @@ EAGER = ("resm",)
 def enable_compilation_cache(path) -> None:
   """Persist compiled per-shape kernels across runs (a model has ~6 distinct tensor shapes, each
   compiled once per method and hyper-parameters; on a busy CPU that is seconds per shape)."""
-  path = pathlib.Path(path).expanduser()
-  path.mkdir(parents=True, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", str(path))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  compile_cache.enable(path)
 
 
 def tensor_key(seed: int, name: str) -> jax.Array:
