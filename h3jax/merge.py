@@ -28,10 +28,32 @@ def define_flags():
   flags.DEFINE_bool("progress", True, "show a per-tensor progress bar")
   flags.DEFINE_string("compilation_cache", "~/.cache/h3jax/xla",
                       "persistent XLA compilation cache folder ('' to disable)")
+  flags.DEFINE_integer("devices", 1, "merge tensors round-robin on this many local devices (on a CPU "
+                       "host: that many CPU devices, e.g. one per core for SVD-heavy methods)")
+
+
+def local_devices(n: int) -> list:
+  """The first n local devices; on a CPU host asks XLA for n CPU devices first (before the
+  backend starts; a program that already started it keeps its count)."""
+  import jax
+
+  from h3jax.merging.driver import MergeError
+  if n < 1:
+    raise MergeError(f"--devices must be >= 1, got {n}")
+  if n > 1:
+    try:
+      jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+      pass
+  devices = jax.local_devices()
+  if n > len(devices):
+    raise MergeError(f"--devices={n} but this process has {len(devices)} local devices")
+  return devices[:n]
 
 
 def merge_from_config(config_path: str, out_dir: str, *, overwrite: bool = False, seed=None,
-                      max_shard_size=None, progress: bool = True, compilation_cache=None) -> dict:
+                      max_shard_size=None, progress: bool = True, compilation_cache=None,
+                      devices: int = 1) -> dict:
   """Library entry point of the CLI: parse the config, then stream the merge."""
   import dataclasses
 
@@ -43,7 +65,7 @@ def merge_from_config(config_path: str, out_dir: str, *, overwrite: bool = False
   if seed is not None:
     spec = dataclasses.replace(spec, seed=seed)
   return driver.run_merge(spec, out_dir, overwrite=overwrite, progress=progress,
-                          max_shard_size=max_shard_size)
+                          max_shard_size=max_shard_size, devices=local_devices(devices))
 
 
 def main(argv):
@@ -54,7 +76,7 @@ def main(argv):
   try:
     report = merge_from_config(FLAGS.config, FLAGS.out, overwrite=FLAGS.overwrite, seed=FLAGS.seed,
                                max_shard_size=FLAGS.max_shard_size, progress=FLAGS.progress,
-                               compilation_cache=FLAGS.compilation_cache)
+                               compilation_cache=FLAGS.compilation_cache, devices=FLAGS.devices)
   except (MergeConfigError, MergeError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

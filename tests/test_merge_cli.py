@@ -40,7 +40,8 @@ def test_cli_mergekit_yaml_end_to_end(fam, tmp_path):
       merge_method="ties", base_model=base, dtype="float32", tokenizer_source="base",
       models=[dict(model=m, parameters=dict(weight=1.0, density=0.4)) for m in models],
       parameters=dict(normalize=True, int8_mask=True, **{"lambda": 1.0}))))
-  r = _cli(f"--config={cfg}", f"--out={tmp_path / 'out'}", f"--compilation_cache={tmp_path / 'xla'}")
+  r = _cli(f"--config={cfg}", f"--out={tmp_path / 'out'}", f"--compilation_cache={tmp_path / 'xla'}",
+           "--devices=2")  # two CPU devices, tensors round-robin: the same bytes as one device
   assert r.returncode == 0, r.stderr[-3000:]
   assert any((tmp_path / "xla").iterdir())  # compiled kernels persisted for the next run
   assert "merge" in r.stderr and "tensor" in r.stderr  # the per-tensor progress bar

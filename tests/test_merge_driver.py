@@ -247,3 +247,25 @@ def test_multislerp_without_an_answer_is_an_error_and_writes_nothing(tmp_path):
   with pytest.raises(driver.MergeError, match=r"multislerp: the weighted sum of the unit task vectors of 'w'"):
     driver.run_merge(spec, tmp_path / "out", progress=False)
   assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+@pytest.mark.parametrize("method,params", [("ties", dict(density=0.3)), ("tsv_m", {}),
+                                           ("dare_ties", dict(density=0.5))])
+def test_tensors_round_robin_over_devices_give_the_same_output(raw, tmp_path, monkeypatch, method, params):
+  import jax
+  base_f, model_fs = raw
+  spec = _spec(method, base_f, model_fs, params)
+  driver.run_merge(spec, tmp_path / "one", progress=False)
+  used, real = [], driver._merge_tensor
+
+  def spy(*a, **k):
+    used.append(jax.config.jax_default_device)
+    return real(*a, **k)
+
+  monkeypatch.setattr(driver, "_merge_tensor", spy)
+  driver.run_merge(spec, tmp_path / "two", progress=False, devices=jax.local_devices()[:2])
+  assert set(used) == set(jax.local_devices()[:2])
+  one, two = mf.read_tensors(tmp_path / "one"), mf.read_tensors(tmp_path / "two")
+  assert sorted(one) == sorted(two)
+  for k in one:
+    np.testing.assert_array_equal(one[k], two[k], err_msg=k)

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -118,12 +118,17 @@ def _kwargs_for(spec: mcfg.MergeSpec, name: str, t: float, accepted) -> Dict:
 
 
 def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progress: bool = True,
-              max_shard_size: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+              max_shard_size: Optional[str] = None, log: Callable[[str], None] = print,
+              devices: Optional[Sequence] = None) -> dict:
   """Merge `spec`'s inputs into the HF folder `out_dir`; returns a small report dict.
 
   Every check (inputs, shapes, architectures, hyper-parameters for every tensor)
   runs before the first byte is written; the output appears atomically.
+  `devices`: merged tensors go round-robin to these (default: the first local
+  device), so per-tensor kernels run concurrently, one per device (e.g. CPU
+  "devices" for SVD merges, whose LAPACK calls use about one core each).
   """
+  devices = list(devices) if devices else jax.local_devices()[:1]
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists() and not overwrite:
     raise MergeError(f"output folder {out_dir} already exists (pass overwrite=True / --overwrite)")
@@ -170,7 +175,7 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
     # leaves TIES' wall time as it was (~6 s for SmolLM2 x 3) and lowers its peak RSS by ~15%.
     with ThreadPoolExecutor(2, thread_name_prefix="merge-read") as readers, \
         ThreadPoolExecutor(1, thread_name_prefix="merge-write") as write_pool:
-      pending = None
+      pending, n_merged = None, 0
       for name, action, kwargs in bar:
         if hasattr(bar, "set_postfix_str"):
           bar.set_postfix_str(name, refresh=False)
@@ -185,13 +190,15 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
           fast = host_topk.ties_hparams(spec.method, kwargs, len(models)) if base is not None else None
           # Numpy reads stay on the host only where the host needs them (the TIES cuts); otherwise
           # each is handed to jax at once and dropped.
-          to_jax = (lambda x: x) if fast is not None else jnp.asarray
+          dev, n_merged = devices[n_merged % len(devices)], n_merged + 1
+          to_jax = (lambda x: x) if fast is not None else (lambda x: jax.device_put(x, dev))
           srcs = ([base] if base is not None else []) + list(models)
           arrays = list(readers.map(lambda i: to_jax(i.get(name)), srcs))
           base_x, xs = (arrays[0], arrays[1:]) if base is not None else (None, arrays)
           del arrays
           largest = max(largest, int(np.prod(xs[0].shape)) * 4)
-          result = _merge_tensor(spec, name, kwargs, base_x, xs, randomized, fast)
+          with jax.default_device(dev):
+            result = _merge_tensor(spec, name, kwargs, base_x, xs, randomized, fast)
           del base_x, xs
         if pending is not None:
           pending.result()  # re-raises a write error here
