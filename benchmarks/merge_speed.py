@@ -1,7 +1,7 @@
 """Merge speed and peak memory: h3jax vs mergekit-yaml (TIES) and vs fusion-bench (TSV-M).
 
   .venv/bin/python benchmarks/merge_speed.py [--smollm2 artifacts/smollm2-135m-instruct]
-      [--work artifacts/merge_bench] [--methods ties,tsv_m] [--repeats 1]
+      [--work artifacts/merge_bench] [--methods ties,tsv_m] [--repeats 1] [--h3jax_devices 2]
 
 Inputs: SmolLM2-135M-Instruct and three deterministic "fine-tuned" variants of it
 (base + seeded sparse Gaussian deltas on 5% of every tensor, written once to
@@ -204,6 +204,8 @@ def main():
   p.add_argument("--mergekit_yaml", default=str(MERGEKIT_YAML))
   p.add_argument("--fusionbench_python", default=str(FUSIONBENCH_PY))
   p.add_argument("--mergekit_cuda", action="store_true", help="also time mergekit-yaml --cuda")
+  p.add_argument("--h3jax_devices", type=int, default=1,
+                 help="h3jax.merge --devices (tensors round-robin over that many CPU devices)")
   args = p.parse_args()
   work = pathlib.Path(args.work)
   work.mkdir(parents=True, exist_ok=True)
@@ -219,6 +221,7 @@ def main():
   env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", JAX_PLATFORMS=os.environ.get(
       "JAX_PLATFORMS", "cpu"))
   rows, results = [], {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                       "h3jax_devices": args.h3jax_devices,
                        "model": str(base), "variants": [str(v) for v in variants], "runs": {}}
 
   def run(tag, cmd, out_dir, repeats=1):
@@ -254,8 +257,8 @@ def main():
         + "parameters: {normalize: true, lambda: 1.0}\ndtype: float32\nout_dtype: float32\n")
     shutil.rmtree(work / "xla_cache", ignore_errors=True)
     h, cold = run("h3jax_ties", [h3jax_py, "-m", "h3jax.merge", f"--config={cfg}", f"--out={work / 'h3jax_ties'}",
-                                 "--noprogress", f"--compilation_cache={work / 'xla_cache'}"], work / "h3jax_ties",
-                  args.repeats)
+                                 f"--devices={args.h3jax_devices}", "--noprogress",
+                                 f"--compilation_cache={work / 'xla_cache'}"], work / "h3jax_ties", args.repeats)
     row = {"method": "TIES d=0.2", "h3jax_s": h["wall_s"], "h3jax_cold_s": cold["wall_s"],
            "h3jax_cpu_s": h["cpu_s"], "h3jax_rss_mb": h["peak_rss_mb"]}
     if mk_yaml.exists():
@@ -278,7 +281,7 @@ def main():
         f"              models=[dict(model=m) for m in {[str(v) for v in variants]!r}],\n"
         "              parameters=dict(alpha=1.0), dtype='float32')\n")
     h, cold = run("h3jax_tsv_m", [h3jax_py, "-m", "h3jax.merge", f"--config={cfg}",
-                                  f"--out={work / 'h3jax_tsvm'}", "--noprogress",
+                                  f"--out={work / 'h3jax_tsvm'}", f"--devices={args.h3jax_devices}", "--noprogress",
                                   f"--compilation_cache={work / 'xla_cache'}"], work / "h3jax_tsvm", args.repeats)
     row = {"method": "TSV-M a=1", "h3jax_s": h["wall_s"], "h3jax_cold_s": cold["wall_s"],
            "h3jax_cpu_s": h["cpu_s"], "h3jax_rss_mb": h["peak_rss_mb"]}
