@@ -13,6 +13,7 @@ failed merge leaves nothing behind. Inputs: `h3jax.merging.inputs`.
 
 from __future__ import annotations
 
+import collections
 import functools
 import pathlib
 import shutil
@@ -169,18 +170,20 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
                                metadata={"h3jax_merge_method": spec.method})
     bar = _progress(plan, progress)
     largest, stats = 0, {}
-    # The inputs are read by two threads, and tensor i is written by a writer thread while
-    # tensor i + 1 is read and merged; at most one merged tensor waits to be written (it is
-    # XLA's buffer), so host memory stays about (inputs + 1) tensors. On 2 idle cores this
-    # leaves TIES' wall time as it was (~6 s for SmolLM2 x 3) and lowers its peak RSS by ~15%.
+    # The inputs are read by two threads; a writer thread waits for each merged tensor and writes
+    # it. At most len(devices) tensors are in flight (read, merging or being written): one per
+    # device computes while the next is read. Host memory is about len(devices) x (inputs + 1)
+    # tensors (XLA on CPU may alias the numpy inputs until the kernel that reads them is done).
     with ThreadPoolExecutor(2, thread_name_prefix="merge-read") as readers, \
         ThreadPoolExecutor(1, thread_name_prefix="merge-write") as write_pool:
-      pending, n_merged = None, 0
+      pending, n_merged = collections.deque(), 0
       for name, action, kwargs in bar:
         if hasattr(bar, "set_postfix_str"):
           bar.set_postfix_str(name, refresh=False)
         if action == "skip":
           continue
+        while len(pending) >= len(devices):
+          pending.popleft().result()  # re-raises a merge or write error here
         src = base if base is not None else models[0]
         out_np_dtype = _out_dtype(spec, src.dtype(name))
         if action == "base":
@@ -191,7 +194,7 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
           # Numpy reads stay on the host only where the host needs them (the TIES cuts); otherwise
           # each is handed to jax at once and dropped.
           dev, n_merged = devices[n_merged % len(devices)], n_merged + 1
-          to_jax = (lambda x: x) if fast is not None else (lambda x: jax.device_put(x, dev))
+          to_jax = (lambda x: x) if fast is not None else (lambda x: jnp.asarray(x, device=dev))
           srcs = ([base] if base is not None else []) + list(models)
           arrays = list(readers.map(lambda i: to_jax(i.get(name)), srcs))
           base_x, xs = (arrays[0], arrays[1:]) if base is not None else (None, arrays)
@@ -200,12 +203,10 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
           with jax.default_device(dev):
             result = _merge_tensor(spec, name, kwargs, base_x, xs, randomized, fast)
           del base_x, xs
-        if pending is not None:
-          pending.result()  # re-raises a write error here
-        pending = write_pool.submit(_finish, writer, stats, log, spec, name, out_np_dtype, result)
+        pending.append(write_pool.submit(_finish, writer, stats, log, spec, name, out_np_dtype, result))
         del result
-      if pending is not None:
-        pending.result()
+      while pending:
+        pending.popleft().result()
     writer.close()
     write_sidecars(spec, ref, tmp, out_tied, stats)
     if out_dir.exists():
