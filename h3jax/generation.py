@@ -65,10 +65,12 @@ def sample_logits(logits_BV, key, sampling: SamplingConfig):
   return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
-def sample_rows(logits_BV, keys_B, sampling: SamplingConfig):
-  """sample_logits with one key per row, so a row's draw does not depend on the batch it is in."""
+def sample_rows(logits_BV, key, seeds_B, sampling: SamplingConfig):
+  """sample_logits with key folded with each row's seed, so a row's draw does not depend on
+  the batch it is in (greedy needs no keys)."""
   if sampling.temperature == 0.0:
     return sample_logits(logits_BV, None, sampling)
+  keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, seeds_B)
   return jax.vmap(lambda l_V, k: sample_logits(l_V[None], k, sampling)[0])(logits_BV, keys_B)
 
 
@@ -99,8 +101,7 @@ def _decode_chunk(params, state, eos_E, key, cfg: ModelConfig, sampling: Samplin
 
   def body(s):
     step = s["step"]
-    keys_B = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(key, step), s["row_B"])
-    tok_B = sample_rows(s["logits_BV"], keys_B, sampling)
+    tok_B = sample_rows(s["logits_BV"], jax.random.fold_in(key, step), s["row_B"], sampling)
     tok_B = jnp.where(s["done_B"], 0, tok_B)
     out_BN = s["out_BN"].at[:, step].set(tok_B)
     done_B = s["done_B"] | jnp.any(tok_B[:, None] == eos_E[None, :], axis=-1)
@@ -123,19 +124,17 @@ def _take_rows(state, rows_R):
   return jax.tree_util.tree_map_with_path(take, state)
 
 
-def _compacted_rows(live_ids, row_ids, n_rows: int):
+def _compacted_rows(live_R):
   """Positions (into the current batch) of a smaller batch holding every live row.
 
   The batch shrinks by powers of two (few compiled shapes); the spare slots are
   filled with finished rows, which stay finished.
   """
-  new = n_rows
-  while new // 2 >= max(len(live_ids), 1):
+  new = len(live_R)
+  while new // 2 >= max(int(live_R.sum()), 1):
     new //= 2
-  where = {int(r): i for i, r in reversed(list(enumerate(row_ids)))}
-  live_pos = [where[int(r)] for r in live_ids]
-  spare = [i for i in range(n_rows) if i not in set(live_pos)][:new - len(live_pos)]
-  return np.asarray(live_pos + spare, np.int32)
+  live_pos = np.flatnonzero(live_R)
+  return np.concatenate([live_pos, np.flatnonzero(~live_R)[:new - len(live_pos)]]).astype(np.int32)
 
 
 def generate_tokens(params, cfg: ModelConfig, prompt_ids_BP, prompt_mask_BP, *, max_new_tokens: int,
@@ -172,12 +171,11 @@ def generate_tokens(params, cfg: ModelConfig, prompt_ids_BP, prompt_mask_BP, *, 
   while True:
     if should_stop is not None:
       done_B |= np.asarray(should_stop(out_BN[:, :step], lengths_B), bool)
-    live = np.flatnonzero(~done_B)
-    if step >= N or not len(live):
+    n_live = int((~done_B).sum())
+    if step >= N or not n_live:
       break
-    n_rows = len(row_ids)
-    if compact and len(live) <= n_rows // 2:
-      keep_R = _compacted_rows(live, row_ids, n_rows)
+    if compact and n_live <= len(row_ids) // 2:
+      keep_R = _compacted_rows(~done_B[row_ids])
       state, row_ids = _take_rows(state, jnp.asarray(keep_R)), row_ids[keep_R]
     state["done_B"] = jnp.asarray(done_B[row_ids])
     kv_len = min(P + N, -(-(P + step + chunk) // KV_BUCKET) * KV_BUCKET)

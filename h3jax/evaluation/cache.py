@@ -55,11 +55,11 @@ class Cache:
     with open(self.path, "r+b") as f:
       fcntl.flock(f, fcntl.LOCK_EX)  # another process (evaluate --shard) may be appending
       raw = f.read()
-      self._parse(raw)
-      if raw and not raw.endswith(b"\n"):  # drop a torn tail so later appends start on a fresh line
+      if self._parse(raw):  # drop a torn tail so later appends start on a fresh line
         f.truncate(raw.rfind(b"\n") + 1 if b"\n" in raw else 0)
 
-  def _parse(self, raw: bytes):
+  def _parse(self, raw: bytes) -> bool:
+    """Reads the rows of raw; returns whether its last line is torn (no newline)."""
     lines = raw.split(b"\n")
     torn = bool(lines) and lines[-1] != b""  # the last line lacks its newline
     for lineno, line in enumerate(lines, 1):
@@ -77,6 +77,7 @@ class Cache:
         self._times.append(value)
       else:
         self._data[key] = value
+    return torn
 
   def __contains__(self, key: str) -> bool:
     return key in self._data
