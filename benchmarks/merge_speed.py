@@ -11,7 +11,10 @@ peak RSS is the child's ru_maxrss. TIES: density 0.2, weights 1, normalize,
 lambda 1 (the same mergekit YAML for both). TSV-M: alpha 1 over all 2-D tensors
 (fusion-bench's defaults). Outputs are cross-checked in the same run (max
 relative error for TIES, relative Frobenius error of the merged delta for
-TSV-M). Prints a table and writes benchmarks/results/merge_speed.json.
+TSV-M). With TIES it also times a no-merge floor in the same run: a process that
+starts jax, reads every input with h3jax's reader, sums them and writes the sums,
+so the table shows the largest speed-up any merge could reach on this machine.
+Prints a table and writes benchmarks/results/merge_speed.json.
 """
 
 from __future__ import annotations
@@ -58,6 +61,23 @@ pool = BaseModelPool({"_pretrained_": load(base), **{f"m{i}": load(p) for i, p i
 with contextlib.redirect_stdout(io.StringIO()):
   merged = TaskSingularVectorMerging(alpha=1.0, exclude_keys=[]).run(pool)
 merged.save_pretrained(out)
+"""
+
+# The no-merge floor: start Python and jax, read every input tensor with h3jax's reader, add them,
+# write the sums with h3jax's writer. No method can run faster than this in-process I/O.
+_IO_FLOOR = r"""
+import sys, numpy as np, jax
+jax.devices()
+from h3jax.hf.st_io import SafetensorsReader, SafetensorsWriter
+out, *ins = sys.argv[1:]
+readers = [SafetensorsReader(p) for p in ins]
+w = SafetensorsWriter(out, max_shard_size="5GB")
+for k in readers[0].keys():
+  acc = readers[0].get(k).astype(np.float32)
+  for r in readers[1:]:
+    acc += r.get(k)
+  w.add(k, acc)
+w.close()
 """
 
 
@@ -261,6 +281,9 @@ def main():
                                  f"--compilation_cache={work / 'xla_cache'}"], work / "h3jax_ties", args.repeats)
     row = {"method": "TIES d=0.2", "h3jax_s": h["wall_s"], "h3jax_cold_s": cold["wall_s"],
            "h3jax_cpu_s": h["cpu_s"], "h3jax_rss_mb": h["peak_rss_mb"]}
+    fl, _ = run("io_floor", [h3jax_py, "-c", _IO_FLOOR, work / "io_floor", base, *variants], work / "io_floor",
+                args.repeats)
+    row.update(io_floor_s=fl["wall_s"])
     if mk_yaml.exists():
       m, _ = run("mergekit_ties", [mk_yaml, cfg, work / "mergekit_ties"], work / "mergekit_ties")
       if args.mergekit_cuda:
@@ -269,7 +292,8 @@ def main():
         row.update(peer_cuda_s=mc["wall_s"], peer_cuda_rss_mb=mc["peak_rss_mb"])
       err = ties_error(work / "h3jax_ties", work / "mergekit_ties")
       row.update(peer="mergekit-yaml 0.1.5", peer_s=m["wall_s"], peer_cpu_s=m["cpu_s"], peer_rss_mb=m["peak_rss_mb"],
-                 speedup=m["wall_s"] / h["wall_s"], max_err=err)
+                 speedup=m["wall_s"] / h["wall_s"], max_err=err,
+                 floor_speedup=m["wall_s"] / fl["wall_s"])  # the most any method could reach here
       results["ties_max_rel_err_vs_mergekit"] = err
     rows.append(row)
     save(rows)
@@ -304,6 +328,9 @@ def main():
           f"{r.get('peer', '-'):<22}"
           f"{r.get('peer_s', float('nan')):>8.1f}{r.get('peer_rss_mb', float('nan')):>8.0f}"
           f"{r.get('speedup', float('nan')):>8.1f}x{r.get('max_err', float('nan')):>10.2g}")
+    if "io_floor_s" in r:
+      print(f"{'':<12}no-merge floor (start jax, read inputs, sum, write): {r['io_floor_s']:.1f} s, "
+            f"{r.get('floor_speedup', float('nan')):.1f}x the peer: the most any merge could reach here")
   print(f"wrote {out}")
 
 

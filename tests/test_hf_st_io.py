@@ -85,3 +85,26 @@ def test_parse_size(text, want):
   assert st_io.parse_size(text) == want
   with pytest.raises(ValueError, match="cannot parse size"):
     st_io.parse_size("2 gigs")
+
+
+@pytest.mark.parametrize("fail_after", [None, 0, 40])
+def test_writer_data_copy_falls_back_to_user_space(tmp_path, monkeypatch, fail_after):
+  """copy_file_range missing (None), refused at once (0) or after a partial copy (40 bytes):
+  the file is still complete."""
+  real = os.copy_file_range
+  if fail_after is None:
+    monkeypatch.delattr(os, "copy_file_range")
+  else:
+    def flaky(src, dst, count, *args):
+      if os.lseek(src, 0, os.SEEK_CUR) >= fail_after:
+        raise OSError(18, "Invalid cross-device link")
+      return real(src, dst, min(count, fail_after), *args)
+    monkeypatch.setattr(os, "copy_file_range", flaky)
+  t = {"x": np.arange(64, dtype=np.float32).reshape(8, 8), "y": np.ones(5, np.float32)}
+  w = st_io.SafetensorsWriter(tmp_path)
+  for k, v in t.items():
+    w.add(k, v)
+  w.close()
+  got = load_file(tmp_path / "model.safetensors")
+  for k, v in t.items():
+    np.testing.assert_array_equal(got[k].numpy(), v)

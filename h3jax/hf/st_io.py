@@ -188,6 +188,25 @@ class SafetensorsReader:
     self.close()
 
 
+def _copy_rest(src, out):
+  """Appends all of `src` to `out` (flushed): in the kernel (copy_file_range, Linux) where it can,
+  2-3x faster than copying through user-space buffers; the rest with copyfileobj."""
+  n, off = os.fstat(src.fileno()).st_size, 0
+  copy = getattr(os, "copy_file_range", None)
+  try:
+    while copy is not None and off < n:
+      step = copy(src.fileno(), out.fileno(), n - off)
+      if step <= 0:
+        break
+      off += step
+  except OSError:
+    pass  # a file-system pair the kernel cannot copy between
+  if off < n:
+    src.seek(off)
+    out.seek(0, os.SEEK_END)
+    shutil.copyfileobj(src, out, 16 * 2**20)
+
+
 class SafetensorsWriter:
   """Appends tensors to shards of at most `max_shard_size` bytes, streaming to disk.
 
@@ -247,7 +266,8 @@ class SafetensorsWriter:
       with open(self.out_dir / fname, "wb") as out, open(data_path, "rb") as src:
         out.write(struct.pack("<Q", len(header)))
         out.write(header)
-        shutil.copyfileobj(src, out, 16 * 2**20)
+        out.flush()
+        _copy_rest(src, out)
       os.unlink(data_path)
       weight_map.update({k: fname for k in entries})
     if n > 1:

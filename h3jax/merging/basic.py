@@ -70,12 +70,12 @@ def _gta_array(base_X, models_NX, key, *, weight, lambda_, normalize, sparsify=N
   cuts: optional precomputed magnitude top-k cuts (thr_N, cutoff_N) from
   `select.np_topk_cut` (the streaming driver computes them on the host).
   """
-  deltas_NX = blocks.task_vectors(base_X, models_NX)
-  n = deltas_NX.shape[0]
+  deltas = [m_X - base_X for m_X in blocks.unstack(models_NX)]  # task vectors, kept per model
+  n = len(deltas)
   keys = None if key is None else jax.random.split(key, n)
   out = []
   for i in range(n):
-    d_X = deltas_NX[i]
+    d_X = deltas[i]
     if sparsify is not None and density[i] < 1:
       keep_prob = None
       if sparsify == "magnitude" and cuts is not None:
@@ -94,7 +94,7 @@ def _gta_array(base_X, models_NX, key, *, weight, lambda_, normalize, sparsify=N
         raise ValueError(f"unknown sparsification {sparsify!r}")
       d_X = blocks.sparsify(d_X, mask_X, rescale, keep_prob)
     out.append(d_X)
-  return blocks.combine(base_X, jnp.stack(out), weight, lambda_=lambda_, normalize=normalize,
+  return blocks.combine(base_X, out, weight, lambda_=lambda_, normalize=normalize,
                         consensus=consensus)
 
 

@@ -51,7 +51,7 @@ EAGER = ("resm",)
 def enable_compilation_cache(path) -> None:
   """Persist compiled per-shape kernels across runs (a model has ~6 distinct tensor shapes, each
   compiled once per method and hyper-parameters; on a busy CPU that is seconds per shape)."""
-  compile_cache.enable(path)
+  compile_cache.enable(path, min_compile_secs=0.0)  # merge kernels compile in ~0.2 s each
 
 
 def tensor_key(seed: int, name: str) -> jax.Array:
@@ -168,45 +168,9 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
   try:
     writer = SafetensorsWriter(tmp, max_shard_size=max_shard_size or spec.max_shard_size,
                                metadata={"h3jax_merge_method": spec.method})
-    bar = _progress(plan, progress)
-    largest, stats = 0, {}
-    # The inputs are read by two threads; a writer thread waits for each merged tensor and writes
-    # it. At most len(devices) tensors are in flight (read, merging or being written): one per
-    # device computes while the next is read. Host memory is about len(devices) x (inputs + 1)
-    # tensors (XLA on CPU may alias the numpy inputs until the kernel that reads them is done).
-    with ThreadPoolExecutor(2, thread_name_prefix="merge-read") as readers, \
-        ThreadPoolExecutor(1, thread_name_prefix="merge-write") as write_pool:
-      pending, n_merged = collections.deque(), 0
-      for name, action, kwargs in bar:
-        if hasattr(bar, "set_postfix_str"):
-          bar.set_postfix_str(name, refresh=False)
-        if action == "skip":
-          continue
-        while len(pending) >= len(devices):
-          pending.popleft().result()  # re-raises a merge or write error here
-        src = base if base is not None else models[0]
-        out_np_dtype = _out_dtype(spec, src.dtype(name))
-        if action == "base":
-          out = np.asarray(src.get(name)).astype(out_np_dtype)
-          result = (out, None)
-        else:
-          fast = host_topk.ties_hparams(spec.method, kwargs, len(models)) if base is not None else None
-          # Numpy reads stay on the host only where the host needs them (the TIES cuts); otherwise
-          # each is handed to jax at once and dropped.
-          dev, n_merged = devices[n_merged % len(devices)], n_merged + 1
-          to_jax = (lambda x: x) if fast is not None else (lambda x: jnp.asarray(x, device=dev))
-          srcs = ([base] if base is not None else []) + list(models)
-          arrays = list(readers.map(lambda i: to_jax(i.get(name)), srcs))
-          base_x, xs = (arrays[0], arrays[1:]) if base is not None else (None, arrays)
-          del arrays
-          largest = max(largest, int(np.prod(xs[0].shape)) * 4)
-          with jax.default_device(dev):
-            result = _merge_tensor(spec, name, kwargs, base_x, xs, randomized, fast)
-          del base_x, xs
-        pending.append(write_pool.submit(_finish, writer, stats, log, spec, name, out_np_dtype, result))
-        del result
-      while pending:
-        pending.popleft().result()
+    stats = {}
+    largest = _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats, log,
+                              _progress(plan, progress))
     writer.close()
     write_sidecars(spec, ref, tmp, out_tied, stats)
     if out_dir.exists():
@@ -222,16 +186,89 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
           "largest_tensor_bytes": largest, "tensor_stats": stats}
 
 
-def _merge_tensor(spec, name, kwargs, base_x, xs, randomized, fast):
+def _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats, log, bar) -> int:
+  """Reads, merges and writes the planned tensors in order; returns the largest merged tensor's
+  float32 bytes.
+
+  Three stages overlap: two reader threads load tensors (and, for mergekit TIES, find the host
+  top-k cuts), the caller's thread dispatches each loaded tensor's kernel to the next device,
+  and a writer thread waits for the result and writes it. A tensor counts (inputs + 1) x its
+  float32 bytes from load to written, and tensors are admitted while the sum fits in
+  len(devices) x that of the largest: small tensors pipeline deeply, the largest runs alone, and
+  host memory stays about len(devices) x (inputs + 1) x the largest tensor (XLA on CPU may alias
+  numpy inputs until the kernel that reads them is done).
+  """
+  src = base if base is not None else models[0]
+  srcs = ([base] if base is not None else []) + list(models)
+  cost = {name: (len(srcs) + 1) * _f32_bytes(src.shape(name)) for name, action, _ in plan if action != "skip"}
+  budget = len(devices) * max(cost.values(), default=0)
+  load_dt = None if spec.dtype is None else np.dtype(DTYPES[spec.dtype])
+  loading, writing = collections.deque(), collections.deque()  # (name, future), oldest first
+  in_flight, n_merged, largest = 0, 0, 0
+
+  def load(name, action, kwargs, dev):  # on a reader thread
+    out_dt = _out_dtype(spec, src.dtype(name))
+    if action == "base":
+      return out_dt, np.asarray(src.get(name)).astype(out_dt), None
+    fast = host_topk.ties_hparams(spec.method, kwargs, len(models)) if base is not None else None
+    # Numpy reads stay on the host only where the host needs them (the TIES cuts); otherwise each
+    # is handed to jax at once and dropped.
+    to_jax = (lambda x: x) if fast is not None else (lambda x: jnp.asarray(x, device=dev))
+    arrays = [to_jax(i.get(name)) for i in srcs]
+    base_x, xs = (arrays[0], arrays[1:]) if base is not None else (None, arrays)
+    cuts = None if fast is None else host_topk.host_cuts(base_x, xs, dict(fast)["density"], load_dt)
+    return out_dt, None, (kwargs, base_x, xs, fast, cuts, dev)
+
+  def dispatch():
+    name, fut = loading.popleft()
+    out_dt, copied, job = fut.result()  # re-raises a read error here
+    if job is None:
+      result = (copied, None)
+    else:
+      kwargs, base_x, xs, fast, cuts, dev = job
+      del job
+      with jax.default_device(dev):
+        result = _merge_tensor(spec, name, kwargs, base_x, xs, randomized, fast, cuts)
+      del base_x, xs
+    writing.append((name, write_pool.submit(_finish, writer, stats, log, spec, name, out_dt, result)))
+
+  def retire():
+    nonlocal in_flight
+    name, fut = writing.popleft()
+    fut.result()  # re-raises a merge or write error here
+    in_flight -= cost[name]
+
+  with ThreadPoolExecutor(2, thread_name_prefix="merge-read") as readers, \
+      ThreadPoolExecutor(1, thread_name_prefix="merge-write") as write_pool:
+    for name, action, kwargs in bar:
+      if hasattr(bar, "set_postfix_str"):
+        bar.set_postfix_str(name, refresh=False)
+      if action == "skip":
+        continue
+      while (loading or writing) and in_flight + cost[name] > budget:
+        dispatch() if loading else retire()
+      dev = devices[n_merged % len(devices)]
+      if action != "base":
+        n_merged, largest = n_merged + 1, max(largest, cost[name] // (len(srcs) + 1))
+      loading.append((name, readers.submit(load, name, action, kwargs, dev)))
+      in_flight += cost[name]
+      while loading and loading[0][1].done():
+        dispatch()
+    while loading:
+      dispatch()
+    while writing:
+      retire()
+  return largest
+
+
+def _merge_tensor(spec, name, kwargs, base_x, xs, randomized, fast, cuts=None):
   """Dispatches the merge of one tensor (asynchronously); returns (merged, stats or None).
 
-  fast: `host_topk.ties_hparams` for mergekit TIES (numpy inputs: the top-k cuts are
-  computed on the host, the rest in one jitted kernel), else None (the method's kernel).
+  fast: `host_topk.ties_hparams` for mergekit TIES (numpy inputs and their `host_topk.host_cuts`:
+  the rest runs in one jitted kernel), else None (the method's kernel).
   """
   if fast is not None:
-    load_dt = None if spec.dtype is None else np.dtype(DTYPES[spec.dtype])
-    thr_N, cut_N = host_topk.host_cuts(base_x, xs, dict(fast)["density"], load_dt)
-    return host_topk.ties_kernel(fast, spec.dtype)(base_x, xs, thr_N, cut_N), None
+    return host_topk.ties_kernel(fast, spec.dtype)(base_x, xs, *cuts), None
   jfn = _jitted(spec.method, tuple(sorted((k, _freeze(v)) for k, v in kwargs.items())),
                 randomized, spec.dtype)
   return jfn(base_x, xs, tensor_key(spec.seed, name) if randomized else None)
@@ -248,6 +285,10 @@ def _finish(writer, stats, log, spec, name, out_np_dtype, result):
     stats[name] = {k: np.asarray(v).tolist() for k, v in tensor_stats.items()}
     log(f"{spec.method} {name}: " + ", ".join(f"{k}={np.round(v, 4)}" for k, v in stats[name].items()))
   writer.add(name, out.astype(out_np_dtype, copy=False))
+
+
+def _f32_bytes(shape) -> int:
+  return 4 * int(np.prod(shape, dtype=np.int64))
 
 
 def _out_dtype(spec: mcfg.MergeSpec, src_dtype) -> np.dtype:

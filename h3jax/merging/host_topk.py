@@ -82,7 +82,6 @@ def ties_kernel(hp_items: tuple, load_dtype: Optional[str]) -> Callable:
     return x.astype(jnp.float32)
 
   def run(base_X, models, thr_N, cut_N):
-    models_NX = jnp.stack([cast(m) for m in models])
-    return _gta_array(cast(base_X), models_NX, None, cuts=(thr_N, cut_N), **hp)
+    return _gta_array(cast(base_X), [cast(m) for m in models], None, cuts=(thr_N, cut_N), **hp)
 
   return jax.jit(run)
