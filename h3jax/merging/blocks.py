@@ -244,10 +244,37 @@ def svd(x_MN):
   return jnp.linalg.svd(x_MN.astype(jnp.float32), full_matrices=False)
 
 
-def polar(x_MK):
-  """Orthogonal polar factor U V^T of x (nearest matrix with orthonormal columns)."""
-  u, _, vt = jnp.linalg.svd(x_MK, full_matrices=False)
-  return jnp.matmul(u, vt, precision=jax.lax.Precision.HIGHEST)
+# `polar(method='auto')` takes the Gram route only where kappa(x)^2 <= 100, so its float32 error
+# (~eps kappa^2) stays ~1e-5, the size of an SVD's own float32 differences.
+POLAR_GRAM_MIN_RATIO = 1e-2
+
+
+def polar(x_MK, method: str = "auto"):
+  """Orthogonal polar factor U V^T of x (nearest matrix with orthonormal columns).
+
+  method 'svd': from a thin SVD. 'auto': for tall x (M >= 2K) whose Gram matrix has
+  lambda_min >= 1e-2 lambda_max, x (x^T x)^{-1/2} from the eigendecomposition of the K x K
+  Gram matrix (on CPU ~3x cheaper than the SVD of x); otherwise the SVD (`lax.cond`: one
+  branch runs). Square stacks of singular-vector blocks (TSV-M's) are rarely that well
+  conditioned, so they go straight to the SVD.
+  """
+  if method not in ("auto", "svd"):
+    raise ValueError(f"polar: method must be 'auto' or 'svd', got {method!r}")
+  hi = jax.lax.Precision.HIGHEST
+
+  def by_svd():
+    u, _, vt = jnp.linalg.svd(x_MK, full_matrices=False)
+    return jnp.matmul(u, vt, precision=hi)
+
+  if method == "svd" or x_MK.shape[0] < 2 * x_MK.shape[1]:
+    return by_svd()
+  lam_K, w_KK = jnp.linalg.eigh(jnp.matmul(x_MK.T, x_MK, precision=hi))  # ascending
+
+  def by_gram():
+    inv_sqrt_KK = jnp.matmul(w_KK * jax.lax.rsqrt(jnp.maximum(lam_K, 1e-30)), w_KK.T, precision=hi)
+    return jnp.matmul(x_MK, inv_sqrt_KK, precision=hi)
+
+  return jax.lax.cond(lam_K[0] >= POLAR_GRAM_MIN_RATIO * lam_K[-1], by_gram, by_svd)
 
 
 def low_rank(x_MN, rank: int):

@@ -63,7 +63,7 @@ def sv_outlier_weights(s_K, keep_K, kappa: float, gamma: float):
 
 def _resm_array(base_X, models_NX, key, *, alpha=1.0, rank_mode="tsvm", eps_sp=1e-3,
                 lambda_r=0.3, sp_range=(0.0, 0.0), outlier_mode="none", kappa=3.0, gamma=1.0,
-                M=5.0, beta=0.5, rank_cap=None, rank_rtol=1e-5):
+                M=5.0, beta=0.5, rank_cap=None, rank_rtol=1e-5, solver="auto"):
   n = models_NX.shape[0]
   if base_X.ndim != 2:
     out = svd_lib.mean_delta_array(base_X, models_NX, key, alpha=alpha)
@@ -71,7 +71,7 @@ def _resm_array(base_X, models_NX, key, *, alpha=1.0, rank_mode="tsvm", eps_sp=1
     return out, {"rank": jnp.int32(0), "sparsity": nan, "outlier_fraction": nan, "mean_weight": nan}
   if rank_mode == "tsvm" and outlier_mode == "none":
     out = svd_lib._tsvm_array(base_X, models_NX, key, alpha=alpha, rank_cap=rank_cap,
-                              rank_rtol=rank_rtol)
+                              rank_rtol=rank_rtol, solver=solver)
     r = min(base_X.shape)
     return out, {"rank": jnp.int32(r // n), "sparsity": jnp.float32(jnp.nan),
                  "outlier_fraction": jnp.float32(0.0), "mean_weight": jnp.float32(1.0)}
@@ -99,7 +99,8 @@ def _resm_array(base_X, models_NX, key, *, alpha=1.0, rank_mode="tsvm", eps_sp=1
   if rank_cap == "numerical":
     keep_TK = keep_TK & jnp.stack(
         [blocks.numerical_rank_mask(blocks.svd(d)[1], rank_rtol)[:kmax] for d in deltas_NMN])
-  u_MK, s_K, v_NK = svd_lib.tsv_factors(deltas_NMN, kmax, keep_TK)  # K = T * kmax
+  method = svd_lib._check_solver("resm", solver)
+  u_MK, s_K, v_NK = svd_lib.tsv_factors(deltas_NMN, kmax, keep_TK, method)  # K = T * kmax
   keep_K = keep_TK.reshape(-1)
   w_K = jnp.ones_like(s_K)
   if outlier_mode == "sv":
@@ -107,7 +108,7 @@ def _resm_array(base_X, models_NX, key, *, alpha=1.0, rank_mode="tsvm", eps_sp=1
     outlier_frac = jnp.sum((w_K < 1) & keep_K) / jnp.maximum(jnp.sum(keep_K), 1)
   elif outlier_mode not in ("none", "param"):
     raise ValueError(f"resm: outlier_mode must be none|sv|param, got {outlier_mode!r}")
-  out = base_X + scale * svd_lib.tsv_combine(u_MK, w_K * s_K, v_NK)
+  out = base_X + scale * svd_lib.tsv_combine(u_MK, w_K * s_K, v_NK, method)
   mean_w = jnp.sum(jnp.where(keep_K, w_K, 0.0)) / jnp.maximum(jnp.sum(keep_K), 1)
   return out, {"rank": k, "sparsity": sp, "outlier_fraction": outlier_frac, "mean_weight": mean_w}
 
@@ -135,11 +136,12 @@ def sparsity_range(base, models, eps_sp: float, rules=None, lora_scale: float = 
 
 def resm(base, models, *, alpha=1.0, rank_mode="tsvm", eps_sp=1e-3, lambda_r=0.3,
          outlier_mode="none", kappa=3.0, gamma=1.0, M=5.0, beta=0.5, rank_cap=None,
-         rank_rtol=1e-5, sp_range=None, return_stats=False, **kw):
+         rank_rtol=1e-5, sp_range=None, solver="auto", return_stats=False, **kw):
   """RESM (reconstruction; defaults == TSV-M). See the module docstring for every knob.
 
   sp_range: precomputed (min, max) layer sparsity for rank_mode='sparsity' (the
   tensor-by-tensor driver computes it in a first pass); computed here when None.
+  solver: as `tsv_m`'s ('auto' | 'svd' | 'gram').
   return_stats: also return {path: {rank, sparsity, outlier_fraction, mean_weight}}
   (arrays over stacked layers).
   """
@@ -151,7 +153,7 @@ def resm(base, models, *, alpha=1.0, rank_mode="tsvm", eps_sp=1e-3, lambda_r=0.3
   hp = dict(alpha=svd_lib._alpha(alpha), rank_mode=rank_mode, eps_sp=float(eps_sp),
             lambda_r=float(lambda_r), sp_range=tuple(float(x) for x in (sp_range or (0.0, 0.0))),
             outlier_mode=outlier_mode, kappa=float(kappa), gamma=float(gamma), M=float(M),
-            beta=float(beta), rank_cap=rank_cap, rank_rtol=float(rank_rtol))
+            beta=float(beta), rank_cap=rank_cap, rank_rtol=float(rank_rtol), solver=solver)
   merged, stats = tree_lib.merge_tree(_resm_array, base, models, name="resm", hparams=hp,
                                       exclude_fn=svd_lib.mean_delta_array, with_aux=True,
                                       **_common(kw))
