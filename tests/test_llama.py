@@ -139,11 +139,10 @@ def test_cached_decoding_across_kv_buckets_equals_full_forward():
   mask[1, :5] = 0  # a left-padded row
   toks, _ = generation.generate_tokens(params, cfg, prompt, mask, max_new_tokens=N, chunk=3)
   assert isinstance(llama.unstack_layers(params)["layers"], tuple)
-  seq, m = prompt, mask
-  for t in range(N):
-    logits = llama.forward(params, jnp.asarray(seq), cfg, attention_mask_BT=jnp.asarray(m),
-                           positions_BT=llama.positions_from_mask(jnp.asarray(m)))
-    nxt = np.asarray(jnp.argmax(logits[:, -1], -1)).astype(np.int32)
-    np.testing.assert_array_equal(toks[:, t], nxt)
-    seq = np.concatenate([seq, nxt[:, None]], 1)
-    m = np.concatenate([m, np.ones((2, 1), np.int32)], 1)
+  # One causal forward over prompt + generated tokens: position P - 1 + t sees exactly the prefix
+  # the t-th token was decoded from, so its argmax must be that token.
+  seq = jnp.asarray(np.concatenate([prompt, toks[:, :N]], 1))
+  m = jnp.asarray(np.concatenate([mask, np.ones((2, N), np.int32)], 1))
+  logits = jax.jit(llama.forward, static_argnums=2)(params, seq, cfg, attention_mask_BT=m,
+                                                     positions_BT=llama.positions_from_mask(m))
+  np.testing.assert_array_equal(toks[:, :N], np.asarray(jnp.argmax(logits[:, P - 1:P - 1 + N], -1)))

@@ -39,8 +39,11 @@ def train_cmd(workdir, args):
   return [sys.executable, "-m", "h3jax.train", "--config=configs/tiny.py:helpful", f"--workdir={workdir}", *args]
 
 
-def _env():
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
+def _env(cache_dir=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
+  if cache_dir is not None:  # later runs of the same config load the first run's executables
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  return env
 
 
 @pytest.mark.slow  # three CLI runs in subprocesses
@@ -50,12 +53,13 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, pack):
   data = write_jsonl(tmp_path / "d.jsonl")
   # packed: 128-token rows hold ~2 examples (the ~50-token examples are cut at 32 unpacked)
   args = overrides(data, 40, 4, ["--config.data.pack=True", "--config.data.seq_len=128"] if pack else [])
-  full = subprocess.run(train_cmd(tmp_path / "full", args), cwd=REPO, env=_env(), capture_output=True,
+  env = _env(tmp_path / "xla_cache")
+  full = subprocess.run(train_cmd(tmp_path / "full", args), cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=300)
   assert full.returncode == 0, full.stderr[-3000:]
 
   ck = tmp_path / "killed" / "checkpoints"
-  proc = subprocess.Popen(train_cmd(tmp_path / "killed", args), cwd=REPO, env=_env(),
+  proc = subprocess.Popen(train_cmd(tmp_path / "killed", args), cwd=REPO, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
@@ -68,7 +72,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, pack):
   steps_at_kill = sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit())
   assert 40 not in steps_at_kill and steps_at_kill, steps_at_kill
 
-  resumed = subprocess.run(train_cmd(tmp_path / "killed", args), cwd=REPO, env=_env(), capture_output=True,
+  resumed = subprocess.run(train_cmd(tmp_path / "killed", args), cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   _, p_full = load_params(tmp_path / "full" / "checkpoints")
