@@ -173,8 +173,8 @@ def elect_sign(deltas_NX, mode: str = "mergekit"):
 
 
 def agree_mask(deltas_NX, sign_X):
-  """[N, X] True where delta_i is non-zero and has the elected sign."""
-  return jnp.where(sign_X[None] > 0, deltas_NX > 0, deltas_NX < 0)
+  """[N, X] (or one model's [X]) True where delta_i is non-zero and has the elected sign."""
+  return jnp.where(sign_X > 0, deltas_NX > 0, deltas_NX < 0)
 
 
 def disjoint_merge(deltas_NX, mask_NX, weights_N=None, how: str = "mean"):
@@ -209,15 +209,16 @@ def combine(base_X, deltas_NX, weights_N, *, lambda_: float = 1.0, normalize: bo
             consensus: Optional[str] = None):
   """mergekit's generalized task arithmetic after sparsification.
 
-  deltas_NX: [N, X] or a sequence of N [X] arrays. deltas are weighted by w_i; with `consensus` ('mergekit' | 'count' | 'fusion_bench')
-  only sign-agreeing entries are kept and `normalize` divides by the agreeing
-  weights, otherwise by sum(w) (|sum| < 1e-8 -> 1). Then base + lambda * delta.
+  deltas_NX: [N, X] or a sequence of N [X] arrays. deltas are weighted by w_i; with
+  `consensus` ('mergekit' | 'count' | 'fusion_bench') only sign-agreeing entries are kept and
+  `normalize` divides by the agreeing weights, otherwise by sum(w) (|sum| < 1e-8 -> 1). Then
+  base + lambda * delta.
   """
   w_N = jnp.asarray(weights_N, jnp.float32)
   wd = [d_X * w_N[i] for i, d_X in enumerate(unstack(deltas_NX))]  # per model: one fused loop
   if consensus:
     sign_X = elect_sign(wd, consensus)
-    keep = [jnp.where(sign_X > 0, d_X > 0, d_X < 0) for d_X in wd]  # agree_mask, per model
+    keep = [agree_mask(d_X, sign_X) for d_X in wd]
     mixed_X = sum_models([jnp.where(k_X, d_X, 0.0) for k_X, d_X in zip(keep, wd)])
     div_X = sum_models([jnp.where(k_X, w_N[i], 0.0) for i, k_X in enumerate(keep)])
     div_X = jnp.where(div_X == 0, 1.0, div_X)

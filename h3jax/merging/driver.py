@@ -126,8 +126,9 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
   Every check (inputs, shapes, architectures, hyper-parameters for every tensor)
   runs before the first byte is written; the output appears atomically.
   `devices`: merged tensors go round-robin to these (default: the first local
-  device), so per-tensor kernels run concurrently, one per device (e.g. CPU
-  "devices" for SVD merges, whose LAPACK calls use about one core each).
+  device), so per-tensor kernels run concurrently, one per device: for hosts where one
+  kernel does not fill the machine (many cores, several accelerators). On a 2-core CPU the
+  kernels already use both cores and two devices are slower.
   """
   devices = list(devices) if devices else jax.local_devices()[:1]
   out_dir = pathlib.Path(out_dir)
@@ -249,7 +250,7 @@ def _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats
         dispatch() if loading else retire()
       dev = devices[n_merged % len(devices)]
       if action != "base":
-        n_merged, largest = n_merged + 1, max(largest, cost[name] // (len(srcs) + 1))
+        n_merged, largest = n_merged + 1, max(largest, _f32_bytes(src.shape(name)))
       loading.append((name, readers.submit(load, name, action, kwargs, dev)))
       in_flight += cost[name]
       while loading and loading[0][1].done():
