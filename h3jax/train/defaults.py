@@ -40,6 +40,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.fusion.expert_dirs = ()
   c.fusion.expert_names = ("helpful", "harmless", "honest")
   c.fusion.router_init = "random"  # random | zeros | hidden
+  c.fusion.hidden_prompts = 32  # router_init="hidden": first N training prompts of each expert's source
   c.fusion.top_k = 2
   c.fusion.dispatch = "capacity"  # dense | capacity | ragged | expert_parallel
   c.fusion.capacity_factor = 0.0  # <= 0: dropless

@@ -63,11 +63,12 @@ def load_base(config):
     f = config.fusion
     if len(f.expert_dirs) < 2:
       raise ValueError(f"stage 'fusion' needs fusion.expert_dirs with >= 2 experts, got {list(f.expert_dirs)}")
+    prompts = hidden_router_prompts(config) if f.router_init == "hidden" else None
     cfg, params = fusion.build_moe(f.base_dir, list(f.expert_dirs), router_init=f.router_init,
                                    top_k=f.top_k, dispatch=f.dispatch, capacity_factor=f.capacity_factor,
                                    expert_names=list(f.expert_names) or None, seed=config.seed,
                                    delta_scale=f.delta_scale, alias_experts=f.alias_experts,
-                                   attn_from=f.attn_from, dtype=m.param_dtype)
+                                   attn_from=f.attn_from, dtype=m.param_dtype, hidden_prompts=prompts)
     return cfg, params, f.base_dir
   if m.hf_dir:
     from h3jax.fusion import load_model  # HF folder or h3jax checkpoint
@@ -75,6 +76,25 @@ def load_base(config):
     return cfg, params, m.hf_dir
   cfg = tiny_model_config(m.tiny)
   return cfg, params_lib.init_params(cfg, jax.random.key(config.seed), m.param_dtype), None
+
+
+def hidden_router_prompts(config) -> list:
+  """router_init="hidden": per expert, the first `fusion.hidden_prompts` training prompts of its data
+  source (experts and data.sources in the same order), formatted with the training template, as token
+  ids."""
+  from h3jax.data import format as fmt
+  d, f = config.data, config.fusion
+  sources = list(d.sources)
+  if len(sources) != len(f.expert_dirs):
+    raise ValueError(f"router_init='hidden' takes each expert's prompts from its data source: "
+                     f"{len(f.expert_dirs)} experts but data.sources={sources}")
+  tokenizer = tok_lib.load_tokenizer(d.tokenizer or f.base_dir)
+  out = []
+  for src in sources:
+    recs = data_lib.load_records(src, split="train", data_root=d.data_root or None)[:int(f.hidden_prompts)]
+    out.append([tokenizer.encode(fmt.format_prompt(r, tokenizer, d.template),
+                                 add_special_tokens=d.template != "chat") for r in recs])
+  return out
 
 
 def apply_lora(config, cfg: ModelConfig, params: dict):

@@ -1,0 +1,35 @@
+r"""The 3H fusion study on SmolLM2-135M-Instruct, sized for a 2-core CPU (~15 CPU-hours in all).
+
+  python -m h3jax.study --config=configs/study_smollm2.py --workdir=runs/study_smollm2 --workers=2
+  python -m h3jax.study --config=configs/study_smollm2.py --workdir=runs/study_smollm2 --list
+
+Needs artifacts/smollm2-135m-instruct (`python -m h3jax.prepare smollm2`), the shared data
+(H3JAX_DATA_ROOT) and the judges (artifacts/judges, built on first use). Every stage (a training
+run, a merge, a validation or evaluation shard, a score) writes its output atomically and is skipped
+when done, so re-running after a kill continues where it stopped; `--only='train/*'` restricts the
+run. `--publish=experiments/results/study_smollm2` copies results.json, results.md, the plots, the
+recipes, the timings and the per-item samples there. Expected: one row per model in `rows` with
+the eval sample sizes below; results.md compares H3Fusion with the experts, the output ensemble,
+the merges and the data-mixture SFT with paired bootstrap 95% CIs.
+
+Recipe (chosen from the calibration runs recorded in docs/study.md): the chat template end to end
+(training, generation and MC), LoRA r=8 alpha=4 dropout 0.1 on gate/up/down (the paper's Stage A),
+packed rows of 256 tokens, batch 8, lr 1e-3 linear decay, 20 warm-up steps.
+"""
+
+import pathlib
+
+import ml_collections
+
+from h3jax.study.defaults import default_study_config
+
+SMOLLM2 = str(pathlib.Path(__file__).resolve().parents[1] / "artifacts" / "smollm2-135m-instruct")
+
+
+def get_config():
+  c = default_study_config()
+  c.name = "study_smollm2"
+  c.base = SMOLLM2
+  c.expert_steps = ml_collections.ConfigDict(dict(helpful=80, harmless=60, honest=80))
+  c.stage_b_steps = 40
+  return c
