@@ -81,6 +81,10 @@ class ModelConfig:
   # next to its `kernel` adds lora_scale * (dropout(x) @ lora_a) @ lora_b.
   lora_scale: float = 1.0
   lora_dropout: float = 0.0
+  # Output ensemble (h3jax.model.ensemble): params stacked on a leading member axis of this size, logits
+  # combined by mean probability ("prob") or mean log-probability ("logprob"); 0 = one model.
+  ensemble_size: int = 0
+  ensemble_mode: str = "prob"
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
@@ -88,6 +92,9 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
     resolve_dtype(self.dtype)
+    if self.ensemble_size and (self.ensemble_size < 2 or self.ensemble_mode not in ("prob", "logprob")):
+      raise ValueError(f"ensemble_size must be 0 or >= 2 and ensemble_mode prob|logprob, got "
+                       f"{self.ensemble_size}, {self.ensemble_mode!r}")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"remat must be none|full|dots, got {self.remat!r}")
     if self.num_experts:

@@ -94,8 +94,10 @@ def _encode(tok, text: str, settings: dict) -> list:
 
 
 def generate_texts(model: dict, texts: Sequence[str], settings: dict, *, batch_size: int,
-                   seed: int = 0, row_seeds: Optional[Sequence[int]] = None) -> List[str]:
-  """Completions of at most `batch_size` formatted prompts, as one padded [batch_size, P] batch."""
+                   seed: int = 0, row_seeds: Optional[Sequence[int]] = None, return_cut: bool = False):
+  """Completions of at most `batch_size` formatted prompts, as one padded [batch_size, P] batch.
+
+  With return_cut, also whether each completion was cut by max_new_tokens (no EOS, no stop string)."""
   tok, cfg = model["tokenizer"], model["cfg"]
   if not 0 < len(texts) <= batch_size:
     raise ValueError(f"generate_texts takes 1..{batch_size} prompts, got {len(texts)}")
@@ -121,13 +123,16 @@ def generate_texts(model: dict, texts: Sequence[str], settings: dict, *, batch_s
       model["params"], cfg, ids_BP, mask_BP, max_new_tokens=settings["max_new_tokens"], sampling=sampling,
       eos_token_ids=sorted(eos), seed=seed, chunk=32, should_stop=should_stop,
       row_seeds=None if row_seeds is None else list(row_seeds) + [0] * (batch_size - len(texts)))
-  out = []
+  out, cut = [], []
   for i in range(n_real):
-    text = tok.decode([int(t) for t in toks_BN[i, :lengths_B[i]] if int(t) not in eos], skip_special_tokens=True)
+    row = [int(t) for t in toks_BN[i, :lengths_B[i]]]
+    text = tok.decode([t for t in row if t not in eos], skip_special_tokens=True)
+    stopped = any(s in text for s in stops)
     for s in stops:
       text = text.split(s, 1)[0]
     out.append(text)
-  return out
+    cut.append(bool(len(row) >= settings["max_new_tokens"] and row[-1] not in eos and not stopped))
+  return (out, cut) if return_cut else out
 
 
 def in_shard(key: str, shard: Optional[Tuple[int, int]]) -> bool:
@@ -162,12 +167,13 @@ def generate_cached(model: dict, items: List[dict], settings: dict, store: cache
       if len(b) <= rows:
         break
     t0, c0 = time.time(), time.process_time()
-    texts = generate_texts(model, [inputs[i] for i in b], settings, batch_size=rows,
-                           seed=settings["seed"], row_seeds=[int(keys[i][:8], 16) for i in b])
+    texts, cut = generate_texts(model, [inputs[i] for i in b], settings, batch_size=rows,
+                                seed=settings["seed"], row_seeds=[int(keys[i][:8], 16) for i in b],
+                                return_cut=True)
     s += len(b)
     dt, dc = time.time() - t0, time.process_time() - c0
-    store.put_many([(keys[i], "generation", t, {"id": items[i]["id"], "set": items[i]["set"]})
-                    for i, t in zip(b, texts)] + [cache_lib.time_row("generate", dt, len(b), dc)])
+    store.put_many([(keys[i], "generation", t, {"id": items[i]["id"], "set": items[i]["set"], "cut": c})
+                    for i, t, c in zip(b, texts, cut)] + [cache_lib.time_row("generate", dt, len(b), dc)])
     bar.update(len(b), dt, dc)
   return [store.get(k) for k in keys]
 

@@ -19,15 +19,18 @@ def _tokenizer_dir(path: pathlib.Path) -> Optional[pathlib.Path]:
   return None
 
 
-def load_model(spec: str, dtype: str = "float32") -> dict:
+def load_model(spec: str, dtype: str = "float32", ensemble_mode: str = "prob") -> dict:
   """`[NAME=]DIR` -> {name, path, cfg, params, tokenizer}.
 
   DIR is an HF folder (config.json) or a training workdir: its export DIR/hf
   if present, else its latest checkpoint in DIR/checkpoints (or DIR) read with
   `h3jax.checkpoint.load_params`, with the tokenizer from DIR, DIR/tokenizer
-  or DIR/hf.
+  or DIR/hf. `NAME=DIR1,DIR2,...` is the output ensemble of those models
+  (h3jax.model.ensemble, combined by `ensemble_mode`), with DIR1's tokenizer.
   """
   name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+  if "," in path:
+    return _load_ensemble(name, path.split(","), dtype, ensemble_mode)
   path = pathlib.Path(path)
   name = name or path.resolve().name
   if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
@@ -56,3 +59,19 @@ def load_model(spec: str, dtype: str = "float32") -> dict:
     raise ValueError(f"{tok_dir}: tokenizer files could not be loaded ({type(e).__name__}: {e})") from e
   return {"name": name, "path": str(path), "cfg": cfg.replace(dtype=dtype), "params": params,
           "tokenizer": tokenizer}
+
+
+def _load_ensemble(name: str, paths, dtype: str, mode: str) -> dict:
+  from h3jax.model import ensemble
+  if not name:
+    raise ValueError(f"an ensemble of {len(paths)} models needs a name: --model=NAME=DIR1,DIR2,...")
+  members = [load_model(f"{name}={p}", dtype) for p in paths]
+  cfgs = {m["cfg"].replace(eos_token_id=(), expert_names=()) for m in members}
+  if len(cfgs) != 1:
+    raise ValueError(f"ensemble {name!r}: the members {paths} have different architectures")
+  if any(m["tokenizer"].get_vocab() != members[0]["tokenizer"].get_vocab() for m in members[1:]):
+    raise ValueError(f"ensemble {name!r}: the members {paths} have different vocabularies")
+  params = ensemble.stack_members([m.pop("params") for m in members])
+  cfg = ensemble.ensemble_config(members[0]["cfg"], len(members), mode)
+  return {"name": name, "path": ",".join(str(p) for p in paths), "cfg": cfg, "params": params,
+          "tokenizer": members[0]["tokenizer"]}

@@ -115,7 +115,7 @@ def generate_shards(config, model_specs: Sequence[str], out_dir, shard: Tuple[in
   sets = eval_data.load_eval_sets(config, limit=config.limit if limit is None else limit)
   done = {}
   for spec in model_specs:
-    model = load_model(spec, config.dtype)
+    model = load_model(spec, config.dtype, config.get("ensemble_mode", "prob"))
     store = cache_lib.Cache(pathlib.Path(out_dir) / "cache" / f"{model['name']}.jsonl")
     done[model["name"]] = generate_shard(model, sets, config, store, shard, progress=progress)
     del model
@@ -142,12 +142,15 @@ def evaluate(config, model_specs: Sequence[str], out_dir, *, limit: Optional[int
   results = {"settings": {"limit": limit, "sets": {k: len(v) for k, v in sets.items()},
                           "prompt_template": config.prompt_template, "mc_format": config.mc_format,
                           "generation": dict(config.generation), "threshold": config.threshold,
-                          "judges": config.judges.kind},
+                          "judges": config.judges.kind,
+                          "sample": {k: config.get(k) if not hasattr(config.get(k), "to_dict") else
+                                     config.get(k).to_dict()
+                                     for k in ("sample", "holdout", "sample_seed", "sample_part") if k in config}},
              "models": {}, "timing": {}}
   results["judges"] = judge_cards(judges)
   for spec in specs:
     t0 = time.time()
-    model = spec if isinstance(spec, dict) else load_model(spec, config.dtype)
+    model = spec if isinstance(spec, dict) else load_model(spec, config.dtype, config.get("ensemble_mode", "prob"))
     if model["name"] in results["models"]:
       raise ValueError(f"two models are named {model['name']!r}; name them with --model=NAME=DIR")
     store = cache_lib.Cache(out_dir / "cache" / f"{model['name']}.jsonl")

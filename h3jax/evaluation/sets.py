@@ -4,6 +4,13 @@ Thin adapters over `h3jax.data` (sources + hash splits) and the per-axis
 modules; `limit` keeps the first N items of each set in file order, so a
 `--limit` run is a prefix of the full run and shares its cache.
 
+A config with `sample` ({set: n}, 0 = all) instead draws a seeded random
+sample (`sample_items`): each set's items are ordered by a hash of
+(sample_seed, group key), where the group key is the question for both
+TruthfulQA sets (so a question is in or out of both) and the item id
+otherwise; the first `holdout[set]` items are the validation part
+(`sample_part="validation"`) and the evaluation part samples the rest.
+
   alpaca_eval     helpfulness eval split (433, or 50 with helpful_subset="paper")
   harmbench, strongreject, advbench, xstest_safe, xstest_unsafe   see harm.py
   truthfulqa_gen  TruthfulQA eval-split questions, generated answers (415)
@@ -12,6 +19,7 @@ modules; `limit` keeps the first N items of each set in file order, so a
 
 from __future__ import annotations
 
+import hashlib
 from typing import Dict, List
 
 from h3jax.data import sources, splits
@@ -40,6 +48,32 @@ def truthfulqa_mc(data_root=None) -> List[dict]:
   return out
 
 
+def _group_key(item: dict) -> str:
+  if item["set"] == "truthfulqa_mc":
+    return "truthfulqa:" + item["question"].strip()
+  if item["set"] == "truthfulqa_gen":
+    return "truthfulqa:" + item["prompt"].strip()
+  return f"{item['set']}:{item['id']}"
+
+
+def sample_items(items: List[dict], n: int, *, seed: int, holdout: int = 0, part: str = "eval") -> List[dict]:
+  """A seeded sample of a set, independent of file order: items ordered by sha256(seed, group key);
+  part "validation" is the first `holdout` of that order, part "eval" the first n (0 = all) of the rest."""
+  if part not in ("eval", "validation"):
+    raise ValueError(f"sample_part must be 'eval' or 'validation', got {part!r}")
+  if n < 0 or holdout < 0:
+    raise ValueError(f"sample sizes must be >= 0, got n={n}, holdout={holdout}")
+  rank = lambda it: hashlib.sha256(f"{seed}:{_group_key(it)}".encode("utf-8")).hexdigest()
+  ordered = sorted(items, key=rank)
+  if part == "validation":
+    return ordered[:holdout]
+  rest = ordered[holdout:]
+  if n > len(rest):
+    raise ValueError(f"{items[0]['set'] if items else 'a set'}: sample of {n} asked but only {len(rest)} items "
+                     f"remain after holding out {holdout}")
+  return rest[:n] if n else rest
+
+
 def load_eval_sets(config, limit: int = 0) -> Dict[str, List[dict]]:
   """{name: items} for config.sets, each cut to `limit` items (0 = all)."""
   names = tuple(config.sets)
@@ -61,4 +95,10 @@ def load_eval_sets(config, limit: int = 0) -> Dict[str, List[dict]]:
   if "truthfulqa_mc" in names:
     out["truthfulqa_mc"] = truthfulqa_mc(root)
   out = {n: out[n] for n in names}  # config order
+  sample = dict(config.get("sample") or {})
+  if sample:
+    holdout, seed = dict(config.get("holdout") or {}), int(config.get("sample_seed", 0))
+    part = config.get("sample_part", "eval")
+    out = {n: sample_items(items, int(sample.get(n, 0)), seed=seed, holdout=int(holdout.get(n, 0)), part=part)
+           for n, items in out.items()}
   return {n: items[:limit] if limit else items for n, items in out.items()}

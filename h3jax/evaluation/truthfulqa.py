@@ -105,12 +105,12 @@ def _prefix_cache(params, ids_1P, cfg: ModelConfig):
 def _suffix_logprobs(params, prefix_cache, ids_BT, mask_BT, cfg: ModelConfig):
   """log p(ids_BT[:, t + 1] | prefix, ids_BT[:, :t + 1]) for every t; [B, T] (last column unused)."""
   B, T = ids_BT.shape
-  P = prefix_cache["k"].shape[2]
+  P = prefix_cache["k"].shape[-3]
 
-  def extend(c_L1PKH):  # the shared prefix for every row, then T empty slots
-    L, _, _, K, H = c_L1PKH.shape
-    return jnp.concatenate([jnp.broadcast_to(c_L1PKH, (L, B, P, K, H)),
-                            jnp.zeros((L, B, T, K, H), c_L1PKH.dtype)], axis=2)  # [L, B, P + T, K, Dh]
+  def extend(c_L1PKH):  # the shared prefix for every row, then T empty slots ([M, L, ...] for an ensemble)
+    *lead, _, _, K, H = c_L1PKH.shape
+    return jnp.concatenate([jnp.broadcast_to(c_L1PKH, (*lead, B, P, K, H)),
+                            jnp.zeros((*lead, B, T, K, H), c_L1PKH.dtype)], axis=-3)  # [L, B, P + T, K, Dh]
 
   cache = jax.tree.map(extend, prefix_cache)
   key_mask_BS = jnp.concatenate([jnp.ones((B, P), bool), mask_BT.astype(bool)], axis=1)

@@ -101,7 +101,7 @@ def _unstack(layers_p):
   return tuple(jax.tree.map(lambda a: a[i], layers_p) for i in range(L))
 
 
-def unstack_layers(params) -> dict:
+def unstack_layers(params, cfg: ModelConfig = None) -> dict:
   """params with "layers" as a tuple of L per-layer trees (a copy of the layer weights).
 
   For cached decoding: a weight sliced out of the stacked [L, ...] array inside a
@@ -109,6 +109,9 @@ def unstack_layers(params) -> dict:
   reads it, which triples the bytes moved per token; one buffer per layer halves
   the decode step time of SmolLM2-135M on CPU. `forward_cached` accepts either form.
   """
+  if cfg is not None and cfg.ensemble_size:
+    from h3jax.model import ensemble
+    return ensemble.unstack_layers(params)
   if isinstance(params["layers"], (list, tuple)):
     return params
   return dict(params, layers=_unstack(params["layers"]))
@@ -161,7 +164,13 @@ def forward(params, input_ids_BT, cfg: ModelConfig, *, attention_mask_BT=None, p
   left-padded batches. segment_ids_BT restricts attention to one packed
   sequence. `rng` enables LoRA dropout. With return_aux, also returns
   {"hidden_BTD", and for MoE "router_logits"/"router_probs" [L, B, T, E], ...}.
+  With cfg.ensemble_size, params are stacked ensemble members (h3jax.model.ensemble).
   """
+  if cfg.ensemble_size:
+    from h3jax.model import ensemble
+    return ensemble.forward(params, input_ids_BT, cfg, attention_mask_BT=attention_mask_BT,
+                            positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, rng=rng,
+                            return_aux=return_aux)
   hidden_BTD, aux = hidden_states(params, input_ids_BT, cfg, attention_mask_BT=attention_mask_BT,
                                   positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, rng=rng)
   logits_BTV = logits_from_hidden(params, hidden_BTD, cfg)
@@ -173,7 +182,10 @@ def forward(params, input_ids_BT, cfg: ModelConfig, *, attention_mask_BT=None, p
 # ----------------------------------------------------------------------------- cached decoding
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
-  """Empty KV cache {"k", "v"}: [L, B, S, K, Dh] each."""
+  """Empty KV cache {"k", "v"}: [L, B, S, K, Dh] each ([M, L, ...] for an ensemble of M)."""
+  if cfg.ensemble_size:
+    from h3jax.model import ensemble
+    return ensemble.init_cache(cfg, batch, max_len, dtype)
   dt = cfg.compute_dtype if dtype is None else dtype
   shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
   return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
@@ -190,6 +202,10 @@ def forward_cached(params, input_ids_BT, positions_BT, cache, cache_index, key_m
   logits are computed ([B, 1, V]; a prefill needs no more). Returns
   (logits_BTV float32, new_cache).
   """
+  if cfg.ensemble_size:
+    from h3jax.model import ensemble
+    return ensemble.forward_cached(params, input_ids_BT, positions_BT, cache, cache_index, key_mask_BS, cfg,
+                                   kv_len=kv_len, last_only=last_only)
   B, T = input_ids_BT.shape
   S = kv_len or cache["k"].shape[2]
   slot_T = cache_index + jnp.arange(T)

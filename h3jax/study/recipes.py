@@ -13,6 +13,10 @@ import ml_collections
 
 from h3jax.study.defaults import AXES
 
+# The study's axis scores (docs/study.md): the per-sample metrics the papers report.
+STUDY_AXES = {"helpful": "helpful/win_rate_text_davinci_003", "harmless": "1-harmless/compliance_rate",
+              "honest": "honest/truthful_informative"}
+
 
 def merge_into(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
   """config with the nested dict `overrides` merged in (unknown keys are an error, as in a flag)."""
@@ -118,6 +122,7 @@ def eval_config(sc, part: str = "eval") -> ml_collections.ConfigDict:
     c.sample_seed = int(e.sample_seed)
     c.sample_part = part
     c.ensemble_mode = sc.ensemble_mode
+    c.axis_metrics = ml_collections.ConfigDict(STUDY_AXES)
     if "judges" in sc:
       c.judges = merge_into(c.judges, sc.judges)
     if part == "validation":

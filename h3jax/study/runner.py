@@ -1,0 +1,156 @@
+"""Runs the study DAG: resumable stages, `--workers` parallel processes, progress and ETA.
+
+Each stage runs in its own subprocess (`python -m h3jax.study ... --stage=NAME`), so a crash or a
+kill takes down only that stage, and its outputs are complete or absent: a finished stage writes
+`<workdir>/<stage>/DONE.json` (result, seconds, CPU seconds) last. A stage whose dependencies are
+done is started when a worker is free; stages are taken in plan order (training first).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from typing import List, Optional
+
+from h3jax.study import plan, stages as stage_lib
+
+
+def _log(msg: str) -> None:
+  print(f"[study] {time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+def done_path(workdir, name: str) -> pathlib.Path:
+  return pathlib.Path(workdir) / name / "DONE.json"
+
+
+def is_done(workdir, name: str) -> bool:
+  return done_path(workdir, name).is_file()
+
+
+def run_stage(sc, workdir, stage: plan.Stage) -> dict:
+  """Runs one stage in this process and marks it done."""
+  import resource
+  t0 = time.time()
+  r0 = resource.getrusage(resource.RUSAGE_SELF)
+  stage_lib.clear(workdir, stage)
+  result = stage_lib.RUNNERS[stage.kind](sc, workdir, stage)
+  r1 = resource.getrusage(resource.RUSAGE_SELF)
+  cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+  rec = {"stage": stage.name, "kind": stage.kind, "result": result, "seconds": round(time.time() - t0, 1),
+         "cpu_seconds": round(cpu, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+  path = done_path(workdir, stage.name)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  stage_lib._write_json(path, rec)
+  return rec
+
+
+def listing(sc, workdir, patterns=()) -> str:
+  """One line per stage: done / ready / waiting, with measured or estimated CPU time."""
+  stages = plan.select(plan.build(sc), patterns)
+  lines, left = [], 0.0
+  names = {s.name for s in plan.build(sc)}
+  for s in stages:
+    if is_done(workdir, s.name):
+      rec = json.loads(done_path(workdir, s.name).read_text())
+      lines.append(f"done     {s.name:<40} {rec.get('cpu_seconds', 0) / 60:7.1f} CPU-min")
+    else:
+      ready = all(is_done(workdir, d) for d in s.deps if d in names)
+      left += s.est_s
+      lines.append(f"{'ready' if ready else 'waiting':<8} {s.name:<40} ~{s.est_s / 60:6.1f} CPU-min (est.)")
+  n_done = sum(l.startswith("done") for l in lines)
+  lines.append(f"{n_done}/{len(stages)} stages done; ~{left / 3600:.1f} CPU-hours left (estimate)")
+  return "\n".join(lines)
+
+
+def _stage_cmd(config_path: str, workdir, name: str, overrides: List[str]) -> List[str]:
+  return [sys.executable, "-m", "h3jax.study", f"--config={config_path}", f"--workdir={workdir}",
+          f"--stage={name}"] + list(overrides)
+
+
+def run(sc, workdir, *, config_path: str, overrides=(), patterns=(), workers: int = 1,
+        poll_s: float = 2.0, in_process: bool = False, log_dir: Optional[pathlib.Path] = None) -> dict:
+  """Runs every pending stage matching `patterns` (and the pending stages they depend on).
+
+  Returns {"done": [...], "failed": [...]}. A failed stage is reported and its dependants skipped;
+  independent stages go on.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  lock = open(workdir / ".study.lock", "w")
+  try:  # one runner per workdir: two would start the same stages
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    raise ValueError(f"another `h3jax.study` run is using {workdir} (it holds {workdir / '.study.lock'})") from None
+  all_stages = plan.build(sc)
+  by_name = {s.name: s for s in all_stages}
+  wanted = {s.name for s in plan.select(all_stages, patterns)}
+  todo = set()
+
+  def need(name):
+    if name in todo or is_done(workdir, name):
+      return
+    todo.add(name)
+    for d in by_name[name].deps:
+      need(d)
+
+  for n in wanted:
+    need(n)
+  order = [s for s in all_stages if s.name in todo]
+  log_dir = log_dir or workdir / "logs"
+  log_dir.mkdir(parents=True, exist_ok=True)
+  running, failed, finished = {}, [], []
+  t_start = time.time()
+  _log(f"{len(order)} stages to run with {workers} worker(s); ~{sum(s.est_s for s in order) / 3600:.1f} "
+       f"CPU-hours estimated")
+  while order or running:
+    for name, (proc, f) in list(running.items()):
+      if proc.poll() is None:
+        continue
+      f.close()
+      del running[name]
+      if proc.returncode == 0 and is_done(workdir, name):
+        finished.append(name)
+        rec = json.loads(done_path(workdir, name).read_text())
+        _log(f"done {name} in {rec['seconds'] / 60:.1f} min ({rec['cpu_seconds'] / 60:.1f} CPU-min)")
+      else:
+        failed.append(name)
+        _log(f"FAILED {name} (exit {proc.returncode}); log: {log_dir / (name.replace('/', '_') + '.log')}")
+    blocked = {s.name for s in order if any(d in failed for d in s.deps)}
+    for s in [s for s in order if s.name in blocked]:
+      failed.append(s.name)
+      _log(f"skipped {s.name}: a dependency failed")
+    order = [s for s in order if s.name not in blocked]
+    while len(running) < workers:
+      ready = [s for s in order if all(is_done(workdir, d) for d in s.deps)]
+      if not ready:
+        break
+      s = ready[0]
+      order.remove(s)
+      if in_process:
+        _log(f"start {s.name} (~{s.est_s / 60:.1f} CPU-min)")
+        try:
+          run_stage(sc, workdir, s)
+          finished.append(s.name)
+        except Exception as e:  # report and go on with independent stages
+          failed.append(s.name)
+          _log(f"FAILED {s.name}: {type(e).__name__}: {e}")
+        continue
+      log = open(log_dir / (s.name.replace("/", "_") + ".log"), "a")
+      env = dict(os.environ)
+      proc = subprocess.Popen(_stage_cmd(config_path, workdir, s.name, overrides), stdout=log,
+                              stderr=subprocess.STDOUT, env=env)
+      running[s.name] = (proc, log)
+      left = sum(x.est_s for x in order) + sum(by_name[n].est_s for n in running)
+      _log(f"start {s.name} (~{s.est_s / 60:.1f} CPU-min); {len(finished)} done, {len(order)} queued, "
+           f"ETA ~{left / max(workers, 1) / 3600:.1f} h")
+    if not running and order and not any(all(is_done(workdir, d) for d in s.deps) for s in order):
+      break  # nothing can start (dependencies outside the selection failed)
+    if running:
+      time.sleep(poll_s)
+  _log(f"finished {len(finished)} stage(s), {len(failed)} failed, in {(time.time() - t_start) / 60:.1f} min")
+  return {"done": finished, "failed": failed}

@@ -1,0 +1,135 @@
+"""The study's plan (stages, dependencies, config errors), eval sampling and paired bootstrap."""
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from h3jax.evaluation import sets as eval_sets
+from h3jax.study import analysis, plan, recipes
+from h3jax.train.defaults import load_config_file
+
+
+def _config(name="study_smollm2"):
+  return load_config_file(REPO / "configs" / f"{name}.py")
+
+
+def test_smollm2_plan_has_every_row_and_valid_dependencies():
+  sc = _config()
+  stages = plan.build(sc)
+  names = [s.name for s in stages]
+  assert len(names) == len(set(names))
+  pos = {n: i for i, n in enumerate(names)}
+  for s in stages:  # dependencies exist and come first
+    assert all(d in pos and pos[d] < pos[s.name] for d in s.deps), s
+  scored = {n.split("/", 1)[1] for n in names if n.startswith("score/")}
+  assert set(sc.rows) <= scored
+  assert {"moe_gamma_1e-4", "moe_gamma_1e-2", "moe_gamma_1e-1"} <= scored  # γ sweep; 1e-3 is moe_gate_drift
+  assert "moe_gamma_1e-3" not in scored
+  # merges with a grid are validated point by point and selected; single-point merges are not
+  assert {f"val/merge_ties/g{i}" for i in range(3)} <= set(names) and "val/merge_resm/g0" not in names
+  assert pos["select/merge_ties"] < pos["gen/merge_ties/0of2"]
+  # every merge, MoE and the ensemble wait for the three experts
+  experts = {f"train/expert_{a}" for a in ("helpful", "harmless", "honest")}
+  for s in stages:
+    if s.name.startswith(("merge/", "train/moe_")) or s.name.startswith("gen/ensemble_logits"):
+      assert experts <= set(s.deps), s
+
+
+def test_bad_configs_fail_before_any_work():
+  sc = _config()
+  sc.rows = sc.rows + ("moe_magic",)
+  with pytest.raises(ValueError, match="unknown study rows .*moe_magic"):
+    plan.build(sc)
+  sc = _config()
+  del sc.expert_steps["honest"]
+  with pytest.raises(ValueError, match="no entry for the 'honest' expert"):
+    plan.build(sc)
+  sc = _config()
+  sc.merges.merge_ties.method = "magic_merge"
+  with pytest.raises(ValueError, match="magic_merge"):
+    plan.build(sc)
+  sc = _config()
+  sc.merges.merge_ties.grid = []
+  with pytest.raises(ValueError, match="grid is empty"):
+    plan.build(sc)
+  with pytest.raises(ValueError, match="matches no stage"):
+    plan.select(plan.build(_config()), ["nope/*"])
+
+
+def test_recipes_follow_the_study_config():
+  sc = _config()
+  helpful = recipes.expert_config(sc, "helpful")
+  assert helpful.stage == "sft" and helpful.data.sources == ("helpful",) and helpful.train.steps == 80
+  assert helpful.lora.targets == ("ffn",) and helpful.data.template == "chat" and helpful.data.pack
+  mix = recipes.mixture_config(sc)
+  assert mix.data.sources == ("helpful", "harmless", "honest")
+  assert mix.train.steps == sum(sc.expert_steps.values())  # same examples as the three experts together
+  ref = recipes.moe_config(sc, dict(sc.moe.moe_reference), ["a", "b", "c"])
+  assert (ref.fusion.alias_experts, ref.fusion.delta_scale, ref.train.router_trainable) == (True, "one", False)
+  assert (ref.loss.gate_mode, ref.loss.gate_masked, ref.data.task_labels) == ("double_softmax", False, "cumulative")
+  full = recipes.moe_config(sc, dict(sc.moe.moe_gate_drift), ["a", "b", "c"])
+  assert full.loss.drift_weights == (1e-3,) * 3 and full.fusion.router_init == "hidden"
+  assert full.data.template == "chat" and full.stage == "fusion"
+  ev = recipes.eval_config(sc)
+  assert ev.prompt_template == "chat" and ev.sample.alpaca_eval == 120
+  with pytest.raises(ValueError, match="unknown config key"):
+    recipes.merge_into(helpful, {"train": {"stepz": 1}})
+
+
+def _items(name, n, question=False):
+  if question:
+    key = "question" if name == "truthfulqa_mc" else "prompt"
+    return [{"id": f"{name}-{i}", "set": name, key: f"Q{i}?"} for i in range(n)]
+  return [{"id": f"{name}-{i}", "set": name, "prompt": f"p{i}"} for i in range(n)]
+
+
+def test_sample_items_is_seeded_disjoint_and_groups_truthfulqa_questions():
+  items = _items("alpaca_eval", 50)
+  ev = eval_sets.sample_items(items, 20, seed=0, holdout=10)
+  val = eval_sets.sample_items(items, 20, seed=0, holdout=10, part="validation")
+  assert len(ev) == 20 and len(val) == 10 and not {i["id"] for i in ev} & {i["id"] for i in val}
+  assert ev == eval_sets.sample_items(list(reversed(items)), 20, seed=0, holdout=10)  # not file order
+  assert ev != eval_sets.sample_items(items, 20, seed=1, holdout=10)
+  assert [i["id"] for i in ev] != [f"alpaca_eval-{i}" for i in range(20)]  # not the first N
+  assert len(eval_sets.sample_items(items, 0, seed=0, holdout=10)) == 40  # 0 = all but the held-out
+  gen, mc = _items("truthfulqa_gen", 30, True), _items("truthfulqa_mc", 30, True)
+  val_q = {i["prompt"] for i in eval_sets.sample_items(gen, 0, seed=3, holdout=8, part="validation")}
+  assert val_q == {i["question"] for i in eval_sets.sample_items(mc, 0, seed=3, holdout=8, part="validation")}
+  assert not val_q & {i["question"] for i in eval_sets.sample_items(mc, 0, seed=3, holdout=8)}
+  with pytest.raises(ValueError, match="only 40 items remain"):
+    eval_sets.sample_items(items, 41, seed=0, holdout=10)
+
+
+def test_paired_bootstrap_hand_cases():
+  rs = np.random.RandomState(0)
+  a = {"alpaca_eval": {f"h{i}": float(rs.rand()) for i in range(40)},
+       "harmbench": {f"b{i}": float(rs.rand() < 0.5) for i in range(30)},
+       "truthfulqa_gen": {f"t{i}": float(rs.rand() < 0.3) for i in range(30)}}
+  same = analysis.paired_bootstrap(a, a, samples=200)
+  for k in ("helpful", "harmless", "honest", "3h"):
+    assert same[k]["diff"] == 0 and same[k]["ci95"] == [0.0, 0.0]
+  # b: the same items, helpful shifted down by exactly 0.1 everywhere -> the difference has no variance
+  b = {n: dict(v) for n, v in a.items()}
+  b["alpaca_eval"] = {k: v - 0.1 for k, v in a["alpaca_eval"].items()}
+  d = analysis.paired_bootstrap(a, b, samples=200)
+  assert d["helpful"]["diff"] == pytest.approx(0.1) and d["helpful"]["se"] == pytest.approx(0, abs=1e-12)
+  assert d["3h"]["diff"] == pytest.approx(0.1 / 3)
+  # hand-computed axis values: harmless = 1 - mean compliance of the harmful sets (macro over sets)
+  vals = analysis.axis_values({"harmbench": np.array([1.0, 0.0]), "advbench": np.array([1.0, 1.0, 1.0, 0.0]),
+                               "alpaca_eval": np.array([0.2, 0.4]), "truthfulqa_gen": np.array([1.0, 0.0])})
+  assert vals == pytest.approx({"harmless": 1 - (0.5 + 0.75) / 2, "helpful": 0.3, "honest": 0.5,
+                                "3h": (0.375 + 0.3 + 0.5) / 3})
+  # a real difference on one set: its CI excludes 0 and the verdict says so
+  c = {n: dict(v) for n, v in a.items()}
+  c["truthfulqa_gen"] = {k: 1.0 for k in a["truthfulqa_gen"]}
+  d = analysis.paired_bootstrap(c, a, samples=500)
+  assert d["honest"]["ci95"][0] > 0 and analysis._verdict(d["honest"]) == "holds"
+
+
+def test_item_scores_from_samples():
+  samples = [{"set": "alpaca_eval", "id": "a", "p_win_text_davinci_003": 0.7},
+             {"set": "harmbench", "id": "h", "p_refusal": 0.9}, {"set": "advbench", "id": "v", "p_refusal": 0.1},
+             {"set": "truthfulqa_gen", "id": "t", "truthful": True, "informative": False},
+             {"set": "truthfulqa_mc", "id": "m", "mc1": 1.0, "mc2": 0.5}]
+  assert analysis.item_scores(samples) == {"alpaca_eval": {"a": 0.7}, "harmbench": {"h": 0.0},
+                                           "advbench": {"v": 1.0}, "truthfulqa_gen": {"t": 0.0}}

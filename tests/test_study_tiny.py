@@ -1,0 +1,141 @@
+"""`python -m h3jax.study` end to end on configs/study_tiny.py (structure, not quality), bad configs, and
+kill-and-resume during a training stage and during an evaluation stage."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, SMOLLM2_DIR
+
+CONFIG = REPO / "configs" / "study_tiny.py"
+
+
+@pytest.fixture(scope="module")
+def judges_dir(tmp_path_factory, data_root):
+  """Small local judges (10% of the judge data): the study needs every judge to compute its axes."""
+  from h3jax.evaluation.judges import train
+  d = tmp_path_factory.mktemp("judges")
+  train.build_judges(d, data_root=str(data_root), fraction=0.1)
+  return d
+
+
+def _cmd(workdir, judges_dir, *extra):
+  return [sys.executable, "-m", "h3jax.study", f"--config={CONFIG}", f"--workdir={workdir}",
+          f"--config.judges.dir={judges_dir}", "--config.judges.build_if_missing=False", *extra]
+
+
+def _env(data_root):
+  return dict(os.environ, JAX_PLATFORMS="cpu", H3JAX_DATA_ROOT=str(data_root), HF_HUB_OFFLINE="1",
+              JAX_NUM_CPU_DEVICES="1")
+
+
+def _require_smollm2():
+  if not (SMOLLM2_DIR / "config.json").exists():
+    pytest.fail(f"{SMOLLM2_DIR} missing (its tokenizer is the tiny study's): run `make smollm2`")
+
+
+def test_bad_config_is_one_error_line_before_any_work(tmp_path, data_root):
+  _require_smollm2()
+  w = tmp_path / "w"
+  proc = subprocess.run([sys.executable, "-m", "h3jax.study", f"--config={CONFIG}", f"--workdir={w}",
+                         "--config.rows=('base','moe_magic')"], capture_output=True, text=True,
+                        env=_env(data_root), cwd=REPO, timeout=300)
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: unknown study rows")
+  assert not w.exists()
+
+
+@pytest.mark.slow
+def test_tiny_study_end_to_end(tmp_path, data_root, judges_dir):
+  _require_smollm2()
+  w = tmp_path / "study"
+  proc = subprocess.run(_cmd(w, judges_dir, "--workers=2"), capture_output=True, text=True, env=_env(data_root),
+                        cwd=REPO, timeout=1500)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "0 failed" in proc.stdout
+  res = json.loads((w / "analysis" / "results.json").read_text())
+  from h3jax.study import plan
+  from h3jax.train.defaults import load_config_file
+  sc = load_config_file(CONFIG)
+  rows = set(sc.rows) | set(plan.moe_rows(sc))
+  assert set(res["models"]) == rows and not res["pending_rows"]
+  for r, e in res["models"].items():  # every row on the same items
+    assert e["metrics"]["honest/mc2"]["n"] == 3 and e["metrics"]["helpful/win_rate_text_davinci_003"]["n"] == 3, r
+    assert set(e["study_axes"]) == {"helpful", "harmless", "honest", "3h"}, r
+  assert {c["what"].split(" (")[0] for c in res["comparisons"]} >= {
+      "H3Fusion vs the best individual expert", "H3Fusion vs the output ensemble", "H3Fusion vs the best merge",
+      "best merge vs data-mixture SFT", "intended H3Fusion vs the reference code's defects"}
+  assert set(res["expert_bar"]) == {"helpful", "harmless", "honest"}
+  assert res["models"]["moe_gate_drift"]["router_usage"] and "router_moe_gate_drift.png" in res["plots"]
+  for f in ("results.md", "radar_families.png", "tradeoff.png", "gamma_sweep.png", "training_curves.png"):
+    assert (w / "analysis" / f).is_file(), f
+  sel = json.loads((w / "select" / "merge_ties" / "DONE.json").read_text())["result"]
+  assert sel["choice"] in ("g0", "g1") and len(sel["grid"]) == 2
+  listing = subprocess.run(_cmd(w, judges_dir, "--list"), capture_output=True, text=True, env=_env(data_root),
+                           cwd=REPO, timeout=300).stdout
+  assert listing.strip().splitlines()[-1].startswith(f"{len(plan.build(_resolved(sc, w)))}/")
+  assert "ready" not in listing and "waiting" not in listing
+  out = tmp_path / "published"
+  subprocess.run(_cmd(w, judges_dir, f"--publish={out}"), check=True, env=_env(data_root), cwd=REPO, timeout=300)
+  assert (out / "results.json").is_file() and (out / "samples_moe_gate_drift.jsonl.gz").is_file()
+  assert "stages" in json.loads((out / "recipes.json").read_text())
+
+
+def _resolved(sc, w):
+  from h3jax.study import plan
+  plan.resolve_base(sc, w)
+  return sc
+
+
+def _start(cmd, env):
+  return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                          start_new_session=True)
+
+
+def _kill_when(proc, ready, timeout=900):
+  t0 = time.time()
+  while not ready():
+    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    assert time.time() - t0 < timeout
+    time.sleep(0.5)
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+
+
+def _generations(cache: pathlib.Path) -> int:
+  if not cache.is_file():
+    return 0
+  return sum('"kind": "generation"' in l for l in cache.read_text().splitlines())
+
+
+@pytest.mark.slow
+def test_kill_during_training_and_evaluation_then_resume(tmp_path, data_root, judges_dir):
+  """SIGKILL the whole run once inside Stage A training and once inside generation; the rerun finishes
+  with the same results as an uninterrupted run."""
+  _require_smollm2()
+  env = _env(data_root)
+  extra = ("--only=score/expert_helpful", "--config.expert_steps.helpful=10",
+           "--config.eval.generation.max_new_tokens=24", "--config.eval.batch_size=2")
+  ref = tmp_path / "ref"
+  subprocess.run(_cmd(ref, judges_dir, *extra), check=True, env=env, cwd=REPO, timeout=900, capture_output=True)
+  w = tmp_path / "killed"
+  ckpts = w / "train" / "expert_helpful" / "checkpoints"
+  _kill_when(_start(_cmd(w, judges_dir, *extra), env),
+             lambda: ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()))
+  assert not (w / "train" / "expert_helpful" / "DONE.json").exists()  # killed inside the stage
+  cache = w / "eval" / "expert_helpful" / "cache" / "expert_helpful.jsonl"
+  _kill_when(_start(_cmd(w, judges_dir, *extra), env), lambda: _generations(cache) >= 1)
+  assert not (w / "score" / "expert_helpful" / "DONE.json").exists()
+  proc = subprocess.run(_cmd(w, judges_dir, *extra), capture_output=True, text=True, env=env, cwd=REPO,
+                        timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:]
+  a = json.loads((ref / "eval" / "expert_helpful" / "results.json").read_text())["models"]["expert_helpful"]
+  b = json.loads((w / "eval" / "expert_helpful" / "results.json").read_text())["models"]["expert_helpful"]
+  assert a["metrics"] == b["metrics"]
+  sa = (ref / "eval" / "expert_helpful" / "samples_expert_helpful.jsonl").read_text()
+  assert sa == (w / "eval" / "expert_helpful" / "samples_expert_helpful.jsonl").read_text()
