@@ -23,8 +23,10 @@ def test_smollm2_plan_has_every_row_and_valid_dependencies():
     assert all(d in pos and pos[d] < pos[s.name] for d in s.deps), s
   scored = {n.split("/", 1)[1] for n in names if n.startswith("score/")}
   assert set(sc.rows) <= scored
-  assert {"moe_gamma_1e-4", "moe_gamma_1e-2", "moe_gamma_1e-1"} <= scored  # γ sweep; 1e-3 is moe_gate_drift
-  assert "moe_gamma_1e-3" not in scored
+  # the γ sweep is trained and scored on the validation items; its 1e-3 point is moe_gate_drift
+  swept = {n.split("/", 1)[1] for n in names if n.startswith("val/moe_")}
+  assert swept == {"moe_gamma_1e-4", "moe_gate_drift", "moe_gamma_1e-2", "moe_gamma_1e-1"}
+  assert not any(n.startswith(("train/moe_gamma_1e-3", "gen/moe_gamma", "score/moe_gamma")) for n in names)
   # merges with a grid are validated point by point and selected; single-point merges are not
   assert {f"val/merge_ties/g{i}" for i in range(3)} <= set(names) and "val/merge_resm/g0" not in names
   assert pos["select/merge_ties"] < pos["gen/merge_ties/0of2"]

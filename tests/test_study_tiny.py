@@ -62,8 +62,8 @@ def test_tiny_study_end_to_end(tmp_path, data_root, judges_dir):
   from h3jax.study import plan
   from h3jax.train.defaults import load_config_file
   sc = load_config_file(CONFIG)
-  rows = set(sc.rows) | set(plan.moe_rows(sc))
-  assert set(res["models"]) == rows and not res["pending_rows"]
+  assert set(res["models"]) == set(sc.rows) and not res["pending_rows"]
+  assert [p["gamma1"] for p in res["gamma_sweep"]] == [1e-3, 1e-1]  # validation scores of the sweep
   for r, e in res["models"].items():  # every row on the same items
     assert e["metrics"]["honest/mc2"]["n"] == 3 and e["metrics"]["helpful/win_rate_text_davinci_003"]["n"] == 3, r
     assert set(e["study_axes"]) == {"helpful", "harmless", "honest", "3h"}, r

@@ -106,7 +106,7 @@ def load_rows(sc, workdir) -> Dict[str, dict]:
   """{row: {"entry", "samples", "timing", "settings", "judges"}} for every scored row."""
   w = pathlib.Path(workdir)
   rows = {}
-  for r in list(sc.rows) + [n for n in plan.moe_rows(sc) if n not in sc.rows]:
+  for r in sc.rows:
     res_path = w / "eval" / r / "results.json"
     if not (w / "score" / r / "DONE.json").is_file() or not res_path.is_file():
       continue
@@ -194,11 +194,23 @@ def write(sc, workdir) -> dict:
              "timing": {r: v["timing"] for r, v in rows.items()},
              "comparisons": comps, "expert_bar": expert_bar(comps),
              "stages": stage_timings(w), "pending_rows": [r for r in sc.rows if r not in rows]}
+  results["gamma_sweep"] = gamma_sweep(sc, w)
   results["judge_length_check"] = report.judge_length_check(sc)
   results["plots"] = plots.write_all(sc, w, results, out_dir)
   (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
   (out_dir / "results.md").write_text(report.markdown(sc, results))
   return {"rows": sorted(rows), "pending": results["pending_rows"]}
+
+
+def gamma_sweep(sc, w: pathlib.Path) -> list:
+  """The γ1 sweep's validation scores (the sweep is a hyper-parameter sweep: validation items only)."""
+  out = []
+  for g, r in plan.gamma_points(sc):
+    done = w / "val" / r / "DONE.json"
+    if done.is_file():
+      res = json.loads(done.read_text())["result"]
+      out.append({"gamma1": g, "row": r, "axes": res["axes"]})
+  return out
 
 
 def stage_timings(w: pathlib.Path) -> dict:

@@ -51,7 +51,7 @@ def _cost(sc) -> dict:
 
 def moe_rows(sc) -> Dict[str, dict]:
   """Every Stage B row: the named variants in sc.rows plus the γ sweep (a sweep point equal to the
-  main row's γ is that row)."""
+  main row's γ is that row). Sweep rows are scored on the validation items only."""
   out = {r: dict(sc.moe[r]) for r in sc.rows if r in MOE_ROWS}
   for name, ov in recipes.gamma_sweep_rows(sc).items():
     main = dict(sc.moe.get("moe_gate_drift", {}))
@@ -140,6 +140,7 @@ def _build(sc) -> List[Stage]:
   stages: List[Stage] = []
   experts = tuple(f"train/expert_{a}" for a in AXES)
   moe = moe_rows(sc)
+  sweep = {r for _, r in gamma_points(sc)}
 
   def evaluate(r, deps, factor=1.0):
     gens = [f"gen/{r}/{i}of{shards}" for i in range(shards)]
@@ -179,8 +180,14 @@ def _build(sc) -> List[Stage]:
     else:  # H3Fusion variants and γ sweep points
       steps = moe[r].get("steps", sc.stage_b_steps)
       stages.append(Stage(f"train/{r}", "train", experts, cost["moe_step"] * steps + cost["merge"], (("row", r),)))
-      evaluate(r, (f"train/{r}",), cost["moe_gen_factor"])
-  stages.append(Stage("analysis", "analysis", tuple(s.name for s in stages if s.kind == "score"), 60.0))
+      if r in sc.rows:
+        evaluate(r, (f"train/{r}",), cost["moe_gen_factor"])
+      if r in sweep:  # a hyper-parameter sweep: scored on the validation items, like the merge grids
+        stages.append(Stage(f"val/{r}", "val", (f"train/{r}",), cost["moe_gen_factor"] * (
+            n_val * cost["gen_item_val"] + n_val_mc * cost["mc_item"]) + cost["score"], (("row", r),)))
+  # Analysis reads whatever rows are scored; the runner runs it last, after every other selected stage
+  # finished or failed, and again on every run (it is never "done").
+  stages.append(Stage("analysis", "analysis", (), 60.0))
   return stages
 
 

@@ -69,17 +69,17 @@ def plot_tradeoff(results: dict, path) -> None:
 
 
 def plot_gamma_sweep(sc, results: dict, path) -> bool:
-  pts = [(g, r) for g, r in plan.gamma_points(sc) if r in results["models"]]
+  pts = results.get("gamma_sweep") or []
   if len(pts) < 2:
     return False
   plt = _plt()
   fig, ax = plt.subplots(figsize=(6, 4))
-  gs = [g for g, _ in pts]
-  for k, a in enumerate(AXES):
-    ax.plot(gs, [100 * (_axes(results, r)[k] or np.nan) for _, r in pts], "o-", label=a)
+  gs = [p["gamma1"] for p in pts]
+  for a in AXES:
+    ax.plot(gs, [100 * p["axes"][a] if p["axes"].get(a) is not None else np.nan for p in pts], "o-", label=a)
   ax.set_xscale("log")
   ax.set_xlabel("γ of the helpful expert (γ1); others at %g" % sc.gamma)
-  ax.set_ylabel("axis score (%)")
+  ax.set_ylabel("axis score on the validation items (%)")
   ax.legend()
   ax.grid(alpha=0.3)
   fig.tight_layout()

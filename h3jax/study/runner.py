@@ -92,7 +92,7 @@ def run(sc, workdir, *, config_path: str, overrides=(), patterns=(), workers: in
   todo = set()
 
   def need(name):
-    if name in todo or is_done(workdir, name):
+    if name in todo or (is_done(workdir, name) and by_name[name].kind != "analysis"):
       return
     todo.add(name)
     for d in by_name[name].deps:
@@ -100,7 +100,8 @@ def run(sc, workdir, *, config_path: str, overrides=(), patterns=(), workers: in
 
   for n in wanted:
     need(n)
-  order = [s for s in all_stages if s.name in todo]
+  order = [s for s in all_stages if s.name in todo and s.kind != "analysis"]
+  analysis = [s for s in all_stages if s.kind == "analysis" and s.name in wanted]
   log_dir = log_dir or workdir / "logs"
   log_dir.mkdir(parents=True, exist_ok=True)
   running, failed, finished = {}, [], []
@@ -152,5 +153,14 @@ def run(sc, workdir, *, config_path: str, overrides=(), patterns=(), workers: in
       break  # nothing can start (dependencies outside the selection failed)
     if running:
       time.sleep(poll_s)
+  for s in analysis:  # on whatever rows are scored by now
+    _log(f"start {s.name}")
+    try:
+      rec = run_stage(sc, workdir, s)
+      finished.append(s.name)
+      _log(f"done {s.name}: rows {rec['result']['rows']}, pending {rec['result']['pending']}")
+    except Exception as e:  # no scored rows yet, or a bug: report, keep the stages' results
+      failed.append(s.name)
+      _log(f"FAILED {s.name}: {type(e).__name__}: {e}")
   _log(f"finished {len(finished)} stage(s), {len(failed)} failed, in {(time.time() - t_start) / 60:.1f} min")
   return {"done": finished, "failed": failed}

@@ -111,8 +111,11 @@ def row_model(sc, workdir, row: str) -> str:
 
 
 def run_val(sc, workdir, stage: plan.Stage) -> dict:
-  row, point = stage.arg["row"], stage.arg["point"]
+  """A merge grid point (val/<row>/g<i>) or a γ sweep point (val/<row>) on the validation items."""
+  row, point = stage.arg["row"], stage.arg.get("point")
   out = pathlib.Path(workdir) / stage.name
+  if point is None:
+    return _evaluate(sc, workdir, row, plan.model_dir(workdir, row), out, "validation")
   return _evaluate(sc, workdir, f"{row}-g{point}", plan.model_dir(workdir, row, f"g{point}"), out, "validation")
 
 
