@@ -3,7 +3,8 @@
 Each stage runs in its own subprocess (`python -m h3jax.study ... --stage=NAME`), so a crash or a
 kill takes down only that stage, and its outputs are complete or absent: a finished stage writes
 `<workdir>/<stage>/DONE.json` (result, seconds, CPU seconds) last. A stage whose dependencies are
-done is started when a worker is free; stages are taken in plan order (training first).
+done is started when a worker is free; stages are taken in plan order (training first), and at most one
+heavy stage (training, merging) runs at a time: two would compete for the same cores and memory.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ import time
 from typing import List, Optional
 
 from h3jax.study import plan, stages as stage_lib
+
+
+# Stages that use every core and several GB (training, merging): at most one at a time, next to
+# generation / scoring stages (which decode on about one core).
+HEAVY = ("train", "merge", "base")
 
 
 def _log(msg: str) -> None:
@@ -127,7 +133,9 @@ def run(sc, workdir, *, config_path: str, overrides=(), patterns=(), workers: in
       _log(f"skipped {s.name}: a dependency failed")
     order = [s for s in order if s.name not in blocked]
     while len(running) < workers:
-      ready = [s for s in order if all(is_done(workdir, d) for d in s.deps)]
+      heavy_running = any(by_name[n].kind in HEAVY for n in running)
+      ready = [s for s in order if all(is_done(workdir, d) for d in s.deps)
+               and not (heavy_running and s.kind in HEAVY)]
       if not ready:
         break
       s = ready[0]
