@@ -32,4 +32,10 @@ def get_config():
   c.base = SMOLLM2
   c.expert_steps = ml_collections.ConfigDict(dict(helpful=80, harmless=60, honest=80))
   c.stage_b_steps = 40
+  # Row order = the order the stages start in (the runs take several sessions): the expert bar and the
+  # headline comparisons first.
+  c.rows = ("base", "expert_helpful", "expert_harmless", "expert_honest", "mixture_sft", "moe_gate_drift",
+            "ensemble_logits", "merge_tsv_m", "merge_ties", "merge_resm", "merge_resm_tuned", "moe_reference",
+            "merge_task_arithmetic", "merge_linear", "merge_dare_ties", "merge_iso_cts", "moe_untrained", "moe_lm",
+            "moe_gate", "moe_gate_drift_top1")
   return c

@@ -154,7 +154,7 @@ def _build(sc) -> List[Stage]:
   for a in AXES:
     stages.append(Stage(f"train/expert_{a}", "train", (), cost["train_step"] * sc.expert_steps[a],
                         (("row", f"expert_{a}"),)))
-  rows = [r for r in sc.rows if r not in MOE_ROWS] + list(moe)
+  rows = list(sc.rows) + [r for r in moe if r not in sc.rows]  # config order, then the γ sweep
   for r in rows:
     if r == "base":
       evaluate(r, ())
