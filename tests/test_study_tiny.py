@@ -54,7 +54,7 @@ def test_bad_config_is_one_error_line_before_any_work(tmp_path, data_root):
 def test_tiny_study_end_to_end(tmp_path, data_root, judges_dir):
   _require_smollm2()
   w = tmp_path / "study"
-  proc = subprocess.run(_cmd(w, judges_dir, "--workers=2"), capture_output=True, text=True, env=_env(data_root),
+  proc = subprocess.run(_cmd(w, judges_dir, "--workers=0"), capture_output=True, text=True, env=_env(data_root),
                         cwd=REPO, timeout=1500)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "0 failed" in proc.stdout
@@ -84,6 +84,11 @@ def test_tiny_study_end_to_end(tmp_path, data_root, judges_dir):
   subprocess.run(_cmd(w, judges_dir, f"--publish={out}"), check=True, env=_env(data_root), cwd=REPO, timeout=300)
   assert (out / "results.json").is_file() and (out / "samples_moe_gate_drift.jsonl.gz").is_file()
   assert "stages" in json.loads((out / "recipes.json").read_text())
+  rescored = subprocess.run(_cmd(w, judges_dir, f"--rescore={out}"), capture_output=True, text=True,
+                            env=_env(data_root), cwd=REPO, timeout=600)
+  assert rescored.returncode == 0, rescored.stdout[-2000:] + rescored.stderr[-2000:]
+  rep = json.loads(rescored.stdout[rescored.stdout.index("{"):])
+  assert rep["max_abs_diff"] <= 1e-9 and not any(v["not_rescored"] for v in rep["rows"].values())
 
 
 def _resolved(sc, w):

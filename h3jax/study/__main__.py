@@ -12,6 +12,7 @@ recipes, timings and per-item samples into DIR (e.g. experiments/results/study_s
 
 from __future__ import annotations
 
+import json
 import sys
 
 from absl import app, flags
@@ -25,7 +26,9 @@ flags.DEFINE_list("only", [], "Run only the stages matching these globs (and the
 flags.DEFINE_integer("workers", 1, "Independent stages run at once, each in its own process (0: one after "
                      "another in this process, which saves the start-up of a process per stage).")
 flags.DEFINE_string("stage", None, "Internal: run exactly this stage in this process.")
-flags.DEFINE_string("publish", None, "Copy results, plots, recipes, timings and samples into this folder.")
+flags.DEFINE_string("publish", None, "Copy results, plots, recipes, timings, samples and judges into this folder.")
+flags.DEFINE_string("rescore", None, "Re-score a published folder's samples with its judges; print the largest "
+                    "difference from its results.json.")
 
 
 def main(argv):
@@ -46,6 +49,11 @@ def main(argv):
     if FLAGS.list:
       print(runner.listing(sc, FLAGS.workdir, FLAGS.only))
       return 0
+    if FLAGS.rescore:
+      from h3jax.study import rescore
+      out = rescore.rescore(sc, FLAGS.rescore)
+      print(json.dumps(out, indent=1))
+      return 0 if out["max_abs_diff"] <= 1e-9 else 1
     if FLAGS.publish:
       print(publish.publish(sc, FLAGS.workdir, FLAGS.publish))
       return 0

@@ -1,6 +1,6 @@
 """Copy a study's results into a folder meant for the repository (e.g. experiments/results/study_smollm2):
-results.json, results.md, the plots, every stage's recipe and timing, and the per-item samples of every
-row (gzip), so anyone can re-score them. The folder is replaced as a whole (temp dir, then rename)."""
+results.json, results.md, the plots, every stage's recipe and timing, the per-item samples of every
+row (gzip) and the judges that scored them, so anyone can re-score them (`--rescore`). The folder is replaced as a whole (temp dir, then rename)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,14 @@ def publish(sc, workdir, dest) -> str:
     (tmp / "recipes.json").write_text(json.dumps({"study": json.loads(sc.to_json_best_effort()), "stages": recipes},
                                                  indent=1) + "\n")
     (tmp / "timings.json").write_text(json.dumps(timings, indent=1, default=str) + "\n")
+    from h3jax.evaluation.judges import default_dir
+    from h3jax.study import recipes
+    jdir = pathlib.Path(recipes.eval_config(sc).judges.dir or default_dir())
+    if jdir.is_dir():  # the judges that scored the samples (~4 MB), so the table can be re-scored
+      (tmp / "judges").mkdir()
+      for f in jdir.iterdir():
+        if f.suffix in (".json", ".npz"):
+          shutil.copy2(f, tmp / "judges" / f.name)
     for s in sorted((w / "eval").glob("*/samples_*.jsonl")):
       with open(s, "rb") as fin, gzip.GzipFile(tmp / (s.name + ".gz"), "wb", mtime=0) as fout:
         shutil.copyfileobj(fin, fout)
