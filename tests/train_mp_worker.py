@@ -1,7 +1,7 @@
 """One process of the two-process sharded train-step test (tests/test_train_multiprocess.py).
 
 usage: python tests/train_mp_worker.py PORT PROCESS_ID OUT_DIR
-Each process owns 2 CPU devices; the global (data=2, model=2) mesh spans both.
+Each process owns 2 CPU devices; the global (data=2, tensor=2) mesh spans both.
 """
 
 import sys
@@ -23,7 +23,7 @@ from h3jax.train import sharding  # noqa: E402
 
 assert jax.device_count() == 4 and jax.local_device_count() == 2, (jax.device_count(), jax.local_device_count())
 cfg, params, labels, lc, batches = tts.mp_problem()
-mesh = sharding.make_mesh(data=2, model=2)
+mesh = sharding.make_mesh(data=2, tensor=2)
 
 
 def global_array(x, shard):

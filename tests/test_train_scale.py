@@ -1,0 +1,190 @@
+"""Scale-out of Stage B: the mesh table and its errors, expert-parallel training from the CLI on
+data x expert and fsdp x expert meshes (= one device), the compiled HLO's collectives, and
+checkpoints restored onto other meshes (8 -> 4 -> 1 devices) that continue with the same loss."""
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import flax.traverse_util as tu
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import scale_fixtures as sf
+from h3jax.train import loop, lora, optim, sharding
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEPS, EVERY = 3, 2  # checkpoints at steps 2 and 3: step 3 is the "next step" after a restore
+
+
+def losses(workdir) -> dict:
+  rows = [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r for r in rows}
+
+
+# ----------------------------------------------------------------------------- table and errors
+
+def _moe_tree():
+  from h3jax.config import ModelConfig
+  from h3jax.model import params as params_lib
+  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=8, max_position_embeddings=64, num_experts=4,
+                    num_experts_per_tok=2)
+  p = params_lib.init_params(cfg, jax.random.key(0))
+  return cfg, lora.add_lora(p, lora.FFN_TARGETS + lora.ATTN_TARGETS, 4, jax.random.key(1))
+
+
+def test_spec_table_covers_dense_and_moe_trees_and_optimizer_state():
+  cfg, p = _moe_tree()
+  mesh = sharding.make_mesh(fsdp=2, expert=4)
+  specs = {optim.path_str(k): v for k, v in tu.flatten_dict(sharding.param_specs(p, mesh)).items()}
+  assert set(specs) == {optim.path_str(k) for k in tu.flatten_dict(p)}  # every leaf has a spec
+  for name in ("gate_proj", "up_proj", "down_proj"):  # experts and their LoRA on the expert axis
+    for leaf in ("kernel", "lora_a", "lora_b"):
+      assert specs[f"layers/moe/experts/{name}/{leaf}"][:2] == (None, "expert"), (name, leaf)
+  assert specs["layers/moe/experts/gate_proj/kernel"] == P(None, "expert", "fsdp", None)
+  assert specs["layers/moe/experts/down_proj/kernel"] == P(None, "expert", None, "fsdp")
+  assert specs["layers/attn/q_proj/kernel"] == P(None, "fsdp", None)
+  assert specs["layers/moe/router/kernel"] == P(None, None, None)  # replicated
+  assert specs["embed/embedding"] == P(None, "fsdp")
+  # the dense tree (Stage A) on a tensor mesh: Megatron column / row splits
+  from h3jax.model import params as params_lib
+  dense = params_lib.init_params(cfg.replace(num_experts=0), jax.random.key(0))
+  dspecs = tu.flatten_dict(sharding.param_specs(dense, sharding.make_mesh(data=4, tensor=2)))
+  assert dspecs[("layers", "mlp", "up_proj", "kernel")] == P(None, None, "tensor")
+  assert dspecs[("layers", "mlp", "down_proj", "kernel")] == P(None, "tensor", None)
+  # Adam moments take their parameter's sharding
+  import optax
+  tx = optax.adam(1e-3)
+  opt = sharding.tree_shardings_like(jax.eval_shape(tx.init, p), p, mesh)
+  mu = opt[0].mu
+  assert mu["layers"]["moe"]["experts"]["up_proj"]["lora_b"].spec == specs["layers/moe/experts/up_proj/lora_b"]
+  assert mu["layers"]["moe"]["experts"]["up_proj"]["kernel"].spec == P(None, "expert", "fsdp", None)
+
+
+@pytest.mark.parametrize("shape,kw,msg", [
+    ({"data": 3}, {}, r"needs 3 devices, which does not divide the 8 devices"),
+    ({"data": -1, "expert": 3}, {}, r"fixed axes \(3 devices\) do not divide the 8 devices"),
+    ({"data": -1, "fsdp": -1}, {}, r"at most one -1"),
+    ({"pipeline": 2}, {}, r"unknown mesh axes \['pipeline'\]"),
+    ({"expert": 4}, {"num_experts": 6}, r"mesh expert=4 does not divide the 6 experts"),
+    ({"expert": 2}, {"num_experts": 0}, r"needs an MoE model"),
+    ({"data": 2, "expert": 4}, {"num_experts": 4, "batch_size": 4}, r"batch of 4 rows does not divide over"),
+])
+def test_invalid_meshes_are_one_clear_error(shape, kw, msg):
+  with pytest.raises(sharding.MeshError, match=msg):
+    sharding.check_mesh(sharding.resolve_axes(shape, 8), **kw)
+
+
+def test_mesh_uses_the_first_devices_and_minus_one_takes_the_rest():
+  m = sharding.make_mesh(data=2, expert=2)
+  assert m.axis_names == sharding.AXES and dict(m.shape) == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 1}
+  assert list(m.devices.flat) == jax.devices()[:4]
+  assert dict(sharding.make_mesh(fsdp=-1, expert=4).shape)["fsdp"] == 2
+
+
+# ----------------------------------------------------------------------------- training runs
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """One-device run (in-process), data x expert = 2x4 from the CLI (HLO dumped), fsdp x expert = 2x4."""
+  root = tmp_path_factory.mktemp("scale")
+  base, experts = sf.write_models(root)
+  data = sf.write_data(root / "d.jsonl")
+  one = loop.train_and_evaluate(sf.fusion_config(base, experts, data, STEPS, EVERY), root / "one")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 --xla_dump_to={root / 'hlo'} "
+                       "--xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*step_fn.*")
+  cmd = [sys.executable, "-m", "h3jax.train", "--config=configs/tiny.py:fusion", f"--workdir={root / 'dxe'}",
+         *sf.fusion_overrides(base, experts, data, STEPS, EVERY), "--config.mesh.data=2",
+         "--config.mesh.expert=4"]
+  cli = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert cli.returncode == 0, cli.stderr[-4000:]
+  fxe = loop.train_and_evaluate(sf.fusion_config(base, experts, data, STEPS, EVERY, fsdp=2, expert=4),
+                                root / "fxe")
+  return dict(root=root, base=base, experts=experts, data=data, one=one, fxe=fxe, env=env)
+
+
+def test_cli_data_x_expert_and_fsdp_x_expert_equal_one_device(runs):
+  ref = losses(runs["root"] / "one")
+  for name in ("dxe", "fxe"):
+    got = losses(runs["root"] / name)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for s in range(1, STEPS + 1):
+      for k in ("train/loss", "train/lm_loss", "train/gate_loss", "train/grad_norm"):
+        np.testing.assert_allclose(got[s][k], ref[s][k], rtol=2e-5, err_msg=f"{name} step {s} {k}")
+      assert got[s]["train/dropped_tokens"] == 0.0  # dropless (capacity_factor=0)
+  assert ref[STEPS]["train/loss"] < ref[1]["train/loss"]
+  # the fsdp x expert run's params came back sharded as the table says
+  up = runs["fxe"]["params"]["layers"]["moe"]["experts"]["up_proj"]
+  assert up["kernel"].sharding.spec == P(None, "expert", "fsdp", None)
+  assert up["lora_a"].sharding.spec[:2] == (None, "expert")
+  assert len(up["kernel"].sharding.device_set) == 8
+  for a, b in zip(jax.tree.leaves(runs["fxe"]["params"]), jax.tree.leaves(runs["one"]["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
+
+
+def _collectives(hlo: str):
+  """(op, result shape) of every collective in an HLO module's text."""
+  pat = r"=\s*\(?([a-z0-9]+\[[0-9,]*\])[^=]*?\s(all-to-all|all-gather|all-reduce|reduce-scatter|collective-permute)(?:-start)?\("
+  return [(m.group(2), m.group(1)) for m in re.finditer(pat, hlo)]
+
+
+def test_compiled_step_exchanges_tokens_and_never_gathers_all_experts(runs):
+  mods = sorted((runs["root"] / "hlo").glob("*step_fn*after_optimizations.txt"))
+  assert mods, sorted(p.name for p in (runs["root"] / "hlo").iterdir())[:20]
+  hlo = max(mods, key=lambda p: p.stat().st_size).read_text()
+  ops = _collectives(hlo)
+  assert any(op == "all-to-all" for op, _ in ops), ops
+  # expert kernels are [E=4, 32, 64] / [E, 64, 32] per layer (and [L=2, E, ...] stacked): no collective
+  # may produce all four experts' weights on one device
+  E, D, F = 4, 32, 64
+  full = {f"[{E},{D},{F}]", f"[{E},{F},{D}]", f"[2,{E},{D},{F}]", f"[2,{E},{F},{D}]"}
+  gathers = [(op, s) for op, s in ops if op == "all-gather"]
+  assert not [s for _, s in gathers if any(s.endswith(f) for f in full)], gathers
+
+
+def _resume_on(runs, name, export=False, **mesh):
+  """A fresh workdir holding only the 2x4 run's step-2 checkpoint, continued to step 3 on `mesh`."""
+  w = runs["root"] / name
+  (w / "checkpoints").mkdir(parents=True)
+  shutil.copytree(runs["root"] / "dxe" / "checkpoints" / str(EVERY), w / "checkpoints" / str(EVERY))
+  c = sf.fusion_config(runs["base"], runs["experts"], runs["data"], STEPS, EVERY, **mesh)
+  c.export.enabled = export
+  out = loop.train_and_evaluate(c, w)
+  return losses(w)[STEPS], out
+
+
+def test_restore_onto_other_meshes_continues_with_the_same_loss_and_exports(runs):
+  want = losses(runs["root"] / "dxe")[STEPS]
+  got4, out4 = _resume_on(runs, "to4", export=True, expert=4)  # 8 devices (2x4) -> 4 (1x4)
+  got1, out1 = _resume_on(runs, "to1", export=True)  # -> 1 device
+  for got in (got4, got1):
+    for k in ("train/loss", "train/lm_loss", "train/gate_loss"):
+      np.testing.assert_allclose(got[k], want[k], rtol=2e-5, err_msg=k)
+  assert len(out4["params"]["layers"]["moe"]["experts"]["up_proj"]["kernel"].sharding.device_set) == 4
+  # HF export from the 4-device mesh equals the one from one device (Mixtral folder)
+  from h3jax.hf.load import load_pretrained
+  cfg4, p4 = load_pretrained(out4["export_dir"])
+  cfg1, p1 = load_pretrained(out1["export_dir"])
+  assert cfg4.num_experts == 4 and json.loads((pathlib.Path(out4["export_dir"]) / "config.json").read_text())[
+      "architectures"] == ["MixtralForCausalLM"]
+  for a, b in zip(jax.tree.leaves(p4), jax.tree.leaves(p1)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
+
+
+def test_cli_invalid_mesh_is_one_error_line(runs, tmp_path):
+  cmd = [sys.executable, "-m", "h3jax.train", "--config=configs/tiny.py:fusion", f"--workdir={tmp_path / 'w'}",
+         *sf.fusion_overrides(runs["base"], runs["experts"], runs["data"]), "--config.mesh.expert=3"]
+  r = subprocess.run(cmd, cwd=REPO, env=runs["env"], capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines()[-1] == ("error: mesh {'data': 1, 'fsdp': 1, 'expert': 3, 'tensor': 1} "
+                                               "needs 3 devices, which does not divide the 8 devices")
+  assert not (tmp_path / "w").exists()  # nothing written
