@@ -5,7 +5,6 @@ checkpoints restored onto other meshes (8 -> 4 -> 1 devices) that continue with 
 import json
 import os
 import pathlib
-import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import scale_fixtures as sf
-from h3jax.train import loop, lora, optim, sharding
+from h3jax.checkpoint import load_params
+from h3jax.train import hlo_comm, loop, lora, optim, sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS, EVERY = 3, 2  # checkpoints at steps 2 and 3: step 3 is the "next step" after a restore
@@ -52,7 +52,7 @@ def test_spec_table_covers_dense_and_moe_trees_and_optimizer_state():
   assert specs["layers/moe/experts/down_proj/kernel"] == P(None, "expert", None, "fsdp")
   assert specs["layers/attn/q_proj/kernel"] == P(None, "fsdp", None)
   assert specs["layers/moe/router/kernel"] == P(None, None, None)  # replicated
-  assert specs["embed/embedding"] == P(None, "fsdp")
+  assert specs["embed/embedding"] == P(None, None)  # vocab 259 does not split; D is never split
   # the dense tree (Stage A) on a tensor mesh: Megatron column / row splits
   from h3jax.model import params as params_lib
   dense = params_lib.init_params(cfg.replace(num_experts=0), jax.random.key(0))
@@ -91,64 +91,89 @@ def test_mesh_uses_the_first_devices_and_minus_one_takes_the_rest():
 
 # ----------------------------------------------------------------------------- training runs
 
+TINY = dict(vocab_size=259, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+            head_dim=8, tie_word_embeddings=False)  # configs/tiny.py's model
+MESHES = {"dxe": dict(data=2, expert=4), "fxe": dict(fsdp=2, expert=4)}
+
+
+def step_hlo(root, name) -> str:
+  return (root / name / loop.HLO_FILE).read_text()  # train.save_hlo=True: the compiled step
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """One-device run (in-process), data x expert = 2x4 from the CLI (HLO dumped), fsdp x expert = 2x4."""
+  """One-device run and fsdp x expert = 2x4 (in-process), data x expert = 2x4 from the CLI on 8 host devices."""
   root = tmp_path_factory.mktemp("scale")
   base, experts = sf.write_models(root)
   data = sf.write_data(root / "d.jsonl")
   one = loop.train_and_evaluate(sf.fusion_config(base, experts, data, STEPS, EVERY), root / "one")
-  env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 --xla_dump_to={root / 'hlo'} "
-                       "--xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*step_fn.*")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}  # XLA_FLAGS gives the devices
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=8")
   cmd = [sys.executable, "-m", "h3jax.train", "--config=configs/tiny.py:fusion", f"--workdir={root / 'dxe'}",
-         *sf.fusion_overrides(base, experts, data, STEPS, EVERY), "--config.mesh.data=2",
-         "--config.mesh.expert=4"]
-  cli = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert cli.returncode == 0, cli.stderr[-4000:]
-  fxe = loop.train_and_evaluate(sf.fusion_config(base, experts, data, STEPS, EVERY, fsdp=2, expert=4),
-                                root / "fxe")
-  return dict(root=root, base=base, experts=experts, data=data, one=one, fxe=fxe, env=env)
+         *sf.fusion_overrides(base, experts, data, STEPS, EVERY), "--config.train.save_hlo=True",
+         *(f"--config.mesh.{a}={v}" for a, v in MESHES["dxe"].items())]
+  r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-4000:]
+  c = sf.fusion_config(base, experts, data, STEPS, EVERY, **MESHES["fxe"])
+  c.train.save_hlo = True
+  loop.train_and_evaluate(c, root / "fxe")
+  return dict(root=root, base=base, experts=experts, data=data, one=one, env=env)
 
 
 def test_cli_data_x_expert_and_fsdp_x_expert_equal_one_device(runs):
   ref = losses(runs["root"] / "one")
-  for name in ("dxe", "fxe"):
+  for name in MESHES:
     got = losses(runs["root"] / name)
     assert sorted(got) == list(range(1, STEPS + 1))
     for s in range(1, STEPS + 1):
       for k in ("train/loss", "train/lm_loss", "train/gate_loss", "train/grad_norm"):
         np.testing.assert_allclose(got[s][k], ref[s][k], rtol=2e-5, err_msg=f"{name} step {s} {k}")
       assert got[s]["train/dropped_tokens"] == 0.0  # dropless (capacity_factor=0)
+    _, p = load_params(runs["root"] / name / "checkpoints")
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(runs["one"]["params"])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
   assert ref[STEPS]["train/loss"] < ref[1]["train/loss"]
-  # the fsdp x expert run's params came back sharded as the table says
-  up = runs["fxe"]["params"]["layers"]["moe"]["experts"]["up_proj"]
-  assert up["kernel"].sharding.spec == P(None, "expert", "fsdp", None)
-  assert up["lora_a"].sharding.spec[:2] == (None, "expert")
-  assert len(up["kernel"].sharding.device_set) == 8
-  for a, b in zip(jax.tree.leaves(runs["fxe"]["params"]), jax.tree.leaves(runs["one"]["params"])):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
+
+
+def test_capacity_plan_comm_model_matches_compiled_hlo(runs):
+  """benchmarks/scale_plan.py's per-axis bytes vs the collectives of the compiled CPU train steps."""
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import scale_plan
+  for name, mesh in MESHES.items():
+    full = {a: mesh.get(a, 1) for a in sharding.AXES}
+    got = hlo_comm.collective_bytes(step_hlo(runs["root"], name), full)
+    s = scale_plan.Setting("tiny", full, batch_size=8, seq_len=32, param_dtype="float32", compute_dtype="float32",
+                           num_experts=sf.N_EXPERTS, fields=TINY)
+    want = scale_plan.plan(s)["comm_bytes"]
+    total = sum(got.values())
+    assert "expert" in want and sum(want.values()) > 0.5 * total
+    for axes in set(got) | set(want):
+      if max(got.get(axes, 0), want.get(axes, 0)) > 0.01 * total:  # ignore scalar reductions
+        np.testing.assert_allclose(want.get(axes, 0), got.get(axes, 0), rtol=0.1, err_msg=f"{name} {axes}")
 
 
 def _collectives(hlo: str):
-  """(op, result shape) of every collective in an HLO module's text."""
-  pat = r"=\s*\(?([a-z0-9]+\[[0-9,]*\])[^=]*?\s(all-to-all|all-gather|all-reduce|reduce-scatter|collective-permute)(?:-start)?\("
-  return [(m.group(2), m.group(1)) for m in re.finditer(pat, hlo)]
+  """(op, result shape) of every collective in an HLO module's text (each element of a tuple result)."""
+  out = []
+  for line in hlo.splitlines():
+    m = hlo_comm._INSTR.match(line)
+    if m and m.group(2).removesuffix("-start") in hlo_comm.OPS:
+      out += [(m.group(2).removesuffix("-start"), f"{dt}[{dims}]") for dt, dims in hlo_comm._SHAPE.findall(m.group(1))]
+  return out
 
 
 def test_compiled_step_exchanges_tokens_and_never_gathers_all_experts(runs):
-  mods = sorted((runs["root"] / "hlo").glob("*step_fn*after_optimizations.txt"))
-  assert mods, sorted(p.name for p in (runs["root"] / "hlo").iterdir())[:20]
-  hlo = max(mods, key=lambda p: p.stat().st_size).read_text()
-  ops = _collectives(hlo)
-  assert any(op == "all-to-all" for op, _ in ops), ops
-  # expert kernels are [E=4, 32, 64] / [E, 64, 32] per layer (and [L=2, E, ...] stacked): no collective
-  # may produce all four experts' weights on one device
-  E, D, F = 4, 32, 64
-  full = {f"[{E},{D},{F}]", f"[{E},{F},{D}]", f"[2,{E},{D},{F}]", f"[2,{E},{F},{D}]"}
-  gathers = [(op, s) for op, s in ops if op == "all-gather"]
-  assert not [s for _, s in gathers if any(s.endswith(f) for f in full)], gathers
+  for name in MESHES:
+    ops = _collectives(step_hlo(runs["root"], name))
+    assert any(op == "all-to-all" for op, _ in ops), ops
+    # expert kernels are [E=4, 32, 64] / [E, 64, 32] per layer (and [L=2, E, ...] stacked): no collective
+    # may produce all four experts' weights on one device (fsdp gathers one expert's [1, 32, 64])
+    E, D, F = 4, 32, 64
+    full = {f"[{E},{D},{F}]", f"[{E},{F},{D}]", f"[2,{E},{D},{F}]", f"[2,{E},{F},{D}]"}
+    gathers = [(op, s) for op, s in ops if op == "all-gather"]
+    assert not [s for _, s in gathers if any(s.endswith(f) for f in full)], (name, gathers)
+    if name == "fxe":  # fsdp does gather weights, one expert at a time
+      assert any(s.endswith(f"[1,1,{D},{F}]") for _, s in gathers), gathers
 
 
 def _resume_on(runs, name, export=False, **mesh):

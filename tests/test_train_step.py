@@ -61,11 +61,12 @@ def run_steps(cfg, params, labels, lc, batches, *, accum=1, lr=1e-2, jit_kw=None
   return state, ms
 
 
-def mp_problem():
-  """Tiny fused-MoE Stage-B problem: LoRA on attention + experts, trainable router, gating + drift."""
-  cfg = tiny_cfg(num_experts=3, num_experts_per_tok=2, moe_dispatch="capacity")
+def mp_problem(num_experts=3):
+  """Tiny fused-MoE Stage-B problem: LoRA on attention + experts, trainable router, gating + drift
+  (dropless capacity dispatch)."""
+  cfg = tiny_cfg(num_experts=num_experts, num_experts_per_tok=2, moe_dispatch="capacity")
   cfg, params, labels = lora_setup(cfg, targets=lora.FFN_TARGETS + lora.ATTN_TARGETS, router=True)
-  lc = objective.loss_config({"gate_weight": 0.05, "drift_weights": (1e-3, 0.0, 1e-2)}, cfg)
+  lc = objective.loss_config({"gate_weight": 0.05, "drift_weights": (1e-3, 0.0, 1e-2, 0.0)[:num_experts]}, cfg)
   return cfg, params, labels, lc, [batch_of(8, s) for s in range(2)]
 
 

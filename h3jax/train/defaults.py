@@ -97,6 +97,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 50
   c.train.eval_batches = 2
   c.train.progress = True
+  c.train.save_hlo = False  # write the compiled train step's HLO to workdir/train_step.hlo.txt
 
   # Device mesh (h3jax/train/sharding.py): sizes multiply to the devices used, -1 = the rest.
   # data: batch split; fsdp: batch + parameters split; expert: batch + MoE experts split

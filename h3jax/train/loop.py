@@ -30,6 +30,7 @@ from h3jax.train import optim, sharding, stages, step as step_lib
 
 METRICS_FILE = "metrics.jsonl"
 CKPT_DIR = "checkpoints"
+HLO_FILE = "train_step.hlo.txt"
 
 
 class _Writer:
@@ -146,6 +147,9 @@ def _train(config, workdir, run, cfg, labels, schedule, tx, mesh) -> dict:
                                        schedule=schedule),
                     in_shardings=(state_shard, b_shard, None if init_params is None else p_shard),
                     out_shardings=(state_shard, None), donate_argnums=(0,))
+  if t.save_hlo:  # the compiled step's HLO (collectives: h3jax.train.hlo_comm); the same executable runs
+    step_fn = step_fn.lower(state, put(batch_like), init_params).compile()
+    (workdir / HLO_FILE).write_text(step_fn.as_text())
   eval_fn = jax.jit(step_lib.make_eval_step(cfg, run.loss))
   writer = _Writer(workdir, start)
   bar = _progress(t.steps, start, f"{config.stage}:{workdir.name}", t.progress)

@@ -50,7 +50,7 @@ class MeshError(ValueError):
 
 # First match wins; paths are slash-joined params paths. Stacked layers lead with L (never split).
 PARAM_RULES: Tuple[Tuple[str, P], ...] = (
-    (r"^embed/embedding$", P(_T, _F)),  # [V, D]
+    (r"^embed/embedding$", P(_T, None)),  # [V, D]: a lookup from a D-split table reshuffles activations
     (r"^lm_head/kernel$", P(_F, _T)),  # [D, V]
     (r"^layers/attn/[qkv]_proj/kernel$", P(None, _F, _T)),  # [L, D, H*Dh] column
     (r"^layers/attn/[qkv]_proj/bias$", P(None, _T)),
