@@ -111,6 +111,7 @@ def runs(tmp_path_factory):
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=8")
   cmd = [sys.executable, "-m", "h3jax.train", "--config=configs/tiny.py:fusion", f"--workdir={root / 'dxe'}",
          *sf.fusion_overrides(base, experts, data, STEPS, EVERY), "--config.train.save_hlo=True",
+         f"--config.train.eval_every={STEPS}",  # the eval step under the mesh too
          *(f"--config.mesh.{a}={v}" for a, v in MESHES["dxe"].items())]
   r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-4000:]
@@ -133,6 +134,8 @@ def test_cli_data_x_expert_and_fsdp_x_expert_equal_one_device(runs):
     for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(runs["one"]["params"])):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
   assert ref[STEPS]["train/loss"] < ref[1]["train/loss"]
+  ev = [json.loads(l) for l in (runs["root"] / "dxe" / "metrics.jsonl").read_text().splitlines() if "eval/lm_loss" in l]
+  assert len(ev) == 1 and np.isfinite(ev[0]["eval/lm_loss"])
 
 
 def test_capacity_plan_comm_model_matches_compiled_hlo(runs):
