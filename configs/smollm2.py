@@ -41,7 +41,7 @@ def get_config(arg: str = "helpful"):
   c.train.lr = 5e-4
   c.train.checkpoint_every = 100
   c.train.eval_every = 100
-  c.train.mesh_data = -1
+  c.mesh.data = -1
   if arg in AXES:
     c.stage = "sft"
     c.data.sources = (arg,)

@@ -40,7 +40,7 @@ def get_config():
   c.train.lr = 1e-3
   c.train.checkpoint_every = 4
   c.train.eval_every = 0
-  c.train.mesh_data = 1
+  c.mesh.data = 1
   c.export.enabled = True
   c.pipeline = dict(axes=AXES, stage_a_steps=4, stage_a_lr=1e-3,
                     prompt="Give me three tips for staying healthy.", max_new_tokens=48)

@@ -33,7 +33,7 @@ def get_config(arg: str = "helpful"):
   c.train.lr = 1e-2
   c.train.checkpoint_every = 10
   c.train.eval_every = 10
-  c.train.mesh_data = 1  # tiny batches: one device is fastest
+  c.mesh.data = 1  # tiny batches: one device is fastest
   if arg in AXES:
     c.stage = "sft"
     c.data.sources = (arg,)

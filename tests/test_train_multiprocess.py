@@ -1,5 +1,6 @@
-"""Two localhost processes (jax.distributed, gloo CPU collectives, 2 devices each) run sharded
-train steps on a global data x model mesh; the result equals the single-process run."""
+"""Two localhost processes (jax.distributed, gloo CPU collectives) run sharded train steps on a global
+mesh: data x tensor (2 devices each), and the 4-expert MoE with expert parallelism on data x expert
+(4 devices each; the all_to_all crosses processes). Both equal the single-process run."""
 
 import os
 import pathlib
@@ -22,26 +23,29 @@ def _free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.optin  # 2 extra JAX processes + compiles: ~1.5 min idle, 8 min on the busy 2-core box
-def test_two_process_sharded_steps_equal_single_process(tmp_path):
+def _two_workers(tmp_path, mode):
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{HERE}{os.pathsep}{HERE.parent}")
-  env.pop("JAX_NUM_CPU_DEVICES", None)  # each worker sets 2 devices itself
-  procs = [subprocess.Popen([sys.executable, str(HERE / "train_mp_worker.py"), str(port), str(i), str(tmp_path)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  env.pop("JAX_NUM_CPU_DEVICES", None)  # each worker sets its devices itself
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, str(HERE / "train_mp_worker.py"), str(port), str(i), str(tmp_path),
+                             mode], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
   outs = []
   for p in procs:
     try:
-      outs.append(p.communicate(timeout=400)[0])
+      outs.append(p.communicate(timeout=500)[0])
     except subprocess.TimeoutExpired:
       for q in procs:
         q.kill()
       raise
   for i, (p, o) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, f"worker {i} failed:\n{o[-4000:]}"
-  got = dict(np.load(tmp_path / "params.npz"))
-  cfg, params, labels, lc, batches = tts.mp_problem()
+  return dict(np.load(tmp_path / "params.npz"))
+
+
+def _check_equal(got, problem):
+  cfg, params, labels, lc, batches = problem
   state, ms = tts.run_steps(cfg, params, labels, lc, batches)
   np.testing.assert_allclose(got.pop("__losses__"), [float(m["loss"]) for m in ms], rtol=1e-5)
   flat = {"/".join(str(k.key) for k in path): np.asarray(v)
@@ -49,3 +53,15 @@ def test_two_process_sharded_steps_equal_single_process(tmp_path):
   assert set(got) == set(flat)
   for k in flat:
     np.testing.assert_allclose(got[k], flat[k], rtol=1e-4, atol=2e-5, err_msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.optin  # 2 extra JAX processes + compiles: ~1.5 min idle, 8 min on the busy 2-core box
+def test_two_process_sharded_steps_equal_single_process(tmp_path):
+  _check_equal(_two_workers(tmp_path, "dense_tp"), tts.mp_problem())
+
+
+@pytest.mark.slow
+@pytest.mark.optin  # as above, with 8 devices over 2 processes
+def test_two_process_expert_parallel_moe_equals_single_process(tmp_path):
+  _check_equal(_two_workers(tmp_path, "moe_ep"), tts.mp_problem(num_experts=4))

@@ -61,11 +61,12 @@ def run_steps(cfg, params, labels, lc, batches, *, accum=1, lr=1e-2, jit_kw=None
   return state, ms
 
 
-def mp_problem():
-  """Tiny fused-MoE Stage-B problem: LoRA on attention + experts, trainable router, gating + drift."""
-  cfg = tiny_cfg(num_experts=3, num_experts_per_tok=2, moe_dispatch="capacity")
+def mp_problem(num_experts=3):
+  """Tiny fused-MoE Stage-B problem: LoRA on attention + experts, trainable router, gating + drift
+  (dropless capacity dispatch)."""
+  cfg = tiny_cfg(num_experts=num_experts, num_experts_per_tok=2, moe_dispatch="capacity")
   cfg, params, labels = lora_setup(cfg, targets=lora.FFN_TARGETS + lora.ATTN_TARGETS, router=True)
-  lc = objective.loss_config({"gate_weight": 0.05, "drift_weights": (1e-3, 0.0, 1e-2)}, cfg)
+  lc = objective.loss_config({"gate_weight": 0.05, "drift_weights": (1e-3, 0.0, 1e-2, 0.0)[:num_experts]}, cfg)
   return cfg, params, labels, lc, [batch_of(8, s) for s in range(2)]
 
 
@@ -150,18 +151,18 @@ def test_grad_accumulation_equals_full_batch():
 
 def test_sharded_step_equals_unsharded(moe_run):
   cfg, p0, labels, lc, batches, ref, mref = moe_run
-  mesh = sharding.make_mesh(data=4, model=2)
+  mesh = sharding.make_mesh(data=4, tensor=2)
   specs = tu.flatten_dict(sharding.param_specs(p0, mesh))
   assert specs[("layers", "moe", "experts", "gate_proj", "kernel")] == jax.sharding.PartitionSpec(
-      None, None, None, "model")
-  assert specs[("layers", "attn", "o_proj", "kernel")] == jax.sharding.PartitionSpec(None, "model", None)
+      None, None, None, "tensor")
+  assert specs[("layers", "attn", "o_proj", "kernel")] == jax.sharding.PartitionSpec(None, "tensor", None)
   params = jax.device_put(p0, sharding.param_shardings(p0, mesh))
   b_sh = sharding.batch_shardings(batches[0], mesh)
   state, ms = sharded_steps(cfg, params, labels, lc, [jax.device_put(b, b_sh) for b in batches], mesh)
   for m, mr in zip(ms, mref):
     np.testing.assert_allclose(float(m["loss"]), float(mr["loss"]), rtol=1e-5)
   q = state["params"]["layers"]["attn"]["q_proj"]["kernel"]
-  assert q.sharding.spec == jax.sharding.PartitionSpec(None, None, "model")
+  assert q.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
   assert len(q.addressable_shards) == 8
   for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref["params"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)  # Adam amplifies order noise

@@ -69,7 +69,7 @@ def default_study_config() -> ml_collections.ConfigDict:
   c.stage_a = ml_collections.ConfigDict(dict(
       data=dict(template="chat", seq_len=256, pack=True, eval_fraction=0.0),
       train=dict(batch_size=8, lr=1e-3, warmup_steps=5, decay="linear", checkpoint_every=20,
-                 keep_checkpoints=10, eval_every=0, mesh_data=1),
+                 keep_checkpoints=10, eval_every=0),
       lora=dict(rank=8, alpha=4.0, dropout=0.1, targets=("ffn",)),
       model=dict(remat="none")))
   # The data-mixture baseline: the Stage A recipe on the three training sets mixed, with as many steps as

@@ -97,9 +97,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.eval_every = 50
   c.train.eval_batches = 2
-  c.train.mesh_data = -1  # -1: all devices not on the model axis
-  c.train.mesh_model = 1
   c.train.progress = True
+  c.train.save_hlo = False  # write the compiled train step's HLO to workdir/train_step.hlo.txt
+
+  # Device mesh (h3jax/train/sharding.py): sizes multiply to the devices used, -1 = the rest.
+  # data: batch split; fsdp: batch + parameters split; expert: batch + MoE experts split
+  # (fusion.dispatch="expert_parallel" exchanges tokens by all_to_all); tensor: Megatron matrices.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
 
   c.export = ml_collections.ConfigDict()
   c.export.enabled = False  # HF folder (LoRA merged; Mixtral for an MoE) at the end

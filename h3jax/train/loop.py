@@ -2,7 +2,7 @@
 
 Per step: batch = next(data) (an `h3jax.data.pipeline.BatchIterator`, whose
 batches are a pure function of data, config and step), one jitted step over
-the (data, model) mesh, metrics appended to workdir/metrics.jsonl (and
+the `config.mesh` device mesh (h3jax.train.sharding), metrics appended to workdir/metrics.jsonl (and
 TensorBoard if tensorboardX is installed), a tqdm bar. Every
 `train.checkpoint_every` steps params + optimizer state + the iterator's
 `state()` (in the checkpoint's `extra["data"]`) go to workdir/checkpoints
@@ -30,6 +30,7 @@ from h3jax.train import optim, sharding, stages, step as step_lib
 
 METRICS_FILE = "metrics.jsonl"
 CKPT_DIR = "checkpoints"
+HLO_FILE = "train_step.hlo.txt"
 
 
 class _Writer:
@@ -95,16 +96,26 @@ def restore_data(it, extra, step: int, ckpt_dir) -> None:
 
 def train_and_evaluate(config, workdir, *, run: Optional[stages.Run] = None) -> dict:
   """Train per `config` in `workdir` (resuming if it holds checkpoints). Returns a summary dict."""
-  from h3jax.checkpoint import Checkpointer
+  t = config.train
+  if run is None:  # mesh errors before loading (and fusing) any model
+    n_exp = len(config.fusion.expert_dirs) if config.stage == "fusion" else 0
+    sharding.check_mesh(sharding.resolve_axes(dict(config.mesh), jax.device_count()), num_experts=n_exp,
+                        batch_size=t.batch_size, grad_accum=t.grad_accum_steps)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  t = config.train
   run = run or stages.setup(config)
   cfg, labels = run.cfg, run.labels
   schedule = optim.make_schedule(t.lr, t.steps, warmup_steps=t.warmup_steps, decay=t.decay,
                                  end_lr_frac=t.end_lr_frac)
   tx = optim.make_optimizer(labels, schedule, weight_decay=t.weight_decay, clip_norm=t.clip_norm)
-  mesh = sharding.make_mesh(t.mesh_data, t.mesh_model)
+  mesh = sharding.mesh_from_config(config.mesh, cfg, batch_size=t.batch_size, grad_accum=t.grad_accum_steps)
+  with jax.set_mesh(mesh):  # expert_parallel's shard_map takes the `expert` axis from the context mesh
+    return _train(config, workdir, run, cfg, labels, schedule, tx, mesh)
+
+
+def _train(config, workdir, run, cfg, labels, schedule, tx, mesh) -> dict:
+  from h3jax.checkpoint import Checkpointer
+  t = config.train
   p_shard = sharding.param_shardings(run.params, mesh)
   params = jax.device_put(run.params, p_shard)
   init_params = params if run.loss.drift_weights and run.loss.drift_mode == "frobenius" else None
@@ -136,6 +147,9 @@ def train_and_evaluate(config, workdir, *, run: Optional[stages.Run] = None) -> 
                                        schedule=schedule),
                     in_shardings=(state_shard, b_shard, None if init_params is None else p_shard),
                     out_shardings=(state_shard, None), donate_argnums=(0,))
+  if t.save_hlo:  # the compiled step's HLO (collectives: h3jax.train.hlo_comm); the same executable runs
+    step_fn = step_fn.lower(state, put(batch_like), init_params).compile()
+    (workdir / HLO_FILE).write_text(step_fn.as_text())
   eval_fn = jax.jit(step_lib.make_eval_step(cfg, run.loss))
   writer = _Writer(workdir, start)
   bar = _progress(t.steps, start, f"{config.stage}:{workdir.name}", t.progress)
