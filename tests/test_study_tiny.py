@@ -99,17 +99,20 @@ def _resolved(sc, w):
 
 def _start(cmd, env):
   return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                          start_new_session=True)
+                          start_new_session=True)  # its own process group, killed whole
 
 
 def _kill_when(proc, ready, timeout=900):
+  """SIGKILL the run's whole process group (runner and stage processes) once ready() holds."""
   t0 = time.time()
-  while not ready():
-    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-    assert time.time() - t0 < timeout
-    time.sleep(0.5)
-  os.killpg(proc.pid, signal.SIGKILL)
-  proc.wait()
+  try:
+    while not ready():
+      assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+      assert time.time() - t0 < timeout, "the run never reached the state to kill it in"
+      time.sleep(0.2)
+  finally:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _generations(cache: pathlib.Path) -> int:
@@ -126,8 +129,9 @@ def test_kill_during_training_and_evaluation_then_resume(tmp_path, data_root, ju
   env = _env(data_root)
   extra = ("--only=score/expert_helpful", "--config.expert_steps.helpful=10",
            "--config.eval.generation.max_new_tokens=24", "--config.eval.batch_size=2")
-  ref = tmp_path / "ref"
-  subprocess.run(_cmd(ref, judges_dir, *extra), check=True, env=env, cwd=REPO, timeout=900, capture_output=True)
+  ref = tmp_path / "ref"  # uninterrupted, in one process
+  subprocess.run(_cmd(ref, judges_dir, *extra, "--workers=0"), check=True, env=env, cwd=REPO, timeout=900,
+                 capture_output=True)
   w = tmp_path / "killed"
   ckpts = w / "train" / "expert_helpful" / "checkpoints"
   _kill_when(_start(_cmd(w, judges_dir, *extra), env),
