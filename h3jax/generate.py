@@ -33,6 +33,7 @@ def define_flags():
   flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
   flags.DEFINE_integer("top_k", 0, "0 disables top-k filtering.")
   flags.DEFINE_float("top_p", 1.0, "1 disables nucleus filtering.")
+  flags.DEFINE_float("repetition_penalty", 1.0, "transformers' repetition penalty (1 = off).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_multi_string("stop", [], "Stop string(s).")
   flags.DEFINE_integer("batch_size", 8, "Prompts per batch.")
@@ -68,7 +69,8 @@ def main(argv):
     raise app.UsageError("--model and --prompt are required")
   outs = run(FLAGS.model, FLAGS.prompt, chat=FLAGS.chat, system=FLAGS.system,
              max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-             top_p=FLAGS.top_p, seed=FLAGS.seed, stop_strings=tuple(FLAGS.stop),
+             top_p=FLAGS.top_p, seed=FLAGS.seed, repetition_penalty=FLAGS.repetition_penalty,
+             stop_strings=tuple(FLAGS.stop),
              batch_size=FLAGS.batch_size, dtype=FLAGS.dtype)
   for prompt, out in zip(FLAGS.prompt, outs):
     print(f"### prompt\n{prompt}\n### completion\n{out}\n")

@@ -27,12 +27,20 @@ from h3jax.model import llama
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  """temperature == 0 means greedy (argmax); top_k == 0 and top_p == 1 disable filtering."""
+  """temperature == 0 means greedy (argmax); top_k == 0 and top_p == 1 disable filtering.
+
+  repetition_penalty (transformers' semantics; 1 = off): before sampling or argmax, the logit of every
+  token already in the row (prompt, padding included, and generated so far) is divided by it when
+  positive and multiplied by it when negative. Small models decoded greedily fall into loops without it.
+  """
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
+  repetition_penalty: float = 1.0
 
   def __post_init__(self):
+    if not self.repetition_penalty > 0:
+      raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
     if self.temperature < 0:
       raise ValueError(f"temperature must be >= 0, got {self.temperature}")
     if self.top_k < 0:
@@ -63,6 +71,12 @@ def sample_logits(logits_BV, key, sampling: SamplingConfig):
     cutoff_B1 = jnp.max(jnp.where(remove_BV, sorted_BV, neg), axis=-1, keepdims=True)
     logits_BV = jnp.where((logits_BV <= cutoff_B1) & jnp.any(remove_BV, -1, keepdims=True), neg, logits_BV)
   return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def penalize_repeats(logits_BV, seen_BV, penalty: float):
+  """transformers' RepetitionPenaltyLogitsProcessor: seen tokens' logits / penalty (> 0) or * penalty."""
+  penalized_BV = jnp.where(logits_BV > 0, logits_BV / penalty, logits_BV * penalty)
+  return jnp.where(seen_BV, penalized_BV, logits_BV)
 
 
 def sample_rows(logits_BV, key, seeds_B, sampling: SamplingConfig):
@@ -101,8 +115,13 @@ def _decode_chunk(params, state, eos_E, key, cfg: ModelConfig, sampling: Samplin
 
   def body(s):
     step = s["step"]
-    tok_B = sample_rows(s["logits_BV"], jax.random.fold_in(key, step), s["row_B"], sampling)
+    logits_BV = s["logits_BV"]
+    if "seen_BV" in s:
+      logits_BV = penalize_repeats(logits_BV, s["seen_BV"], sampling.repetition_penalty)
+    tok_B = sample_rows(logits_BV, jax.random.fold_in(key, step), s["row_B"], sampling)
     tok_B = jnp.where(s["done_B"], 0, tok_B)
+    if "seen_BV" in s:
+      s = dict(s, seen_BV=s["seen_BV"].at[jnp.arange(tok_B.shape[0]), tok_B].set(True))
     out_BN = s["out_BN"].at[:, step].set(tok_B)
     done_B = s["done_B"] | jnp.any(tok_B[:, None] == eos_E[None, :], axis=-1)
     logits_B1V, cache = llama.forward_cached(params, tok_B[:, None], s["pos_B"][:, None], s["cache"],
@@ -162,6 +181,8 @@ def generate_tokens(params, cfg: ModelConfig, prompt_ids_BP, prompt_mask_BP, *, 
                cache_index=jnp.int32(P), pos_B=next_pos_B.astype(jnp.int32), key_mask_BS=key_mask_BS,
                lengths_B=jnp.zeros((B,), jnp.int32),
                row_B=jnp.asarray(np.arange(B) if row_seeds is None else row_seeds, jnp.uint32))
+  if sampling.repetition_penalty != 1.0:  # every prompt token (padding too, as transformers) counts as seen
+    state["seen_BV"] = jnp.zeros((B, cfg.vocab_size), bool).at[jnp.arange(B)[:, None], ids_BP].set(True)
   eos_E = jnp.asarray(list(eos_token_ids) or [-1], jnp.int32)
   key = jax.random.PRNGKey(seed)
   chunk = chunk or N
@@ -208,7 +229,8 @@ def format_prompts(tokenizer, prompts: Sequence[str], *, chat: bool, system: Opt
 def generate(params, cfg: ModelConfig, tokenizer, prompts, *, chat: bool = False, system: Optional[str] = None,
              max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0, stop_strings: Sequence[str] = (), eos_token_ids: Optional[Sequence[int]] = None,
-             batch_size: int = 8, chunk: int = 32, progress: bool = False) -> list:
+             batch_size: int = 8, chunk: int = 32, progress: bool = False,
+             repetition_penalty: float = 1.0) -> list:
   """Generate completions (text after the prompt) for one prompt or a list of prompts.
 
   Greedy when temperature == 0. Generation stops at an EOS id (default: the
@@ -217,7 +239,7 @@ def generate(params, cfg: ModelConfig, tokenizer, prompts, *, chat: bool = False
   """
   single = isinstance(prompts, str)
   prompts = [prompts] if single else list(prompts)
-  sampling = SamplingConfig(temperature, top_k, top_p)
+  sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty)
   texts = format_prompts(tokenizer, prompts, chat=chat, system=system)
   if eos_token_ids is None:
     eos = set(cfg.eos_token_id)

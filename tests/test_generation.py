@@ -149,3 +149,32 @@ def test_row_seeds_make_samples_independent_of_the_batch(tmp_path):
   np.testing.assert_array_equal(b, a[[2, 0]])  # same prompt + row seed -> same samples, any position
   c, _ = generation.generate_tokens(params, cfg, ids, mask, row_seeds=[12, 22, 33], **kw)
   assert (c[0] != a[0]).any() and (c[1:] == a[1:]).all()
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.8])
+def test_repetition_penalty_matches_transformers_generate(penalty, tmp_path):
+  """Greedy with a repetition penalty (prompt and padding tokens count as seen) equals transformers'."""
+  model = make_model("llama_gqa_tied_llama3", std=0.3, eos_token_id=None)
+  cfg, params = h3jax.load_pretrained(save_model(model, tmp_path))
+  ids, mask = _left_padded()
+  with torch.no_grad():
+    ref = model.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False,
+                         max_new_tokens=16, pad_token_id=0, repetition_penalty=penalty)[:, ids.shape[1]:].numpy()
+  sampling = generation.SamplingConfig(repetition_penalty=penalty)
+  toks, _ = generation.generate_tokens(params, cfg, ids, mask, max_new_tokens=16, chunk=5, sampling=sampling)
+  np.testing.assert_array_equal(toks, ref)
+  plain, _ = generation.generate_tokens(params, cfg, ids, mask, max_new_tokens=16, chunk=5)
+  assert not np.array_equal(plain, toks)  # the penalty changed the greedy path
+
+
+def test_repetition_penalty_survives_compaction(tmp_path):
+  model = make_model("llama_mha_untied", std=0.3, eos_token_id=None)
+  cfg, params = h3jax.load_pretrained(save_model(model, tmp_path))
+  ids, mask = _left_padded()
+  sampling = generation.SamplingConfig(repetition_penalty=1.5)
+  stop = lambda toks, lengths: np.arange(3) >= 1  # rows 1 and 2 finish at once: the batch compacts
+  a, _ = generation.generate_tokens(params, cfg, ids, mask, max_new_tokens=12, chunk=4, sampling=sampling,
+                                    should_stop=stop)
+  b, _ = generation.generate_tokens(params, cfg, ids, mask, max_new_tokens=12, chunk=4, sampling=sampling,
+                                    should_stop=stop, compact=False)
+  np.testing.assert_array_equal(a[0], b[0])

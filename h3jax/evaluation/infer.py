@@ -65,10 +65,14 @@ def prompt_template(config, tokenizer) -> str:
 def generation_settings(config, template: str) -> dict:
   """Everything that changes a generation (it is hashed into the cache key)."""
   g = config.generation
-  return {"format": template, "system": g.system or None, "max_new_tokens": int(g.max_new_tokens),
-          "temperature": float(g.temperature), "top_k": int(g.top_k), "top_p": float(g.top_p),
-          "seed": int(g.seed), "dtype": config.dtype,
-          "stop": list(g.stop_strings) + (["###"] if template == "alpaca" else [])}
+  out = {"format": template, "system": g.system or None, "max_new_tokens": int(g.max_new_tokens),
+         "temperature": float(g.temperature), "top_k": int(g.top_k), "top_p": float(g.top_p),
+         "seed": int(g.seed), "dtype": config.dtype,
+         "stop": list(g.stop_strings) + (["###"] if template == "alpaca" else [])}
+  penalty = float(g.get("repetition_penalty", 1.0))
+  if penalty != 1.0:  # only when set, so the keys of caches written without it stay valid
+    out["repetition_penalty"] = penalty
+  return out
 
 
 def model_inputs(tokenizer, prompts: Sequence[str], settings: dict) -> List[str]:
@@ -118,7 +122,8 @@ def generate_texts(model: dict, texts: Sequence[str], settings: dict, *, batch_s
       done[:n_real] = [any(s in d for s in stops) for d in decoded]
     return done
 
-  sampling = generation.SamplingConfig(settings["temperature"], settings["top_k"], settings["top_p"])
+  sampling = generation.SamplingConfig(settings["temperature"], settings["top_k"], settings["top_p"],
+                                       settings.get("repetition_penalty", 1.0))
   toks_BN, lengths_B = generation.generate_tokens(
       model["params"], cfg, ids_BP, mask_BP, max_new_tokens=settings["max_new_tokens"], sampling=sampling,
       eos_token_ids=sorted(eos), seed=seed, chunk=32, should_stop=should_stop,
