@@ -5,6 +5,8 @@ Re-running the same command in the same workdir resumes from its latest
 checkpoint. The library function is `h3jax.train.loop.train_and_evaluate`.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -23,7 +25,11 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; tqdm shows progress
   from h3jax.train import loop
-  out = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    out = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except FloatingPointError as e:  # diverged: nothing of the bad state was saved or exported
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   print(f"done: step {out['steps']} loss {out.get('loss', float('nan')):.4f} -> {out['workdir']}")
 
 
