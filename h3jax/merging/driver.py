@@ -115,7 +115,25 @@ def _kwargs_for(spec: mcfg.MergeSpec, name: str, t: float, accepted) -> Dict:
   for d in np.ravel(np.asarray(kwargs.get("density", ()), dtype=object)):
     if d is not None and not (isinstance(d, (int, float)) and 0 < d <= 1):
       raise MergeError(f"density must be in (0, 1], got {d!r} for {name}")
+  _check_weight_sum(spec.method, kwargs, len(spec.models), name)
   return kwargs
+
+
+# Methods that divide by sum(weight) when normalizing, and their `normalize` default.
+_NORMALIZING = {"linear": True, "task_arithmetic": False}
+
+
+def _check_weight_sum(method: str, kwargs: dict, n_models: int, name: str) -> None:
+  """A normalized linear / task-arithmetic merge whose weights sum to zero divides by zero
+  (linear: every output value is +-inf or NaN); refuse it while planning."""
+  if method not in _NORMALIZING or not kwargs.get("normalize", _NORMALIZING[method]):
+    return
+  w = kwargs.get("weight", 1.0)
+  total = float(np.sum(np.asarray(w, np.float64))) * (n_models if np.ndim(w) == 0 else 1)
+  if abs(total) < 1e-8:
+    raise MergeError(f"{method} with normalize: the weights {list(np.ravel(w))} of {name!r} sum to "
+                     f"{total:g}, so the normalized merge divides by zero; use weights with a non-zero sum "
+                     f"or normalize: false")
 
 
 def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progress: bool = True,
