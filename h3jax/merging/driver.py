@@ -8,7 +8,8 @@ hyper-parameters), casts, hands the result to a streaming `SafetensorsWriter`,
 and drops everything. Peak host memory is therefore about (inputs + 1) x the
 largest tensor (in float32), not the model size. Everything is written into a
 temporary folder next to `out_dir` and renamed into place at the end, so a
-failed merge leaves nothing behind. Inputs: `h3jax.merging.inputs`.
+failed merge leaves nothing behind (`h3jax.io_atomic`: the output may not be, hold or lie in
+an input; the old output is replaced only once the new one is complete). Inputs: `h3jax.merging.inputs`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from __future__ import annotations
 import collections
 import functools
 import pathlib
-import shutil
-import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Optional, Sequence
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from h3jax import compile_cache
+from h3jax import compile_cache, io_atomic
 from h3jax.hf.st_io import SafetensorsWriter
 from h3jax.merging import config as mcfg
 from h3jax.merging import host_topk
@@ -152,6 +151,11 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists() and not overwrite:
     raise MergeError(f"output folder {out_dir} already exists (pass overwrite=True / --overwrite)")
+  try:  # before reading anything: --out must not be, hold or lie in an input, nor be someone's folder
+    io_atomic.check_not_overlapping(out_dir, spec.inputs)
+    io_atomic.check_replaceable(out_dir)
+  except io_atomic.UnsafeOutputError as e:
+    raise MergeError(str(e)) from None
   if spec.dtype is not None and spec.dtype not in DTYPES:
     raise MergeError(f"unknown dtype {spec.dtype!r}")
   if spec.method in NOT_STREAMABLE:
@@ -182,22 +186,16 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
 
   plan = global_pre_passes(spec, plan, base, models)
 
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
   try:
-    writer = SafetensorsWriter(tmp, max_shard_size=max_shard_size or spec.max_shard_size,
-                               metadata={"h3jax_merge_method": spec.method})
-    stats = {}
-    largest = _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats, log,
-                              _progress(plan, progress))
-    writer.close()
-    write_sidecars(spec, ref, tmp, out_tied, stats)
-    if out_dir.exists():
-      shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    # Built in a sibling temp folder, then swapped in (old aside -> new in -> old deleted).
+    with io_atomic.output_dir(out_dir, overwrite=True, inputs=spec.inputs) as tmp:
+      writer = SafetensorsWriter(tmp, max_shard_size=max_shard_size or spec.max_shard_size,
+                                 metadata={"h3jax_merge_method": spec.method})
+      stats = {}
+      largest = _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats, log,
+                                _progress(plan, progress))
+      writer.close()
+      write_sidecars(spec, ref, tmp, out_tied, stats)
   finally:
     for i in inputs:
       i.reader.close()

@@ -114,6 +114,9 @@ def train_and_evaluate(config, workdir, *, run: Optional[stages.Run] = None) -> 
   workdir.mkdir(parents=True, exist_ok=True)
   t = config.train
   run = run or stages.setup(config)
+  if config.export.enabled:  # refuse an export folder that would replace the inputs before training
+    from h3jax import io_atomic
+    io_atomic.check_not_overlapping(_export_dir(config, workdir), (workdir / CKPT_DIR, run.tokenizer_source))
   cfg, labels = run.cfg, run.labels
   schedule = optim.make_schedule(t.lr, t.steps, warmup_steps=t.warmup_steps, decay=t.decay,
                                  end_lr_frac=t.end_lr_frac)
@@ -193,9 +196,14 @@ def train_and_evaluate(config, workdir, *, run: Optional[stages.Run] = None) -> 
   return dict(summary, params=state["params"], cfg=cfg)
 
 
+def _export_dir(config, workdir) -> pathlib.Path:
+  return pathlib.Path(config.export.out_dir or pathlib.Path(workdir) / "hf")
+
+
 def export(params, cfg, workdir: pathlib.Path, config, run: stages.Run) -> str:
   """HF folder (LoRA merged; Mixtral for a fused MoE) at export.out_dir or workdir/hf."""
   from h3jax.hf.export import save_pretrained
-  out = pathlib.Path(config.export.out_dir or workdir / "hf")
-  save_pretrained(jax.device_get(params), cfg, out, tokenizer_source=run.tokenizer_source, overwrite=True)
+  out = _export_dir(config, workdir)
+  save_pretrained(jax.device_get(params), cfg, out, tokenizer_source=run.tokenizer_source, overwrite=True,
+                  inputs=(workdir / CKPT_DIR,))
   return str(out)
