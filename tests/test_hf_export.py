@@ -127,5 +127,12 @@ def test_refuses_to_overwrite_and_writes_nothing_on_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="tokenizer source folder not found"):
     h3jax.save_pretrained(params, cfg, tmp_path / "new", tokenizer_source=tmp_path / "nope")
   assert sorted(os.listdir(tmp_path)) == ["busy", "src"]  # no partial output, no temp dirs left
+  # overwrite replaces a previous output, never someone's other files (h3jax.io_atomic)
+  with pytest.raises(ValueError, match=r"refusing to replace .*keep\.txt"):
+    h3jax.save_pretrained(params, cfg, tmp_path / "busy", overwrite=True)
+  os.remove(tmp_path / "busy" / "keep.txt")
+  h3jax.save_pretrained(params, cfg, tmp_path / "busy")  # an empty folder needs no overwrite
+  (tmp_path / "busy" / "stale.safetensors").write_bytes(b"")
   h3jax.save_pretrained(params, cfg, tmp_path / "busy", overwrite=True)
-  assert "keep.txt" not in os.listdir(tmp_path / "busy") and sorted(os.listdir(tmp_path)) == ["busy", "src"]
+  assert "stale.safetensors" not in os.listdir(tmp_path / "busy")
+  assert sorted(os.listdir(tmp_path)) == ["busy", "src"]
