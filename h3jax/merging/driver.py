@@ -5,8 +5,8 @@ For each tensor name the driver reads that tensor from the base and every model
 and per-layer gradients, from the layer index in the name), runs the jitted
 array-level transform from `h3jax.merging` (compiled once per tensor shape and
 hyper-parameters), casts, hands the result to a streaming `SafetensorsWriter`,
-and drops everything. Peak host memory is therefore about (inputs + 1) x the
-largest tensor (in float32), not the model size. Everything is written into a
+and drops everything. Peak host memory is therefore a few float32 copies of the largest
+tensor (`tensor_memory_bytes`: (inputs + 1) times a measured per-method factor), not the model size. Everything is written into a
 temporary folder next to `out_dir` and renamed into place at the end, so a
 failed merge leaves nothing behind (`h3jax.io_atomic`: the output may not be, hold or lie in
 an input; the old output is replaced only once the new one is complete). Inputs: `h3jax.merging.inputs`.
@@ -45,6 +45,23 @@ NOT_STREAMABLE = {
 # Transforms that return statistics computed on host (not traceable as a whole): called
 # eagerly, their per-tensor kernels are still jitted inside h3jax.merging.
 EAGER = ("resm",)
+
+
+# Host memory of one tensor's merge, in units of (inputs + 1) float32 copies of it: the inputs, the
+# output, and what the kernel and the loader add (a numpy read while it is copied to jax; TIES's host
+# top-k deltas; DARE's random bits and rescaling sums). Measured as the peak anonymous RSS growth of a
+# merge of one 128 MiB tensor with 4 inputs (benchmarks/merge_memory.py, README "Merging"); methods
+# not measured are assumed to need twice the inputs. The scheduler admits tensors by this cost.
+# Measured (this CPU, 4 inputs of 128 MiB; budgeted): linear 782 (960), TIES 1174 (1408), DARE-TIES
+# 1985 (2240) MiB; the issue's AMD host measured 888 / 1155 / 1926.
+MEMORY_FACTOR = {"linear": 1.5, "task_arithmetic": 1.5, "ties": 2.2, "dare_ties": 3.5}
+DEFAULT_MEMORY_FACTOR = 2.0
+
+
+def tensor_memory_bytes(method: str, n_inputs: int, shape) -> int:
+  """Host bytes the driver budgets for merging one tensor of `shape` (see MEMORY_FACTOR)."""
+  factor = MEMORY_FACTOR.get(method, DEFAULT_MEMORY_FACTOR)
+  return int(factor * (n_inputs + 1) * _f32_bytes(shape))
 
 
 def enable_compilation_cache(path) -> None:
@@ -192,32 +209,34 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
       writer = SafetensorsWriter(tmp, max_shard_size=max_shard_size or spec.max_shard_size,
                                  metadata={"h3jax_merge_method": spec.method})
       stats = {}
-      largest = _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats, log,
-                                _progress(plan, progress))
+      largest, budget = _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats, log,
+                                        _progress(plan, progress))
       writer.close()
       write_sidecars(spec, ref, tmp, out_tied, stats)
   finally:
     for i in inputs:
       i.reader.close()
   return {"out_dir": str(out_dir), "tensors": len([p for p in plan if p[1] != "skip"]),
-          "largest_tensor_bytes": largest, "tensor_stats": stats}
+          "largest_tensor_bytes": largest, "memory_budget_bytes": budget, "tensor_stats": stats}
 
 
 def _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats, log, bar) -> int:
-  """Reads, merges and writes the planned tensors in order; returns the largest merged tensor's
-  float32 bytes.
+  """Reads, merges and writes the planned tensors in order; returns (the largest merged tensor's
+  float32 bytes, the memory budget).
 
   Three stages overlap: two reader threads load tensors (and, for mergekit TIES, find the host
   top-k cuts), the caller's thread dispatches each loaded tensor's kernel to the next device,
-  and a writer thread waits for the result and writes it. A tensor counts (inputs + 1) x its
-  float32 bytes from load to written, and tensors are admitted while the sum fits in
-  len(devices) x that of the largest: small tensors pipeline deeply, the largest runs alone, and
-  host memory stays about len(devices) x (inputs + 1) x the largest tensor (XLA on CPU may alias
-  numpy inputs until the kernel that reads them is done).
+  and a writer thread waits for the result and writes it. A tensor counts
+  `tensor_memory_bytes` (inputs, output and the kernel's intermediates) from load to written,
+  and tensors are admitted while the sum fits in len(devices) x that of the largest: small
+  tensors pipeline deeply, the largest runs alone, and host memory stays within the budget
+  (XLA on CPU may alias numpy inputs until the kernel that reads them is done).
   """
   src = base if base is not None else models[0]
   srcs = ([base] if base is not None else []) + list(models)
-  cost = {name: (len(srcs) + 1) * _f32_bytes(src.shape(name)) for name, action, _ in plan if action != "skip"}
+  cost = {name: (tensor_memory_bytes(spec.method, len(srcs), src.shape(name)) if action == "merge" else
+                 2 * _f32_bytes(src.shape(name)))  # a copied tensor: read + cast
+          for name, action, _ in plan if action != "skip"}
   budget = len(devices) * max(cost.values(), default=0)
   load_dt = None if spec.dtype is None else np.dtype(DTYPES[spec.dtype])
   loading, writing = collections.deque(), collections.deque()  # (name, future), oldest first
@@ -275,7 +294,7 @@ def _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats
       dispatch()
     while writing:
       retire()
-  return largest
+  return largest, budget
 
 
 def _merge_tensor(spec, name, kwargs, base_x, xs, randomized, fast, cuts=None):
