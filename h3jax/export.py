@@ -12,11 +12,12 @@ in the checkpoint's extra state (if any) is used.
 from __future__ import annotations
 
 import pathlib
+import sys
 from typing import Optional
 
 from absl import app, flags, logging
 
-from h3jax import checkpoint
+from h3jax import checkpoint, io_atomic
 from h3jax.hf import export as hf_export
 
 FLAGS = flags.FLAGS
@@ -37,8 +38,11 @@ def define_flags():
 def export_checkpoint(checkpoint_dir, out_dir, *, step: Optional[int] = None, tokenizer_source=None,
                       dtype: Optional[str] = None, max_shard_size="5GB", overwrite: bool = False) -> pathlib.Path:
   out = pathlib.Path(out_dir)
+  io_atomic.check_not_overlapping(out, (checkpoint_dir, tokenizer_source))
   if out.exists() and any(out.iterdir()) and not overwrite:
     raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+  if out.exists() and overwrite:
+    io_atomic.check_replaceable(out)
   ckpt = checkpoint.Checkpointer(checkpoint_dir, max_to_keep=None)
   try:
     restored = ckpt.restore(step)
@@ -51,15 +55,20 @@ def export_checkpoint(checkpoint_dir, out_dir, *, step: Optional[int] = None, to
   logging.info("exporting step %d of %s", restored["step"], checkpoint_dir)
   return hf_export.save_pretrained(restored["params"], cfg, out, max_shard_size=max_shard_size,
                                    tokenizer_source=tokenizer_source, overwrite=overwrite, dtype=dtype,
-                                   progress=True)
+                                   progress=True, inputs=(checkpoint_dir,))
 
 
 def main(argv):
   del argv
   if not FLAGS.checkpoint or not FLAGS.out:
     raise app.UsageError("--checkpoint and --out are required")
-  path = export_checkpoint(FLAGS.checkpoint, FLAGS.out, step=FLAGS.step, tokenizer_source=FLAGS.tokenizer_source,
-                           dtype=FLAGS.dtype, max_shard_size=FLAGS.max_shard_size, overwrite=FLAGS.overwrite)
+  try:
+    path = export_checkpoint(FLAGS.checkpoint, FLAGS.out, step=FLAGS.step,
+                             tokenizer_source=FLAGS.tokenizer_source, dtype=FLAGS.dtype,
+                             max_shard_size=FLAGS.max_shard_size, overwrite=FLAGS.overwrite)
+  except (io_atomic.UnsafeOutputError, FileExistsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   print(path)
 
 

@@ -143,7 +143,12 @@ def run_pipeline(config, workdir) -> dict:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  run_pipeline(_FLAGS.config, _FLAGS.workdir)
+  try:
+    run_pipeline(_FLAGS.config, _FLAGS.workdir)
+  except FloatingPointError as e:  # a stage diverged; its bad state was not saved
+    import sys
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

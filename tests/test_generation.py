@@ -10,6 +10,7 @@ import transformers
 import h3jax
 from h3jax import generation
 from tiny_hf import VARIANTS, make_model, save_model
+from numerics import assert_greedy_equal
 
 
 def _left_padded(seed=0, batch=3, length=12):
@@ -28,10 +29,12 @@ def test_greedy_matches_transformers_generate(variant, tmp_path):
   cfg, params = h3jax.load_pretrained(save_model(model, tmp_path))
   ids, mask = _left_padded()
   with torch.no_grad():
-    ref = model.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False,
-                         max_new_tokens=20, pad_token_id=0)[:, ids.shape[1]:].numpy()
+    out = model.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False,
+                         max_new_tokens=20, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+  ref = out.sequences[:, ids.shape[1]:].numpy()
   toks, lengths = generation.generate_tokens(params, cfg, ids, mask, max_new_tokens=20, chunk=7)
-  np.testing.assert_array_equal(toks, ref)
+  # token-identical except after a near-tie, which another CPU's summation order may break either way
+  assert assert_greedy_equal(toks, ref, [s.numpy() for s in out.scores]) >= ref.size // 2
   np.testing.assert_array_equal(lengths, [20, 20, 20])
 
 

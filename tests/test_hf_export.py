@@ -14,6 +14,7 @@ import h3jax
 from h3jax.hf import export as hf_export, st_io
 from h3jax.model import llama, params as params_lib
 from tiny_hf import VARIANTS, make_model, save_model
+from numerics import assert_close
 
 
 def _state(model):
@@ -65,7 +66,7 @@ def test_lora_is_merged_into_kernels(tmp_path):
   back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   with torch.no_grad():
     ref = back(torch.as_tensor(ids)).logits.numpy()
-  assert np.abs(ours - ref).max() < 1e-4
+  assert_close(ours, ref, rtol=1e-4, atol_rel=1e-5)
   with torch.no_grad():  # and the LoRA made a difference
     assert np.abs(model(torch.as_tensor(ids)).logits.numpy() - ref).max() > 1e-2
 
@@ -88,7 +89,7 @@ def test_moe_exports_as_mixtral_with_matching_logits(tmp_path, tied):
   with torch.no_grad():
     ref = hf(torch.as_tensor(ids)).logits.numpy()
   ours = np.asarray(llama.forward(params, jnp.asarray(ids), cfg))
-  assert np.abs(ours - ref).max() < 1e-4
+  assert_close(ours, ref, rtol=1e-4, atol_rel=1e-5)
   cfg2, params2 = h3jax.load_pretrained(out)  # and back, bit-identical
   assert cfg2.num_experts == 3 and cfg2.tie_word_embeddings == tied
   assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), params, params2))
@@ -109,7 +110,7 @@ def test_loads_transformers_mixtral(tmp_path):
   with torch.no_grad():
     ref = hf(torch.as_tensor(ids)).logits.numpy()
   ours = np.asarray(llama.forward(params, jnp.asarray(ids), cfg.replace(moe_dispatch="dense")))
-  assert np.abs(ours - ref).max() < 1e-4
+  assert_close(ours, ref, rtol=1e-4, atol_rel=1e-5)
 
 
 def test_refuses_to_overwrite_and_writes_nothing_on_error(tmp_path):
@@ -127,5 +128,12 @@ def test_refuses_to_overwrite_and_writes_nothing_on_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="tokenizer source folder not found"):
     h3jax.save_pretrained(params, cfg, tmp_path / "new", tokenizer_source=tmp_path / "nope")
   assert sorted(os.listdir(tmp_path)) == ["busy", "src"]  # no partial output, no temp dirs left
+  # overwrite replaces a previous output, never someone's other files (h3jax.io_atomic)
+  with pytest.raises(ValueError, match=r"refusing to replace .*keep\.txt"):
+    h3jax.save_pretrained(params, cfg, tmp_path / "busy", overwrite=True)
+  os.remove(tmp_path / "busy" / "keep.txt")
+  h3jax.save_pretrained(params, cfg, tmp_path / "busy")  # an empty folder needs no overwrite
+  (tmp_path / "busy" / "stale.safetensors").write_bytes(b"")
   h3jax.save_pretrained(params, cfg, tmp_path / "busy", overwrite=True)
-  assert "keep.txt" not in os.listdir(tmp_path / "busy") and sorted(os.listdir(tmp_path)) == ["busy", "src"]
+  assert "stale.safetensors" not in os.listdir(tmp_path / "busy")
+  assert sorted(os.listdir(tmp_path)) == ["busy", "src"]

@@ -9,6 +9,7 @@ import torch
 import h3jax
 from h3jax.model import llama, params as params_lib
 from tiny_hf import VARIANTS, make_model, save_model
+from numerics import assert_close, assert_tree_close
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -34,7 +35,7 @@ def test_logits_match_transformers(tiny):
   name, model, cfg, params = tiny
   ids = np.random.RandomState(0).randint(0, 128, (2, 40))  # 40 > 16: llama3/dynamic scaling active
   ours = np.asarray(llama.forward_jit(params, jnp.asarray(ids), cfg))
-  np.testing.assert_array_less(np.abs(ours - _torch_logits(model, ids)).max(), 1e-4, err_msg=name)
+  assert_close(ours, _torch_logits(model, ids), rtol=1e-4, atol_rel=1e-5, err_msg=name)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -50,7 +51,7 @@ def test_padded_batch_matches_transformers(tiny, side):
   ref = _torch_logits(model, ids, mask)
   ours = np.asarray(llama.forward_jit(params, jnp.asarray(ids), cfg, jnp.asarray(mask)))
   real = mask.astype(bool)  # logits at padding positions are meaningless on both sides
-  assert np.abs(ours - ref)[real].max() < 1e-4, name
+  assert_close(ours[real], ref[real], rtol=1e-4, atol_rel=1e-5, err_msg=name)
 
 
 def test_scan_remat_and_unrolled_agree(tiny):
@@ -58,7 +59,7 @@ def test_scan_remat_and_unrolled_agree(tiny):
   ids = jnp.asarray(np.random.RandomState(2).randint(0, 128, (2, 12)))
   base = llama.forward(params, ids, cfg)
   for variant in (cfg.replace(scan_layers=False), cfg.replace(remat="full"), cfg.replace(remat="dots")):
-    np.testing.assert_allclose(llama.forward(params, ids, variant), base, atol=1e-5)
+    assert_close(llama.forward(params, ids, variant), base, rtol=1e-5, atol_rel=1e-5)
 
 
 def test_bfloat16_compute_close_to_float32(tiny):
@@ -101,11 +102,11 @@ def test_lora_leaves_add_scaled_delta():
   b = 0.3 * jax.random.normal(k[1], (2, 4, 24))
   with_lora = jax.tree.map(lambda x: x, params)
   with_lora["layers"]["mlp"]["up_proj"].update(lora_a=a, lora_b=jnp.zeros_like(b))
-  np.testing.assert_allclose(llama.forward(with_lora, ids, cfg), ref, atol=1e-6)  # B = 0: no change
+  assert_close(llama.forward(with_lora, ids, cfg), ref, rtol=1e-6, atol_rel=1e-6)  # B = 0: no change
   with_lora["layers"]["mlp"]["up_proj"]["lora_b"] = b
   merged = jax.tree.map(lambda x: x, params)
   merged["layers"]["mlp"]["up_proj"]["kernel"] = params["layers"]["mlp"]["up_proj"]["kernel"] + 0.5 * a @ b
-  np.testing.assert_allclose(llama.forward(with_lora, ids, cfg), llama.forward(merged, ids, cfg), atol=1e-5)
+  assert_close(llama.forward(with_lora, ids, cfg), llama.forward(merged, ids, cfg), rtol=1e-5, atol_rel=1e-5)
 
 
 def test_batch_sharded_on_explicit_mesh_matches_single_device(tmp_path):
@@ -123,7 +124,7 @@ def test_batch_sharded_on_explicit_mesh_matches_single_device(tmp_path):
   ref_l, ref_g = jax.value_and_grad(loss)(params, jnp.asarray(ids))
   l, g = jax.jit(jax.value_and_grad(loss))(params_s, ids_s)
   np.testing.assert_allclose(l, ref_l, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g, ref_g)
+  assert_tree_close(g, ref_g, rtol=1e-4, atol_rel=1e-5)
 
 
 def test_cached_decoding_across_kv_buckets_equals_full_forward():

@@ -78,6 +78,28 @@ def _mk(base, models, method="ties", params=None, model_params=None, **top):
   return body
 
 
+def _zero_sum(base, models, method, **top):
+  body = dict(merge_method=method, dtype="float32",
+              models=[dict(model=m, parameters=dict(weight=w)) for m, w in zip(models, (1.0, -1.0))], **top)
+  return body if base is None else dict(body, base_model=base)
+
+
+def test_cli_zero_weight_sum_is_an_error_and_unnormalized_difference_is_not(fam, tmp_path):
+  root, base, models = fam
+  cfg = tmp_path / "lin.yaml"
+  cfg.write_text(yaml.safe_dump(_zero_sum(None, models, "linear")))
+  r = _cli(f"--config={cfg}", f"--out={tmp_path / 'out'}", "--noprogress")
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: linear with normalize")
+  assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+  # task_arithmetic without normalize (its default): a difference of task vectors, finite and allowed
+  cfg.write_text(yaml.safe_dump(_zero_sum(base, models, "task_arithmetic")))
+  merge_from_config(str(cfg), str(tmp_path / "ta"), progress=False)
+  out, b, m0, m1 = (mf.read_tensors(p) for p in (tmp_path / "ta", base, *models))
+  k = "model.layers.0.mlp.up_proj.weight"
+  np.testing.assert_allclose(out[k], b[k] + (m0[k] - b[k]) - (m1[k] - b[k]), rtol=1e-5,
+                             atol=1e-6 * np.abs(b[k]).max())
+
+
 def _other_arch(root):
   cfg = mf.llama_config(False, hidden_size=16, head_dim=4)
   return mf.write_llama(root / "other_arch", mf.random_base(mf.llama_shapes(cfg), 1), cfg)
@@ -117,6 +139,12 @@ BAD = {
     "missing_model_folder": (lambda r, b, ms: _mk(b, [ms[0], str(r / "nope")]), MergeError, "input not found"),
     "slerp_two_models": (lambda r, b, ms: _mk(b, ms, "slerp", dict(t=0.5), {}), MergeConfigError,
                          "slerp needs a base_model and exactly one other model"),
+    # Issue 11 item 3: a normalized merge whose weights sum to zero was 100% +-inf output, exit 0.
+    "linear_weights_sum_to_zero": (lambda r, b, ms: _zero_sum(None, ms, "linear"), MergeError,
+                                   "sum to 0, so the normalized merge divides by zero"),
+    "task_arithmetic_normalized_weights_sum_to_zero": (
+        lambda r, b, ms: _zero_sum(b, ms, "task_arithmetic", parameters=dict(normalize=True)), MergeError,
+        "sum to 0, so the normalized merge divides by zero"),
     "py_unknown_knob": (lambda r, b, ms: f"""
 import ml_collections
 def get_config():

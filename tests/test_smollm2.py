@@ -9,6 +9,7 @@ import h3jax
 from conftest import SMOLLM2_DIR
 from h3jax import generation
 from h3jax.model import llama
+from numerics import assert_greedy_equal, max_err_rel
 
 PROMPT = "What is the capital of France? Explain its history in a few sentences."
 
@@ -36,13 +37,16 @@ def test_chat_prompt_logits_and_greedy_continuation(smollm2):
   ids = tok(text, add_special_tokens=False, return_tensors="np")["input_ids"]
   with torch.no_grad():
     ref_logits = hf(torch.as_tensor(ids)).logits.numpy()
-    ref = hf.generate(torch.as_tensor(ids), do_sample=False, max_new_tokens=32,
-                      pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].numpy()
+    gen = hf.generate(torch.as_tensor(ids), do_sample=False, max_new_tokens=32, pad_token_id=tok.pad_token_id,
+                      output_scores=True, return_dict_in_generate=True)
+  ref = gen.sequences[0, ids.shape[1]:].numpy()
   ours = np.asarray(llama.forward_jit(params, ids, cfg))
-  assert np.abs(ours - ref_logits).max() <= 1e-3
+  # 30 layers of real weights in float32 against torch: max error within 1e-4 of the largest logit
+  assert max_err_rel(ours, ref_logits) <= 1e-4
   toks, lengths = generation.generate_tokens(params, cfg, ids, np.ones_like(ids), max_new_tokens=32,
                                              eos_token_ids=[tok.eos_token_id])
-  np.testing.assert_array_equal(toks[0, :lengths[0]], ref)
+  # token-identical up to a near-tie of HF's logits (another CPU's summation order may break it)
+  assert assert_greedy_equal(toks[:1, :len(ref)], ref[None], [s.numpy() for s in gen.scores]) >= 8
   assert "Paris" in tok.decode(toks[0])
 
 

@@ -107,3 +107,36 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   cfg, params = load_params(tmp_path / "run" / "checkpoints")
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
   assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [1]
+
+
+def test_inf_update_with_finite_loss_is_never_saved_or_exported(tmp_path):
+  # Issue 11 item 3: lr=1e39 is inf in float32; step 1's loss (computed before the update) is finite
+  # but the updated params are not. Old code printed "done" and saved/exported non-finite tensors.
+  from h3jax.train.defaults import load_config_file
+  c = load_config_file(REPO / "configs" / "tiny.py", "helpful")
+  c.data.sources = (str(write_jsonl(tmp_path / "d.jsonl")),)
+  c.data.seq_len = 32
+  c.train.batch_size = 4
+  c.train.steps = 2
+  c.train.checkpoint_every = 1
+  c.train.progress = False
+  c.train.eval_every = 0
+  c.train.lr = 1e39
+  c.export.enabled = True
+  with pytest.raises(FloatingPointError) as e:
+    loop.train_and_evaluate(c, tmp_path / "run")
+  msg = str(e.value)
+  assert "at step 1" in msg and "No checkpoint was saved" in msg, msg
+  assert "non-finite parameters after the update" in msg or "non-finite gradient norm" in msg, msg
+  ckpts = tmp_path / "run" / "checkpoints"
+  assert not ckpts.exists() or not [p for p in ckpts.iterdir() if p.name.isdigit()]
+  assert not (tmp_path / "run" / "hf").exists()
+  rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+  assert rows == []  # the bad step's metrics are not logged as a good step
+
+
+def test_non_finite_flags():
+  assert loop.non_finite({"loss": 1.0, "grad_norm": 2.0, "params_finite": 1.0}) == ""
+  assert "gradient norm" in loop.non_finite({"loss": 1.0, "grad_norm": float("inf"), "params_finite": 1.0})
+  assert "parameters" in loop.non_finite({"loss": 1.0, "grad_norm": 2.0, "params_finite": 0.0})
+  assert "loss" in loop.non_finite({"loss": float("nan"), "grad_norm": 2.0, "params_finite": 1.0})

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 import re
-import tempfile
 
 from absl import app
 from absl import flags
 
+from h3jax import io_atomic
 from h3jax.data import sources
 
 FORMAT = "h3jax-datasets-manifest/1"
@@ -108,15 +107,7 @@ def write_manifest(data_root, out) -> pathlib.Path:
   """Builds the manifest and writes it atomically (temp file + rename)."""
   out = pathlib.Path(out)
   text = dumps(build_manifest(data_root))
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, out)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  io_atomic.write_text(out, text)
   return out
 
 

@@ -24,6 +24,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from h3jax import io_atomic
 from h3jax.evaluation import cache as cache_lib
 from h3jax.evaluation import report
 from h3jax.evaluation import sets as eval_data
@@ -67,10 +68,7 @@ def default_config():
 
 
 def _atomic_write(path: pathlib.Path, text: str):
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  with os.fdopen(fd, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  io_atomic.write_text(path, text)  # temp file + rename, with the umask's mode (not mkstemp's 0600)
 
 
 def load_judges(config):

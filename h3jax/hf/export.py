@@ -3,17 +3,14 @@
 Dense models export as their own architecture, MoE models as MixtralForCausalLM.
 LoRA leaves are merged into their kernels first. Tensors stream to sharded
 safetensors one HF tensor at a time (host memory: one params leaf), inside a
-temporary sibling directory that is renamed into place only when complete.
+temporary sibling directory swapped into place only when complete (`h3jax.io_atomic`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import pathlib
 import shutil
-import tempfile
 from typing import Optional
 
 import jax
@@ -21,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from h3jax import io_atomic
 from h3jax.config import ModelConfig, resolve_dtype
 from h3jax.hf import config_io, keymap, st_io
 from h3jax.model import params as params_lib
@@ -46,26 +44,9 @@ def check_params(params: dict, cfg: ModelConfig):
       raise ValueError(f"params {fmt(p)} has shape {tuple(got[p].shape)}, config implies {want[p]}")
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out_dir, overwrite: bool = False):
-  """Yields a temp dir next to `out_dir`, renamed to it on success, removed on error."""
-  out = pathlib.Path(out_dir)
-  if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-    raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-  try:
-    yield tmp
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  if out.exists():
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    os.rename(tmp, out)
+def atomic_output_dir(out_dir, overwrite: bool = False, inputs=()):
+  """A temp dir next to `out_dir`, swapped in on success (`h3jax.io_atomic.output_dir`)."""
+  return io_atomic.output_dir(out_dir, overwrite=overwrite, inputs=inputs)
 
 
 def copy_tokenizer(source, dest):
@@ -82,9 +63,11 @@ def copy_tokenizer(source, dest):
 
 def save_pretrained(params: dict, cfg: ModelConfig, out_dir, *, max_shard_size="5GB",
                     tokenizer_source=None, overwrite: bool = False, dtype: Optional[str] = None,
-                    progress: bool = False) -> pathlib.Path:
+                    progress: bool = False, inputs=()) -> pathlib.Path:
   """Writes `params` as an HF folder; returns its path. `dtype`: tensor dtype written
-  (default: the params' own dtype). A tied lm_head is not written."""
+  (default: the params' own dtype). A tied lm_head is not written. `inputs`: folders the
+  params came from (and `tokenizer_source`), which `out_dir` must not be, hold or lie in."""
+  io_atomic.check_not_overlapping(out_dir, (*inputs, tokenizer_source))
   params = merge_lora(params, cfg.lora_scale)
   check_params(params, cfg)
   leaf_dtype = jax.tree.leaves(params)[0].dtype
@@ -96,7 +79,7 @@ def save_pretrained(params: dict, cfg: ModelConfig, out_dir, *, max_shard_size="
   if progress:
     from tqdm import tqdm
     rows = tqdm(rows, desc=f"export {pathlib.Path(out_dir).name}", unit="leaf")
-  with atomic_output_dir(out_dir, overwrite) as tmp:
+  with atomic_output_dir(out_dir, overwrite, inputs=(*inputs, tokenizer_source)) as tmp:
     writer = st_io.SafetensorsWriter(tmp, max_shard_size=max_shard_size)
     for row in rows:
       leaf = params

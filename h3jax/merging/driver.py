@@ -5,10 +5,11 @@ For each tensor name the driver reads that tensor from the base and every model
 and per-layer gradients, from the layer index in the name), runs the jitted
 array-level transform from `h3jax.merging` (compiled once per tensor shape and
 hyper-parameters), casts, hands the result to a streaming `SafetensorsWriter`,
-and drops everything. Peak host memory is therefore about (inputs + 1) x the
-largest tensor (in float32), not the model size. Everything is written into a
+and drops everything. Peak host memory is therefore a few float32 copies of the largest
+tensor (`tensor_memory_bytes`: (inputs + 1) times a measured per-method factor), not the model size. Everything is written into a
 temporary folder next to `out_dir` and renamed into place at the end, so a
-failed merge leaves nothing behind. Inputs: `h3jax.merging.inputs`.
+failed merge leaves nothing behind (`h3jax.io_atomic`: the output may not be, hold or lie in
+an input; the old output is replaced only once the new one is complete). Inputs: `h3jax.merging.inputs`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from __future__ import annotations
 import collections
 import functools
 import pathlib
-import shutil
-import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Optional, Sequence
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from h3jax import compile_cache
+from h3jax import compile_cache, io_atomic
 from h3jax.hf.st_io import SafetensorsWriter
 from h3jax.merging import config as mcfg
 from h3jax.merging import host_topk
@@ -46,6 +45,23 @@ NOT_STREAMABLE = {
 # Transforms that return statistics computed on host (not traceable as a whole): called
 # eagerly, their per-tensor kernels are still jitted inside h3jax.merging.
 EAGER = ("resm",)
+
+
+# Host memory of one tensor's merge, in units of (inputs + 1) float32 copies of it: the inputs, the
+# output, and what the kernel and the loader add (a numpy read while it is copied to jax; TIES's host
+# top-k deltas; DARE's random bits and rescaling sums). Measured as the peak anonymous RSS growth of a
+# merge of one 128 MiB tensor with 4 inputs (benchmarks/merge_memory.py, README "Merging"); methods
+# not measured are assumed to need twice the inputs. The scheduler admits tensors by this cost.
+# Measured (this CPU, 4 inputs of 128 MiB; budgeted): linear 782 (960), TIES 1174 (1408), DARE-TIES
+# 1985 (2240) MiB; the issue's AMD host measured 888 / 1155 / 1926.
+MEMORY_FACTOR = {"linear": 1.5, "task_arithmetic": 1.5, "ties": 2.2, "dare_ties": 3.5}
+DEFAULT_MEMORY_FACTOR = 2.0
+
+
+def tensor_memory_bytes(method: str, n_inputs: int, shape) -> int:
+  """Host bytes the driver budgets for merging one tensor of `shape` (see MEMORY_FACTOR)."""
+  factor = MEMORY_FACTOR.get(method, DEFAULT_MEMORY_FACTOR)
+  return int(factor * (n_inputs + 1) * _f32_bytes(shape))
 
 
 def enable_compilation_cache(path) -> None:
@@ -115,7 +131,25 @@ def _kwargs_for(spec: mcfg.MergeSpec, name: str, t: float, accepted) -> Dict:
   for d in np.ravel(np.asarray(kwargs.get("density", ()), dtype=object)):
     if d is not None and not (isinstance(d, (int, float)) and 0 < d <= 1):
       raise MergeError(f"density must be in (0, 1], got {d!r} for {name}")
+  _check_weight_sum(spec.method, kwargs, len(spec.models), name)
   return kwargs
+
+
+# Methods that divide by sum(weight) when normalizing, and their `normalize` default.
+_NORMALIZING = {"linear": True, "task_arithmetic": False}
+
+
+def _check_weight_sum(method: str, kwargs: dict, n_models: int, name: str) -> None:
+  """A normalized linear / task-arithmetic merge whose weights sum to zero divides by zero
+  (linear: every output value is +-inf or NaN); refuse it while planning."""
+  if method not in _NORMALIZING or not kwargs.get("normalize", _NORMALIZING[method]):
+    return
+  w = kwargs.get("weight", 1.0)
+  total = float(np.sum(np.asarray(w, np.float64))) * (n_models if np.ndim(w) == 0 else 1)
+  if abs(total) < 1e-8:
+    raise MergeError(f"{method} with normalize: the weights {list(np.ravel(w))} of {name!r} sum to "
+                     f"{total:g}, so the normalized merge divides by zero; use weights with a non-zero sum "
+                     f"or normalize: false")
 
 
 def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progress: bool = True,
@@ -134,6 +168,11 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists() and not overwrite:
     raise MergeError(f"output folder {out_dir} already exists (pass overwrite=True / --overwrite)")
+  try:  # before reading anything: --out must not be, hold or lie in an input, nor be someone's folder
+    io_atomic.check_not_overlapping(out_dir, spec.inputs)
+    io_atomic.check_replaceable(out_dir)
+  except io_atomic.UnsafeOutputError as e:
+    raise MergeError(str(e)) from None
   if spec.dtype is not None and spec.dtype not in DTYPES:
     raise MergeError(f"unknown dtype {spec.dtype!r}")
   if spec.method in NOT_STREAMABLE:
@@ -164,44 +203,40 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
 
   plan = global_pre_passes(spec, plan, base, models)
 
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
   try:
-    writer = SafetensorsWriter(tmp, max_shard_size=max_shard_size or spec.max_shard_size,
-                               metadata={"h3jax_merge_method": spec.method})
-    stats = {}
-    largest = _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats, log,
-                              _progress(plan, progress))
-    writer.close()
-    write_sidecars(spec, ref, tmp, out_tied, stats)
-    if out_dir.exists():
-      shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    # Built in a sibling temp folder, then swapped in (old aside -> new in -> old deleted).
+    with io_atomic.output_dir(out_dir, overwrite=True, inputs=spec.inputs) as tmp:
+      writer = SafetensorsWriter(tmp, max_shard_size=max_shard_size or spec.max_shard_size,
+                                 metadata={"h3jax_merge_method": spec.method})
+      stats = {}
+      largest, budget = _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats, log,
+                                        _progress(plan, progress))
+      writer.close()
+      write_sidecars(spec, ref, tmp, out_tied, stats)
   finally:
     for i in inputs:
       i.reader.close()
   return {"out_dir": str(out_dir), "tensors": len([p for p in plan if p[1] != "skip"]),
-          "largest_tensor_bytes": largest, "tensor_stats": stats}
+          "largest_tensor_bytes": largest, "memory_budget_bytes": budget, "tensor_stats": stats}
 
 
 def _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats, log, bar) -> int:
-  """Reads, merges and writes the planned tensors in order; returns the largest merged tensor's
-  float32 bytes.
+  """Reads, merges and writes the planned tensors in order; returns (the largest merged tensor's
+  float32 bytes, the memory budget).
 
   Three stages overlap: two reader threads load tensors (and, for mergekit TIES, find the host
   top-k cuts), the caller's thread dispatches each loaded tensor's kernel to the next device,
-  and a writer thread waits for the result and writes it. A tensor counts (inputs + 1) x its
-  float32 bytes from load to written, and tensors are admitted while the sum fits in
-  len(devices) x that of the largest: small tensors pipeline deeply, the largest runs alone, and
-  host memory stays about len(devices) x (inputs + 1) x the largest tensor (XLA on CPU may alias
-  numpy inputs until the kernel that reads them is done).
+  and a writer thread waits for the result and writes it. A tensor counts
+  `tensor_memory_bytes` (inputs, output and the kernel's intermediates) from load to written,
+  and tensors are admitted while the sum fits in len(devices) x that of the largest: small
+  tensors pipeline deeply, the largest runs alone, and host memory stays within the budget
+  (XLA on CPU may alias numpy inputs until the kernel that reads them is done).
   """
   src = base if base is not None else models[0]
   srcs = ([base] if base is not None else []) + list(models)
-  cost = {name: (len(srcs) + 1) * _f32_bytes(src.shape(name)) for name, action, _ in plan if action != "skip"}
+  cost = {name: (tensor_memory_bytes(spec.method, len(srcs), src.shape(name)) if action == "merge" else
+                 2 * _f32_bytes(src.shape(name)))  # a copied tensor: read + cast
+          for name, action, _ in plan if action != "skip"}
   budget = len(devices) * max(cost.values(), default=0)
   load_dt = None if spec.dtype is None else np.dtype(DTYPES[spec.dtype])
   loading, writing = collections.deque(), collections.deque()  # (name, future), oldest first
@@ -259,7 +294,7 @@ def _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats
       dispatch()
     while writing:
       retire()
-  return largest
+  return largest, budget
 
 
 def _merge_tensor(spec, name, kwargs, base_x, xs, randomized, fast, cuts=None):

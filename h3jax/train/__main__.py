@@ -30,6 +30,9 @@ def main(argv):
   except sharding.MeshError as e:  # raised before anything is loaded or compiled
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except FloatingPointError as e:  # diverged: nothing of the bad state was saved or exported
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   print(f"done: step {out['steps']} loss {out.get('loss', float('nan')):.4f} -> {out['workdir']}")
 
 

@@ -10,7 +10,8 @@ TensorBoard if tensorboardX is installed), a tqdm bar. Every
 latest checkpoint and the iterator (`restore(state)`, which refuses other data
 or settings) and continues: same batches, same dropout keys (folded from the
 step), so the final params equal an uninterrupted run's. A non-finite loss stops the run with an error that
-names the last good checkpoint; the bad state is never saved.
+names the last good checkpoint; so do a non-finite gradient norm and non-finite updated params (a
+finite loss is computed before the update); the bad state is never saved or exported.
 """
 
 from __future__ import annotations
@@ -83,6 +84,19 @@ def evaluate(eval_fn, params, batches, n_batches: int, put) -> dict:
   return {"lm_loss": tot / max(n_tok, 1.0), **sums}
 
 
+def non_finite(m: dict) -> str:
+  """Why a step's result must not be kept ('' if it may): the loss is computed before the update,
+  so a finite loss can come with an inf gradient or inf/NaN updated params (e.g. an inf lr)."""
+  params_finite = m.pop("params_finite", 1.0)  # a flag, not a metric to log
+  if not math.isfinite(m["loss"]):
+    return f"non-finite training loss ({m['loss']})"
+  if not math.isfinite(m.get("grad_norm", 0.0)):
+    return f"non-finite gradient norm ({m['grad_norm']})"
+  if not params_finite:
+    return "non-finite parameters after the update"
+  return ""
+
+
 def restore_data(it, extra, step: int, ckpt_dir) -> None:
   """Put the training iterator where checkpoint `step` left it (its extra["data"] state)."""
   data_state = (extra or {}).get("data")
@@ -104,6 +118,9 @@ def train_and_evaluate(config, workdir, *, run: Optional[stages.Run] = None) -> 
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   run = run or stages.setup(config)
+  if config.export.enabled:  # refuse an export folder that would replace the inputs before training
+    from h3jax import io_atomic
+    io_atomic.check_not_overlapping(_export_dir(config, workdir), (workdir / CKPT_DIR, run.tokenizer_source))
   cfg, labels = run.cfg, run.labels
   schedule = optim.make_schedule(t.lr, t.steps, warmup_steps=t.warmup_steps, decay=t.decay,
                                  end_lr_frac=t.end_lr_frac)
@@ -159,12 +176,13 @@ def _train(config, workdir, run, cfg, labels, schedule, tx, mesh) -> dict:
     for s in range(start, t.steps):
       state, m = step_fn(state, put(next(run.train)), init_params)
       m = {k: float(v) for k, v in jax.device_get(m).items()}
-      if not math.isfinite(m["loss"]):
+      bad = non_finite(m)
+      if bad:
         ckpt.wait()
         raise FloatingPointError(
-            f"non-finite training loss ({m['loss']}) at step {s + 1}; stopping without saving this state. "
+            f"{bad} at step {s + 1}; stopping without saving this state. "
             f"Last good checkpoint: step {last_saved} in {workdir / CKPT_DIR}" if last_saved else
-            f"non-finite training loss ({m['loss']}) at step {s + 1}; stopping. No checkpoint was saved "
+            f"{bad} at step {s + 1}; stopping. No checkpoint was saved "
             f"before it (checkpoint_every={t.checkpoint_every}).")
       writer.write(s + 1, m)
       summary = m
@@ -192,9 +210,14 @@ def _train(config, workdir, run, cfg, labels, schedule, tx, mesh) -> dict:
   return dict(summary, params=state["params"], cfg=cfg)
 
 
+def _export_dir(config, workdir) -> pathlib.Path:
+  return pathlib.Path(config.export.out_dir or pathlib.Path(workdir) / "hf")
+
+
 def export(params, cfg, workdir: pathlib.Path, config, run: stages.Run) -> str:
   """HF folder (LoRA merged; Mixtral for a fused MoE) at export.out_dir or workdir/hf."""
   from h3jax.hf.export import save_pretrained
-  out = pathlib.Path(config.export.out_dir or workdir / "hf")
-  save_pretrained(jax.device_get(params), cfg, out, tokenizer_source=run.tokenizer_source, overwrite=True)
+  out = _export_dir(config, workdir)
+  save_pretrained(jax.device_get(params), cfg, out, tokenizer_source=run.tokenizer_source, overwrite=True,
+                  inputs=(workdir / CKPT_DIR,))
   return str(out)

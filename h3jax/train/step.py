@@ -69,7 +69,11 @@ def make_step(cfg: ModelConfig, lc: objective.LossConfig, labels: dict, tx: opta
       metrics["drift"] = drift
     updates, opt_state = tx.update(optim.full_grads(grads, params, labels), state["opt_state"], params)
     new_params = optim.apply_trainable(params, updates, labels)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    # The loss is computed before the update: an inf gradient or an inf lr gives a finite loss and
+    # non-finite params, so the loop also needs these two to never save such a state.
+    new_train, _ = optim.split_trainable(new_params, labels)
+    params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_train)]))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), params_finite=params_finite)
     if schedule is not None:
       metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
     return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
