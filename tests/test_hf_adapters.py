@@ -1,0 +1,129 @@
+"""PEFT LoRA adapters in and out, checked against `peft` itself (logits, tensors, bad input)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+import h3jax
+from h3jax.hf import adapters
+from h3jax.model import llama
+from h3jax.train import lora as lora_lib
+from safetensors.numpy import load_file
+from tiny_hf import make_model, save_model
+
+IDS = np.array([[1, 5, 9, 33, 7, 100, 64, 3, 17, 42, 11, 2]], np.int32)
+
+
+def rel_err(a, b):
+  return float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64)) / np.linalg.norm(b))
+
+
+def make_adapter(model, out, seed=1, **kw):
+  """A PEFT adapter with random (non-zero) A and B, so it changes the logits."""
+  torch.manual_seed(seed)
+  config = peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "init_lora_weights": False, **kw})
+  pm = peft.get_peft_model(model, config)
+  pm.save_pretrained(out)
+  with torch.no_grad():
+    logits = pm(torch.tensor(IDS)).logits.numpy()
+  pm.unload()  # give the caller its base model back unchanged
+  return str(out), logits
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+  model = make_model("llama_mha_untied")
+  return model, save_model(model, tmp_path_factory.mktemp("base"))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]),
+    dict(target_modules="all-linear", use_rslora=True, lora_alpha=6),
+    dict(target_modules=["up_proj", "o_proj"], layers_to_transform=[1], modules_to_save=["lm_head"]),
+])
+def test_peft_adapter_in_matches_peft_logits(base, tmp_path, kw):
+  model, base_dir = base
+  ad, want = make_adapter(model, tmp_path / "ad", **kw)
+  cfg, params = adapters.load_with_adapter(base_dir, ad)
+  got = np.asarray(llama.forward_jit(params, jnp.asarray(IDS), cfg))
+  assert rel_err(got, want) < 1e-5
+  with torch.no_grad():  # the adapter really changes the model
+    plain = model(torch.tensor(IDS)).logits.numpy()
+  assert rel_err(plain, want) > 1e-3
+
+
+def test_round_trip_peft_h3jax_peft_is_bit_identical(base, tmp_path):
+  model, base_dir = base
+  ad, _ = make_adapter(model, tmp_path / "ad", target_modules=["k_proj", "up_proj"], use_rslora=True,
+                       layers_to_transform=[0], modules_to_save=["lm_head"])
+  a = adapters.read_adapter(ad)
+  cfg, params = adapters.load_with_adapter(base_dir, ad)
+  out = adapters.save_adapter(cfg, params, tmp_path / "out", adapter_config=a.config)
+  before, after = load_file(f"{ad}/adapter_model.safetensors"), load_file(f"{out}/adapter_model.safetensors")
+  assert sorted(before) == sorted(after)
+  for k in before:
+    assert before[k].dtype == after[k].dtype and before[k].tobytes() == after[k].tobytes(), k
+  c0, c1 = a.config, json.loads((out / "adapter_config.json").read_text())
+  for key in ("r", "lora_alpha", "use_rslora", "layers_to_transform"):
+    assert c0[key] == c1[key]
+  assert sorted(c0["target_modules"]) == sorted(c1["target_modules"])
+  assert c1["modules_to_save"] == ["lm_head"]
+
+
+def test_trained_h3jax_lora_exports_to_peft(base, tmp_path):
+  """An h3jax LoRA tree (as Stage A trains it: rank 8, alpha 4 on FFN and attention)
+  loads in PeftModel.from_pretrained with the same logits."""
+  model, base_dir = base
+  cfg, params = h3jax.load_pretrained(base_dir)
+  params = lora_lib.add_lora(params, lora_lib.FFN_TARGETS + lora_lib.ATTN_TARGETS, 8, jax.random.key(0))
+  cfg = lora_lib.lora_model_config(cfg, 8, 4.0, 0.1)
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map_with_path(  # B != 0: as after training
+      lambda p, x: jnp.asarray(rng.normal(0, 0.05, x.shape), x.dtype) if p[-1].key == "lora_b" else x, params)
+  ours = np.asarray(llama.forward_jit(params, jnp.asarray(IDS), cfg.replace(lora_dropout=0.0)))
+  out = adapters.save_adapter(cfg, params, tmp_path / "peft", base_model_name_or_path=base_dir)
+  pm = peft.PeftModel.from_pretrained(model, str(out))
+  with torch.no_grad():
+    theirs = pm(torch.tensor(IDS)).logits.numpy()
+  pm.unload()
+  assert rel_err(ours, theirs) < 1e-4
+  assert json.loads((out / "adapter_config.json").read_text())["lora_alpha"] == 4
+  # and back in: the same tree
+  cfg2, params2 = adapters.load_with_adapter(base_dir, out)
+  assert cfg2.lora_scale == cfg.lora_scale
+  for path in (("layers", "mlp", "up_proj"), ("layers", "attn", "q_proj")):
+    node, node2 = params, params2
+    for k in path:
+      node, node2 = node[k], node2[k]
+    np.testing.assert_array_equal(node["lora_a"], node2["lora_a"])
+    np.testing.assert_array_equal(node["lora_b"], node2["lora_b"])
+
+
+def test_bad_adapters_are_one_clear_error(base, tmp_path):
+  model, base_dir = base
+  dora, _ = make_adapter(model, tmp_path / "dora", target_modules=["q_proj"], use_dora=True)
+  with pytest.raises(adapters.AdapterError, match="DoRA"):
+    adapters.read_adapter(dora)
+  other = make_model("llama_mha_untied", intermediate_size=80)
+  wrong, _ = make_adapter(other, tmp_path / "wrong", target_modules=["up_proj"])
+  with pytest.raises(adapters.AdapterError, match="another base model"):
+    adapters.load_with_adapter(base_dir, wrong)
+  ok, _ = make_adapter(model, tmp_path / "ok", target_modules=["q_proj"])
+  cfg_path = tmp_path / "ok" / "adapter_config.json"
+  c = json.loads(cfg_path.read_text())
+  cfg_path.write_text(json.dumps(dict(c, target_modules=["q_proj", "c_attn"])))
+  with pytest.raises(adapters.AdapterError, match="unknown target module.*c_attn"):
+    adapters.load_with_adapter(base_dir, ok)
+  cfg_path.write_text(json.dumps(dict(c, peft_type="IA3")))
+  with pytest.raises(adapters.AdapterError, match="LoRA adapters only"):
+    adapters.read_adapter(ok)
+  cfg, params = h3jax.load_pretrained(base_dir)
+  with pytest.raises(adapters.AdapterError, match="no LoRA factors"):
+    adapters.save_adapter(cfg, params, tmp_path / "none")
+  assert not (tmp_path / "none").exists()
