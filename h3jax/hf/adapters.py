@@ -316,3 +316,69 @@ def save_adapter(cfg: ModelConfig, params: dict, out_dir, *, base_model_name_or_
     (tmp / st_io.SINGLE_NAME).rename(tmp / WEIGHTS_NAME)
     (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
   return pathlib.Path(out_dir)
+
+
+# ---------------------------------------------------------------------------
+# File-level view for the streaming merge driver (mergekit's `model+lora`).
+
+
+class MergedReader:
+  """A SafetensorsReader-like view of BASE with a PEFT adapter merged in, one tensor at a time.
+
+  Like mergekit (PeftModel.merge_and_unload), each adapted weight becomes
+  W + cast(scale * (B @ A)) in W's dtype (the product in float32), and
+  modules_to_save / bias tensors replace the base's. HF tensor names are the
+  adapter's module names + '.weight', so no model config is needed.
+  """
+
+  def __init__(self, base_reader, adapter: Adapter):
+    self._base, self.adapter = base_reader, adapter
+    self.metadata = dict(getattr(base_reader, "metadata", {}))
+    names = set(base_reader.keys())
+    for module, (a, b) in adapter.lora.items():
+      name = module + ".weight"
+      if name not in names:
+        raise AdapterError(f"{adapter.path}: LoRA on {module!r}, which is not a weight of the base model "
+                           f"(unknown target module)")
+      if tuple(base_reader.shape(name)) != (b.shape[0], a.shape[1]):
+        raise AdapterError(f"{adapter.path}: {module}: adapter is for another base model (lora_B {b.shape} @ "
+                           f"lora_A {a.shape} vs weight {tuple(base_reader.shape(name))})")
+    for name, t in adapter.full.items():
+      if name not in names:
+        raise AdapterError(f"{adapter.path}: saved module tensor {name!r} is not a tensor of the base model")
+      if tuple(base_reader.shape(name)) != tuple(t.shape):
+        raise AdapterError(f"{adapter.path}: {name} has shape {t.shape} but the base's is "
+                           f"{tuple(base_reader.shape(name))}; adapter for another base model?")
+
+  def keys(self):
+    return self._base.keys()
+
+  def __contains__(self, name):
+    return name in self._base
+
+  def shape(self, name):
+    return self._base.shape(name)
+
+  def dtype(self, name):
+    return self._base.dtype(name)
+
+  def nbytes(self, name):
+    return self._base.nbytes(name)
+
+  def get(self, name):
+    if name in self.adapter.full:
+      return np.asarray(self.adapter.full[name]).astype(self._base.dtype(name))
+    w = self._base.get(name)
+    ab = self.adapter.lora.get(name[:-len(".weight")]) if name.endswith(".weight") else None
+    if ab is None:
+      return w
+    a, b = ab
+    delta = (b.astype(np.float32) @ a.astype(np.float32)) * np.float32(self.adapter.scale)
+    return (w.astype(np.float32) + delta.astype(w.dtype).astype(np.float32)).astype(w.dtype)
+
+  def items(self):
+    for name in self.keys():
+      yield name, self.get(name)
+
+  def close(self):
+    self._base.close()

@@ -1,7 +1,9 @@
 """The streaming driver's inputs and outputs: checkpoints, compatibility checks, side files.
 
 Inputs are Llama-family HF folders (config.json + model.safetensors or a sharded
-index) or raw `.safetensors` files/folders without a config. A tied `lm_head`
+index), raw `.safetensors` files/folders without a config, or mergekit's
+`MODEL+ADAPTER` (a PEFT LoRA folder merged into MODEL as each tensor is read,
+see `h3jax.hf.adapters.MergedReader`). A tied `lm_head`
 (absent from the files) is neither read nor written; an input that lacks
 `lm_head.weight` while others have it contributes its `embed_tokens.weight`.
 """
@@ -17,6 +19,7 @@ from typing import List
 import ml_dtypes
 import numpy as np
 
+from h3jax.hf import adapters
 from h3jax.hf.st_io import SafetensorsReader
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -50,10 +53,17 @@ class Input:
 
   def __init__(self, path: str):
     self.path = path
-    p = pathlib.Path(path)
-    if not p.exists():
-      raise MergeError(f"input not found: {path}")
-    self.reader = SafetensorsReader(p)
+    try:
+      model, adapter = adapters.split_ref(path)
+      p = pathlib.Path(model)
+      if not p.exists():
+        raise MergeError(f"input not found: {model}")
+      ad = adapters.read_adapter(adapter) if adapter is not None else None
+      self.reader = SafetensorsReader(p)
+      if ad is not None:
+        self.reader = adapters.MergedReader(self.reader, ad)
+    except adapters.AdapterError as e:
+      raise MergeError(str(e)) from None
     self.folder = p if p.is_dir() else None
     cfg_file = p / "config.json" if p.is_dir() else None
     self.config = json.loads(cfg_file.read_text()) if cfg_file and cfg_file.exists() else None
