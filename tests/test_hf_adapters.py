@@ -1,5 +1,6 @@
 """PEFT LoRA adapters in and out, checked against `peft` itself (logits, tensors, bad input)."""
 
+import copy
 import json
 
 import jax
@@ -127,3 +128,69 @@ def test_bad_adapters_are_one_clear_error(base, tmp_path):
   with pytest.raises(adapters.AdapterError, match="no LoRA factors"):
     adapters.save_adapter(cfg, params, tmp_path / "none")
   assert not (tmp_path / "none").exists()
+
+
+def test_build_moe_from_peft_adapters_matches_peft_merged_weights(base, tmp_path):
+  """Experts given as PEFT adapter folders (on build_moe's base) or BASE+ADAPTER: each expert's
+  FFN is PEFT's merge_and_unload weight of that adapter."""
+  from h3jax import fusion
+  model, base_dir = base
+  ads, merged = [], []
+  for i in range(3):
+    ad, _ = make_adapter(model, tmp_path / f"ad{i}", seed=10 + i, r=2 + i, lora_alpha=4,
+                         target_modules=["gate_proj", "up_proj", "down_proj", "q_proj"])
+    ads.append(ad)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), ad)  # merge_and_unload edits its base
+    sd = {k: v.detach().numpy().copy() for k, v in pm.merge_and_unload().state_dict().items()}
+    merged.append(sd)
+  cfg, p = fusion.build_moe(base_dir, [ads[0], ads[1], f"{base_dir}+{ads[2]}"], top_k=2, router_init="zeros")
+  assert cfg.num_experts == 3 and cfg.lora_scale == 1.0
+  for i, sd in enumerate(merged):
+    for name in ("gate_proj", "up_proj", "down_proj"):
+      got = np.asarray(p["layers"]["moe"]["experts"][name]["kernel"][1, i])
+      np.testing.assert_allclose(got, sd[f"model.layers.1.mlp.{name}.weight"].T, rtol=1e-5, atol=1e-6)
+  # attention comes from the base (attn_from="base"), not from the adapters' q_proj LoRA
+  np.testing.assert_array_equal(np.asarray(p["layers"]["attn"]["q_proj"]["kernel"][0]),
+                                model.model.layers[0].self_attn.q_proj.weight.detach().numpy().T)
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(tmp_path_factory):
+  """A tiny model with SmolLM2's vocabulary size and tokenizer files, plus a PEFT adapter."""
+  import shutil
+  from conftest import SMOLLM2_DIR
+  if not (SMOLLM2_DIR / "tokenizer.json").is_file():
+    pytest.skip(f"SmolLM2 tokenizer not found at {SMOLLM2_DIR}")
+  root = tmp_path_factory.mktemp("tok")
+  model = make_model("llama_gqa_tied_llama3", std=0.3, vocab_size=49152, eos_token_id=None)
+  base_dir = save_model(model, root / "base")
+  for f in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(SMOLLM2_DIR / f, root / "base" / f)
+  ad, _ = make_adapter(model, root / "ad", seed=3, target_modules=["q_proj", "up_proj"])
+  c = json.loads((root / "ad" / "adapter_config.json").read_text())  # as if trained on the saved base
+  (root / "ad" / "adapter_config.json").write_text(json.dumps(dict(c, base_model_name_or_path=base_dir)))
+  return model, base_dir, ad
+
+
+def test_generate_and_evaluate_load_adapters(with_tokenizer):
+  """`generate` on BASE+ADAPTER / an adapter folder is greedy-identical to PeftModel.generate;
+  the evaluation loader gives the same tree and the base's tokenizer."""
+  import importlib
+  generate_cli = importlib.import_module("h3jax.generate")  # the module (h3jax.generate is also a function)
+  from h3jax import generation
+  from h3jax.evaluation import models as eval_models
+  model, base_dir, ad = with_tokenizer
+  cfg, params, tok = generate_cli.load_model(f"{base_dir}+{ad}")
+  ids = np.asarray([tok("The quick brown fox")["input_ids"]], np.int32)
+  pm = peft.PeftModel.from_pretrained(model, ad)
+  with torch.no_grad():
+    ref = pm.generate(input_ids=torch.as_tensor(ids), do_sample=False, max_new_tokens=12,
+                      pad_token_id=0)[:, ids.shape[1]:].numpy()
+  pm.unload()
+  toks, _ = generation.generate_tokens(params, cfg, ids, np.ones_like(ids), max_new_tokens=12)
+  np.testing.assert_array_equal(toks, ref)
+  m = eval_models.load_model(f"expertA={ad}")  # base from the adapter's base_model_name_or_path
+  assert m["name"] == "expertA" and m["cfg"].lora_scale == cfg.lora_scale
+  np.testing.assert_array_equal(m["params"]["layers"]["mlp"]["up_proj"]["lora_b"],
+                                params["layers"]["mlp"]["up_proj"]["lora_b"])
+  assert m["tokenizer"]("hi")["input_ids"] == tok("hi")["input_ids"]
