@@ -194,3 +194,45 @@ def test_generate_and_evaluate_load_adapters(with_tokenizer):
   np.testing.assert_array_equal(m["params"]["layers"]["mlp"]["up_proj"]["lora_b"],
                                 params["layers"]["mlp"]["up_proj"]["lora_b"])
   assert m["tokenizer"]("hi")["input_ids"] == tok("hi")["input_ids"]
+
+
+@pytest.mark.slow  # a short Stage A run + the export CLI in a subprocess
+def test_stage_a_run_exports_as_peft_adapter(tmp_path):
+  """A real Stage A LoRA run (configs/tiny.py on an HF base), exported with
+  `python -m h3jax.export --format=peft`: PeftModel.from_pretrained gives h3jax's logits."""
+  import pathlib
+  import subprocess
+  import sys
+  from h3jax.checkpoint import load_params
+  from h3jax.train import loop
+  from h3jax.train.defaults import load_config_file
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  model = make_model("llama_gqa_tied_llama3", vocab_size=260)  # the byte tokenizer's 259 ids fit
+  base_dir = save_model(model, tmp_path / "base")
+  c = load_config_file(repo / "configs" / "tiny.py", "helpful")
+  data = tmp_path / "d.jsonl"
+  data.write_text("".join(json.dumps({"instruction": f"q{i}", "response": f"answer {i}"}) + "\n" for i in range(16)))
+  c.data.sources, c.data.tasks = (str(data),), ()
+  c.model.hf_dir, c.lora.targets = base_dir, ("ffn", "attn")
+  c.train.steps, c.train.checkpoint_every, c.train.eval_every, c.train.progress = 4, 4, 0, False
+  c.data.seq_len, c.train.batch_size, c.train.lr = 32, 4, 3e-2
+  loop.train_and_evaluate(c, tmp_path / "run")
+  cmd = [sys.executable, "-m", "h3jax.export", f"--checkpoint={tmp_path / 'run' / 'checkpoints'}",
+         f"--out={tmp_path / 'peft'}", "--format=peft", f"--base={base_dir}"]
+  r = subprocess.run(cmd, capture_output=True, text=True, cwd=repo)
+  assert r.returncode == 0, r.stderr[-2000:]
+  cfg, params = load_params(tmp_path / "run" / "checkpoints")
+  assert np.abs(np.asarray(params["layers"]["mlp"]["up_proj"]["lora_b"])).max() > 0  # it trained
+  ours = np.asarray(llama.forward_jit(params, jnp.asarray(IDS), cfg.replace(lora_dropout=0.0)))
+  pm = peft.PeftModel.from_pretrained(model, str(tmp_path / "peft"))
+  with torch.no_grad():
+    theirs = pm(torch.tensor(IDS)).logits.numpy()
+  pm.unload()
+  assert rel_err(ours, theirs) < 1e-4
+  # a run that changed a non-LoRA weight cannot become an adapter: one error, nothing written
+  other = make_model("llama_gqa_tied_llama3", vocab_size=260, seed=7)
+  r = subprocess.run(cmd[:4] + [f"--out={tmp_path / 'bad'}", "--format=peft",
+                                f"--base={save_model(other, tmp_path / 'other')}"],
+                     capture_output=True, text=True, cwd=repo)
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: the run changed non-LoRA")
+  assert not (tmp_path / "bad").exists()

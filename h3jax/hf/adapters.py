@@ -268,6 +268,23 @@ def adapter_tensors(cfg: ModelConfig, params: dict, modules_to_save: Sequence[st
   return out
 
 
+def check_only_lora_trained(params: dict, base_params: dict, base_name="the base") -> None:
+  """Raises unless every non-LoRA leaf of `params` equals the base's (a PEFT adapter holds LoRA only)."""
+  flat, base = tu.flatten_dict(params), tu.flatten_dict(base_params)
+  changed = []
+  for k, v in flat.items():
+    if k[-1] in ("lora_a", "lora_b"):
+      continue
+    if k not in base or tuple(base[k].shape) != tuple(v.shape):
+      raise AdapterError(f"{'/'.join(k)} {tuple(v.shape)} does not match {base_name}; the run was not trained "
+                         f"from this base")
+    if not np.array_equal(np.asarray(jax.device_get(v), np.float32), np.asarray(jax.device_get(base[k]), np.float32)):
+      changed.append("/".join(k))
+  if changed:
+    raise AdapterError(f"the run changed non-LoRA weights {changed[:4]} of {base_name}; a PEFT adapter would drop "
+                       f"them (export with --format=hf)")
+
+
 def save_adapter(cfg: ModelConfig, params: dict, out_dir, *, base_model_name_or_path=None,
                  modules_to_save: Sequence[str] = (), adapter_config: Optional[dict] = None,
                  overwrite: bool = False) -> pathlib.Path:
@@ -279,6 +296,9 @@ def save_adapter(cfg: ModelConfig, params: dict, out_dir, *, base_model_name_or_
   the same scale). The base's non-LoRA weights are not written.
   """
   from h3jax.hf.export import atomic_output_dir
+  if cfg.is_moe:
+    raise AdapterError("PEFT export of an MoE (Stage B) run is not supported: transformers' Mixtral keeps experts "
+                       "and router as fused parameters, not nn.Linear modules; export it with --format=hf")
   flat = tu.flatten_dict(params)
   ranks = {int(v.shape[-1]) for k, v in flat.items() if k[-1] == "lora_a"}
   if not ranks:
