@@ -39,8 +39,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _LORA_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.[A-Za-z0-9_]+)?\.weight$")
 # adapter_config keys whose non-default value changes the adapted model in a way h3jax does not apply.
-_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "fan_in_fan_out": False, "rank_pattern": {},
-                "alpha_pattern": {}, "layer_replication": None, "target_parameters": None,
+_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "fan_in_fan_out": False, "layer_replication": None, "target_parameters": None,
                 "trainable_token_indices": None, "alora_invocation_tokens": None, "use_qalora": False,
                 "use_bdlora": None}
 
@@ -59,7 +58,8 @@ class Adapter:
 
   @property
   def rank(self) -> int:
-    return int(self.config["r"])
+    """The h3jax leaf rank: the largest module rank (smaller ones are zero-padded, which adds nothing)."""
+    return max((a.shape[0] for a, _ in self.lora.values()), default=int(self.config["r"]))
 
   @property
   def scale(self) -> float:
@@ -73,6 +73,14 @@ class Adapter:
 def peft_scale(config: dict) -> float:
   r, alpha = int(config["r"]), float(config["lora_alpha"])
   return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def _pattern_value(pattern, module: str, default):
+  """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name or its dotted suffix."""
+  for key, value in (pattern or {}).items():
+    if re.match(rf"(.*\.)?({key})$", module):
+      return value
+  return default
 
 
 def is_adapter(path) -> bool:
@@ -132,13 +140,19 @@ def read_adapter(path) -> Adapter:
       else:
         full[short] = reader.get(name)
   lora = {}
-  r = int(config["r"])
+  scale = peft_scale(config)
   for module, ab in sorted(pairs.items()):
     if set(ab) != {"A", "B"}:
       raise AdapterError(f"{path}: {module} has lora_{''.join(ab)} but not both lora_A and lora_B")
     a, b = ab["A"], ab["B"]
+    r = int(_pattern_value(config.get("rank_pattern"), module, config["r"]))
     if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
       raise AdapterError(f"{path}: {module}: lora_A {a.shape} / lora_B {b.shape} do not have rank r={r}")
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
+    s = peft_scale(dict(config, r=r, lora_alpha=alpha))
+    if not math.isclose(s, scale, rel_tol=1e-9):  # h3jax applies one lora_scale to every module
+      raise AdapterError(f"{path}: {module} has LoRA scale {s} (rank {r}, alpha {alpha}) but the adapter's is "
+                         f"{scale}; per-module scales (rank/alpha patterns with other ratios) are not supported")
     lora[module] = (a, b)
   if not lora and not full:
     raise AdapterError(f"{path}: the adapter holds no tensors")
@@ -183,8 +197,8 @@ def apply_adapter(cfg: ModelConfig, params: dict, adapter: Adapter) -> Tuple[Mod
                            f"lora_B {b.shape}; this base's weight is [{d_out}, {d_in}])")
       if a.dtype != A.dtype or b.dtype != B.dtype:
         raise AdapterError(f"{adapter.path}: {module}: mixed LoRA dtypes ({a.dtype}, {b.dtype})")
-      A[idx] = a.T
-      B[idx] = b.T
+      A[idx][..., :a.shape[0]] = a.T
+      B[idx][..., :a.shape[0], :] = b.T
     flat[lin + ("lora_a",)] = jnp.asarray(A)
     flat[lin + ("lora_b",)] = jnp.asarray(B)
   names = keymap.hf_names(cfg)
