@@ -234,8 +234,7 @@ def build_from_config(config, *, seed: int = 0, dtype: Optional[str] = None, loa
   from h3jax import fusion
   from h3jax.hf import adapters
   from h3jax.hf.load import read_hf_config
-  c = config if isinstance(config, dict) and "gate_mode" in config and "experts_per_token" in config \
-      else read_config(config)
+  c = read_config(config)  # idempotent on an already-read config
   base_dir, base_adapter = adapters.split_ref(c["base_model"])
   base_cfg, base_params = fusion.load_model(c["base_model"], load_dtype)
   loaded = [fusion.load_model(e["source_model"], load_dtype, base=base_dir) for e in c["experts"]]

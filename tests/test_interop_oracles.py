@@ -323,3 +323,32 @@ def test_extract_lora_bad_input(finetuned, tmp_path):
                      capture_output=True, text=True, cwd=mf.REPO)
   assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:") and "REGEX=RANK" in r.stderr
   assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------
+# slices / passthrough (depth up-scaling) vs mergekit-yaml.
+
+
+def test_passthrough_slices_match_mergekit(family, tmp_path):
+  root, base, models, ads = family
+  doc = dict(merge_method="passthrough", dtype="float32", slices=[
+      dict(sources=[dict(model=models[0], layer_range=[0, 2])]),
+      dict(sources=[dict(model=models[1], layer_range=[1, 3], parameters=dict(scale=0.5))]),
+      dict(sources=[dict(model=base, layer_range=[2, 3])])])
+  (tmp_path / "jobs.json").write_text(json.dumps([{"yaml": yaml.safe_dump(doc), "out": str(tmp_path / "mk")}]))
+  mf.run_oracle(mf.MERGEKIT_PY, mf.MERGEKIT_BATCH, tmp_path / "jobs.json")
+  (tmp_path / "s.yml").write_text(yaml.safe_dump(doc))
+  driver.run_merge(mcfg.load_config(tmp_path / "s.yml"), tmp_path / "out", progress=False)
+  ours, theirs = mf.read_tensors(tmp_path / "out"), mf.read_tensors(tmp_path / "mk")
+  assert sorted(ours) == sorted(theirs) and "model.layers.4.mlp.up_proj.weight" in ours
+  for k in theirs:
+    np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+  c_o = json.loads((tmp_path / "out" / "config.json").read_text())
+  c_m = json.loads((tmp_path / "mk" / "config.json").read_text())
+  assert c_o["num_hidden_layers"] == c_m["num_hidden_layers"] == 5
+  # layer 3 is models[1]'s layer 2, halved
+  m1 = mf.read_tensors(models[1])
+  np.testing.assert_array_equal(ours["model.layers.3.self_attn.q_proj.weight"],
+                                m1["model.layers.2.self_attn.q_proj.weight"] * np.float32(0.5))
+  m = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # loads as a 5-layer Llama
+  assert len(m.model.layers) == 5

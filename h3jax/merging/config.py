@@ -75,7 +75,8 @@ PER_MODEL_KEYS = ("weight", "density", "gamma", "epsilon")
 # Top-level keys of a mergekit YAML that h3jax reads.
 _YAML_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
               "tokenizer_source", "chat_template"}
-_YAML_UNSUPPORTED = {"slices": "layer slices", "modules": "multi-module merges",
+_YAML_UNSUPPORTED = {"slices": "layer slices other than a mergekit YAML's passthrough stacking",
+                     "modules": "multi-module merges",
                      "tokenizer": "the tokenizer: block (vocabulary surgery)"}
 # Top-level keys of an h3jax `.py` config.
 _PY_KEYS = _YAML_KEYS | {"seed", "max_shard_size", "rules", "embeddings", "out_shard_size"}
@@ -111,10 +112,12 @@ class MergeSpec:
   dtype: Optional[str] = None  # inputs are cast to this on load (mergekit `dtype`)
   out_dtype: Optional[str] = None  # saved dtype; default: the base's (or first model's) dtype
   tokenizer_source: Optional[str] = "base"
+  chat_template: Optional[str] = None  # "auto" | a Jinja template; written to the output tokenizer
   seed: int = 0
   max_shard_size: str = "5GB"
   rules: Tuple[Rule, ...] = ()
   flavour: str = "h3jax"  # "mergekit": mergekit 0.1.5 parameter table and defaults
+  slices: Tuple[Tuple[str, int, int, Any], ...] = ()  # passthrough layer stacking (h3jax.merging.slices)
 
   @property
   def inputs(self) -> Tuple[str, ...]:
@@ -220,7 +223,25 @@ def _common(raw, where, allowed):
   if tok not in (None, "base"):
     raise MergeConfigError(f"{where}: tokenizer_source {tok!r} is not supported; h3jax copies the base "
                            f"model's tokenizer (tokenizer_source: base)")
+  _check_chat_template(raw.get("chat_template"), where)
   return base, paths, params, dict(raw.get("parameters") or {})
+
+
+# mergekit's bundled template names: h3jax does not ship their text (paste the Jinja instead).
+_NAMED_TEMPLATES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
+
+
+def _check_chat_template(value, where):
+  """mergekit's rules: None, 'auto' (the most common template among the inputs) or Jinja text."""
+  if value is None or value == "auto":
+    return
+  if not isinstance(value, str):
+    raise MergeConfigError(f"{where}: chat_template must be a string, got {value!r}")
+  if value in _NAMED_TEMPLATES:
+    raise MergeConfigError(f"{where}: chat_template {value!r} names one of mergekit's bundled templates, which "
+                           f"h3jax does not ship; put the Jinja text itself (or 'auto') in the config")
+  if len(value) < 20 or "{" not in value:
+    raise MergeConfigError(f"{where}: invalid chat_template {value!r}; expected 'auto' or a Jinja template")
 
 
 def _drop_base(base, paths, params):
@@ -231,6 +252,19 @@ def _drop_base(base, paths, params):
 
 def from_mergekit_dict(raw, where: str = "config") -> MergeSpec:
   """A mergekit 0.1.5 YAML document (as a dict) -> MergeSpec with mergekit semantics."""
+  if isinstance(raw, Mapping) and "slices" in raw:
+    from h3jax.merging import slices as slices_lib
+    sl = slices_lib.parse_slices(raw, where, _model_path)
+    base = _model_path(raw["base_model"], f"{where}: base_model") if raw.get("base_model") else None
+    for key in ("dtype", "out_dtype"):
+      _check_dtype(key, raw.get(key), where)
+    if raw.get("tokenizer_source", "base") not in (None, "base"):
+      raise MergeConfigError(f"{where}: tokenizer_source {raw['tokenizer_source']!r} is not supported; h3jax "
+                             f"copies the base model's tokenizer (tokenizer_source: base)")
+    _check_chat_template(raw.get("chat_template"), where)
+    return MergeSpec(method="passthrough", models=tuple(dict.fromkeys(s[0] for s in sl)), base_model=base,
+                     dtype=raw.get("dtype"), out_dtype=raw.get("out_dtype"), chat_template=raw.get("chat_template"),
+                     flavour="mergekit", slices=sl)
   base, paths, params, global_params = _common(raw, where, _YAML_KEYS)
   method = raw["merge_method"]
   if method not in MERGEKIT_METHODS:
@@ -277,7 +311,7 @@ def from_mergekit_dict(raw, where: str = "config") -> MergeSpec:
     raise MergeConfigError(f"{where}: model_stock needs at least two models besides the base")
   return MergeSpec(method=method, models=paths, base_model=base, model_parameters=params,
                    parameters=global_params, dtype=raw.get("dtype"), out_dtype=raw.get("out_dtype"),
-                   tokenizer_source="base", flavour="mergekit")
+                   tokenizer_source="base", chat_template=raw.get("chat_template"), flavour="mergekit")
 
 
 def from_py_config(cfg, where: str = "config") -> MergeSpec:
@@ -323,7 +357,7 @@ def from_py_config(cfg, where: str = "config") -> MergeSpec:
     raise MergeConfigError(f"{where}: seed must be an int, got {seed!r}")
   return MergeSpec(method=method, models=paths, base_model=base, model_parameters=params,
                    parameters=global_params, dtype=raw.get("dtype"), out_dtype=raw.get("out_dtype"),
-                   tokenizer_source="base", seed=seed,
+                   tokenizer_source="base", chat_template=raw.get("chat_template"), seed=seed,
                    max_shard_size=str(raw.get("max_shard_size", raw.get("out_shard_size", "5GB"))),
                    rules=tuple(rules), flavour="h3jax")
 

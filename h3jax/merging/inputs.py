@@ -10,6 +10,7 @@ see `h3jax.hf.adapters.MergedReader`). A tied `lm_head`
 
 from __future__ import annotations
 
+import collections
 import json
 import pathlib
 import re
@@ -147,6 +148,8 @@ def write_sidecars(spec, ref: Input, tmp: pathlib.Path, out_tied: bool, stats: d
     src = ref.folder / fname
     if src.is_file():
       shutil.copy2(src, tmp / fname)
+  if spec.chat_template:
+    set_chat_template(tmp, spec.chat_template, [i.folder for i in inputs_of(spec)])
   stats = {n: {k: (None if isinstance(v, float) and v != v else v) for k, v in s.items()}
            for n, s in stats.items()}  # NaN (undefined statistic) -> null: strict JSON
   (tmp / "h3jax_merge.json").write_text(json.dumps({
@@ -154,3 +157,40 @@ def write_sidecars(spec, ref: Input, tmp: pathlib.Path, out_tied: bool, stats: d
       "flavour": spec.flavour, "seed": spec.seed, "dtype": spec.dtype, "out_dtype": spec.out_dtype,
       "tensor_stats": stats,
   }, indent=2) + "\n")
+
+
+def inputs_of(spec) -> List[pathlib.Path]:
+  """Folders of every input (base first), `MODEL+LORA` read as MODEL (as mergekit does for templates)."""
+  return [pathlib.Path(adapters.split_ref(p)[0]) for p in spec.inputs]
+
+
+def _template_of(folder: pathlib.Path):
+  if (folder / "chat_template.jinja").is_file():
+    return (folder / "chat_template.jinja").read_text()
+  for name, key in (("tokenizer_config.json", "chat_template"), ("chat_template.json", "chat_template")):
+    if (folder / name).is_file():
+      t = json.loads((folder / name).read_text()).get(key)
+      if isinstance(t, list):  # [{name, template}]: the default one
+        t = next((d.get("template") for d in t if d.get("name") == "default"), None)
+      if isinstance(t, dict):
+        t = t.get("default")
+      if t:
+        return t
+  return None
+
+
+def set_chat_template(out: pathlib.Path, template: str, folders) -> None:
+  """Writes `template` ('auto': the most common among the inputs' tokenizers, as mergekit does) as the
+  output tokenizer's chat template (chat_template.jinja, which transformers prefers)."""
+  if template == "auto":
+    found = [t.strip() for t in (_template_of(f) for f in folders if f is not None and f.is_dir()) if t]
+    if not found:
+      return
+    template = collections.Counter(found).most_common(1)[0][0]
+  if not (out / "tokenizer_config.json").is_file():
+    raise MergeError("chat_template is set but the output has no tokenizer (the base has no tokenizer files)")
+  cfg = json.loads((out / "tokenizer_config.json").read_text())
+  cfg.pop("chat_template", None)
+  (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+  (out / "chat_template.json").unlink(missing_ok=True)
+  (out / "chat_template.jinja").write_text(template)
