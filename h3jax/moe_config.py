@@ -20,7 +20,8 @@ router row for expert e (HF gate weight [E, D]; h3jax kernel [L, D, E]) is:
                   prompts. mergekit runs this in bfloat16; h3jax in float32, so
                   rows agree to bf16 accuracy (tests: relative error < 3e-2)
   hidden_avg      as hidden, but the mean over all T positions of the padded
-                  batch (padding included, as mergekit does)
+                  batch (padding included, as mergekit does; not oracle-tested:
+                  the states at left-padded positions may differ from torch's)
 
 Prompts are tokenized as mergekit does: tokenizer BOS + prompt, no other
 special tokens, left padding with the BOS id (EOS if there is none); positions

@@ -149,7 +149,7 @@ def write_sidecars(spec, ref: Input, tmp: pathlib.Path, out_tied: bool, stats: d
     if src.is_file():
       shutil.copy2(src, tmp / fname)
   if spec.chat_template:
-    set_chat_template(tmp, spec.chat_template, [i.folder for i in inputs_of(spec)])
+    set_chat_template(tmp, spec.chat_template, inputs_of(spec))
   stats = {n: {k: (None if isinstance(v, float) and v != v else v) for k, v in s.items()}
            for n, s in stats.items()}  # NaN (undefined statistic) -> null: strict JSON
   (tmp / "h3jax_merge.json").write_text(json.dumps({
