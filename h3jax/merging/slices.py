@@ -8,7 +8,8 @@
 Output layer j is source layer `layer_range[0] + i` of its slice's one model,
 renamed to `model.layers.{j}`, times `scale` if given (mergekit 0.1.5
 semantics). The embeddings come from the first slice's model and the final norm
-and lm_head from the last slice's (mergekit's pre / post weights), config.json
+and lm_head from the last slice's (mergekit's pre / post weights; that slice's
+`scale` applies to them too, as in mergekit's planner), config.json
 from base_model (else the first slice's model) with num_hidden_layers = the
 total. Slices with several sources (merging inside a slice) are an error.
 """
@@ -98,9 +99,9 @@ def _write(spec, inputs, out_dir, max_shard_size) -> dict:
                          f"{donor.config.get(key)!r}")
   plan = []  # (out name, input, in name, scale)
   first, last = inputs[spec.slices[0][0]], inputs[spec.slices[-1][0]]
-  for name in first.reader.keys():
+  for name in first.reader.keys():  # mergekit reads their parameters (scale) from the first / last slice too
     if not _LAYER.match(name) and "embed_tokens" in name:
-      plan.append((name, first, name, None))
+      plan.append((name, first, name, spec.slices[0][3]))
   j = 0
   for model, start, end, scale in spec.slices:
     inp = inputs[model]
@@ -116,7 +117,7 @@ def _write(spec, inputs, out_dir, max_shard_size) -> dict:
   out_tied = donor.tied
   for name in last.reader.keys():
     if not _LAYER.match(name) and "embed_tokens" not in name and not (out_tied and name == TIED_HEAD):
-      plan.append((name, last, name, None))
+      plan.append((name, last, name, spec.slices[-1][3]))
   out_np = DTYPES.get(spec.out_dtype or spec.dtype or "")
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
