@@ -28,7 +28,8 @@ def define_flags():
   """Defines this CLI's flags (only when run as a program, so importing the module
   never collides with other CLIs' flags of the same name)."""
   config_flags.DEFINE_config_file("config", None, "configs/eval_*.py", lock_config=True)
-  flags.DEFINE_multi_string("model", [], "[NAME=]DIR: an HF folder or a training workdir; repeat to compare.")
+  flags.DEFINE_multi_string("model", [], "[NAME=]DIR: an HF folder, a training workdir, a PEFT adapter "
+                             "folder or BASE+ADAPTER; repeat to compare.")
   flags.DEFINE_integer("limit", None, "Items per eval set (0 = all); overrides config.limit.")
   flags.DEFINE_string("out", None, "Output folder (results, plots, generation cache).")
   flags.DEFINE_string("data_root", None, "Data root (overrides config.data_root and $H3JAX_DATA_ROOT).")

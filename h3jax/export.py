@@ -7,6 +7,14 @@ Dense models come out as Llama/Mistral/Qwen2, fused MoE models as
 MixtralForCausalLM; LoRA is merged into the weights. Without --step the latest
 checkpoint is used. Without --tokenizer_source, the `tokenizer_source` recorded
 in the checkpoint's extra state (if any) is used.
+
+  python -m h3jax.export --checkpoint workdirs/helpful/checkpoints --out helpful_peft/ \
+      --format=peft --base artifacts/smollm2-135m-instruct
+
+writes a Stage A LoRA run as a PEFT adapter folder instead (adapter_config.json
++ adapter_model.safetensors; `peft.PeftModel.from_pretrained(base, out)`), with
+--base recorded as its base_model_name_or_path. Only the LoRA factors are
+written, so the run must have trained nothing else (see h3jax.hf.adapters).
 """
 
 from __future__ import annotations
@@ -33,10 +41,13 @@ def define_flags():
   flags.DEFINE_string("dtype", None, "Tensor dtype written: float32 | bfloat16 | float16 (default: as saved).")
   flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors shard.")
   flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
+  flags.DEFINE_enum("format", "hf", ["hf", "peft"], "hf: full HF folder (LoRA merged); peft: PEFT LoRA adapter.")
+  flags.DEFINE_string("base", None, "With --format=peft: the base model folder/name recorded in the adapter.")
 
 
 def export_checkpoint(checkpoint_dir, out_dir, *, step: Optional[int] = None, tokenizer_source=None,
-                      dtype: Optional[str] = None, max_shard_size="5GB", overwrite: bool = False) -> pathlib.Path:
+                      dtype: Optional[str] = None, max_shard_size="5GB", overwrite: bool = False,
+                      format: str = "hf", base: Optional[str] = None) -> pathlib.Path:
   out = pathlib.Path(out_dir)
   io_atomic.check_not_overlapping(out, (checkpoint_dir, tokenizer_source))
   if out.exists() and any(out.iterdir()) and not overwrite:
@@ -52,6 +63,16 @@ def export_checkpoint(checkpoint_dir, out_dir, *, step: Optional[int] = None, to
   if cfg is None:
     raise ValueError(f"checkpoint {checkpoint_dir} step {restored['step']} holds no model config")
   tokenizer_source = tokenizer_source or restored["extra"].get("tokenizer_source")
+  if format == "peft":
+    from h3jax.hf import adapters
+    base = base or tokenizer_source
+    if base is not None and pathlib.Path(base, "config.json").is_file():  # nothing but LoRA may have changed
+      from h3jax.hf.load import load_pretrained
+      adapters.check_only_lora_trained(restored["params"], load_pretrained(base)[1], base)
+    return adapters.save_adapter(cfg, restored["params"], out, base_model_name_or_path=base,
+                                 overwrite=overwrite)
+  if format != "hf":
+    raise ValueError(f"unknown export format {format!r}; expected 'hf' or 'peft'")
   logging.info("exporting step %d of %s", restored["step"], checkpoint_dir)
   return hf_export.save_pretrained(restored["params"], cfg, out, max_shard_size=max_shard_size,
                                    tokenizer_source=tokenizer_source, overwrite=overwrite, dtype=dtype,
@@ -62,11 +83,12 @@ def main(argv):
   del argv
   if not FLAGS.checkpoint or not FLAGS.out:
     raise app.UsageError("--checkpoint and --out are required")
+  from h3jax.hf.adapters import AdapterError
   try:
-    path = export_checkpoint(FLAGS.checkpoint, FLAGS.out, step=FLAGS.step,
-                             tokenizer_source=FLAGS.tokenizer_source, dtype=FLAGS.dtype,
-                             max_shard_size=FLAGS.max_shard_size, overwrite=FLAGS.overwrite)
-  except (io_atomic.UnsafeOutputError, FileExistsError) as e:
+    path = export_checkpoint(FLAGS.checkpoint, FLAGS.out, step=FLAGS.step, tokenizer_source=FLAGS.tokenizer_source,
+                             dtype=FLAGS.dtype, max_shard_size=FLAGS.max_shard_size, overwrite=FLAGS.overwrite,
+                             format=FLAGS.format, base=FLAGS.base)
+  except (AdapterError, io_atomic.UnsafeOutputError, FileExistsError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(path)

@@ -176,8 +176,14 @@ def _tokenize(tokenizer, prompts):
   return [[list(tokenizer(t)["input_ids"]) if isinstance(t, str) else list(t) for t in ps] for ps in prompts]
 
 
-def load_model(path, dtype=None):
-  """(cfg, params) from an HF folder (config.json) or an h3jax Orbax checkpoint directory."""
+def load_model(path, dtype=None, base=None):
+  """(cfg, params) from an HF folder (config.json), an h3jax Orbax checkpoint directory, a PEFT
+  LoRA adapter folder (put onto `base`, default the adapter's recorded base) or 'MODEL+ADAPTER'.
+  An adapter's factors stay LoRA leaves (cfg.lora_scale = its alpha / r)."""
+  from h3jax.hf import adapters
+  model, adapter = adapters.split_ref(path, default_base=base)
+  if adapter is not None:
+    return adapters.load_with_adapter(model, adapter, dtype)
   path = pathlib.Path(path)
   if not path.is_dir():
     raise FileNotFoundError(f"model folder not found: {path}")
@@ -192,17 +198,27 @@ def build_moe(base_dir, expert_dirs: Sequence, *, router_init: str = "random", a
               top_k: int = 2, dispatch: str = "capacity", capacity_factor: float = 0.0,
               expert_names: Optional[Sequence[str]] = None, hidden_prompts=None, tokenizer=None,
               seed: int = 0, dtype: Optional[str] = None, delta_scale="lora", alias_experts: bool = False):
-  """Load a base and N >= 2 dense expert models (HF folders or h3jax checkpoints) and fuse them.
+  """Load a base and N >= 2 dense expert models and fuse them.
 
-  hidden_prompts: per expert, a list of strings (tokenized with `tokenizer`,
-  default the base folder's) or of token-id lists. Returns (moe_cfg, params).
+  An expert is an HF folder, an h3jax checkpoint, a PEFT LoRA adapter folder
+  (applied to `base_dir`, as the H3Fusion reference code builds its experts) or
+  'MODEL+ADAPTER'; its LoRA is merged with delta_scale. hidden_prompts: per
+  expert, a list of strings (tokenized with `tokenizer`, default the base
+  folder's) or of token-id lists. Returns (moe_cfg, params).
   """
   if len(expert_dirs) < 2:
     raise ValueError(f"MoE fusion needs at least 2 experts, got {len(expert_dirs)}")
   if not 1 <= top_k <= len(expert_dirs):
     raise ValueError(f"top_k={top_k} must be in [1, number of experts={len(expert_dirs)}]")
+  from h3jax.hf import adapters
   base_cfg, base_params = load_model(base_dir, dtype)
-  loaded = [load_model(d, dtype) for d in expert_dirs]
+  loaded = []
+  for d in expert_dirs:
+    model, adapter = adapters.split_ref(d, default_base=base_dir)
+    if adapter is not None and pathlib.Path(model).resolve() == pathlib.Path(base_dir).resolve():
+      loaded.append(adapters.apply_adapter(base_cfg, base_params, adapters.read_adapter(adapter)))  # base read once
+    else:
+      loaded.append(load_model(d, dtype))
   ids = None
   if router_init == "hidden":
     if hidden_prompts is None:

@@ -11,6 +11,7 @@ shadow it.
 
 from __future__ import annotations
 
+import pathlib
 import sys
 import time
 import types
@@ -25,7 +26,8 @@ FLAGS = flags.FLAGS
 def define_flags():
   """Defines this CLI's flags (only when run as a program, so importing the module
   never collides with other CLIs' flags of the same name)."""
-  flags.DEFINE_string("model", None, "HF model folder (config.json, safetensors, tokenizer).")
+  flags.DEFINE_string("model", None, "HF model folder (config.json, safetensors, tokenizer), PEFT "
+                      "adapter folder or BASE+ADAPTER.")
   flags.DEFINE_multi_string("prompt", None, "Prompt; repeat the flag for a batch.")
   flags.DEFINE_bool("chat", False, "Wrap prompts in the tokenizer's chat template.")
   flags.DEFINE_string("system", None, "Optional system message (with --chat).")
@@ -41,10 +43,17 @@ def define_flags():
 
 
 def load_model(path: str, dtype: str = "float32"):
-  """(cfg, params, tokenizer) from an HF folder; params and compute in `dtype`."""
+  """(cfg, params, tokenizer) from an HF folder, a PEFT adapter folder (on its recorded local base)
+  or 'BASE+ADAPTER'; params and compute in `dtype`."""
   import transformers
+  from h3jax.hf import adapters
   from h3jax.hf.load import load_pretrained
-  cfg, params = load_pretrained(path, dtype=dtype)
+  base, adapter = adapters.split_ref(path)
+  if adapter is not None:
+    cfg, params = adapters.load_with_adapter(base, adapter, dtype=dtype)
+    path = adapter if (pathlib.Path(adapter) / "tokenizer_config.json").is_file() else base
+  else:
+    cfg, params = load_pretrained(path, dtype=dtype)
   cfg = cfg.replace(dtype=dtype)
   try:
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)

@@ -147,7 +147,8 @@ from mergekit.scripts import merge_raw_pytorch as raw
 jobs = json.load(open(sys.argv[1]))
 for job in jobs:
   opts = MergeOptions(device="cpu", copy_tokenizer=False, random_seed=job.get("seed", 0),
-                      lazy_unpickle=False, write_model_card=False, quiet=True)
+                      lazy_unpickle=False, write_model_card=False, quiet=True,
+                      lora_merge_cache=job.get("lora_cache"))
   cfg = yaml.safe_load(job["yaml"])
   if job.get("raw"):
     c = raw.RawPyTorchMergeConfig.model_validate(cfg)

@@ -135,7 +135,12 @@ BAD = {
     "missing_weight": (lambda r, b, ms: _mk(b, ms, "task_arithmetic", model_params={}), MergeConfigError,
                        "missing required parameter 'weight'"),
     "slices": (lambda r, b, ms: dict(merge_method="ties", base_model=b, slices=[]), MergeConfigError,
-               "'slices' (layer slices) is not supported"),
+               "'slices' is implemented for merge_method: passthrough only"),
+    "slices_two_sources": (lambda r, b, ms: dict(merge_method="passthrough", slices=[dict(sources=[
+        dict(model=ms[0], layer_range=[0, 1]), dict(model=ms[1], layer_range=[0, 1])])]), MergeConfigError,
+        "merging inside a slice is not implemented"),
+    "slices_out_of_range": (lambda r, b, ms: dict(merge_method="passthrough", slices=[dict(sources=[
+        dict(model=ms[0], layer_range=[2, 9])])]), MergeError, "outside"),
     "missing_model_folder": (lambda r, b, ms: _mk(b, [ms[0], str(r / "nope")]), MergeError, "input not found"),
     "slerp_two_models": (lambda r, b, ms: _mk(b, ms, "slerp", dict(t=0.5), {}), MergeConfigError,
                          "slerp needs a base_model and exactly one other model"),

@@ -25,7 +25,9 @@ def load_model(spec: str, dtype: str = "float32", ensemble_mode: str = "prob") -
   DIR is an HF folder (config.json) or a training workdir: its export DIR/hf
   if present, else its latest checkpoint in DIR/checkpoints (or DIR) read with
   `h3jax.checkpoint.load_params`, with the tokenizer from DIR, DIR/tokenizer
-  or DIR/hf. `NAME=DIR1,DIR2,...` is the output ensemble of those models
+  or DIR/hf. DIR may also be a PEFT LoRA adapter folder (on its recorded local
+  base) or BASE+ADAPTER; the tokenizer is then the adapter's if it has one,
+  else the base's. `NAME=DIR1,DIR2,...` is the output ensemble of those models
   (h3jax.model.ensemble, combined by `ensemble_mode`), with DIR1's tokenizer.
   """
   name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
@@ -36,6 +38,15 @@ def load_model(spec: str, dtype: str = "float32", ensemble_mode: str = "prob") -
   if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
     raise ValueError(f"model name {name!r} must use only letters, digits, '.', '_' and '-' (it names "
                      f"output files); name the model with --model=NAME=DIR")
+  from h3jax.hf import adapters
+  base, adapter = adapters.split_ref(str(path))
+  if adapter is not None:  # a PEFT adapter: its LoRA leaves stay unmerged (cfg.lora_scale)
+    tok_dir = _tokenizer_dir(pathlib.Path(adapter)) or _tokenizer_dir(pathlib.Path(base))
+    if tok_dir is None:
+      raise ValueError(f"neither adapter {adapter} nor base {base} has tokenizer files")
+    cfg, params = adapters.load_with_adapter(base, adapter, dtype=dtype)
+    return {"name": name, "path": str(path), "cfg": cfg.replace(dtype=dtype), "params": params,
+            "tokenizer": _load_tokenizer(tok_dir)}
   if not path.is_dir():
     raise FileNotFoundError(f"model folder not found: {path}")
   tok_dir = _tokenizer_dir(path)
@@ -52,13 +63,16 @@ def load_model(spec: str, dtype: str = "float32", ensemble_mode: str = "prob") -
     ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     cfg, params = load_params(str(ckpt_dir))
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+  return {"name": name, "path": str(path), "cfg": cfg.replace(dtype=dtype), "params": params,
+          "tokenizer": _load_tokenizer(tok_dir)}
+
+
+def _load_tokenizer(tok_dir):
   import transformers
   try:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+    return transformers.AutoTokenizer.from_pretrained(str(tok_dir))
   except Exception as e:  # transformers raises many types here
     raise ValueError(f"{tok_dir}: tokenizer files could not be loaded ({type(e).__name__}: {e})") from e
-  return {"name": name, "path": str(path), "cfg": cfg.replace(dtype=dtype), "params": params,
-          "tokenizer": tokenizer}
 
 
 def _load_ensemble(name: str, paths, dtype: str, mode: str) -> dict:

@@ -75,7 +75,8 @@ PER_MODEL_KEYS = ("weight", "density", "gamma", "epsilon")
 # Top-level keys of a mergekit YAML that h3jax reads.
 _YAML_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
               "tokenizer_source", "chat_template"}
-_YAML_UNSUPPORTED = {"slices": "layer slices", "modules": "multi-module merges",
+_YAML_UNSUPPORTED = {"slices": "layer slices other than a mergekit YAML's passthrough stacking",
+                     "modules": "multi-module merges",
                      "tokenizer": "the tokenizer: block (vocabulary surgery)"}
 # Top-level keys of an h3jax `.py` config.
 _PY_KEYS = _YAML_KEYS | {"seed", "max_shard_size", "rules", "embeddings", "out_shard_size"}
@@ -111,10 +112,12 @@ class MergeSpec:
   dtype: Optional[str] = None  # inputs are cast to this on load (mergekit `dtype`)
   out_dtype: Optional[str] = None  # saved dtype; default: the base's (or first model's) dtype
   tokenizer_source: Optional[str] = "base"
+  chat_template: Optional[str] = None  # "auto" | a Jinja template; written to the output tokenizer
   seed: int = 0
   max_shard_size: str = "5GB"
   rules: Tuple[Rule, ...] = ()
   flavour: str = "h3jax"  # "mergekit": mergekit 0.1.5 parameter table and defaults
+  slices: Tuple[Tuple[str, int, int, Any], ...] = ()  # passthrough layer stacking (h3jax.merging.slices)
 
   @property
   def inputs(self) -> Tuple[str, ...]:
@@ -159,14 +162,28 @@ def _load_py(path):
 
 
 def _model_path(ref, where) -> str:
+  """A model reference -> path string; mergekit's `MODEL+LORA` (or `{model: .., lora: ..}`) stays
+  'MODEL+LORA', which the driver reads with the PEFT adapter merged in."""
+  if isinstance(ref, Mapping) and "model" in ref:  # mergekit's `{model: ..., lora: ...}` form
+    if set(ref) - {"model", "lora"}:
+      raise MergeConfigError(f"{where}: a model reference takes 'model' and 'lora', got {sorted(ref)}")
+    model = _model_path(ref["model"], where)
+    return model if ref.get("lora") is None else f"{model}+{_model_path(ref['lora'], where)}"
   if isinstance(ref, Mapping):  # mergekit's `model: {path: ...}` form
     if set(ref) - {"path"} or "path" not in ref:
       raise MergeConfigError(f"{where}: a model reference takes only 'path', got {sorted(ref)}")
     ref = ref["path"]
   if not isinstance(ref, str) or not ref:
     raise MergeConfigError(f"{where}: a model must be a path string, got {ref!r}")
-  if "+" in pathlib.Path(ref).name and not pathlib.Path(ref).exists():
-    raise MergeConfigError(f"{where}: 'model+lora' references are not supported ({ref!r})")
+  if "+" in ref and not pathlib.Path(ref).exists():
+    parts = ref.split("+")
+    if len(parts) != 2 or not all(parts):
+      raise MergeConfigError(f"{where}: cannot parse model reference {ref!r}; expected MODEL or MODEL+LORA")
+    from h3jax.hf import adapters  # check the adapter now: one clear error before anything runs
+    try:
+      adapters.read_adapter(parts[1])
+    except adapters.AdapterError as e:
+      raise MergeConfigError(f"{where}: {e}") from None
   return ref
 
 
@@ -206,7 +223,25 @@ def _common(raw, where, allowed):
   if tok not in (None, "base"):
     raise MergeConfigError(f"{where}: tokenizer_source {tok!r} is not supported; h3jax copies the base "
                            f"model's tokenizer (tokenizer_source: base)")
+  _check_chat_template(raw.get("chat_template"), where)
   return base, paths, params, dict(raw.get("parameters") or {})
+
+
+# mergekit's bundled template names: h3jax does not ship their text (paste the Jinja instead).
+_NAMED_TEMPLATES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
+
+
+def _check_chat_template(value, where):
+  """mergekit's rules: None, 'auto' (the most common template among the inputs) or Jinja text."""
+  if value is None or value == "auto":
+    return
+  if not isinstance(value, str):
+    raise MergeConfigError(f"{where}: chat_template must be a string, got {value!r}")
+  if value in _NAMED_TEMPLATES:
+    raise MergeConfigError(f"{where}: chat_template {value!r} names one of mergekit's bundled templates, which "
+                           f"h3jax does not ship; put the Jinja text itself (or 'auto') in the config")
+  if len(value) < 20 or "{" not in value:
+    raise MergeConfigError(f"{where}: invalid chat_template {value!r}; expected 'auto' or a Jinja template")
 
 
 def _drop_base(base, paths, params):
@@ -217,6 +252,19 @@ def _drop_base(base, paths, params):
 
 def from_mergekit_dict(raw, where: str = "config") -> MergeSpec:
   """A mergekit 0.1.5 YAML document (as a dict) -> MergeSpec with mergekit semantics."""
+  if isinstance(raw, Mapping) and "slices" in raw:
+    from h3jax.merging import slices as slices_lib
+    sl = slices_lib.parse_slices(raw, where, _model_path)
+    base = _model_path(raw["base_model"], f"{where}: base_model") if raw.get("base_model") else None
+    for key in ("dtype", "out_dtype"):
+      _check_dtype(key, raw.get(key), where)
+    if raw.get("tokenizer_source", "base") not in (None, "base"):
+      raise MergeConfigError(f"{where}: tokenizer_source {raw['tokenizer_source']!r} is not supported; h3jax "
+                             f"copies the base model's tokenizer (tokenizer_source: base)")
+    _check_chat_template(raw.get("chat_template"), where)
+    return MergeSpec(method="passthrough", models=tuple(dict.fromkeys(s[0] for s in sl)), base_model=base,
+                     dtype=raw.get("dtype"), out_dtype=raw.get("out_dtype"), chat_template=raw.get("chat_template"),
+                     flavour="mergekit", slices=sl)
   base, paths, params, global_params = _common(raw, where, _YAML_KEYS)
   method = raw["merge_method"]
   if method not in MERGEKIT_METHODS:
@@ -263,7 +311,7 @@ def from_mergekit_dict(raw, where: str = "config") -> MergeSpec:
     raise MergeConfigError(f"{where}: model_stock needs at least two models besides the base")
   return MergeSpec(method=method, models=paths, base_model=base, model_parameters=params,
                    parameters=global_params, dtype=raw.get("dtype"), out_dtype=raw.get("out_dtype"),
-                   tokenizer_source="base", flavour="mergekit")
+                   tokenizer_source="base", chat_template=raw.get("chat_template"), flavour="mergekit")
 
 
 def from_py_config(cfg, where: str = "config") -> MergeSpec:
@@ -309,7 +357,7 @@ def from_py_config(cfg, where: str = "config") -> MergeSpec:
     raise MergeConfigError(f"{where}: seed must be an int, got {seed!r}")
   return MergeSpec(method=method, models=paths, base_model=base, model_parameters=params,
                    parameters=global_params, dtype=raw.get("dtype"), out_dtype=raw.get("out_dtype"),
-                   tokenizer_source="base", seed=seed,
+                   tokenizer_source="base", chat_template=raw.get("chat_template"), seed=seed,
                    max_shard_size=str(raw.get("max_shard_size", raw.get("out_shard_size", "5GB"))),
                    rules=tuple(rules), flavour="h3jax")
 

@@ -164,6 +164,9 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
   kernel does not fill the machine (many cores, several accelerators). On a 2-core CPU the
   kernels already use both cores and two devices are slower.
   """
+  if spec.slices:  # passthrough layer stacking: a renaming copy, no per-tensor kernel
+    from h3jax.merging import slices
+    return slices.run_slices(spec, out_dir, overwrite=overwrite, max_shard_size=max_shard_size)
   devices = list(devices) if devices else jax.local_devices()[:1]
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists() and not overwrite:

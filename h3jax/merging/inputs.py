@@ -1,13 +1,16 @@
 """The streaming driver's inputs and outputs: checkpoints, compatibility checks, side files.
 
 Inputs are Llama-family HF folders (config.json + model.safetensors or a sharded
-index) or raw `.safetensors` files/folders without a config. A tied `lm_head`
+index), raw `.safetensors` files/folders without a config, or mergekit's
+`MODEL+ADAPTER` (a PEFT LoRA folder merged into MODEL as each tensor is read,
+see `h3jax.hf.adapters.MergedReader`). A tied `lm_head`
 (absent from the files) is neither read nor written; an input that lacks
 `lm_head.weight` while others have it contributes its `embed_tokens.weight`.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import pathlib
 import re
@@ -17,6 +20,7 @@ from typing import List
 import ml_dtypes
 import numpy as np
 
+from h3jax.hf import adapters
 from h3jax.hf.st_io import SafetensorsReader
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -50,10 +54,17 @@ class Input:
 
   def __init__(self, path: str):
     self.path = path
-    p = pathlib.Path(path)
-    if not p.exists():
-      raise MergeError(f"input not found: {path}")
-    self.reader = SafetensorsReader(p)
+    try:
+      model, adapter = adapters.split_ref(path)
+      p = pathlib.Path(model)
+      if not p.exists():
+        raise MergeError(f"input not found: {model}")
+      ad = adapters.read_adapter(adapter) if adapter is not None else None
+      self.reader = SafetensorsReader(p)
+      if ad is not None:
+        self.reader = adapters.MergedReader(self.reader, ad)
+    except adapters.AdapterError as e:
+      raise MergeError(str(e)) from None
     self.folder = p if p.is_dir() else None
     cfg_file = p / "config.json" if p.is_dir() else None
     self.config = json.loads(cfg_file.read_text()) if cfg_file and cfg_file.exists() else None
@@ -137,6 +148,8 @@ def write_sidecars(spec, ref: Input, tmp: pathlib.Path, out_tied: bool, stats: d
     src = ref.folder / fname
     if src.is_file():
       shutil.copy2(src, tmp / fname)
+  if spec.chat_template:
+    set_chat_template(tmp, spec.chat_template, inputs_of(spec))
   stats = {n: {k: (None if isinstance(v, float) and v != v else v) for k, v in s.items()}
            for n, s in stats.items()}  # NaN (undefined statistic) -> null: strict JSON
   (tmp / "h3jax_merge.json").write_text(json.dumps({
@@ -144,3 +157,40 @@ def write_sidecars(spec, ref: Input, tmp: pathlib.Path, out_tied: bool, stats: d
       "flavour": spec.flavour, "seed": spec.seed, "dtype": spec.dtype, "out_dtype": spec.out_dtype,
       "tensor_stats": stats,
   }, indent=2) + "\n")
+
+
+def inputs_of(spec) -> List[pathlib.Path]:
+  """Folders of every input (base first), `MODEL+LORA` read as MODEL (as mergekit does for templates)."""
+  return [pathlib.Path(adapters.split_ref(p)[0]) for p in spec.inputs]
+
+
+def _template_of(folder: pathlib.Path):
+  if (folder / "chat_template.jinja").is_file():
+    return (folder / "chat_template.jinja").read_text()
+  for name, key in (("tokenizer_config.json", "chat_template"), ("chat_template.json", "chat_template")):
+    if (folder / name).is_file():
+      t = json.loads((folder / name).read_text()).get(key)
+      if isinstance(t, list):  # [{name, template}]: the default one
+        t = next((d.get("template") for d in t if d.get("name") == "default"), None)
+      if isinstance(t, dict):
+        t = t.get("default")
+      if t:
+        return t
+  return None
+
+
+def set_chat_template(out: pathlib.Path, template: str, folders) -> None:
+  """Writes `template` ('auto': the most common among the inputs' tokenizers, as mergekit does) as the
+  output tokenizer's chat template (chat_template.jinja, which transformers prefers)."""
+  if template == "auto":
+    found = [t.strip() for t in (_template_of(f) for f in folders if f is not None and f.is_dir()) if t]
+    if not found:
+      return
+    template = collections.Counter(found).most_common(1)[0][0]
+  if not (out / "tokenizer_config.json").is_file():
+    raise MergeError("chat_template is set but the output has no tokenizer (the base has no tokenizer files)")
+  cfg = json.loads((out / "tokenizer_config.json").read_text())
+  cfg.pop("chat_template", None)
+  (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+  (out / "chat_template.json").unlink(missing_ok=True)
+  (out / "chat_template.jinja").write_text(template)

@@ -61,6 +61,14 @@ def load_base(config):
   if config.stage == "fusion":
     from h3jax import fusion
     f = config.fusion
+    if f.get("moe_config"):
+      from h3jax import moe_config
+      cfg, params, _, base_dir = moe_config.build_from_config(f.moe_config, seed=config.seed,
+                                                              load_dtype=m.param_dtype)
+      names = tuple(f.expert_names)[:cfg.num_experts]
+      cfg = cfg.replace(moe_dispatch=f.dispatch, capacity_factor=float(f.capacity_factor),
+                        expert_names=names if len(names) == cfg.num_experts else cfg.expert_names)
+      return cfg, params, base_dir
     if len(f.expert_dirs) < 2:
       raise ValueError(f"stage 'fusion' needs fusion.expert_dirs with >= 2 experts, got {list(f.expert_dirs)}")
     prompts = hidden_router_prompts(config) if f.router_init == "hidden" else None
