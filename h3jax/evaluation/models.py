@@ -49,6 +49,8 @@ def load_model(spec: str, dtype: str = "float32") -> dict:
     ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     cfg, params = load_params(str(ckpt_dir))
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+  from h3jax.merging.tree import check_finite
+  check_finite(params, f"refusing to evaluate {name} ({path})")  # e.g. a broken merge
   import transformers
   try:
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tok_dir))

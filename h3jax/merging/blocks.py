@@ -79,8 +79,8 @@ def kth_largest_threshold(x_X, density: float):
 
 
 def threshold_mask(x_X, threshold):
-  """FusionBench `topk_values_mask`: keep |x| >= threshold (ties at the threshold kept)."""
-  return jnp.abs(x_X) >= threshold
+  """FusionBench `topk_values_mask`: keep |x| >= threshold (ties at the threshold kept), and NaN."""
+  return (jnp.abs(x_X) >= threshold) | jnp.isnan(x_X)
 
 
 def outlier_mask(x_X, density: float, gamma: float):
@@ -173,8 +173,9 @@ def elect_sign(deltas_NX, mode: str = "mergekit"):
 
 
 def agree_mask(deltas_NX, sign_X):
-  """[N, X] (or one model's [X]) True where delta_i is non-zero and has the elected sign."""
-  return jnp.where(sign_X > 0, deltas_NX > 0, deltas_NX < 0)
+  """[N, X] (or one model's [X]) True where delta_i is non-zero and has the elected sign, and where
+  it is NaN: a NaN input propagates to the merge instead of silently becoming the base value."""
+  return jnp.where(sign_X > 0, deltas_NX > 0, deltas_NX < 0) | jnp.isnan(deltas_NX)
 
 
 def disjoint_merge(deltas_NX, mask_NX, weights_N=None, how: str = "mean"):
