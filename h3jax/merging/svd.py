@@ -144,9 +144,10 @@ def top_singular(tau_MN, k: int):
     ub_mq, s_q, vbt_qq = jnp.linalg.svd(jnp.matmul(t_mn, w_nq, precision=_HI), full_matrices=False)
     return ub_mq[:, :k], s_q[:k], jnp.matmul(w_nq, vbt_qq[:k].T, precision=_HI)
 
-  def by_svd():
-    u_mr, s_r, vt_rn = jnp.linalg.svd(t_mn, full_matrices=False)
-    return u_mr[:, :k], s_r[:k], vt_rn[:k].T
+  def by_svd():  # the same call as solver='svd' (the null-space vectors are the SVD's rounding)
+    u_MR, s_R, vt_RN = blocks.svd(tau_MN)
+    u_mk, v_nk = (u_MR[:, :k], vt_RN[:k].T) if m >= n else (vt_RN[:k].T, u_MR[:, :k])
+    return u_mk, s_R[:k] / scale, v_nk
 
   ok = (lam_n[n_short - k] > TOP_SINGULAR_MIN_EIG_RATIO * lam_n[-1]) & (lam_n[-1] > 0)
   u_mk, s_k, v_nk = jax.lax.cond(ok, by_rr, by_svd)
