@@ -12,7 +12,9 @@ table (also --out/eval/results.md, radar.png). Expected: merges close to the bas
 on every axis, since the quickstart's experts train for a few steps only; use
 configs/smollm2.py experts for a real comparison. RESM rows: `resm` with defaults
 equals `tsv_m` (a reconstruction; see docs/merging.md), `resm_sparsity_sv` turns on
-sparsity-aware ranks and singular-value outlier reweighting.
+sparsity-aware ranks and singular-value outlier reweighting. Inputs and every merged
+model are checked for NaN/inf before anything is saved or evaluated: a non-finite
+tensor stops the run with one `error:` line naming the method and tensor.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 import time
 
 import h3jax
@@ -45,7 +48,8 @@ def load_expert(workdir: pathlib.Path):
 def run(run_dir, base_dir, out_dir, limit: int, methods=tuple(METHODS), evaluate: bool = True) -> dict:
   run_dir, out_dir = pathlib.Path(run_dir), pathlib.Path(out_dir)
   cfg, base = h3jax.load_pretrained(base_dir)
-  experts = [load_expert(run_dir / a) for a in AXES]
+  merging.check_finite(base, f"base model {base_dir}")
+  experts = [merging.check_finite(load_expert(run_dir / a), f"expert {run_dir / a}") for a in AXES]
   models = {"base": str(base_dir)}
   if (run_dir / "fusion" / "hf").exists():
     models["moe_fusion"] = str(run_dir / "fusion" / "hf")
@@ -56,6 +60,7 @@ def run(run_dir, base_dir, out_dir, limit: int, methods=tuple(METHODS), evaluate
     t0 = time.perf_counter()
     merged = method(base, experts, **hp)
     timings[name] = time.perf_counter() - t0
+    merging.check_finite(merged, f"merge {name} ({method.__name__} {hp}), not saved")
     dest = out_dir / "models" / name
     h3jax.save_pretrained(merged, cfg.replace(lora_scale=1.0), dest, overwrite=True,
                           tokenizer_source=models["base"])
@@ -77,7 +82,12 @@ def main():
   ap.add_argument("--methods", default=",".join(METHODS))
   ap.add_argument("--skip_eval", action="store_true", help="only write the merged models")
   args = ap.parse_args()
-  run(args.run, args.base, args.out, args.limit, tuple(args.methods.split(",")), evaluate=not args.skip_eval)
+  try:
+    run(args.run, args.base, args.out, args.limit, tuple(args.methods.split(",")),
+        evaluate=not args.skip_eval)
+  except merging.NonFiniteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

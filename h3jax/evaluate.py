@@ -18,6 +18,8 @@ shared cache), then the same command without --shard scores everything.
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -56,7 +58,12 @@ def main(argv):
     done = runner.generate_shards(config, FLAGS.model, FLAGS.out, shard, limit=FLAGS.limit)
     print(f"shard {FLAGS.shard}: responses cached per model: {done}; run without --shard to score")
     return
-  results = runner.evaluate(config, FLAGS.model, FLAGS.out, limit=FLAGS.limit)
+  from h3jax.merging.tree import NonFiniteError
+  try:
+    results = runner.evaluate(config, FLAGS.model, FLAGS.out, limit=FLAGS.limit)
+  except NonFiniteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   print(report.markdown_table(results))
 
 

@@ -30,6 +30,9 @@ def define_flags():
                       "persistent XLA compilation cache folder ('' to disable)")
   flags.DEFINE_integer("devices", 1, "merge tensors round-robin on this many local devices (on a CPU "
                        "host: that many CPU devices, e.g. one per core for SVD-heavy methods)")
+  flags.DEFINE_enum("nonfinite", "error", ["error", "keep_base"],
+                    "a NaN/inf in an input or merged tensor: 'error' stops the merge (nothing written); "
+                    "'keep_base' writes the base tensor there and reports it")
 
 
 def local_devices(n: int) -> list:
@@ -53,7 +56,7 @@ def local_devices(n: int) -> list:
 
 def merge_from_config(config_path: str, out_dir: str, *, overwrite: bool = False, seed=None,
                       max_shard_size=None, progress: bool = True, compilation_cache=None,
-                      devices: int = 1) -> dict:
+                      devices: int = 1, nonfinite: str = "error") -> dict:
   """Library entry point of the CLI: parse the config, then stream the merge."""
   import dataclasses
 
@@ -65,7 +68,8 @@ def merge_from_config(config_path: str, out_dir: str, *, overwrite: bool = False
   if seed is not None:
     spec = dataclasses.replace(spec, seed=seed)
   return driver.run_merge(spec, out_dir, overwrite=overwrite, progress=progress,
-                          max_shard_size=max_shard_size, devices=local_devices(devices))
+                          max_shard_size=max_shard_size, devices=local_devices(devices),
+                          nonfinite=nonfinite)
 
 
 def main(argv):
@@ -76,11 +80,15 @@ def main(argv):
   try:
     report = merge_from_config(FLAGS.config, FLAGS.out, overwrite=FLAGS.overwrite, seed=FLAGS.seed,
                                max_shard_size=FLAGS.max_shard_size, progress=FLAGS.progress,
-                               compilation_cache=FLAGS.compilation_cache, devices=FLAGS.devices)
+                               compilation_cache=FLAGS.compilation_cache, devices=FLAGS.devices,
+                               nonfinite=FLAGS.nonfinite)
   except (MergeConfigError, MergeError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(f"merged {report['tensors']} tensors into {report['out_dir']}")
+  if report["nonfinite_kept_base"]:
+    print(f"kept the base tensor for {len(report['nonfinite_kept_base'])} non-finite tensor(s): "
+          + ", ".join(sorted(report["nonfinite_kept_base"])))
 
 
 if __name__ == "__main__":

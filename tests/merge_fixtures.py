@@ -161,8 +161,9 @@ print("ok", len(jobs))
 
 
 # Runs fusion-bench 0.2.33 on raw safetensors (base + models) wrapped as torch modules.
-# argv: jobs.json = {"base": file, "models": [files], "out": dir}; writes one
-# safetensors file per algorithm (EMR: unified vector, masks, rescalers).
+# argv: jobs.json = {"base": file, "models": [files], "out": dir} or a list of such jobs (one
+# process: imports cost ~15 s); writes one safetensors file per algorithm (EMR: unified vector,
+# masks, rescalers).
 FUSIONBENCH_BATCH = r"""
 import json, sys, os, contextlib, io, logging
 logging.disable(logging.WARNING)
@@ -172,38 +173,41 @@ from fusion_bench.modelpool import BaseModelPool
 from fusion_bench.method import TaskSingularVectorMerging, TaskArithmeticAlgorithm, TiesMergingAlgorithm
 from fusion_bench.method.isotropic_merging import ISO_C_Merge, ISO_CTS_Merge
 from fusion_bench.method.emr_merging.utils import emr_merge
-job = json.load(open(sys.argv[1]))
-base = load_file(job["base"]); models = [load_file(f) for f in job["models"]]
+jobs = json.load(open(sys.argv[1]))
 class Flat(torch.nn.Module):
   def __init__(self, sd):
     super().__init__()
     for k, v in sd.items():
       self.register_parameter(k.replace(".", "__"), torch.nn.Parameter(torch.from_numpy(np.array(v))))
-def pool():
-  return BaseModelPool({"_pretrained_": Flat(base), **{f"m{i}": Flat(m) for i, m in enumerate(models)}})
-def save(name, module):
-  sd = {k.replace("__", "."): v.detach().numpy().copy() for k, v in module.state_dict().items()}
-  save_file(sd, os.path.join(job["out"], name + ".safetensors"))
-algos = {
-  "tsv_m": TaskSingularVectorMerging(alpha=1.0, exclude_keys=[]),
-  "tsv_m_alpha": TaskSingularVectorMerging(alpha=0.6, exclude_keys=[]),
-  "iso_c": ISO_C_Merge(scaling_factor=1.0),
-  "iso_cts": ISO_CTS_Merge(scaling_factor=1.0, common_space_fraction=0.8),
-  "ties_sum": TiesMergingAlgorithm(scaling_factor=0.7, threshold=20, remove_keys=[], merge_func="sum"),
-  "ties_mean": TiesMergingAlgorithm(scaling_factor=1.0, threshold=30, remove_keys=[], merge_func="mean"),
-  "task_arithmetic": TaskArithmeticAlgorithm(scaling_factor=0.3),
-}
-for name, algo in algos.items():
+def run_job(job):
+  base = load_file(job["base"]); models = [load_file(f) for f in job["models"]]
+  def pool():
+    return BaseModelPool({"_pretrained_": Flat(base), **{f"m{i}": Flat(m) for i, m in enumerate(models)}})
+  def save(name, module):
+    sd = {k.replace("__", "."): v.detach().numpy().copy() for k, v in module.state_dict().items()}
+    save_file(sd, os.path.join(job["out"], name + ".safetensors"))
+  algos = {
+    "tsv_m": TaskSingularVectorMerging(alpha=1.0, exclude_keys=[]),
+    "tsv_m_alpha": TaskSingularVectorMerging(alpha=0.6, exclude_keys=[]),
+    "iso_c": ISO_C_Merge(scaling_factor=1.0),
+    "iso_cts": ISO_CTS_Merge(scaling_factor=1.0, common_space_fraction=0.8),
+    "ties_sum": TiesMergingAlgorithm(scaling_factor=0.7, threshold=20, remove_keys=[], merge_func="sum"),
+    "ties_mean": TiesMergingAlgorithm(scaling_factor=1.0, threshold=30, remove_keys=[], merge_func="mean"),
+    "task_arithmetic": TaskArithmeticAlgorithm(scaling_factor=0.3),
+  }
+  for name, algo in algos.items():
+    with contextlib.redirect_stdout(io.StringIO()):
+      save(name, algo.run(pool()))
+  tvs = [{k: torch.from_numpy(m[k] - base[k]) for k in base} for m in models]
   with contextlib.redirect_stdout(io.StringIO()):
-    save(name, algo.run(pool()))
-tvs = [{k: torch.from_numpy(m[k] - base[k]) for k in base} for m in models]
-with contextlib.redirect_stdout(io.StringIO()):
-  uni, masks, rescalers = emr_merge(tvs)
-out = {"uni." + k: v.numpy() for k, v in uni.items()}
-for k, m in masks.items():
-  for i in range(len(models)):
-    out[f"mask{i}." + k] = m[i].float().numpy()
-out["rescalers"] = np.asarray([float(r) for r in rescalers], np.float32)
-save_file(out, os.path.join(job["out"], "emr.safetensors"))
+    uni, masks, rescalers = emr_merge(tvs)
+  out = {"uni." + k: v.numpy() for k, v in uni.items()}
+  for k, m in masks.items():
+    for i in range(len(models)):
+      out[f"mask{i}." + k] = m[i].float().numpy()
+  out["rescalers"] = np.asarray([float(r) for r in rescalers], np.float32)
+  save_file(out, os.path.join(job["out"], "emr.safetensors"))
+for job in (jobs if isinstance(jobs, list) else [jobs]):
+  run_job(job)
 print("ok")
 """

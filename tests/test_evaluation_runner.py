@@ -241,3 +241,20 @@ def test_cache_appends_from_two_processes_stay_whole_rows(tmp_path):
     p.join()
   assert all(p.exitcode == 0 for p in procs)
   assert len(cache_lib.Cache(path)) == 2 * 40 * 8  # every row parses: no interleaved writes
+
+
+def test_refuses_to_evaluate_non_finite_weights(data_root, tmp_path):
+  """A broken merge (NaN weights) is an error before any generation, not a table of garbage."""
+  import h3jax
+  from h3jax.merging import NonFiniteError
+  bad = tiny_model("broken")
+  leaf = bad["params"]["embed"]["embedding"]
+  bad["params"]["embed"]["embedding"] = leaf.at[3, 1].set(np.nan)
+  config = small_config(data_root, sets=("xstest_safe",))
+  with pytest.raises(NonFiniteError, match=r"refusing to evaluate broken: 1 tensor\(s\) are not finite: "
+                                           r"embed/embedding \(1 NaN, 0 inf\)"):
+    runner.evaluate(config, [], tmp_path / "eval", limit=1, judges={}, models=[bad], progress=False)
+  h3jax.save_pretrained(bad["params"], bad["cfg"], tmp_path / "hf")
+  (tmp_path / "hf" / "tokenizer.json").write_text("{}")  # found; never parsed: weights fail first
+  with pytest.raises(NonFiniteError, match=r"refusing to evaluate x \(.*hf\): 1 tensor\(s\) are not finite"):
+    runner.load_model(f"x={tmp_path / 'hf'}")

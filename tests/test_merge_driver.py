@@ -312,3 +312,89 @@ def test_tensors_round_robin_over_devices_give_the_same_output(raw, tmp_path, mo
   assert sorted(one) == sorted(two)
   for k in one:
     np.testing.assert_array_equal(one[k], two[k], err_msg=k)
+
+
+def _nonfinite_family(tmp_path, bad_model=1):
+  """Raw files: base + 2 models; model `bad_model`'s 'w_a' holds a NaN and an inf."""
+  rng = np.random.default_rng(3)
+  base = {"w_a": rng.standard_normal((6, 4)).astype(np.float32), "w_b": rng.standard_normal((4, 6)).astype(np.float32)}
+  files = [str(tmp_path / "base.safetensors")]
+  save_file(base, files[0])
+  for i in range(2):
+    m = {k: v + 0.1 * rng.standard_normal(v.shape).astype(np.float32) for k, v in base.items()}
+    if i == bad_model:
+      m["w_a"][0, 0], m["w_a"][2, 1] = np.nan, np.inf
+    files.append(str(tmp_path / f"m{i}.safetensors"))
+    save_file(m, files[-1])
+  return base, files
+
+
+@pytest.mark.parametrize("method,params", [("ties", dict(density=0.5)), ("tsv_m", {}),
+                                           ("task_arithmetic", {})])
+def test_nonfinite_input_stops_the_merge_and_writes_nothing(tmp_path, method, params):
+  """TIES used to drop the NaN silently (no sign agrees with NaN: the base value was written)."""
+  _, files = _nonfinite_family(tmp_path)
+  spec = _spec(method, files[0], files[1:], params)
+  with pytest.raises(driver.MergeError) as e:
+    driver.run_merge(spec, tmp_path / "out", progress=False)
+  msg = str(e.value)
+  assert msg.startswith(f"{method}: input tensor 'w_a' of {files[2]} has 1 NaN and 1 inf entries")
+  assert "nothing was written" in msg and "\n" not in msg
+  assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_nonfinite_keep_base_writes_the_base_tensor_and_reports_it(tmp_path):
+  base, files = _nonfinite_family(tmp_path)
+  logs = []
+  rep = driver.run_merge(_spec("ties", files[0], files[1:], dict(density=0.5)), tmp_path / "out",
+                         progress=False, nonfinite="keep_base", log=logs.append)
+  out = mf.read_tensors(tmp_path / "out")
+  np.testing.assert_array_equal(out["w_a"], base["w_a"])
+  assert not np.array_equal(out["w_b"], base["w_b"]) and np.isfinite(out["w_b"]).all()
+  assert rep["nonfinite_kept_base"] == ["w_a"]
+  assert any("w_a" in line and "kept the base's tensor" in line for line in logs)
+  with pytest.raises(driver.MergeError, match="nonfinite must be one of"):
+    driver.run_merge(_spec("ties", files[0], files[1:]), tmp_path / "o2", progress=False, nonfinite="zero")
+
+
+def test_nonfinite_merged_tensor_stops_the_merge(tmp_path):
+  """Finite inputs whose merge is not finite: linear, weights 1 + 1 unnormalised, out_dtype
+  float16 overflows (4e4 + 4e4 > 65504)."""
+  files = []
+  for i in range(2):
+    files.append(str(tmp_path / f"m{i}.safetensors"))
+    save_file({"w": np.full((3, 2), 4e4, np.float32), "v": np.ones((3,), np.float32)}, files[-1])
+  spec = _spec("linear", None, files, dict(normalize=False), model_params=[{"weight": 1.0}] * 2,
+               out_dtype="float16")
+  with pytest.raises(driver.MergeError, match=r"^linear: merged tensor 'w' has 0 NaN and 6 inf entries; "
+                                              r"nothing was written"):
+    driver.run_merge(spec, tmp_path / "out", progress=False)
+  assert not (tmp_path / "out").exists()
+  rep = driver.run_merge(spec, tmp_path / "out", progress=False, nonfinite="keep_base")
+  out = mf.read_tensors(tmp_path / "out")
+  np.testing.assert_array_equal(out["w"], np.full((3, 2), 4e4))  # the first model's (no base)
+  np.testing.assert_array_equal(out["v"], 2 * np.ones(3))
+  assert rep["nonfinite_kept_base"] == ["w"]
+
+
+def test_zero_task_vectors_on_some_tensors_stream_finite(tmp_path):
+  """FFN-only experts: every non-FFN tensor unchanged. TSV-M / RESM / Iso-CTS are finite, and the
+  unchanged tensors are exactly the base."""
+  root = tmp_path
+  cfg = mf.llama_config(False)
+  base = mf.random_base(mf.llama_shapes(cfg), 8)
+  base_d = mf.write_llama(root / "base", base, cfg)
+  dirs = []
+  for i in range(3):
+    m = mf.perturb(base, 80 + i, 0.01)
+    dirs.append(mf.write_llama(root / f"m{i}", {k: (v if ".mlp." in k else base[k]) for k, v in m.items()}, cfg))
+  for method, params in (("tsv_m", {}), ("resm", dict(rank_mode="sparsity", outlier_mode="sv")),
+                         ("iso_cts", {})):
+    driver.run_merge(_spec(method, base_d, dirs, params), root / method, progress=False)
+    out = mf.read_tensors(root / method)
+    for k, v in out.items():
+      assert np.isfinite(v).all(), (method, k)
+      if ".mlp." not in k:
+        np.testing.assert_array_equal(v, base[k], err_msg=f"{method} {k}")
+      else:
+        assert not np.array_equal(v, base[k]), (method, k)

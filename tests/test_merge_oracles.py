@@ -213,9 +213,33 @@ def fb_runs(tmp_path_factory):
     files.append(str(root / f"in{i}.safetensors"))
     save_file(t, files[-1])
   (root / "out").mkdir()
-  (root / "job.json").write_text(json.dumps(dict(base=files[0], models=files[1:], out=str(root / "out"))))
+  zero_files = _zero_family(root)
+  (root / "zero_out").mkdir()
+  (root / "job.json").write_text(json.dumps([
+      dict(base=files[0], models=files[1:], out=str(root / "out")),
+      dict(base=zero_files[0], models=zero_files[1:], out=str(root / "zero_out"))]))
   mf.run_oracle(mf.FUSIONBENCH_PY, mf.FUSIONBENCH_BATCH, root / "job.json")
   return root, files
+
+
+# Tensor -> experts whose task vector is exactly zero there (FFN-only LoRA experts leave all other
+# tensors unchanged): none, one, two, all three.
+FB_ZERO = {"w_a": (), "w_b": (1,), "sq": (0, 2), "tall": (2,), "z2": (0, 1, 2), "vec": (0,),
+           "cube": (0, 1, 2)}
+FB_ZERO_SHAPES = dict(FB_SHAPES, tall=(36, 10), z2=(20, 14))
+
+
+def _zero_family(root):
+  from safetensors.numpy import save_file
+  base = mf.random_base(FB_ZERO_SHAPES, 12)
+  files = [str(root / "zero_in0.safetensors")]
+  save_file(base, files[0])
+  for i in range(3):
+    m = mf.perturb(base, 400 + i, 0.03 * (1 + 0.5 * i))
+    m = {k: (base[k] if i in FB_ZERO[k] else v) for k, v in m.items()}
+    files.append(str(root / f"zero_in{i + 1}.safetensors"))
+    save_file(m, files[-1])
+  return files
 
 
 def _rel_fro(a, b):
@@ -275,3 +299,50 @@ def test_emr_matches_fusion_bench(fb_runs):
     np.testing.assert_allclose(np.asarray(parts["unified"][k]), theirs["uni." + k], rtol=1e-6, atol=1e-7)
     for i in range(len(models)):
       np.testing.assert_array_equal(np.asarray(parts["masks"][i][k]), theirs[f"mask{i}." + k] > 0)
+
+
+@needs_fusionbench
+def test_zero_task_vectors_vs_fusion_bench(fb_runs, tmp_path):
+  """Experts unchanged on some tensors. Where no task vector is zero, h3jax (driver, default
+  solver) equals fusion-bench; where all are zero, both give the base. Where some are zero the
+  stated difference (docs/merging.md): fusion-bench's torch SVD of a zero matrix returns identity
+  columns with s = 0, which enter its polar factors; h3jax drops them. Both sides are pinned to a
+  float64 TSV-M with / without those columns, so nothing else differs."""
+  from test_merging_degenerate import tsv_reference
+  root, _ = fb_runs
+  files = sorted(str(p) for p in root.glob("zero_in*.safetensors"))
+  base, *models = [mf.read_tensors(f) for f in files]
+  for name, method, params in (("tsv_m", "tsv_m", dict(alpha=1.0)), ("iso_c", "iso_c", {}),
+                               ("iso_cts", "iso_cts", {}), ("task_arithmetic", "task_arithmetic",
+                                                            dict(lambda_=0.3))):
+    cfg = tmp_path / f"{name}.py"
+    cfg.write_text(
+        "import ml_collections\n"
+        "def get_config():\n"
+        "  c = ml_collections.ConfigDict()\n"
+        f"  c.merge_method = {method!r}\n"
+        f"  c.base_model = {files[0]!r}\n"
+        f"  c.models = [dict(model=m) for m in {files[1:]!r}]\n"
+        f"  c.parameters = {params!r}\n"
+        "  return c\n")
+    from h3jax.merge import merge_from_config
+    merge_from_config(str(cfg), str(tmp_path / name), progress=False)
+    ours = mf.read_tensors(tmp_path / name)
+    theirs = mf.read_tensors(root / "zero_out" / f"{name}.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    for k, zero in FB_ZERO.items():
+      assert np.isfinite(ours[k]).all(), (name, k)
+      if len(zero) == 3:
+        np.testing.assert_array_equal(ours[k], base[k], err_msg=f"{name} {k}")
+        np.testing.assert_array_equal(theirs[k], base[k], err_msg=f"fusion-bench {name} {k}")
+        continue
+      err = _rel_fro(ours[k] - base[k], theirs[k] - base[k])
+      if not zero or base[k].ndim != 2 or name in ("iso_c", "task_arithmetic"):
+        assert err <= 1e-4, f"{name}: {k} (zero tasks {zero}) rel Frobenius error {err:.3g}"
+      elif name == "tsv_m":
+        ms = [models[i][k] for i in range(3)]
+        fb_ref = tsv_reference(base[k], ms, zero="identity")
+        ours_ref = tsv_reference(base[k], ms, zero="drop")
+        assert _rel_fro(theirs[k] - base[k], fb_ref - base[k]) <= 1e-4, f"fusion-bench {k}"
+        assert _rel_fro(ours[k] - base[k], ours_ref - base[k]) <= 1e-4, f"h3jax {k}"
+        assert err > 1e-3, f"{k}: expected the identity columns to change fusion-bench's result"

@@ -91,9 +91,32 @@ def mk_extra_runs(tmp_path_factory):
     out = root / f"mk_{cid}"
     jobs.append(dict(yaml=yaml.safe_dump(body), out=str(out), raw=kind == "raw"))
     runs[cid] = (body, out, tol)
+  # Output dtypes with neither dtype nor out_dtype set, on bf16 inputs (mergekit writes its
+  # kernels' result dtype).
+  bf_base, bf_models = _bf16_family(root / "bf16")
+  for method in DTYPE_METHODS:
+    n = 1 if method == "arcee_fusion" else 2
+    per_model = [dict(weight=1.0) if method == "task_arithmetic" else {}] * n
+    body = dict(merge_method=method, base_model=bf_base, models=_models(bf_models[:n], per_model))
+    out = root / f"mk_dtype_{method}"
+    jobs.append(dict(yaml=yaml.safe_dump(body), out=str(out)))
+    runs[f"dtype_{method}"] = (body, out, None)
   (root / "jobs.json").write_text(json.dumps(jobs))
   mf.run_oracle(mf.MERGEKIT_PY, mf.MERGEKIT_BATCH, root / "jobs.json")
   return runs
+
+
+DTYPE_METHODS = ("arcee_fusion", "ramplus_tl", "ram", "task_arithmetic", "karcher")
+
+
+def _bf16_family(root):
+  import ml_dtypes
+  cfg = dict(mf.llama_config(False), dtype="bfloat16")
+  base = mf.random_base(mf.llama_shapes(cfg), 21)
+  to_bf16 = lambda t: {k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}
+  base_d = mf.write_llama(root / "base", to_bf16(base), cfg)
+  return base_d, [mf.write_llama(root / f"m{i}", to_bf16(mf.perturb(base, 50 + i, 0.02)), cfg)
+                  for i in range(2)]
 
 
 def _assert_mask_flips_only(body, ours, theirs, what):
@@ -137,3 +160,24 @@ def test_matches_mergekit(mk_extra_runs, cid, tmp_path):
   for path in inputs:
     x = mf.read_tensors(path)
     assert any(np.abs(ours[k] - x[k]).max() > 1e-4 for k in ours if ours[k].size), (cid, path)
+
+
+@pytest.mark.skipif(not mf.MERGEKIT_PY.exists(), reason="mergekit oracle venv missing: run scripts/setup_oracles.sh")
+@pytest.mark.parametrize("method", DTYPE_METHODS)
+def test_output_dtype_is_mergekits(mk_extra_runs, method, tmp_path):
+  """bf16 inputs, no dtype / out_dtype: mergekit writes float32 for arcee_fusion and ramplus_tl
+  (a float32 mask / ratio promotes its kernel's result) and bf16 for the others; so does h3jax."""
+  from safetensors import safe_open
+  body, out, _ = mk_extra_runs[f"dtype_{method}"]
+  _h3jax_from_yaml(body, tmp_path / "ours", tmp_path)
+
+  def dtypes(folder):
+    res = {}
+    for f in sorted(folder.glob("*.safetensors")):
+      with safe_open(str(f), "np") as r:
+        res.update({k: r.get_slice(k).get_dtype() for k in r.keys()})
+    return res
+  theirs, ours = dtypes(out), dtypes(tmp_path / "ours")
+  assert ours == theirs
+  expected = "F32" if method in ("arcee_fusion", "ramplus_tl") else "BF16"
+  assert set(theirs.values()) == {expected}

@@ -63,6 +63,8 @@ def load_model(spec: str, dtype: str = "float32", ensemble_mode: str = "prob") -
     ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     cfg, params = load_params(str(ckpt_dir))
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+  from h3jax.merging.tree import check_finite
+  check_finite(params, f"refusing to evaluate {name} ({path})")  # e.g. a broken merge
   return {"name": name, "path": str(path), "cfg": cfg.replace(dtype=dtype), "params": params,
           "tokenizer": _load_tokenizer(tok_dir)}
 

@@ -31,6 +31,7 @@ from h3jax.evaluation import sets as eval_data
 from h3jax.evaluation.infer import generation_settings, model_inputs, prompt_template, router_usage
 from h3jax.evaluation.models import load_model
 from h3jax.evaluation.scoring import _judge, axis_scores, generate_shard, score_model
+from h3jax.merging.tree import check_finite
 
 __all__ = ["default_config", "evaluate", "compare", "load_model", "load_judges", "judge_cards",
            "prompt_template", "score_model", "axis_scores"]
@@ -150,6 +151,8 @@ def evaluate(config, model_specs: Sequence[str], out_dir, *, limit: Optional[int
   for spec in specs:
     t0 = time.time()
     model = spec if isinstance(spec, dict) else load_model(spec, config.dtype, config.get("ensemble_mode", "prob"))
+    if isinstance(spec, dict):
+      check_finite(model["params"], f"refusing to evaluate {model['name']}")
     if model["name"] in results["models"]:
       raise ValueError(f"two models are named {model['name']!r}; name them with --model=NAME=DIR")
     store = cache_lib.Cache(out_dir / "cache" / f"{model['name']}.jsonl")

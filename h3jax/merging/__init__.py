@@ -20,7 +20,8 @@ from h3jax.merging.resm import layer_sparsity, resm, sparsity_range
 from h3jax.merging.spherical import karcher, multislerp, nuslerp
 from h3jax.merging.svd import iso_c, iso_cts, tsv_m
 from h3jax.merging.ties import global_thresholds, ties
-from h3jax.merging.tree import fold_lora, merge_leaf, merge_tree
+from h3jax.merging.tree import (NonFiniteError, check_finite, fold_lora, merge_leaf, merge_tree,
+                                nonfinite_leaves)
 
 METHODS = {
     "linear": linear,

@@ -79,8 +79,8 @@ def kth_largest_threshold(x_X, density: float):
 
 
 def threshold_mask(x_X, threshold):
-  """FusionBench `topk_values_mask`: keep |x| >= threshold (ties at the threshold kept)."""
-  return jnp.abs(x_X) >= threshold
+  """FusionBench `topk_values_mask`: keep |x| >= threshold (ties at the threshold kept), and NaN."""
+  return (jnp.abs(x_X) >= threshold) | jnp.isnan(x_X)
 
 
 def outlier_mask(x_X, density: float, gamma: float):
@@ -173,8 +173,9 @@ def elect_sign(deltas_NX, mode: str = "mergekit"):
 
 
 def agree_mask(deltas_NX, sign_X):
-  """[N, X] (or one model's [X]) True where delta_i is non-zero and has the elected sign."""
-  return jnp.where(sign_X > 0, deltas_NX > 0, deltas_NX < 0)
+  """[N, X] (or one model's [X]) True where delta_i is non-zero and has the elected sign, and where
+  it is NaN: a NaN input propagates to the merge instead of silently becoming the base value."""
+  return jnp.where(sign_X > 0, deltas_NX > 0, deltas_NX < 0) | jnp.isnan(deltas_NX)
 
 
 def disjoint_merge(deltas_NX, mask_NX, weights_N=None, how: str = "mean"):
@@ -248,24 +249,31 @@ def svd(x_MN):
 # `polar(method='auto')` takes the Gram route only where kappa(x)^2 <= 100, so its float32 error
 # (~eps kappa^2) stays ~1e-5, the size of an SVD's own float32 differences.
 POLAR_GRAM_MIN_RATIO = 1e-2
+# Singular values of x below this fraction of the largest are numerically zero: their singular
+# vectors are arbitrary (rounding decides them), so the polar factor leaves them out.
+POLAR_RANK_RTOL = 1e-5
 
 
 def polar(x_MK, method: str = "auto"):
   """Orthogonal polar factor U V^T of x (nearest matrix with orthonormal columns).
 
-  method 'svd': from a thin SVD. 'auto': for tall x (M >= 2K) whose Gram matrix has
-  lambda_min >= 1e-2 lambda_max, x (x^T x)^{-1/2} from the eigendecomposition of the K x K
-  Gram matrix (on CPU ~3x cheaper than the SVD of x); otherwise the SVD (`lax.cond`: one
-  branch runs). Square stacks of singular-vector blocks (TSV-M's) are rarely that well
-  conditioned, so they go straight to the SVD.
+  For a rank-deficient x (zero columns from dropped triples, repeated columns from identical
+  experts) the factor is not unique; this returns the partial isometry sum_{s_i > rtol s_1}
+  u_i v_i^T (POLAR_RANK_RTOL): [A | 0] -> [polar(A) | 0], [A | A] -> [A | A] / sqrt(2) for
+  orthonormal A, and 0 for x = 0. method 'svd': from a thin SVD. 'auto': for tall x (M >= 2K)
+  whose Gram matrix has lambda_min >= 1e-2 lambda_max > 0, x (x^T x)^{-1/2} from the
+  eigendecomposition of the K x K Gram matrix (on CPU ~3x cheaper than the SVD of x); otherwise
+  the SVD (`lax.cond`: one branch runs). Square stacks of singular-vector blocks (TSV-M's) are
+  rarely that well conditioned, so they go straight to the SVD.
   """
   if method not in ("auto", "svd"):
     raise ValueError(f"polar: method must be 'auto' or 'svd', got {method!r}")
   hi = jax.lax.Precision.HIGHEST
 
   def by_svd():
-    u, _, vt = jnp.linalg.svd(x_MK, full_matrices=False)
-    return jnp.matmul(u, vt, precision=hi)
+    u, s, vt = jnp.linalg.svd(x_MK, full_matrices=False)
+    keep = s > POLAR_RANK_RTOL * s[0]  # s descending; x = 0 keeps nothing
+    return jnp.matmul(u * keep, vt, precision=hi)
 
   if method == "svd" or x_MK.shape[0] < 2 * x_MK.shape[1]:
     return by_svd()
@@ -275,7 +283,8 @@ def polar(x_MK, method: str = "auto"):
     inv_sqrt_KK = jnp.matmul(w_KK * jax.lax.rsqrt(jnp.maximum(lam_K, 1e-30)), w_KK.T, precision=hi)
     return jnp.matmul(x_MK, inv_sqrt_KK, precision=hi)
 
-  return jax.lax.cond(lam_K[0] >= POLAR_GRAM_MIN_RATIO * lam_K[-1], by_gram, by_svd)
+  well_conditioned = (lam_K[0] >= POLAR_GRAM_MIN_RATIO * lam_K[-1]) & (lam_K[-1] > 0)
+  return jax.lax.cond(well_conditioned, by_gram, by_svd)
 
 
 def low_rank(x_MN, rank: int):

@@ -10,6 +10,11 @@ tensor (`tensor_memory_bytes`: (inputs + 1) times a measured per-method factor),
 temporary folder next to `out_dir` and renamed into place at the end, so a
 failed merge leaves nothing behind (`h3jax.io_atomic`: the output may not be, hold or lie in
 an input; the old output is replaced only once the new one is complete). Inputs: `h3jax.merging.inputs`.
+
+Every input tensor and every merged tensor is checked for NaN/inf: by default a
+non-finite one stops the merge (`MergeError` naming the tensor and the method,
+nothing written); `nonfinite='keep_base'` writes the base tensor there instead
+and lists it in the report (`nonfinite_kept_base`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ NOT_STREAMABLE = {
     "fisher": "Fisher merging needs Fisher statistics (use h3jax.merging.compute_fisher + fisher)",
     "regmean": "RegMean needs Gram matrices (use h3jax.merging.compute_regmean_grams + regmean)",
 }
+NONFINITE_POLICIES = ("error", "keep_base")
+
 # Transforms that return statistics computed on host (not traceable as a whole): called
 # eagerly, their per-tensor kernels are still jitted inside h3jax.merging.
 EAGER = ("resm",)
@@ -154,7 +161,7 @@ def _check_weight_sum(method: str, kwargs: dict, n_models: int, name: str) -> No
 
 def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progress: bool = True,
               max_shard_size: Optional[str] = None, log: Callable[[str], None] = print,
-              devices: Optional[Sequence] = None) -> dict:
+              devices: Optional[Sequence] = None, nonfinite: str = "error") -> dict:
   """Merge `spec`'s inputs into the HF folder `out_dir`; returns a small report dict.
 
   Every check (inputs, shapes, architectures, hyper-parameters for every tensor)
@@ -163,7 +170,12 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
   device), so per-tensor kernels run concurrently, one per device: for hosts where one
   kernel does not fill the machine (many cores, several accelerators). On a 2-core CPU the
   kernels already use both cores and two devices are slower.
+  `nonfinite`: 'error' (a NaN/inf in an input or a merged tensor stops the merge, nothing
+  written) | 'keep_base' (that tensor is the base's, else the first model's, and the report's
+  `nonfinite_kept_base` lists it; a non-finite base tensor is still an error).
   """
+  if nonfinite not in NONFINITE_POLICIES:
+    raise MergeError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
   if spec.slices:  # passthrough layer stacking: a renaming copy, no per-tensor kernel
     from h3jax.merging import slices
     return slices.run_slices(spec, out_dir, overwrite=overwrite, max_shard_size=max_shard_size)
@@ -211,19 +223,21 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
     with io_atomic.output_dir(out_dir, overwrite=True, inputs=spec.inputs) as tmp:
       writer = SafetensorsWriter(tmp, max_shard_size=max_shard_size or spec.max_shard_size,
                                  metadata={"h3jax_merge_method": spec.method})
-      stats = {}
+      stats, kept = {}, []
       largest, budget = _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats, log,
-                                        _progress(plan, progress))
+                                        _progress(plan, progress), nonfinite, kept)
       writer.close()
       write_sidecars(spec, ref, tmp, out_tied, stats)
   finally:
     for i in inputs:
       i.reader.close()
   return {"out_dir": str(out_dir), "tensors": len([p for p in plan if p[1] != "skip"]),
-          "largest_tensor_bytes": largest, "memory_budget_bytes": budget, "tensor_stats": stats}
+          "largest_tensor_bytes": largest, "memory_budget_bytes": budget, "tensor_stats": stats,
+          "nonfinite_kept_base": kept}
 
 
-def _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats, log, bar) -> int:
+def _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats, log, bar,
+                    nonfinite="error", kept=None) -> int:
   """Reads, merges and writes the planned tensors in order; returns (the largest merged tensor's
   float32 bytes, the memory budget).
 
@@ -245,15 +259,34 @@ def _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats
   loading, writing = collections.deque(), collections.deque()  # (name, future), oldest first
   in_flight, n_merged, largest = 0, 0, 0
 
+  def fallback(name, why):  # the base tensor where a merge is not finite, or a clear error
+    ref = np.asarray(src.get(name))
+    if nonfinite != "keep_base" or not _finite(ref):
+      raise MergeError(f"{spec.method}: {why}; nothing was written" + (
+          " (pass --nonfinite=keep_base to keep the base tensor there)" if nonfinite == "error"
+          else f" (the {'base' if base is not None else 'first model'}'s tensor is not finite either)"))
+    log(f"warning: {spec.method}: {why}; kept the {'base' if base is not None else 'first model'}'s tensor")
+    kept.append(name)
+    return ref
+
+  def checked(inp, name):  # every input tensor is checked on the reader thread, as it is read
+    x = inp.get(name)
+    if not _finite(x):
+      raise _NonFinite(f"input tensor {name!r} of {inp.path} has {_count_nonfinite(x)}")
+    return x
+
   def load(name, action, kwargs, dev):  # on a reader thread
-    out_dt = _out_dtype(spec, src.dtype(name))
-    if action == "base":
-      return out_dt, np.asarray(src.get(name)).astype(out_dt), None
-    fast = host_topk.ties_hparams(spec.method, kwargs, len(models)) if base is not None else None
-    # Numpy reads stay on the host only where the host needs them (the TIES cuts); otherwise each
-    # is handed to jax at once and dropped.
-    to_jax = (lambda x: x) if fast is not None else (lambda x: jnp.asarray(x, device=dev))
-    arrays = [to_jax(i.get(name)) for i in srcs]
+    out_dt = _out_dtype(spec, src.dtype(name), action, [i.dtype(name) for i in srcs])
+    try:
+      if action == "base":
+        return out_dt, np.asarray(checked(src, name)).astype(out_dt), None
+      fast = host_topk.ties_hparams(spec.method, kwargs, len(models)) if base is not None else None
+      # Numpy reads stay on the host only where the host needs them (the TIES cuts); otherwise
+      # each is handed to jax at once and dropped.
+      to_jax = (lambda x: x) if fast is not None else (lambda x: jnp.asarray(x, device=dev))
+      arrays = [to_jax(checked(i, name)) for i in srcs]
+    except _NonFinite as e:
+      return out_dt, fallback(name, str(e)).astype(out_dt), None
     base_x, xs = (arrays[0], arrays[1:]) if base is not None else (None, arrays)
     cuts = None if fast is None else host_topk.host_cuts(base_x, xs, dict(fast)["density"], load_dt)
     return out_dt, None, (kwargs, base_x, xs, fast, cuts, dev)
@@ -269,7 +302,8 @@ def _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats
       with jax.default_device(dev):
         result = _merge_tensor(spec, name, kwargs, base_x, xs, randomized, fast, cuts)
       del base_x, xs
-    writing.append((name, write_pool.submit(_finish, writer, stats, log, spec, name, out_dt, result)))
+    writing.append((name, write_pool.submit(_finish, writer, stats, log, spec, name, out_dt, result,
+                                            fallback)))
 
   def retire():
     nonlocal in_flight
@@ -313,13 +347,34 @@ def _merge_tensor(spec, name, kwargs, base_x, xs, randomized, fast, cuts=None):
   return jfn(base_x, xs, tensor_key(spec.seed, name) if randomized else None)
 
 
-def _finish(writer, stats, log, spec, name, out_np_dtype, result):
-  """Waits for one merged tensor, records its statistics and writes it."""
+class _NonFinite(Exception):
+  pass
+
+
+def _finite(x) -> bool:
+  x = np.asarray(x)
+  return not (np.issubdtype(x.dtype, np.floating) or x.dtype == ml_dtypes.bfloat16) or \
+      bool(np.isfinite(x).all())
+
+
+def _count_nonfinite(x) -> str:
+  x = np.asarray(x)
+  return f"{int(np.isnan(x).sum())} NaN and {int(np.isinf(x).sum())} inf entries"
+
+
+def _finish(writer, stats, log, spec, name, out_np_dtype, result, fallback=None):
+  """Waits for one merged tensor, checks it is finite, records its statistics and writes it."""
   out, tensor_stats = result
   out = np.asarray(out)
   if spec.method == "multislerp" and np.isnan(out).any():  # the kernel's mark: mergekit raises here
     raise MergeError(f"multislerp: the weighted sum of the unit task vectors of {name!r} is zero "
                      f"(antipodal vectors with balancing weights); use different weights")
+  out = out.astype(out_np_dtype, copy=False)
+  if not _finite(out):  # NaN/inf from the method, or a cast that overflows (float16)
+    why = f"merged tensor {name!r} has {_count_nonfinite(out)}"
+    if fallback is None:
+      raise MergeError(f"{spec.method}: {why}; nothing was written")
+    out, tensor_stats = fallback(name, why).astype(out_np_dtype), None
   if tensor_stats and np.all(np.asarray(tensor_stats.get("rank", 1)) > 0):  # SVD-path tensors only
     stats[name] = {k: np.asarray(v).tolist() for k, v in tensor_stats.items()}
     log(f"{spec.method} {name}: " + ", ".join(f"{k}={np.round(v, 4)}" for k, v in stats[name].items()))
@@ -330,10 +385,29 @@ def _f32_bytes(shape) -> int:
   return 4 * int(np.prod(shape, dtype=np.int64))
 
 
-def _out_dtype(spec: mcfg.MergeSpec, src_dtype) -> np.dtype:
-  name = spec.out_dtype or spec.dtype
-  if name is not None:
-    return np.dtype(DTYPES[name])
+# mergekit 0.1.5 methods whose kernels promote a half-precision input to float32 (a float32
+# mask or ratio enters the arithmetic: arcee_fusion's `fusion_mask.float()`, ramplus_tl's rho);
+# mergekit writes the kernel's dtype when out_dtype is unset.
+MERGEKIT_FLOAT32_RESULT = ("arcee_fusion", "ramplus_tl")
+
+
+def _out_dtype(spec: mcfg.MergeSpec, src_dtype, action: str = "merge", in_dtypes=()) -> np.dtype:
+  """The written dtype: out_dtype, else (mergekit YAML) what mergekit 0.1.5 writes: its kernel's
+  result dtype for inputs cast to `dtype` or, unset, promoted to a common dtype (mixed half
+  dtypes -> float32); else (h3jax) dtype, else the base's (or first model's) dtype."""
+  if spec.out_dtype is not None:
+    return np.dtype(DTYPES[spec.out_dtype])
+  if spec.flavour == "mergekit" and action == "merge":
+    if spec.dtype is not None:
+      dt = np.dtype(DTYPES[spec.dtype])
+    else:
+      dts = {np.dtype(d) for d in in_dtypes} or {np.dtype(src_dtype)}
+      dt = dts.pop() if len(dts) == 1 else np.dtype(np.float32)
+    if spec.method in MERGEKIT_FLOAT32_RESULT and dt.itemsize < 4:
+      dt = np.dtype(np.float32)
+    return dt
+  if spec.dtype is not None:
+    return np.dtype(DTYPES[spec.dtype])
   return np.dtype(src_dtype)
 
 

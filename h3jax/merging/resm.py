@@ -101,7 +101,7 @@ def _resm_array(base_X, models_NX, key, *, alpha=1.0, rank_mode="tsvm", eps_sp=1
         [blocks.numerical_rank_mask(blocks.svd(d)[1], rank_rtol)[:kmax] for d in deltas_NMN])
   method = svd_lib._check_solver("resm", solver)
   u_MK, s_K, v_NK = svd_lib.tsv_factors(deltas_NMN, kmax, keep_TK, method)  # K = T * kmax
-  keep_K = keep_TK.reshape(-1)
+  keep_K = keep_TK.reshape(-1) & (s_K > 0)  # dropped triples (zero tasks, rank caps) have no weight
   w_K = jnp.ones_like(s_K)
   if outlier_mode == "sv":
     w_K = sv_outlier_weights(s_K, keep_K, kappa, gamma)

@@ -39,9 +39,31 @@ def mean_delta_array(base_X, models_NX, key, *, alpha=1.0, **unused):
   return base_X + scale * blocks.mean_models(deltas_NX)
 
 
-# `top_k_triples(method='auto')` takes the Gram route only where s_k >= 0.1 s_1: the k-th
+# `top_k_triples(method='auto')` takes the Gram route only where s_k >= 0.1 s_1 > 0: the k-th
 # vectors then carry a float32 error of ~eps (s_1 / s_k)^2 <= 1e-5.
 GRAM_MIN_SV_RATIO = 0.1
+# `top_singular` (solver='gram') runs its Rayleigh-Ritz step only where lambda_k > 1e-6 lambda_1
+# (s_k > 1e-3 s_1); below, the k-th triple is (close to) numerically zero, its direction is
+# rounding noise, and the SVD runs so that every solver returns the same triples.
+TOP_SINGULAR_MIN_EIG_RATIO = 1e-6
+
+
+def _pow2_scale(x):
+  """A power of two >= max|x| (1 for x = 0). Dividing by it is exact, and keeps the Gram matrix
+  of x / scale (entries <= numel) away from float32 underflow for tiny task vectors."""
+  m = jnp.max(jnp.abs(x))
+  _, e = jnp.frexp(jnp.where(m > 0, m, 1.0).astype(jnp.float32))
+  return jnp.ldexp(jnp.float32(1.0), e)
+
+
+def drop_zero_triples(u_Mk, s_k, v_Nk, tau_MN=None):
+  """Zeroes the triples with s = 0 (all of them where tau = 0): a zero singular value has no
+  singular direction (its vectors are whatever the solver returns for a null space), so it
+  contributes nothing, not even to the orthogonalization of the other tasks' vectors."""
+  keep_k = s_k > 0
+  if tau_MN is not None:
+    keep_k = keep_k & jnp.any(tau_MN != 0)
+  return u_Mk * keep_k, jnp.where(keep_k, s_k, 0.0), v_Nk * keep_k
 
 
 def top_k_triples(tau_MN, k: int, method: str = "auto"):
@@ -50,7 +72,9 @@ def top_k_triples(tau_MN, k: int, method: str = "auto"):
   method 'svd': slices of a full thin SVD (FusionBench's way). 'auto': the eigendecomposition
   of the Gram matrix of the short side gives s and those singular vectors, tau times them the
   others (on CPU ~3x cheaper than the SVD); where s_k < 0.1 s_1 (a fast-decaying or low-rank
-  spectrum, whose small triples the Gram matrix resolves poorly) the SVD runs instead.
+  spectrum, whose small triples the Gram matrix resolves poorly) or s_k = 0 (tau = 0) the SVD
+  runs instead, so the route never divides by a zero singular value. The Gram matrix is formed
+  from tau / 2^e (exact) so that tiny task vectors do not underflow.
   """
   def by_svd():
     u_MR, s_R, vt_RN = blocks.svd(tau_MN)
@@ -62,25 +86,28 @@ def top_k_triples(tau_MN, k: int, method: str = "auto"):
     raise ValueError(f"top_k_triples: method must be 'auto' or 'svd', got {method!r}")
   m, n = tau_MN.shape
   t_mn = tau_MN.astype(jnp.float32) if m >= n else tau_MN.astype(jnp.float32).T  # m >= n
+  scale = _pow2_scale(t_mn)
+  t_mn = t_mn / scale
   lam_n, w_nn = jnp.linalg.eigh(jnp.matmul(t_mn.T, t_mn, precision=_HI))  # ascending
   w_nk, s_k = w_nn[:, ::-1][:, :k], jnp.sqrt(jnp.maximum(lam_n[::-1][:k], 0.0))
 
   def by_gram():
     u_mk = jnp.matmul(t_mn, w_nk, precision=_HI) / s_k
-    return (u_mk, s_k, w_nk) if m >= n else (w_nk, s_k, u_mk)
+    return (u_mk, s_k * scale, w_nk) if m >= n else (w_nk, s_k * scale, u_mk)
 
-  return jax.lax.cond(s_k[-1] >= GRAM_MIN_SV_RATIO * s_k[0], by_gram, by_svd)
+  ok = (s_k[-1] >= GRAM_MIN_SV_RATIO * s_k[0]) & (s_k[-1] > 0)
+  return jax.lax.cond(ok, by_gram, by_svd)
 
 
 def tsv_factors(deltas_NMN, k: int, keep_TK=None, method: str = "auto"):
   """Concatenated top-k singular triples of each task: U_hat [M, T*k], s_hat [T*k], V_hat [N, T*k].
 
-  keep_TK (optional bool [T, k]) zeroes triples (rank caps, per-layer ranks).
-  method: `top_k_triples`'s.
+  keep_TK (optional bool [T, k]) zeroes triples (rank caps, per-layer ranks); triples with s = 0
+  are zeroed too (`drop_zero_triples`). method: `top_k_triples`'s.
   """
   us, ss, vs = [], [], []
   for t in range(deltas_NMN.shape[0]):
-    u_Mk, s_k, v_Nk = top_k_triples(deltas_NMN[t], k, method)
+    u_Mk, s_k, v_Nk = drop_zero_triples(*top_k_triples(deltas_NMN[t], k, method), deltas_NMN[t])
     if keep_TK is not None:
       keep_k = keep_TK[t]
       u_Mk, s_k, v_Nk = u_Mk * keep_k, s_k * keep_k, v_Nk * keep_k
@@ -98,23 +125,40 @@ def top_singular(tau_MN, k: int):
   so that the k-th is accurate despite the squared spectrum; a thin SVD of
   tau @ W [M, q] (Rayleigh-Ritz) then gives the triples with the accuracy of an SVD
   of tau itself. ~2-3x fewer flops than the full SVD FusionBench takes; matmuls at
-  HIGHEST precision (TF32 would perturb near-degenerate directions on GPUs).
+  HIGHEST precision (TF32 would perturb near-degenerate directions on GPUs). Where
+  lambda_k <= 1e-6 lambda_1 (rank < k, tau = 0: TOP_SINGULAR_MIN_EIG_RATIO) the thin SVD of
+  tau runs instead (`lax.cond`), so null-space triples are the SVD's, as with the other solvers.
   """
   m, n = tau_MN.shape
   t_mn = tau_MN if m >= n else tau_MN.T  # [m, n], m >= n
+  t_mn = t_mn.astype(jnp.float32)
+  scale = _pow2_scale(t_mn)
+  t_mn = t_mn / scale
   n_short = t_mn.shape[1]
   q = min(n_short, k + max(32, k // 2))
   g_nn = jnp.matmul(t_mn.T, t_mn, precision=_HI)
-  _, w_nn = jnp.linalg.eigh(g_nn)  # ascending
-  w_nq, _ = jnp.linalg.qr(jnp.matmul(g_nn, w_nn[:, ::-1][:, :q], precision=_HI))
-  ub_mq, s_q, vbt_qq = jnp.linalg.svd(jnp.matmul(t_mn, w_nq, precision=_HI), full_matrices=False)
-  u_mk, s_k, v_nk = ub_mq[:, :k], s_q[:k], jnp.matmul(w_nq, vbt_qq[:k].T, precision=_HI)
+  lam_n, w_nn = jnp.linalg.eigh(g_nn)  # ascending
+
+  def by_rr():
+    w_nq, _ = jnp.linalg.qr(jnp.matmul(g_nn, w_nn[:, ::-1][:, :q], precision=_HI))
+    ub_mq, s_q, vbt_qq = jnp.linalg.svd(jnp.matmul(t_mn, w_nq, precision=_HI), full_matrices=False)
+    return ub_mq[:, :k], s_q[:k], jnp.matmul(w_nq, vbt_qq[:k].T, precision=_HI)
+
+  def by_svd():  # the same call as solver='svd' (the null-space vectors are the SVD's rounding)
+    u_MR, s_R, vt_RN = blocks.svd(tau_MN)
+    u_mk, v_nk = (u_MR[:, :k], vt_RN[:k].T) if m >= n else (vt_RN[:k].T, u_MR[:, :k])
+    return u_mk, s_R[:k] / scale, v_nk
+
+  ok = (lam_n[n_short - k] > TOP_SINGULAR_MIN_EIG_RATIO * lam_n[-1]) & (lam_n[-1] > 0)
+  u_mk, s_k, v_nk = jax.lax.cond(ok, by_rr, by_svd)
+  s_k = s_k * scale
   return (u_mk, s_k, v_nk) if m >= n else (v_nk, s_k, u_mk)
 
 
 def tsv_factors_fast(deltas_NMN, k: int):
   """tsv_factors via `top_singular` (same maths, no full SVD per task)."""
-  us, ss, vs = zip(*[top_singular(deltas_NMN[t], k) for t in range(deltas_NMN.shape[0])])
+  us, ss, vs = zip(*[drop_zero_triples(*top_singular(deltas_NMN[t], k), deltas_NMN[t])
+                     for t in range(deltas_NMN.shape[0])])
   return jnp.concatenate(us, 1), jnp.concatenate(ss), jnp.concatenate(vs, 1)  # [M, Tk], [Tk], [N, Tk]
 
 
@@ -130,7 +174,7 @@ def factored_svd(b_MR, a_RN):
 def tsv_lora_delta(bs, as_, alpha: float = 1.0):
   """TSV-M Delta for LoRA task vectors tau_t = b_t @ a_t, capped at each factor's rank:
   the factored counterpart of tsv_m(..., rank_cap='numerical') when R_t <= r / T."""
-  us, ss, vs = zip(*[factored_svd(b, a) for b, a in zip(bs, as_)])
+  us, ss, vs = zip(*[drop_zero_triples(*factored_svd(b, a)) for b, a in zip(bs, as_)])
   return alpha * tsv_combine(jnp.concatenate(us, 1), jnp.concatenate(ss), jnp.concatenate(vs, 1))
 
 
@@ -227,14 +271,16 @@ def _iso_cts_array(base_X, models_NX, key, *, scaling_factor=1.0, common_space_f
   n = deltas_NX.shape[0]
   kc, kt = iso_cts_sizes(base_X.shape, n, common_space_fraction)
   u_MR, s_R, vt_RN = blocks.svd(blocks.sum_models(deltas_NX))
-  uc_MC, sc_C, vc_NC = u_MR[:, :kc], s_R[:kc], vt_RN[:kc].T  # common subspace
+  uc_MC, sc_C, vc_NC = drop_zero_triples(u_MR[:, :kc], s_R[:kc], vt_RN[:kc].T)  # common subspace
   us, ss, vs = [], [], []
   for t in range(n):
     resid_MN = deltas_NX[t] - uc_MC @ (uc_MC.T @ deltas_NX[t])
     ut_MR, st_R, vtt_RN = blocks.svd(resid_MN)
-    us.append(ut_MR[:, :kt])
-    ss.append(st_R[:kt])
-    vs.append(vtt_RN[:kt].T)
+    # A zero residual (a zero task, or one inside the common subspace) adds no direction.
+    ut_Mk, st_k, vt_Nk = drop_zero_triples(ut_MR[:, :kt], st_R[:kt], vtt_RN[:kt].T, resid_MN)
+    us.append(ut_Mk)
+    ss.append(st_k)
+    vs.append(vt_Nk)
   u_MR = jnp.concatenate(us + [uc_MC], 1)  # T*kt + kc = R columns
   s_R = jnp.concatenate(ss + [sc_C])
   v_NR = jnp.concatenate(vs + [vc_NC], 1)

@@ -45,6 +45,34 @@ def leaves_with_paths(tree) -> list:
   return [(rules_lib.path_str(p), x) for p, x in flat]
 
 
+def nonfinite_leaves(tree) -> list:
+  """[(path, n_nan, n_inf)] for the floating-point leaves of `tree` (or an array) holding NaN/inf.
+  One reduction per leaf on its device; only the counts come to the host."""
+  bad = []
+  for path, x in leaves_with_paths(tree):
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.size == 0:
+      continue
+    n_nan, n_inf = (int(v) for v in jax.device_get((jnp.sum(jnp.isnan(x)), jnp.sum(jnp.isinf(x)))))
+    if n_nan or n_inf:
+      bad.append((path or "<array>", n_nan, n_inf))
+  return bad
+
+
+class NonFiniteError(ValueError):
+  """A params tree (a merge input or output, a model to evaluate) holds NaN/inf weights."""
+
+
+def check_finite(tree, what: str):
+  """Raises NonFiniteError naming `what` and its first non-finite leaves; returns `tree`."""
+  bad = nonfinite_leaves(tree)
+  if bad:
+    shown = "; ".join(f"{p} ({n} NaN, {i} inf)" for p, n, i in bad[:3])
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    raise NonFiniteError(f"{what}: {len(bad)} tensor(s) are not finite: {shown}{more}")
+  return tree
+
+
 def check_models(name: str, base, models, *, needs_base: bool, min_models: int = 1,
                  max_models: Optional[int] = None):
   """Validates the inputs of a method; returns the list of models."""
