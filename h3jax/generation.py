@@ -151,7 +151,7 @@ def generate_tokens(params, cfg: ModelConfig, prompt_ids_BP, prompt_mask_BP, *, 
   unless `row_seeds` [B] gives them (e.g. per prompt, so a prompt samples the
   same tokens in any batch).
   """
-  params = llama.unstack_layers(params)
+  params = llama.unstack_layers(params, cfg)
   ids_BP = jnp.asarray(prompt_ids_BP, jnp.int32)
   mask_BP = jnp.asarray(prompt_mask_BP, jnp.int32)
   B, P = ids_BP.shape
@@ -225,7 +225,7 @@ def generate(params, cfg: ModelConfig, tokenizer, prompts, *, chat: bool = False
       eos.add(int(tokenizer.eos_token_id))
     eos_token_ids = sorted(eos)
   add_special = not chat  # chat templates already contain BOS where the model wants it
-  params = llama.unstack_layers(params)  # once for all batches
+  params = llama.unstack_layers(params, cfg)  # once for all batches
   outputs = []
   batches = range(0, len(texts), batch_size)
   if progress:
