@@ -25,7 +25,7 @@ def load_model(spec: str, dtype: str = "float32") -> dict:
   DIR is an HF folder (config.json) or a training workdir: its export DIR/hf
   if present, else its latest checkpoint in DIR/checkpoints (or DIR) read with
   `h3jax.checkpoint.load_params`, with the tokenizer from DIR, DIR/tokenizer
-  or DIR/hf.
+  or DIR/hf. An MoE is evaluated with the `sparse` dispatch.
   """
   name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
   path = pathlib.Path(path)
@@ -54,5 +54,7 @@ def load_model(spec: str, dtype: str = "float32") -> dict:
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
   except Exception as e:  # transformers raises many types here
     raise ValueError(f"{tok_dir}: tokenizer files could not be loaded ({type(e).__name__}: {e})") from e
-  return {"name": name, "path": str(path), "cfg": cfg.replace(dtype=dtype), "params": params,
-          "tokenizer": tokenizer}
+  cfg = cfg.replace(dtype=dtype)
+  if cfg.is_moe:  # dropless, reads only the chosen experts (a checkpoint keeps its training dispatch)
+    cfg = cfg.replace(moe_dispatch="sparse")
+  return {"name": name, "path": str(path), "cfg": cfg, "params": params, "tokenizer": tokenizer}
