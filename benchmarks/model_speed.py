@@ -7,8 +7,16 @@ Prints a table and writes benchmarks/results/model_speed.json:
       the jax fp32 matmul peak measured in this run;
   (b) greedy decode tokens/s at batch 1 and 8 (h3jax vs `generate`), with the
       weight-streaming limit (weight bytes per step / measured memory bandwidth);
-  (c) load time (h3jax.load_pretrained vs from_pretrained).
-Run it on an otherwise idle machine: every number is a ratio taken in the same run.
+  (c) load time (h3jax.load_pretrained vs from_pretrained);
+  (d) greedy decode tokens/s at batch 1 and 8 of a fused 3-expert top-2 MoE of the
+      model (`--moe DIR`, a Mixtral folder read with load_pretrained, whose default
+      dispatch is `sparse`; else the model fused with itself, random router), with
+      the sparse and the dense dispatch, each ÷ the dense model's decode tokens/s;
+  (e) a LoRA SFT step (frozen base, configs/smollm2.py's LoRA: r=8, alpha=4,
+      dropout 0.1 on gate/up/down) ÷ a full fine-tune step, both AdamW, on the same
+      --lora_batch x --lora_seq batch.
+`--sections` runs a subset (train,decode,load,moe,lora). Run it on an otherwise idle
+machine: every number is a ratio taken in the same run.
 """
 
 from __future__ import annotations
@@ -27,8 +35,9 @@ import torch
 import transformers
 
 import h3jax
-from h3jax import generation
+from h3jax import fusion, generation
 from h3jax.model import llama, params as params_lib
+from h3jax.train import lora, objective, optim, step as step_lib
 from timing import best_of
 
 
@@ -72,6 +81,19 @@ def bench(args) -> dict:
   res["matmul_peak_gflops"] = matmul_peak_flops() / 1e9
   res["read_bandwidth_gbs"] = read_bandwidth() / 1e9
 
+  sections = set(args.sections.split(","))
+  if "train" in sections:
+    train_rows(res, cfg, params, hf, args)
+  if "decode" in sections:
+    decode_rows(res, cfg, params, hf, args)
+  if "moe" in sections:
+    moe_decode(res, cfg, params, args)
+  if "lora" in sections:
+    lora_vs_full_step(res, cfg, params, args)
+  return res
+
+
+def train_rows(res: dict, cfg, params, hf, args):
   ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
   step = jax_train_step(params, cfg, jnp.asarray(ids))
   jids = jnp.asarray(ids)
@@ -93,6 +115,8 @@ def bench(args) -> dict:
              train_frac_of_matmul_peak=train_flops(cfg, n_params, args.batch, args.seq) / t_jax
              / (res["matmul_peak_gflops"] * 1e9))
 
+
+def decode_rows(res: dict, cfg, params, hf, args):
   # Weight bytes streamed per decode step: every matrix (the tied embedding once, as lm_head).
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params["layers"])) + params["embed"]["embedding"].nbytes
   res["decode_weight_streaming_limit_tok_s_b1"] = res["read_bandwidth_gbs"] * 1e9 / weight_bytes
@@ -117,23 +141,85 @@ def bench(args) -> dict:
     res[f"decode_tok_s_torch_b{B}"] = B * (n - 1) / t_theirs
     res[f"decode_speedup_b{B}"] = t_theirs / t_ours
   res["decode_frac_of_streaming_limit_b1"] = res["decode_tok_s_h3jax_b1"] / res["decode_weight_streaming_limit_tok_s_b1"]
-  return res
+
+
+def decode_tok_s(params, cfg, B: int, prompt_len: int, new_tokens: int, repeats: int) -> float:
+  """Greedy decode tokens/s at batch B (a 1-token run is subtracted: prefill excluded)."""
+  prompt = np.random.RandomState(B).randint(3, cfg.vocab_size, (B, prompt_len))
+  run = lambda n: generation.generate_tokens(params, cfg, prompt, np.ones_like(prompt), max_new_tokens=n)
+  t = best_of(lambda: run(new_tokens), repeats) - best_of(lambda: run(1), repeats)
+  return B * (new_tokens - 1) / t
+
+
+def moe_decode(res: dict, cfg, params, args):
+  """(d): the fused MoE's decode tokens/s with the sparse and the dense dispatch ÷ the dense model's."""
+  if args.moe:
+    mcfg, mparams = h3jax.load_pretrained(args.moe, dtype="float32")
+    res["moe_source"] = args.moe
+  else:  # three copies of the model, random router: near-balanced top-2 routing
+    mcfg, mparams = fusion.fuse_params(cfg, params, [cfg] * 3, [params] * 3, top_k=2)
+    mcfg = mcfg.replace(moe_dispatch="sparse")  # what load_pretrained picks for a Mixtral
+    res["moe_source"] = "model fused with itself (3 experts, top-2, random router)"
+  for B in (1, 8):
+    dense_model = res.get(f"decode_tok_s_h3jax_b{B}") or decode_tok_s(params, cfg, B, args.prompt_len,
+                                                                       args.new_tokens, args.repeats)
+    res[f"decode_tok_s_h3jax_b{B}"] = dense_model
+    for dispatch in ("sparse", "dense"):
+      tok_s = decode_tok_s(mparams, mcfg.replace(moe_dispatch=dispatch), B, args.prompt_len, args.new_tokens,
+                           args.repeats)
+      res[f"moe_decode_tok_s_{dispatch}_b{B}"] = tok_s
+      res[f"moe_decode_ratio_{dispatch}_b{B}"] = tok_s / dense_model
+
+
+def lora_vs_full_step(res: dict, cfg, params, args):
+  """(e): seconds of a LoRA SFT step and of a full fine-tune step on the same batch."""
+  B, T = args.lora_batch, args.lora_seq
+  rs = np.random.RandomState(1)
+  batch = {"input_ids_BT": rs.randint(3, cfg.vocab_size, (B, T)).astype(np.int32),
+           "attention_mask_BT": np.ones((B, T), np.int32), "task_B": np.zeros((B,), np.int32),
+           "loss_mask_BT": (np.arange(T)[None] >= T // 4).repeat(B, 0).astype(np.int32)}
+
+  def step_time(c, p, labels):
+    tx = optim.make_optimizer(labels, optax.constant_schedule(1e-5))
+    state = step_lib.init_state(p, tx)
+    fn = jax.jit(step_lib.make_step(c, objective.LossConfig(), labels, tx, seed=0))  # no donation
+    return best_of(lambda: jax.block_until_ready(fn(state, batch)), args.repeats)
+
+  lp = lora.add_lora(params, lora.FFN_TARGETS, 8, jax.random.key(1))
+  lcfg = lora.lora_model_config(cfg, 8, 4.0, 0.1)
+  t_lora = step_time(lcfg, lp, optim.param_labels(lp, optim.trainable_rules(lora=True, router=False)))
+  del lp
+  t_full = step_time(cfg, params, optim.param_labels(params, optim.trainable_rules(lora=False, router=False,
+                                                                                     extra=(".",))))
+  res.update(lora_batch=B, lora_seq=T, lora_step_s=t_lora, full_step_s=t_full, lora_over_full_step=t_lora / t_full)
 
 
 def table(res: dict) -> str:
-  rows = [
-      ("fwd+bwd tokens/s", res["train_tok_s_h3jax"], res["train_tok_s_torch"], res["train_speedup"]),
-      ("decode tokens/s, batch 1", res["decode_tok_s_h3jax_b1"], res["decode_tok_s_torch_b1"], res["decode_speedup_b1"]),
-      ("decode tokens/s, batch 8", res["decode_tok_s_h3jax_b8"], res["decode_tok_s_torch_b8"], res["decode_speedup_b8"]),
-      ("load time (s)", res["load_s_h3jax"], res["load_s_torch"], res["load_s_torch"] / res["load_s_h3jax"]),
-  ]
+  rows = []
+  if "train_tok_s_h3jax" in res:
+    rows.append(("fwd+bwd tokens/s", res["train_tok_s_h3jax"], res["train_tok_s_torch"], res["train_speedup"]))
+  for B in (1, 8):
+    if f"decode_tok_s_torch_b{B}" in res:
+      rows.append((f"decode tokens/s, batch {B}", res[f"decode_tok_s_h3jax_b{B}"], res[f"decode_tok_s_torch_b{B}"],
+                   res[f"decode_speedup_b{B}"]))
+  rows.append(("load time (s)", res["load_s_h3jax"], res["load_s_torch"], res["load_s_torch"] / res["load_s_h3jax"]))
   lines = ["| measure | h3jax | transformers | ratio |", "|---|---:|---:|---:|"]
   lines += [f"| {name} | {a:.1f} | {b:.1f} | {r:.2f}x |" for name, a, b, r in rows]
-  lines += ["",
-            f"fwd+bwd at {100 * res['train_frac_of_matmul_peak']:.0f}% of the measured fp32 matmul peak "
-            f"({res['matmul_peak_gflops']:.0f} GFLOP/s); decode batch 1 at "
-            f"{100 * res['decode_frac_of_streaming_limit_b1']:.0f}% of the weight-streaming limit "
-            f"({res['decode_weight_streaming_limit_tok_s_b1']:.0f} tok/s at {res['read_bandwidth_gbs']:.1f} GB/s)."]
+  if "train_frac_of_matmul_peak" in res and "decode_frac_of_streaming_limit_b1" in res:
+    lines += ["",
+              f"fwd+bwd at {100 * res['train_frac_of_matmul_peak']:.0f}% of the measured fp32 matmul peak "
+              f"({res['matmul_peak_gflops']:.0f} GFLOP/s); decode batch 1 at "
+              f"{100 * res['decode_frac_of_streaming_limit_b1']:.0f}% of the weight-streaming limit "
+              f"({res['decode_weight_streaming_limit_tok_s_b1']:.0f} tok/s at {res['read_bandwidth_gbs']:.1f} GB/s)."]
+  if "moe_decode_ratio_sparse_b1" in res:
+    lines += ["", f"MoE ({res['moe_source']}) greedy decode tokens/s ÷ the dense model's:",
+              "| dispatch | batch 1 | batch 8 |", "|---|---:|---:|"]
+    for d in ("sparse", "dense"):
+      lines.append(f"| {d} | {res[f'moe_decode_tok_s_{d}_b1']:.1f} tok/s = {res[f'moe_decode_ratio_{d}_b1']:.2f}x | "
+                   f"{res[f'moe_decode_tok_s_{d}_b8']:.1f} tok/s = {res[f'moe_decode_ratio_{d}_b8']:.2f}x |")
+  if "lora_over_full_step" in res:
+    lines += ["", f"LoRA SFT step {res['lora_step_s']:.2f} s ÷ full fine-tune step {res['full_step_s']:.2f} s "
+              f"(batch {res['lora_batch']} x {res['lora_seq']}) = {res['lora_over_full_step']:.2f}x"]
   return "\n".join(lines)
 
 
@@ -145,6 +231,10 @@ def main():
   ap.add_argument("--prompt_len", type=int, default=32)
   ap.add_argument("--new_tokens", type=int, default=64)
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--moe", default="", help="a fused Mixtral folder; empty: fuse --model with itself")
+  ap.add_argument("--lora_batch", type=int, default=8)
+  ap.add_argument("--lora_seq", type=int, default=256)
+  ap.add_argument("--sections", default="train,decode,moe,lora")
   ap.add_argument("--out", default="benchmarks/results/model_speed.json")
   args = ap.parse_args()
   res = bench(args)

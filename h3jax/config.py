@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 ARCHITECTURES = ("llama", "mistral", "qwen2")
-MOE_DISPATCH = ("dense", "capacity", "ragged", "expert_parallel")
+MOE_DISPATCH = ("dense", "capacity", "ragged", "expert_parallel", "sparse")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 

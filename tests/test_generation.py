@@ -9,8 +9,9 @@ import transformers
 
 import h3jax
 from h3jax import generation
-from tiny_hf import VARIANTS, make_model, save_model
+from h3jax.model import llama
 from numerics import assert_greedy_equal
+from tiny_hf import TINY, VARIANTS, make_model, save_model
 
 
 def _left_padded(seed=0, batch=3, length=12):
@@ -20,6 +21,56 @@ def _left_padded(seed=0, batch=3, length=12):
   for row, n in enumerate([5, 0, 2][:batch]):
     ids[row, :n], mask[row, :n] = 0, 0
   return ids, mask
+
+
+def _tiny_mixtral(top_k, seed=0):
+  config = transformers.MixtralConfig(**dict(TINY, num_key_value_heads=2, num_local_experts=4,
+                                             num_experts_per_tok=top_k, tie_word_embeddings=False,
+                                             eos_token_id=None))
+  torch.manual_seed(seed)
+  model = transformers.MixtralForCausalLM(config).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.normal_(0, 0.3) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+  return model
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_sparse_moe_decoding_equals_dense_and_transformers(top_k, tmp_path):
+  """load_pretrained picks the sparse dispatch for a Mixtral; its cached decoding (experts split
+  per layer, batch 1 and a left-padded batch) gives the dense dispatch's tokens and log-probs."""
+  model = _tiny_mixtral(top_k)
+  cfg, params = h3jax.load_pretrained(save_model(model, tmp_path))
+  assert cfg.moe_dispatch == "sparse"
+  dense = cfg.replace(moe_dispatch="dense")
+  ids, mask = _left_padded(seed=3, batch=3)
+  toks, lengths = generation.generate_tokens(params, cfg, ids, mask, max_new_tokens=16, chunk=5)
+  want, want_len = generation.generate_tokens(params, dense, ids, mask, max_new_tokens=16, chunk=5)
+  np.testing.assert_array_equal(toks, want)
+  np.testing.assert_array_equal(lengths, want_len)
+  with torch.no_grad():
+    ref = model.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False,
+                         max_new_tokens=16, pad_token_id=0)[:, ids.shape[1]:].numpy()
+  np.testing.assert_array_equal(toks, ref)
+  one, _ = generation.generate_tokens(params, cfg, ids[:1, 5:], mask[:1, 5:], max_new_tokens=16)
+  np.testing.assert_array_equal(one, want[:1])  # batch 1 (row 0 without its padding)
+  # log-probs of prompt + answer: sparse over stacked experts, and cached over split experts
+  seq = np.concatenate([ids, toks], axis=1)
+  seq_mask = np.concatenate([mask, np.ones_like(toks)], axis=1)
+  pos = llama.positions_from_mask(jnp.asarray(seq_mask))
+  lp = lambda logits: np.asarray(jax.nn.log_softmax(logits, axis=-1))
+  lp_dense = lp(llama.forward(params, jnp.asarray(seq), dense, attention_mask_BT=jnp.asarray(seq_mask),
+                              positions_BT=pos))
+  lp_sparse = lp(llama.forward(params, jnp.asarray(seq), cfg, attention_mask_BT=jnp.asarray(seq_mask),
+                               positions_BT=pos))
+  split = llama.unstack_layers(params, cfg)
+  assert isinstance(split["layers"][0]["moe"]["experts"], tuple)
+  B, S = seq.shape
+  lp_cached = lp(llama.forward_cached(split, jnp.asarray(seq), pos, llama.init_cache(cfg, B, S), 0,
+                                      jnp.asarray(seq_mask, bool), cfg)[0])
+  real = seq_mask.astype(bool)
+  for got in (lp_sparse, lp_cached):
+    np.testing.assert_allclose(got[real], lp_dense[real], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -95,10 +146,11 @@ def test_module_import_does_not_shadow_function():
   assert callable(h3jax.generate)
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_compaction_keeps_every_row_stream(temperature, tmp_path):
-  """Rows that finish early are dropped from the batch; the others decode exactly as in the full batch."""
-  model = make_model("llama_gqa_tied_llama3", std=0.3, eos_token_id=None)
+@pytest.mark.parametrize("temperature,moe", [(0.0, False), (1.0, False), (0.0, True)])
+def test_compaction_keeps_every_row_stream(temperature, moe, tmp_path):
+  """Rows that finish early are dropped from the batch; the others decode exactly as in the full batch
+  (for an MoE with the sparse dispatch too, whose expert groups change with the batch)."""
+  model = _tiny_mixtral(2) if moe else make_model("llama_gqa_tied_llama3", std=0.3, eos_token_id=None)
   cfg, params = h3jax.load_pretrained(save_model(model, tmp_path))
   ids, mask = _left_padded(seed=1, batch=8)
   s = generation.SamplingConfig(temperature=temperature)

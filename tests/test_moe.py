@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from h3jax.config import ModelConfig
-from h3jax.model import layers, llama, moe
+from h3jax.model import layers, llama, moe, moe_dispatch
 from h3jax.model import params as params_lib
 from numerics import assert_close, assert_tree_close
 
@@ -58,7 +58,7 @@ def test_identical_experts_equal_dense_ffn_for_any_router(k):
   for seed in range(1):
     p = {"router": {"kernel": 5.0 * jax.random.normal(jax.random.key(10 + k + seed), (D, E))},
          "experts": jax.tree.map(lambda w: jnp.repeat(w, E, axis=0), dense)}
-    for backend in ("dense", "capacity", "ragged"):
+    for backend in ("dense", "capacity", "ragged", "sparse"):
       y, _ = moe.moe_ffn(p, x_BTD, _cfg(E, k, moe_dispatch=backend))
       assert_close(y, want, rtol=1e-5, atol_rel=1e-5, err_msg=backend)
 
@@ -72,7 +72,7 @@ def _dense_reference(E, k, seed, dropout, B, T):
                                             rng=jax.random.key(5))
 
 
-@pytest.mark.parametrize("backend", ["capacity", "ragged"])
+@pytest.mark.parametrize("backend", ["capacity", "ragged", "sparse"])
 def test_backends_equal_dense_values_and_grads(backend):
   E, k = 4, 2
   p, x_BTD, mask_BT, (y0, aux0, g0) = _dense_reference(E, k, 0, 0.25, 2, 8)
@@ -87,6 +87,46 @@ def test_backends_equal_dense_values_and_grads(backend):
   assert int(aux["expert_load_E"].sum()) == k * int(mask_BT.sum())  # real tokens only
   y_nodrop, _ = moe.moe_ffn(p, x_BTD, cfg, mask_BT=mask_BT)
   assert not np.allclose(np.asarray(y_nodrop), np.asarray(y))  # dropout did something
+
+
+@pytest.mark.parametrize("k,B,T", [(1, 1, 1), (2, 1, 1), (2, 8, 1), (2, 3, 100)])
+def test_sparse_reads_only_chosen_experts(k, B, T):
+  """NaN weights in an expert no token chose leave the sparse output finite (the dense oracle's
+  0 * NaN would not); split and stacked experts agree with the oracle with that expert zeroed.
+  Covers batch 1 (k one-row tiles), decode batch 8 (one tile per expert) and 300 tokens with
+  everything routed to one expert (several tiles, the lax.map path)."""
+  E, D_ = 4, D
+  p = _moe_params(E, jax.random.key(k), lora_rank=2)
+  router = np.array(p["router"]["kernel"])
+  router[:, 3] = -1e3 * np.abs(router[:, 3])  # with x >= 0 expert 3 is never in the top-k
+  if T > 1:
+    router[:, 0] = 1e3 * np.abs(router[:, 0])  # and, for the long input, expert 0 always is
+  x_BTD = jnp.abs(jax.random.normal(jax.random.key(7), (B, T, D_)))
+  mask_BT = jnp.ones((B, T), bool).at[0, : T // 3].set(False)
+  p["router"]["kernel"] = jnp.asarray(router)
+  zeroed = jax.tree.map(lambda a: a.at[3].set(0.0), p["experts"])
+  want, aux = moe.moe_ffn(dict(p, experts=zeroed), x_BTD, _cfg(E, k), mask_BT=mask_BT)
+  assert not np.any(np.asarray(aux["topk_idx_BTK"]) == 3)
+  poisoned = jax.tree.map(lambda a: a.at[3].set(jnp.nan), p["experts"])
+  cfg = _cfg(E, k, moe_dispatch="sparse")
+  f = jax.jit(lambda p, x: moe.moe_ffn(p, x, cfg, mask_BT=mask_BT)[0])
+  for experts in (poisoned, moe_dispatch.split_experts(poisoned)):
+    y = np.asarray(f(dict(p, experts=experts), x_BTD))
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y, np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert np.all(y[0, : T // 3] == 0)  # padding tokens
+
+
+def test_sparse_tile_counts_cover_every_assignment():
+  # (N, k, E) -> (rows per tile, tiles): k one-row tiles at batch 1, one tile per expert at batch 8
+  assert moe_dispatch.sparse_tiles(1, 2, 3) == (1, 2)
+  assert moe_dispatch.sparse_tiles(8, 2, 3) == (8, 3)
+  assert moe_dispatch.sparse_tiles(8, 1, 16) == (8, 8)
+  for N, k, E in [(300, 2, 4), (129, 1, 3), (1000, 3, 8)]:
+    t, n = moe_dispatch.sparse_tiles(N, k, E)
+    worst = max(sum(-(-min(c, N) // t) for c in split)  # most tiles any routing can need
+                for split in ([N] * k + [0] * (E - k), [N * k // E + (i < N * k % E) for i in range(E)]))
+    assert worst <= n
 
 
 def test_capacity_drops_exactly_the_expected_tokens():

@@ -208,3 +208,34 @@ def test_bf16_compute_step_tracks_fp32():
   a16 = s16["params"]["layers"]["mlp"]["up_proj"]["lora_a"]
   assert a16.dtype == jnp.float32  # params (and optimizer state) stay fp32; only matmuls run in bf16
   assert not np.array_equal(np.asarray(a16), np.asarray(params["layers"]["mlp"]["up_proj"]["lora_a"]))
+
+
+def _lowered_step(cfg, params, labels, B=8):
+  tx = optim.make_optimizer(labels, optax.constant_schedule(1e-3))
+  fn = jax.jit(step_lib.make_step(cfg, objective.LossConfig(), labels, tx, seed=0))
+  return fn.lower(step_lib.init_state(params, tx), batch_of(B))
+
+
+def test_lora_step_has_no_weight_gradient_dot_for_frozen_kernels():
+  """The LoRA step (dropout on) that jit builds holds no dot whose output is shaped like a frozen
+  kernel ([in, out] or [out, in], alone or stacked on L): AD never builds weight gradients for the
+  frozen leaves. The full fine-tune step of the same model holds them, and costs more FLOPs. Dims
+  are chosen so that no activation or LoRA product has a kernel's pair of dims."""
+  import re
+  cfg = tiny_cfg(hidden_size=40, intermediate_size=56, num_heads=4, num_kv_heads=2, head_dim=6)
+  params = params_lib.init_params(cfg, jax.random.key(0))
+  kernels = {tuple(v.shape[-2:]) for k, v in tu.flatten_dict(params).items() if k[-1] in ("kernel", "embedding")}
+  pairs = kernels | {s[::-1] for s in kernels}
+
+  def weight_grad_dots(lowered):
+    shapes = re.findall(r"stablehlo\.dot_general.*?-> tensor<([\dx]+)xf32>", lowered.as_text())
+    return [s for s in shapes if tuple(int(d) for d in s.split("x")[-2:]) in pairs]
+
+  full_labels = optim.param_labels(params, optim.trainable_rules(lora=False, router=False, extra=(".",)))
+  full = _lowered_step(cfg, params, full_labels)
+  assert len(weight_grad_dots(full)) >= 4  # the check sees weight gradients where they exist
+  lp = lora.add_lora(params, lora.FFN_TARGETS, 4, jax.random.key(1))
+  lcfg = lora.lora_model_config(cfg, 4, 8.0, 0.1)
+  lstep = _lowered_step(lcfg, lp, optim.param_labels(lp, optim.trainable_rules(lora=True, router=False)))
+  assert weight_grad_dots(lstep) == []
+  assert lstep.cost_analysis()["flops"] < full.cost_analysis()["flops"]

@@ -29,6 +29,7 @@ def load_model(spec: str, dtype: str = "float32", ensemble_mode: str = "prob") -
   base) or BASE+ADAPTER; the tokenizer is then the adapter's if it has one,
   else the base's. `NAME=DIR1,DIR2,...` is the output ensemble of those models
   (h3jax.model.ensemble, combined by `ensemble_mode`), with DIR1's tokenizer.
+  An MoE is evaluated with the `sparse` dispatch.
   """
   name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
   if "," in path:
@@ -65,8 +66,10 @@ def load_model(spec: str, dtype: str = "float32", ensemble_mode: str = "prob") -
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
   from h3jax.merging.tree import check_finite
   check_finite(params, f"refusing to evaluate {name} ({path})")  # e.g. a broken merge
-  return {"name": name, "path": str(path), "cfg": cfg.replace(dtype=dtype), "params": params,
-          "tokenizer": _load_tokenizer(tok_dir)}
+  cfg = cfg.replace(dtype=dtype)
+  if cfg.is_moe:  # dropless, reads only the chosen experts (a checkpoint keeps its training dispatch)
+    cfg = cfg.replace(moe_dispatch="sparse")
+  return {"name": name, "path": str(path), "cfg": cfg, "params": params, "tokenizer": _load_tokenizer(tok_dir)}
 
 
 def _load_tokenizer(tok_dir):

@@ -119,7 +119,9 @@ def hf_config_to_model_config(hf: Dict[str, Any], dtype: str = "float32") -> Mod
   eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
   kw = {}
   if moe:
-    kw = dict(num_experts=int(hf["num_local_experts"]), num_experts_per_tok=int(hf.get("num_experts_per_tok", 2)))
+    # sparse: inference reads only the chosen experts (training stages pick their own dispatch)
+    kw = dict(num_experts=int(hf["num_local_experts"]), num_experts_per_tok=int(hf.get("num_experts_per_tok", 2)),
+              moe_dispatch="sparse")
   elif "num_local_experts" in hf or "num_experts_per_tok" in hf:
     _fail(f"{arch_name} config has MoE attributes; use MixtralForCausalLM")
   return ModelConfig(

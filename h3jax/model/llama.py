@@ -95,10 +95,16 @@ def _run_layers_cached(layers_p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_B
   return x_BTD, {"k": k_LBSKH, "v": v_LBSKH}, aux
 
 
-@jax.jit
-def _unstack(layers_p):
-  L = jax.tree.leaves(layers_p)[0].shape[0]
-  return tuple(jax.tree.map(lambda a: a[i], layers_p) for i in range(L))
+@functools.partial(jax.jit, static_argnames=("split_experts",))
+def _unstack(layers_p, split_experts: bool):
+  if not isinstance(layers_p, (list, tuple)):
+    L = jax.tree.leaves(layers_p)[0].shape[0]
+    layers_p = tuple(jax.tree.map(lambda a: a[i], layers_p) for i in range(L))
+  if split_experts:
+    from h3jax.model import moe_dispatch
+    layers_p = tuple(dict(p, moe=dict(p["moe"], experts=moe_dispatch.split_experts(p["moe"]["experts"])))
+                     for p in layers_p)
+  return tuple(layers_p)
 
 
 def unstack_layers(params, cfg: ModelConfig = None) -> dict:
@@ -107,14 +113,19 @@ def unstack_layers(params, cfg: ModelConfig = None) -> dict:
   For cached decoding: a weight sliced out of the stacked [L, ...] array inside a
   loop is first copied to its own buffer before XLA:CPU's matrix-vector kernel
   reads it, which triples the bytes moved per token; one buffer per layer halves
-  the decode step time of SmolLM2-135M on CPU. `forward_cached` accepts either form.
+  the decode step time of SmolLM2-135M on CPU. With an MoE cfg whose dispatch is
+  `sparse`, each layer's experts are split the same way into a tuple of E trees,
+  so a decode step reads just the chosen experts. `forward_cached` accepts any form.
   """
   if cfg is not None and cfg.ensemble_size:
     from h3jax.model import ensemble
     return ensemble.unstack_layers(params)
-  if isinstance(params["layers"], (list, tuple)):
+  split = cfg is not None and cfg.is_moe and cfg.moe_dispatch == "sparse"
+  layers_p = params["layers"]
+  unstacked = isinstance(layers_p, (list, tuple))
+  if unstacked and (not split or isinstance(layers_p[0]["moe"]["experts"], (list, tuple))):
     return params
-  return dict(params, layers=_unstack(params["layers"]))
+  return dict(params, layers=_unstack(layers_p, split))
 
 
 def embed(params, input_ids_BT, cfg: ModelConfig):

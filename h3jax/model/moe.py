@@ -15,6 +15,13 @@ Backends (`cfg.moe_dispatch`), all equal to `dense` when nothing is dropped:
   ragged           sort by expert + `jax.lax.ragged_dot` (dropless; TPU).
   expert_parallel  capacity buffers exchanged with `jax.lax.all_to_all` inside
                    `jax.shard_map` over an `expert` mesh axis.
+  sparse           sort by expert, one `lax.switch` per tile of rows, so only the
+                   chosen experts' weights are read (`moe_dispatch.sparse_ffn`;
+                   dropless; what `load_pretrained` picks for inference).
+
+`p["experts"]` is a tree of stacked [E, in, out] leaves, or (for cached
+decoding, see `llama.unstack_layers`) a tuple of E per-expert trees; backends
+other than `sparse` restack such a tuple.
 
 Conventions shared by every backend:
   * Padding tokens (mask_BT False) consume no capacity and output exactly 0.
@@ -53,8 +60,13 @@ def check_moe_params(p: dict, x_BTD, cfg: ModelConfig, mask_BT=None):
   if r_shape != (D, E):
     raise ValueError(f"router kernel must be [D={D}, E={E}] (cfg.num_experts={E}), got {r_shape}")
   dims = {"D": D, "F": F}
+  experts = p["experts"]
+  if isinstance(experts, (tuple, list)):
+    if len(experts) != E:
+      raise ValueError(f"experts is a tuple of {len(experts)} per-expert trees, expected num_experts={E}")
+    experts = jax.eval_shape(dispatch.stack_experts, experts)
   for name, (i, o) in _PROJ_IN_OUT.items():
-    leaf = p["experts"][name]
+    leaf = experts[name]
     want = (E, dims[i], dims[o])
     if tuple(leaf["kernel"].shape) != want:
       raise ValueError(f"experts/{name}/kernel must be [E, {i}, {o}] = {want}, got {tuple(leaf['kernel'].shape)}")
@@ -84,12 +96,13 @@ def dropout_keeps(p_experts: dict, rng, N: int, k: int, cfg: ModelConfig):
   """
   if rng is None or cfg.lora_dropout <= 0:
     return None
-  lora = [n for n in _PROJ_IN_OUT if "lora_a" in p_experts[n]]
+  one = p_experts[0] if isinstance(p_experts, (tuple, list)) else jax.tree.map(lambda a: a[0], p_experts)
+  lora = [n for n in _PROJ_IN_OUT if "lora_a" in one[n]]
   if not lora:
     return None
   rngs = dict(zip(_PROJ_IN_OUT, jax.random.split(rng, 3)))
-  return {n: jax.random.bernoulli(rngs[n], 1.0 - cfg.lora_dropout,
-                                  (N, k, p_experts[n]["kernel"].shape[1])) for n in lora}
+  return {n: jax.random.bernoulli(rngs[n], 1.0 - cfg.lora_dropout, (N, k, one[n]["kernel"].shape[0]))
+          for n in lora}
 
 
 def dense_ffn(p_experts, x_ND, topi_NK, combine_NK, keeps, cfg: ModelConfig):
@@ -133,17 +146,19 @@ def moe_ffn(p: dict, x_BTD, cfg: ModelConfig, *, mask_BT=None, rng=None, mesh=No
   keeps = dropout_keeps(p["experts"], rng, N, k, cfg)
   xc_ND = x_ND.astype(cfg.compute_dtype)
   dropped_N = jnp.zeros((N,), jnp.int32)
-  if cfg.moe_dispatch == "dense":
-    y_ND = dense_ffn(p["experts"], xc_ND, topi_NK, combine_NK, keeps, cfg)
+  experts = p["experts"] if cfg.moe_dispatch == "sparse" else dispatch.stack_experts(p["experts"])
+  if cfg.moe_dispatch == "sparse":
+    y_ND = dispatch.sparse_ffn(experts, xc_ND, topi_NK, combine_NK, valid_N, keeps, cfg)
+  elif cfg.moe_dispatch == "dense":
+    y_ND = dense_ffn(experts, xc_ND, topi_NK, combine_NK, keeps, cfg)
   elif cfg.moe_dispatch == "capacity":
     C = dispatch.capacity(N, E, k, cfg.capacity_factor)
-    y_ND, dropped_N = dispatch.capacity_ffn(p["experts"], xc_ND, topi_NK, combine_NK, valid_N, keeps,
-                                            C, cfg)
+    y_ND, dropped_N = dispatch.capacity_ffn(experts, xc_ND, topi_NK, combine_NK, valid_N, keeps, C, cfg)
   elif cfg.moe_dispatch == "ragged":
-    y_ND = dispatch.ragged_ffn(p["experts"], xc_ND, topi_NK, combine_NK, valid_N, keeps, cfg)
+    y_ND = dispatch.ragged_ffn(experts, xc_ND, topi_NK, combine_NK, valid_N, keeps, cfg)
   else:
-    y_ND, dropped_N = dispatch.expert_parallel_ffn(p["experts"], xc_ND, topi_NK, combine_NK, valid_N,
-                                                   keeps, cfg, mesh)
+    y_ND, dropped_N = dispatch.expert_parallel_ffn(experts, xc_ND, topi_NK, combine_NK, valid_N, keeps,
+                                                   cfg, mesh)
   load_E = jnp.sum(jax.nn.one_hot(topi_NK, E, dtype=jnp.int32) * valid_N[:, None, None], axis=(0, 1))
   aux = {
       "router_logits_BTE": logits_NE.reshape(B, T, E),

@@ -1,4 +1,4 @@
-"""MoE dispatch backends over per-expert SwiGLU weights: capacity, ragged, expert-parallel.
+"""MoE dispatch backends over per-expert SwiGLU weights: capacity, ragged, expert-parallel, sparse.
 
 Every backend takes routed tokens (x_ND in compute dtype, topi_NK, combine_NK =
 renormalised top-k weights already zeroed for padding, valid_N) and returns
@@ -15,10 +15,15 @@ Capacity semantics (`capacity`, `expert_parallel`):
     renormalised (GShard/Switch convention): the layer stays the same function
     of the router as `dense`, minus the dropped terms, and a token that loses
     every choice outputs 0 (the residual stream carries it).
+
+`sparse` (dropless, the inference default) reads only the experts some token
+chose; it takes the experts stacked ([E, ...] leaves) or split into a tuple of
+E per-expert trees (`split_experts`, what cached decoding uses).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -27,7 +32,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from h3jax.config import ModelConfig
 
-BACKENDS = ("dense", "capacity", "ragged", "expert_parallel")
+BACKENDS = ("dense", "capacity", "ragged", "expert_parallel", "sparse")
 EXPERT_AXIS = "expert"
 
 
@@ -241,3 +246,111 @@ def expert_parallel_ffn(p_experts, x_ND, topi_NK, combine_NK, valid_N, keeps, cf
     y_ND = _to_spec(y_ND, P(*out_spec[:2]), mesh, True)
     dropped_N = _to_spec(dropped_N, P(*out_spec[:1]), mesh, True)
   return y_ND[:N], dropped_N[:N]
+
+
+# ----------------------------------------------------------------------------- sparse
+
+SPARSE_TILE = 128  # rows per expert GEMM once a call has more tokens than this
+
+
+def split_experts(p_experts: dict) -> tuple:
+  """E per-expert trees ([in, out] leaves). Under jit each is its own buffer, which XLA:CPU's
+  matmul reads in place; a slice of the stacked [E, in, out] leaf is first copied."""
+  E = p_experts["gate_proj"]["kernel"].shape[0]
+  return tuple(jax.tree.map(lambda a: a[e], p_experts) for e in range(E))
+
+
+def stack_experts(experts) -> dict:
+  """Inverse of split_experts (stacked trees pass through)."""
+  if not isinstance(experts, (tuple, list)):
+    return experts
+  return jax.tree.map(lambda *a: jnp.stack(a), *experts)
+
+
+def _one_expert(p_experts, e: int) -> dict:
+  if isinstance(p_experts, (tuple, list)):
+    return p_experts[e]
+  return jax.tree.map(lambda a: a[e], p_experts)  # inside the branch: only a chosen expert is copied
+
+
+def _linear_2d(p: dict, x_MI, keep_MI, cfg: ModelConfig):
+  """x @ kernel (+ LoRA) with 2-D operands: XLA:CPU runs these as GEMMs (its batched dots are
+  far slower at decode sizes)."""
+  dt = cfg.compute_dtype
+  x_MI = x_MI.astype(dt)
+  y_MO = x_MI @ p["kernel"].astype(dt)
+  if "lora_a" in p:
+    h_MR = _lora_input(x_MI, keep_MI, cfg) @ p["lora_a"].astype(dt)
+    y_MO = y_MO + cfg.lora_scale * (h_MR @ p["lora_b"].astype(dt))
+  return y_MO
+
+
+def _swiglu_2d(pe: dict, x_MD, keeps_M: dict, cfg: ModelConfig):
+  gate_MF = _linear_2d(pe["gate_proj"], x_MD, keeps_M.get("gate_proj"), cfg)
+  up_MF = _linear_2d(pe["up_proj"], x_MD, keeps_M.get("up_proj"), cfg)
+  return _linear_2d(pe["down_proj"], jax.nn.silu(gate_MF) * up_MF, keeps_M.get("down_proj"), cfg)
+
+
+def sparse_tiles(num_tokens: int, k: int, num_experts: int) -> tuple:
+  """(rows per tile t, static tile count) of sparse_ffn.
+
+  t = min(N, SPARSE_TILE). Expert e's n_e assignments take ceil(n_e / t) tiles;
+  since n_e <= N (a token's top-k are distinct) and sum n_e <= N k, at most
+  min(E ceil(N / t), floor((N k + E (t - 1)) / t)) tiles are used: k tiles of
+  one row at batch 1, at most E tiles of N rows while N <= SPARSE_TILE.
+  """
+  t = max(1, min(num_tokens, SPARSE_TILE))
+  A, E = num_tokens * k, num_experts
+  return t, max(1, min(E * -(-num_tokens // t), (A + E * (t - 1)) // t))
+
+
+def sparse_ffn(p_experts, x_ND, topi_NK, combine_NK, valid_N, keeps, cfg: ModelConfig):
+  """Dropless grouped GEMM that reads only the chosen experts' weights.
+
+  The N*k assignments are sorted by expert and cut into tiles of t rows, each
+  holding one expert's rows (zero-filled at its group's end); every tile runs
+  `lax.switch` on its expert, so an expert nobody chose is never read, and an
+  empty tile (past the last group) runs nothing. At batch 1 that is a GEMV on
+  each of the k chosen experts; at decode batch B, one GEMM of B rows per
+  expert in use; for long inputs, ~N k / t tiles. Padding tokens take no row.
+  Returns y_ND (float32).
+  """
+  E = len(p_experts) if isinstance(p_experts, (tuple, list)) else p_experts["gate_proj"]["kernel"].shape[0]
+  N, K = topi_NK.shape
+  A, D = N * K, x_ND.shape[-1]
+  t, n_tiles = sparse_tiles(N, K, E)
+  valid_A = jnp.repeat(valid_N, K)  # a = n * K + j
+  key_A = jnp.where(valid_A, topi_NK.reshape(A), E)
+  order_A = jnp.argsort(key_A, stable=True).astype(jnp.int32)
+  size_E = jnp.sum(jax.nn.one_hot(key_A, E, dtype=jnp.int32), axis=0)
+  start_E = jnp.cumsum(size_E) - size_E  # first sorted row of each group
+  tile_end_E = jnp.cumsum(-(-size_E // t))
+  tile_I = jnp.arange(n_tiles, dtype=jnp.int32)
+  e_I = jnp.searchsorted(tile_end_E, tile_I, side="right").astype(jnp.int32)  # E: empty tile
+  ec_I = jnp.minimum(e_I, E - 1)
+  first_I = (tile_I - (tile_end_E - (-(-size_E // t)))[ec_I]) * t  # row offset inside the group
+  r_IT = first_I[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+  ok_IT = (e_I[:, None] < E) & (r_IT < size_E[ec_I][:, None])
+  a_IT = jnp.where(ok_IT, order_A[jnp.clip(start_E[ec_I][:, None] + r_IT, 0, A - 1)], A)
+  x_ITD = jnp.take(x_ND, a_IT // K, axis=0, mode="fill", fill_value=0)
+  keeps_IT = {} if keeps is None else {
+      n: jnp.take(m_NKI.reshape(A, -1), a_IT, axis=0, mode="fill", fill_value=True) for n, m_NKI in keeps.items()}
+  branches = [functools.partial(lambda e, x, kp: _swiglu_2d(_one_expert(p_experts, e), x, kp, cfg), e)
+              for e in range(E)]
+  branches.append(lambda x, kp: jnp.zeros((t, D), cfg.compute_dtype))
+
+  def tile(args):
+    e, x_TD, kp = args
+    return jax.lax.switch(e, branches, x_TD, kp)
+
+  if n_tiles <= 2 * E:  # decode sizes: unrolled, no loop
+    out_ITD = jnp.stack([tile((e_I[i], x_ITD[i], {n: m[i] for n, m in keeps_IT.items()}))
+                         for i in range(n_tiles)])
+  else:
+    out_ITD = jax.lax.map(tile, (e_I, x_ITD, keeps_IT))
+  pos_A = jnp.zeros((A,), jnp.int32).at[a_IT.reshape(-1)].set(jnp.arange(n_tiles * t, dtype=jnp.int32),
+                                                               mode="drop")
+  out_NKD = jnp.take(out_ITD.reshape(n_tiles * t, D), pos_A, axis=0).reshape(N, K, D)
+  out_NKD = jnp.where(valid_A.reshape(N, K, 1), out_NKD, 0)  # padding rows were never computed
+  return jnp.einsum("nkd,nk->nd", out_NKD, combine_NK.astype(out_NKD.dtype),
+                    preferred_element_type=jnp.float32)
