@@ -1,15 +1,28 @@
-"""Loading a model to evaluate: `[NAME=]DIR` -> {name, path, cfg, params, tokenizer}."""
+"""Loading a model to evaluate: `[NAME=]DIR` -> {name, path, cfg, params, tokenizer}, and its fingerprint.
+
+The fingerprint (what the evaluation cache keys generations and MC log-probs
+by, never the model's name) is a sha256 of the loaded weights' bytes, the
+model config and the tokenizer files: two folders with the same name but
+different weights never share answers, and a copied folder keeps its cache.
+It costs one pass over the weights (about 1 GB/s: 0.5 s for SmolLM2-135M in
+float32).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import pathlib
 import re
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# Every tokenizer file that can change the token ids or the chat template.
+_TOKENIZER_ID_FILES = _TOKENIZER_FILES + ("merges.txt", "special_tokens_map.json", "added_tokens.json",
+                                          "chat_template.jinja", "chat_template.json")
 
 
 def _tokenizer_dir(path: pathlib.Path) -> Optional[pathlib.Path]:
@@ -55,4 +68,25 @@ def load_model(spec: str, dtype: str = "float32") -> dict:
   except Exception as e:  # transformers raises many types here
     raise ValueError(f"{tok_dir}: tokenizer files could not be loaded ({type(e).__name__}: {e})") from e
   return {"name": name, "path": str(path), "cfg": cfg.replace(dtype=dtype), "params": params,
-          "tokenizer": tokenizer}
+          "tokenizer": tokenizer, "tokenizer_dir": str(tok_dir)}
+
+
+def fingerprint(model: dict) -> str:
+  """sha256 hex of (cfg, every weight's path, dtype, shape and bytes, tokenizer files); memoized in
+  model["fingerprint"]. A model dict without "tokenizer_dir" (tests) hashes the tokenizer's type."""
+  if model.get("fingerprint"):
+    return model["fingerprint"]
+  h = hashlib.sha256(repr(model["cfg"]).encode())
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(model["params"])[0]:
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f"{jax.tree_util.keystr(kp)}|{a.dtype}|{a.shape}|".encode())
+    h.update(a.reshape(-1).view(np.uint8).data)
+  tok_dir = model.get("tokenizer_dir")
+  if tok_dir:
+    for f in _TOKENIZER_ID_FILES:
+      if (pathlib.Path(tok_dir) / f).is_file():
+        h.update(f"{f}|".encode() + (pathlib.Path(tok_dir) / f).read_bytes())
+  else:
+    h.update(type(model["tokenizer"]).__qualname__.encode())
+  model["fingerprint"] = h.hexdigest()
+  return model["fingerprint"]
