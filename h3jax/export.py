@@ -6,12 +6,17 @@ r"""Export an Orbax training checkpoint as an HF folder.
 Dense models come out as Llama/Mistral/Qwen2, fused MoE models as
 MixtralForCausalLM; LoRA is merged into the weights. Without --step the latest
 checkpoint is used. Without --tokenizer_source, the `tokenizer_source` recorded
-in the checkpoint's extra state (if any) is used.
+in the checkpoint's extra state (if any) is used. Logs show warnings and this
+tool's progress lines only (Orbax logs hundreds of INFO lines per checkpoint);
+`--verbosity=0` shows INFO, `--verbosity=1` debug. Bad input (a missing
+checkpoint folder, a non-empty --out) is one `error:` line, exit code 2, and
+nothing is created.
 """
 
 from __future__ import annotations
 
 import pathlib
+import sys
 from typing import Optional
 
 from absl import app, flags, logging
@@ -39,6 +44,11 @@ def export_checkpoint(checkpoint_dir, out_dir, *, step: Optional[int] = None, to
   out = pathlib.Path(out_dir)
   if out.exists() and any(out.iterdir()) and not overwrite:
     raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+  if not pathlib.Path(checkpoint_dir).is_dir():  # checked first: Orbax would create the folder
+    raise FileNotFoundError(f"checkpoint folder not found: {checkpoint_dir} (pass the run's checkpoints/ "
+                            f"folder, e.g. runs/NAME/checkpoints)")
+  if tokenizer_source and not pathlib.Path(tokenizer_source).is_dir():
+    raise FileNotFoundError(f"--tokenizer_source folder not found: {tokenizer_source}")
   ckpt = checkpoint.Checkpointer(checkpoint_dir, max_to_keep=None)
   try:
     restored = ckpt.restore(step)
@@ -48,7 +58,7 @@ def export_checkpoint(checkpoint_dir, out_dir, *, step: Optional[int] = None, to
   if cfg is None:
     raise ValueError(f"checkpoint {checkpoint_dir} step {restored['step']} holds no model config")
   tokenizer_source = tokenizer_source or restored["extra"].get("tokenizer_source")
-  logging.info("exporting step %d of %s", restored["step"], checkpoint_dir)
+  print(f"exporting step {restored['step']} of {checkpoint_dir} to {out}", file=sys.stderr, flush=True)
   return hf_export.save_pretrained(restored["params"], cfg, out, max_shard_size=max_shard_size,
                                    tokenizer_source=tokenizer_source, overwrite=overwrite, dtype=dtype,
                                    progress=True)
@@ -56,10 +66,17 @@ def export_checkpoint(checkpoint_dir, out_dir, *, step: Optional[int] = None, to
 
 def main(argv):
   del argv
+  if not FLAGS["verbosity"].present:  # absl's own flag; Orbax logs every restore step at INFO
+    logging.set_verbosity(logging.WARNING)
   if not FLAGS.checkpoint or not FLAGS.out:
     raise app.UsageError("--checkpoint and --out are required")
-  path = export_checkpoint(FLAGS.checkpoint, FLAGS.out, step=FLAGS.step, tokenizer_source=FLAGS.tokenizer_source,
-                           dtype=FLAGS.dtype, max_shard_size=FLAGS.max_shard_size, overwrite=FLAGS.overwrite)
+  try:
+    path = export_checkpoint(FLAGS.checkpoint, FLAGS.out, step=FLAGS.step,
+                             tokenizer_source=FLAGS.tokenizer_source, dtype=FLAGS.dtype,
+                             max_shard_size=FLAGS.max_shard_size, overwrite=FLAGS.overwrite)
+  except (FileNotFoundError, FileExistsError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   print(path)
 
 
