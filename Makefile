@@ -25,7 +25,9 @@ smollm2: $(SMOLLM2)/config.json
 
 # The H3Fusion quickstart on the real SmolLM2-135M-Instruct: Stage A x3 (helpful / harmless /
 # honest) -> fused 3-expert MoE -> Stage B -> MixtralForCausalLM export -> an answer, then a
-# small (--limit) 3H evaluation comparing base, experts and fused model (table + plots).
+# small (--limit) 3H evaluation comparing base, experts and fused model (table + plots). The experts are
+# trained with the chat template (SmolLM2-Instruct's own format), so they are evaluated with it too
+# (eval_quick.py's default is the paper's Alpaca format, for Alpaca-trained runs).
 DATA_ROOT ?= ../shared/data
 RUN ?= runs/quickstart
 EVAL_LIMIT ?= 2
@@ -35,7 +37,7 @@ quickstart: smollm2
 	  $(PY) -m h3jax.export --checkpoint=$(RUN)/$$axis/checkpoints --out=$(RUN)/$$axis/hf \
 	    --tokenizer_source=$(SMOLLM2) || exit 1; done
 	H3JAX_DATA_ROOT=$(DATA_ROOT) $(PY) -m h3jax.evaluate --config=configs/eval_quick.py --limit=$(EVAL_LIMIT) \
-	  --model=base=$(SMOLLM2) --model=helpful=$(RUN)/helpful --model=harmless=$(RUN)/harmless \
+	  --config.prompt_template=chat --model=base=$(SMOLLM2) --model=helpful=$(RUN)/helpful --model=harmless=$(RUN)/harmless \
 	  --model=honest=$(RUN)/honest --model=fused=$(RUN)/fusion/hf --out=$(RUN)/eval
 	cat $(RUN)/eval/results.md
 

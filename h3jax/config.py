@@ -62,6 +62,7 @@ class ModelConfig:
   max_position_embeddings: int = 2048
   tie_word_embeddings: bool = False
   attention_bias: bool = False  # q/k/v biases (Qwen2; Llama attention_bias=True)
+  attention_out_bias: bool = False  # o_proj bias (Llama attention_bias=True; Qwen2 has none)
   bos_token_id: Optional[int] = None
   eos_token_id: Tuple[int, ...] = ()
   pad_token_id: Optional[int] = None

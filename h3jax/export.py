@@ -15,6 +15,10 @@ writes a Stage A LoRA run as a PEFT adapter folder instead (adapter_config.json
 + adapter_model.safetensors; `peft.PeftModel.from_pretrained(base, out)`), with
 --base recorded as its base_model_name_or_path. Only the LoRA factors are
 written, so the run must have trained nothing else (see h3jax.hf.adapters).
+
+Logs show warnings and this tool's progress lines only (Orbax logs hundreds of INFO lines per
+checkpoint); `--verbosity=0` shows INFO, `--verbosity=1` debug. Bad input (a missing checkpoint folder, a
+non-empty --out) is one `error:` line, exit code 2, and nothing is created.
 """
 
 from __future__ import annotations
@@ -52,6 +56,11 @@ def export_checkpoint(checkpoint_dir, out_dir, *, step: Optional[int] = None, to
   io_atomic.check_not_overlapping(out, (checkpoint_dir, tokenizer_source))
   if out.exists() and any(out.iterdir()) and not overwrite:
     raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+  if not pathlib.Path(checkpoint_dir).is_dir():  # checked first: Orbax would create the folder
+    raise FileNotFoundError(f"checkpoint folder not found: {checkpoint_dir} (pass the run's checkpoints/ "
+                            f"folder, e.g. runs/NAME/checkpoints)")
+  if tokenizer_source and not pathlib.Path(tokenizer_source).is_dir():
+    raise FileNotFoundError(f"--tokenizer_source folder not found: {tokenizer_source}")
   if out.exists() and overwrite:
     io_atomic.check_replaceable(out)
   ckpt = checkpoint.Checkpointer(checkpoint_dir, max_to_keep=None)
@@ -73,7 +82,7 @@ def export_checkpoint(checkpoint_dir, out_dir, *, step: Optional[int] = None, to
                                  overwrite=overwrite)
   if format != "hf":
     raise ValueError(f"unknown export format {format!r}; expected 'hf' or 'peft'")
-  logging.info("exporting step %d of %s", restored["step"], checkpoint_dir)
+  print(f"exporting step {restored['step']} of {checkpoint_dir} to {out}", file=sys.stderr, flush=True)
   return hf_export.save_pretrained(restored["params"], cfg, out, max_shard_size=max_shard_size,
                                    tokenizer_source=tokenizer_source, overwrite=overwrite, dtype=dtype,
                                    progress=True, inputs=(checkpoint_dir,))
@@ -81,6 +90,8 @@ def export_checkpoint(checkpoint_dir, out_dir, *, step: Optional[int] = None, to
 
 def main(argv):
   del argv
+  if not FLAGS["verbosity"].present:  # absl's own flag; Orbax logs every restore step at INFO
+    logging.set_verbosity(logging.WARNING)
   if not FLAGS.checkpoint or not FLAGS.out:
     raise app.UsageError("--checkpoint and --out are required")
   from h3jax.hf.adapters import AdapterError
@@ -88,7 +99,7 @@ def main(argv):
     path = export_checkpoint(FLAGS.checkpoint, FLAGS.out, step=FLAGS.step, tokenizer_source=FLAGS.tokenizer_source,
                              dtype=FLAGS.dtype, max_shard_size=FLAGS.max_shard_size, overwrite=FLAGS.overwrite,
                              format=FLAGS.format, base=FLAGS.base)
-  except (AdapterError, io_atomic.UnsafeOutputError, FileExistsError, FileNotFoundError) as e:
+  except (AdapterError, io_atomic.UnsafeOutputError, FileExistsError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(path)

@@ -40,7 +40,8 @@ ATTN_FROM = ("base", "average")
 _FFN = ("gate_proj", "up_proj", "down_proj")
 # ModelConfig fields that every expert must share with the base.
 _ARCH_FIELDS = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                "num_kv_heads", "head_dim", "tie_word_embeddings", "attention_bias")
+                "num_kv_heads", "head_dim", "tie_word_embeddings", "attention_bias",
+                "attention_out_bias")
 
 
 def check_compatible(base_cfg: ModelConfig, base_params: dict, expert_cfgs, expert_params) -> None:

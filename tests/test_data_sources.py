@@ -85,6 +85,16 @@ def test_malformed_row_reports_file_and_line(tmp_path, bad, err):
     sources.load_source("xstest_prompts", root, cache_dir=tmp_path / "cache")
 
 
+def test_non_utf8_bytes_report_file_and_line(tmp_path):
+  root = _root_with(tmp_path / "root", "xstest", "xstest_prompts.jsonl", [GOOD, GOOD])
+  f = root / "xstest" / "xstest_prompts.jsonl"
+  f.write_bytes(f.read_bytes() + b'{"id": 3, "prompt": "caf\xe9", "type": "t", "label": "safe"}\n')  # Latin-1
+  with pytest.raises(ValueError, match=r"xstest_prompts\.jsonl:3: not valid UTF-8 \(byte 0xe9 at column 25\)"):
+    sources.load_source("xstest_prompts", root, cache_dir=tmp_path / "cache")
+  with pytest.raises(ValueError, match=r"xstest_prompts\.jsonl:3: not valid UTF-8"):
+    sources.scan_jsonl(f, ("prompt",))  # the training data path (data.pipeline) reads with scan_jsonl
+
+
 def test_empty_file_is_an_error(tmp_path):
   root = _root_with(tmp_path / "root", "advbench", "harmful_behaviors.jsonl", [""])
   with pytest.raises(ValueError, match=r"harmful_behaviors\.jsonl: no rows"):

@@ -89,3 +89,29 @@ def test_smollm2_limit_run_and_rerun(tmp_path, data_root):
   assert cache.read_bytes() == before
   assert json.loads((out / "results.json").read_text())["models"]["smollm2"]["metrics"] == ms
   print(f"smollm2 --limit 1 evaluation: {elapsed:.0f}s")
+
+
+def test_quickstart_evaluates_with_the_template_it_trains_with():
+  """`make quickstart` trained its experts with the chat template and evaluated them with Alpaca."""
+  import importlib.util
+  import re
+  import shlex
+
+  def load(path):  # a configs/*.py file's get_config()
+    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, REPO / path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+  proc = subprocess.run(["make", "-n", "quickstart"], capture_output=True, text=True, cwd=REPO, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.replace("\\\n", " ").splitlines()  # join continued recipe lines
+  line = next(l for l in lines if "-m h3jax.evaluate" in l)
+  args = shlex.split(line)
+  eval_cfg = args[args.index("-m") + 2:]
+  cfg_file = next(a.split("=", 1)[1] for a in eval_cfg if a.startswith("--config="))
+  overrides = dict(a[len("--config."):].split("=", 1) for a in eval_cfg if a.startswith("--config."))
+  evaluated = overrides.get("prompt_template", load(cfg_file).prompt_template)
+  train_line = next(l for l in lines if "-m h3jax.pipeline" in l)
+  train_cfg = re.search(r"--config=(\S+)", train_line).group(1)
+  assert evaluated == load(train_cfg).data.template == "chat"

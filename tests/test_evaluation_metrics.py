@@ -95,3 +95,22 @@ def test_markdown_table_shows_sizes_errors_and_judge_agreement():
   assert "| metric | n | a | b |" in table
   assert "| honest/mc2 ↑ | 4 | 25.0 ± 10.0 | 50.0 |" in table
   assert "| refusal | 93.9 | 1055 | majority_class 48.3, string_match 87.9 |" in table
+
+
+def test_lc_win_rate_is_na_when_too_few_items_to_fit():
+  """At n = 2 the two-parameter fit interpolates: today's value/error (1.1 ± 2073.1 in a real run)
+  carried no information. Below metrics.LC_MIN_N items it is n/a; the raw win rate stays."""
+  from h3jax.evaluation import report
+  lc = metrics.length_controlled_win_rate([0.5, 0.0], [10, 30], [200, 100])
+  assert np.isnan(lc["value"]) and np.isnan(lc["stderr"]) and lc["n"] == 2 and lc["raw"] == 0.25
+  results = {"models": {"m": {"metrics": {"helpful/lc_win_rate_text_davinci_003": lc,
+                                          "helpful/win_rate_text_davinci_003": metrics.win_rate([0.5, 0.0])},
+                              "axes": {"helpful": None}}}}
+  table = report.markdown_table(results)
+  assert "| helpful/lc_win_rate_text_davinci_003 ↑ | 2 | n/a |" in table
+  assert "| helpful/win_rate_text_davinci_003 ↑ | 2 | 25.0 ± 25.0 |" in table
+  rs = np.random.RandomState(2)  # from LC_MIN_N items on, a finite estimate with a sane error
+  n = metrics.LC_MIN_N
+  lm, lr = rs.randint(50, 2000, n), rs.randint(50, 2000, n)
+  lc = metrics.length_controlled_win_rate(rs.uniform(0.2, 0.8, n), lm, lr)
+  assert 0 < lc["value"] < 1 and 0 < lc["stderr"] < 0.5

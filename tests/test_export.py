@@ -1,6 +1,7 @@
 """`python -m h3jax.export`: Orbax checkpoint -> HF folder, bit-identical to the source tensors."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -29,3 +30,33 @@ def test_orbax_save_restore_export_is_bit_identical(tmp_path):
   again = subprocess.run([sys.executable, "-m", "h3jax.export", f"--checkpoint={tmp_path / 'ckpt'}",
                           f"--out={tmp_path / 'hf'}"], capture_output=True, text=True, env=env)
   assert again.returncode != 0 and "exists and is not empty; pass --overwrite" in again.stderr
+
+
+def _export(tmp_path, *args):
+  env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1"}
+  return subprocess.run([sys.executable, "-m", "h3jax.export", *args], capture_output=True, text=True, env=env,
+                        cwd=pathlib.Path(__file__).resolve().parents[1])
+
+
+def test_export_logs_only_progress_unless_verbosity_is_given(tmp_path):
+  import re
+  src = save_model(make_model("llama_gqa_linear"), tmp_path / "src")
+  cfg, params = h3jax.load_pretrained(src)
+  with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+    ckpt.save(3, params=params, config=cfg)
+  absl_info = re.compile(r"^I\d{4} ", re.M)  # absl's INFO line prefix (Orbax logs through absl)
+  quiet = _export(tmp_path, f"--checkpoint={tmp_path / 'ckpt'}", f"--out={tmp_path / 'a'}")
+  assert quiet.returncode == 0, quiet.stderr[-3000:]
+  assert not absl_info.search(quiet.stderr), quiet.stderr[:2000]
+  assert f"exporting step 3 of {tmp_path / 'ckpt'}" in quiet.stderr
+  loud = _export(tmp_path, f"--checkpoint={tmp_path / 'ckpt'}", f"--out={tmp_path / 'b'}", "--verbosity=0")
+  assert loud.returncode == 0 and len(absl_info.findall(loud.stderr)) >= 5
+
+
+def test_mistyped_checkpoint_is_one_error_line_and_creates_nothing(tmp_path):
+  run = _export(tmp_path, f"--checkpoint={tmp_path / 'chekpoints'}", f"--out={tmp_path / 'hf'}")
+  assert run.returncode == 2, run.stderr[-3000:]
+  assert run.stderr.strip().splitlines() == [
+      f"error: checkpoint folder not found: {tmp_path / 'chekpoints'} (pass the run's checkpoints/ folder, "
+      f"e.g. runs/NAME/checkpoints)"]
+  assert os.listdir(tmp_path) == []  # neither the mistyped checkpoint folder nor --out

@@ -48,6 +48,39 @@ def test_unimplemented_attributes_are_errors(change, message):
     config_io.hf_config_to_model_config(hf)
 
 
+def test_bookkeeping_keys_are_accepted_and_semantic_unknowns_still_fail(tmp_path):
+  """A GGUF-converted config.json carries `_model_name_or_path`; other writers add private `_...` keys,
+  versions, dtypes, auto_map and generation defaults. None changes the forward pass."""
+  base = _base()
+  want = config_io.hf_config_to_model_config(base)
+  extra = {"_model_name_or_path": "x/y.gguf", "_attn_implementation": "sdpa", "transformers_version": "4.46.0",
+           "architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16", "dtype": "bfloat16",
+           "use_bfloat16": False, "auto_map": {}, "max_length": 20, "do_sample": False, "name_or_path": "y"}
+  assert config_io.hf_config_to_model_config({**base, **extra}) == want
+  for semantic in ({"attn_logit_softcapping": 50.0}, {"residual_multiplier": 0.5}, {"hidden_activation": "x"}):
+    with pytest.raises(config_io.UnsupportedConfigError, match=f"{next(iter(semantic))}.* are not implemented"):
+      config_io.hf_config_to_model_config({**base, **extra, **semantic})
+  # The real path: a folder whose config.json has the GGUF converter's key loads with identical logits.
+  import h3jax
+  model = make_model("llama_gqa_linear")
+  model.save_pretrained(tmp_path)
+  hf = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({**hf, "_model_name_or_path": "m.gguf"}))
+  cfg, _ = h3jax.load_pretrained(str(tmp_path))
+  assert cfg == want
+
+
+def test_llama_attention_bias_includes_o_proj():
+  cfg = config_io.hf_config_to_model_config(make_model("llama_attn_bias").config.to_dict())
+  assert cfg.attention_bias and cfg.attention_out_bias
+  q = config_io.hf_config_to_model_config(make_model("qwen2_bias").config.to_dict())
+  assert q.attention_bias and not q.attention_out_bias  # Qwen2: q/k/v only
+  with pytest.raises(config_io.UnsupportedConfigError, match="q/k/v and o_proj together"):
+    config_io.model_config_to_hf(cfg.replace(attention_out_bias=False))
+  with pytest.raises(config_io.UnsupportedConfigError, match="Qwen2ForCausalLM has no o_proj bias"):
+    config_io.model_config_to_hf(q.replace(attention_out_bias=True))
+
+
 def test_inactive_sliding_window_is_fine():
   hf = make_model("mistral").config.to_dict()
   hf["sliding_window"] = hf["max_position_embeddings"]

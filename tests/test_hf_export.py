@@ -21,7 +21,8 @@ def _state(model):
   return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("variant", ["llama_mha_untied", "llama_gqa_tied_llama3", "qwen2_bias", "mistral"])
+@pytest.mark.parametrize("variant", ["llama_mha_untied", "llama_gqa_tied_llama3", "qwen2_bias", "mistral",
+                                     "llama_attn_bias"])
 def test_round_trip_is_bit_identical(variant, tmp_path):
   model = make_model(variant)
   cfg, params = h3jax.load_pretrained(save_model(model, tmp_path / "src"))

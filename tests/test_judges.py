@@ -208,6 +208,65 @@ def test_http_judge_against_loopback_stub(stub_url, monkeypatch):
     js.refusal.prefer(["x"], ["a"], ["b"])
 
 
+class _Flaky(_Stub):
+  """Request n (1-based) of the run: 429 with Retry-After: 1 when n is in `limited`; 400 when in `fail`."""
+  limited, fail, count = set(), set(), [0]
+
+  def do_POST(self):  # noqa: N802
+    _Flaky.count[0] += 1
+    n = _Flaky.count[0]
+    if n in _Flaky.limited or n in _Flaky.fail:
+      self.rfile.read(int(self.headers["Content-Length"]))
+      self.send_response(429 if n in _Flaky.limited else 400)
+      if n in _Flaky.limited:
+        self.send_header("Retry-After", "1")
+      self.end_headers()
+      self.wfile.write(b'{"error": "slow down"}' if n in _Flaky.limited else b'{"error": "boom"}')
+      return
+    super().do_POST()
+
+
+@pytest.fixture
+def flaky_url():
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  _Stub.requests.clear()
+  _Flaky.limited, _Flaky.fail, _Flaky.count = set(), set(), [0]
+  yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+  server.shutdown()
+
+
+def test_http_judge_retries_429_after_retry_after(flaky_url):
+  import time
+  _Flaky.limited = {2}
+  judge = J.HttpJudge(flaky_url, "m", task="refusal", api_key_env=None)
+  t0 = time.time()
+  np.testing.assert_allclose(judge.score(["p1", "p2"], ["r1", "r2"]), [0.75, 0.75])
+  assert time.time() - t0 >= 0.95  # waited the server's Retry-After: 1, not the 0.5 s backoff
+  assert _Flaky.count[0] == 3  # p1, p2 rate-limited, p2 again
+  _Flaky.limited, _Flaky.count = {1, 2, 3}, [0]
+  with pytest.raises(RuntimeError, match="returned 429"):  # a server that keeps refusing is an error
+    J.HttpJudge(flaky_url, "m", api_key_env=None, retries=2).score(["p"], ["r"])
+
+
+def test_http_judge_answers_are_cached_per_request(flaky_url, tmp_path):
+  """A failure at request 4 of 5 keeps the first 3 answers; the re-run asks only for the last 2."""
+  from h3jax.evaluation import cache as cache_lib
+  from h3jax.evaluation.scoring import CachedJudge
+  store = cache_lib.Cache(tmp_path / "m.jsonl")
+  judge = CachedJudge(J.HttpJudge(flaky_url, "m", task="refusal", api_key_env=None), "refusal", store)
+  prompts, responses = [f"p{i}" for i in range(5)], [f"r{i}" for i in range(5)]
+  _Flaky.fail = {4}
+  with pytest.raises(RuntimeError, match="returned 400"):
+    judge.score(prompts, responses)
+  assert len(cache_lib.Cache(tmp_path / "m.jsonl")) == 3
+  _Flaky.fail, _Flaky.count = set(), [0]
+  again = CachedJudge(J.HttpJudge(flaky_url, "m", task="refusal", api_key_env=None), "refusal",
+                      cache_lib.Cache(tmp_path / "m.jsonl"))
+  np.testing.assert_allclose(again.score(prompts, responses), [0.75] * 5)
+  assert _Flaky.count[0] == 2
+
+
 # ----------------------------------------------------------------------------- errors
 
 def test_clear_errors(tmp_path, data_root):

@@ -113,7 +113,36 @@ def _other_shape(root):
   return mf.write_llama(root / "other_shape", t, cfg)
 
 
-# id -> (builder(root, base, models) -> config dict or (.py source), expected error type, message)
+def _corrupt(root, model, how):
+  """A copy of `model` whose model.safetensors is truncated / has a JSON-list header / a negative shape."""
+  import shutil
+  import struct
+  d = root / f"corrupt_{how}"
+  if not d.exists():
+    shutil.copytree(model, d)
+    f = d / "model.safetensors"
+    raw = f.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    if how == "truncated":
+      f.write_bytes(raw[:len(raw) // 2])
+    elif how == "list_header":
+      f.write_bytes(struct.pack("<Q", 6) + b"[1, 2]" + raw[8 + n:])
+    else:  # negate one tensor's dims: their product, hence the byte count, is unchanged
+      header = json.loads(raw[8:8 + n])
+      name = next(k for k, v in header.items() if k != "__metadata__" and len(v["shape"]) == 2)
+      header[name]["shape"] = [-d for d in header[name]["shape"]]
+      h = json.dumps(header).encode().ljust(n)
+      f.write_bytes(struct.pack("<Q", len(h)) + h + raw[8 + n:])
+  return str(d)
+
+
+def _dup_key_yaml(b, ms):
+  return ("yaml", f"merge_method: ties\nbase_model: {b}\nmodels:\n"
+          + "".join(f"  - model: {m}\n    parameters: {{weight: 1.0, density: 0.5}}\n" for m in ms)
+          + "merge_method: linear\n")
+
+
+# id -> (builder(root, base, models) -> config dict, .py source or ("yaml", text), error type, message)
 BAD = {
     "different_architectures": (lambda r, b, ms: _mk(b, [ms[0], _other_arch(r)]), MergeError,
                                 "models have different architectures: hidden_size"),
@@ -156,6 +185,22 @@ def get_config():
   return ml_collections.ConfigDict(dict(merge_method="tsv_m", base_model={b!r},
       models=[dict(model=m) for m in {ms!r}], parameters=dict(alpha=1.0, rank_ration=0.5)))
 """, MergeConfigError, "unknown parameter 'rank_ration' for h3jax method tsv_m"),
+    "della_impossible_epsilon": (lambda r, b, ms: _mk(b, ms, "della", dict(epsilon=0.9),
+                                                      dict(weight=1.0, density=0.5)), MergeError,
+                                 "epsilon must be >= 0 with density +/- epsilon in (0, 1)"),
+    "only_model_is_the_base": (lambda r, b, ms: _mk(b, [b], model_params=dict(weight=1.0, density=0.5)),
+                               MergeConfigError, "the only model listed is the base_model"),
+    "breadcrumbs_negative_gamma": (lambda r, b, ms: _mk(b, ms, "breadcrumbs", dict(gamma=-0.1),
+                                                        dict(weight=1.0, density=0.5)), MergeError,
+                                   "gamma (the fraction of largest task-vector entries dropped) must be in [0, 1)"),
+    "yaml_duplicate_key": (lambda r, b, ms: _dup_key_yaml(b, ms), MergeConfigError,
+                           "duplicate key 'merge_method' (PyYAML would keep the last one silently) at line 8"),
+    "truncated_safetensors": (lambda r, b, ms: _mk(b, [ms[0], _corrupt(r, ms[1], "truncated")]), MergeError,
+                              "corrupt_truncated/model.safetensors: truncated: tensor"),
+    "header_is_a_json_list": (lambda r, b, ms: _mk(b, [ms[0], _corrupt(r, ms[1], "list_header")]), MergeError,
+                              "corrupt_list_header/model.safetensors: corrupt safetensors header (a JSON list"),
+    "negative_shape": (lambda r, b, ms: _mk(b, [ms[0], _corrupt(r, ms[1], "negative")]), MergeError,
+                       "dimensions must be integers >= 0"),
     "py_emr_not_streamable": (lambda r, b, ms: f"""
 def get_config():
   return dict(merge_method="emr", base_model={b!r}, models=[dict(model=m) for m in {ms!r}])
@@ -169,10 +214,45 @@ def test_bad_input_one_clear_error_nothing_written(fam, tmp_path, case):
   build, err, msg = BAD[case]
   body = build(root, base, models)
   cfg = tmp_path / ("cfg.py" if isinstance(body, str) else "cfg.yaml")
-  cfg.write_text(body if isinstance(body, str) else yaml.safe_dump(body))
+  cfg.write_text(body if isinstance(body, str) else body[1] if isinstance(body, tuple) else yaml.safe_dump(body))
   out_parent = tmp_path / "outs"
   out_parent.mkdir()
   with pytest.raises(err) as e:
     merge_from_config(str(cfg), str(out_parent / "merged"), progress=False)
   assert msg in str(e.value)
   assert os.listdir(out_parent) == []  # neither the output nor a temporary folder
+
+
+@pytest.mark.parametrize("case", ["truncated_safetensors", "della_impossible_epsilon", "yaml_duplicate_key"])
+def test_cli_bad_input_is_one_error_line_exit_2(fam, tmp_path, case):
+  root, base, models = fam
+  body = BAD[case][0](root, base, models)
+  cfg = tmp_path / "cfg.yaml"
+  cfg.write_text(body[1] if isinstance(body, tuple) else yaml.safe_dump(body))
+  r = _cli(f"--config={cfg}", f"--out={tmp_path / 'out'}", "--noprogress")
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in r.stderr
+  assert BAD[case][2] in r.stderr
+  assert sorted(os.listdir(tmp_path)) == ["cfg.yaml"]
+
+
+def test_tokenizer_comes_from_the_base_else_a_model_else_a_warning(fam, tmp_path, capsys):
+  """A merged folder without tokenizer files only fails later, in generate: say so at merge time, and
+  take a model's tokenizer when the base has none."""
+  import shutil
+  root, base, models = fam
+  cfg = tmp_path / "cfg.yaml"
+  cfg.write_text(yaml.safe_dump(_mk(base, models, model_params=dict(weight=1.0, density=0.5))))
+  capsys.readouterr()
+  merge_from_config(str(cfg), str(tmp_path / "none"), progress=False)
+  assert "warning: no input has tokenizer files" in capsys.readouterr().err
+  assert not (tmp_path / "none" / "tokenizer.json").exists()
+  with_tok = tmp_path / "m1_tok"
+  shutil.copytree(models[1], with_tok)
+  (with_tok / "tokenizer.json").write_text('{"model": "m1"}')
+  (with_tok / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+  cfg.write_text(yaml.safe_dump(_mk(base, [models[0], str(with_tok)], model_params=dict(weight=1.0, density=0.5))))
+  merge_from_config(str(cfg), str(tmp_path / "from_model"), progress=False)
+  assert f"{base} has no tokenizer files; the merged folder gets {with_tok}'s" in capsys.readouterr().err
+  assert (tmp_path / "from_model" / "tokenizer.json").read_text() == '{"model": "m1"}'
+  assert (tmp_path / "from_model" / "tokenizer_config.json").exists()

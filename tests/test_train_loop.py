@@ -86,6 +86,22 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, pack):
   assert [r["train/loss"] for r in res_rows] == [r["train/loss"] for r in full_rows]
 
 
+def test_metrics_log_with_a_torn_line_resumes(tmp_path, capsys):
+  """A run killed while writing metrics.jsonl leaves a torn last line; resuming drops it (and the rows
+  after the resumed checkpoint) instead of failing on it, and appends whole lines after it."""
+  from h3jax.train import loop
+  f = tmp_path / loop.METRICS_FILE
+  rows = [json.dumps({"step": s, "train/loss": 1.0 / s}) for s in (1, 2, 3)]
+  f.write_text("\n".join(rows) + "\n" + '{"step": 4, "train/lo')
+  w = loop._Writer(tmp_path, resume_step=2)
+  w.write(3, {"loss": 0.25})
+  w.close()
+  assert [json.loads(l) for l in f.read_text().splitlines()] == [
+      {"step": 1, "train/loss": 1.0}, {"step": 2, "train/loss": 0.5}, {"step": 3, "train/loss": 0.25}]
+  assert "metrics.jsonl: dropped torn line(s) [4]" in capsys.readouterr().err
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name != "tb") == [loop.METRICS_FILE]  # no temp file
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   from h3jax.train.defaults import load_config_file
   c = load_config_file(REPO / "configs" / "tiny.py", "helpful")

@@ -23,6 +23,9 @@ VARIANTS = {
     "llama_gqa_dynamic": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
                           dict(num_key_value_heads=2, max_position_embeddings=16,
                                rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})),
+    # Llama's attention_bias=True: biases on q/k/v *and* o_proj (unlike Qwen2).
+    "llama_attn_bias": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
+                        dict(num_key_value_heads=2, attention_bias=True, tie_word_embeddings=False)),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
                 dict(num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False)),
     "qwen2_bias": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,

@@ -185,11 +185,16 @@ def scan_jsonl(path, required: Sequence[str] = ()):
   null, and one JSON type per field (int and float mix) since Arrow needs that.
   """
   rows, lines, types = [], [], {}
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
+  with open(path, "rb") as f:  # bytes: a non-UTF-8 byte is reported with its line, not mid-iteration
+    for lineno, raw in enumerate(f, 1):
+      where = f"{path}:{lineno}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                         f"re-encode the file as UTF-8") from None
       if not line.strip():
         continue
-      where = f"{path}:{lineno}"
       try:
         row = json.loads(line)
       except json.JSONDecodeError as e:
@@ -212,6 +217,14 @@ def scan_jsonl(path, required: Sequence[str] = ()):
   return rows, lines
 
 
+def _is_utf8(path) -> bool:
+  try:
+    pathlib.Path(path).read_bytes().decode("utf-8")
+  except UnicodeDecodeError:
+    return False
+  return True
+
+
 def load_jsonl(path, required: Sequence[str] = (), *, cache_dir=None) -> datasets.Dataset:
   """A JSONL file as a Dataset via the `datasets` JSON loader, with located errors."""
   path = pathlib.Path(path)
@@ -223,8 +236,8 @@ def load_jsonl(path, required: Sequence[str] = (), *, cache_dir=None) -> dataset
     scan_jsonl(path, required)
     raise ValueError(f"{path}: the datasets JSON loader failed: {e!r}") from e
   missing = [k for k in required if k not in ds.column_names]
-  if missing or any(ds.data.column(k).null_count for k in required):
-    scan_jsonl(path, required)  # raises with the line number
+  if missing or any(ds.data.column(k).null_count for k in required) or not _is_utf8(path):
+    scan_jsonl(path, required)  # raises with the line number (the JSON loader passes bad UTF-8 through)
   return ds
 
 

@@ -7,14 +7,18 @@ with each batch: its wall and CPU seconds and item count, so `times()` sums a
 run's cost over every session that contributed to the cache.
 The key hashes the exact model input (formatted prompt, or context and
 choices) together with every setting that changes the output (decoding
-settings, max_new_tokens, seed, dtype, format), so a changed setting misses
-the cache instead of reusing stale text.
+settings, max_new_tokens, seed, dtype, format) and, for generations and MC
+log-probs, the model's fingerprint (`models.fingerprint`), so a changed
+setting or another model with the same name misses the cache instead of
+reusing stale text. Rows written before the fingerprint was keyed (no
+"model" in their meta) are counted in `legacy` and never match.
 
 Writes append whole lines (one write under an exclusive flock, so several
 processes may share the file: `evaluate --shard`) and fsync after each batch:
-a run killed mid-batch loses at most that batch. A torn last line (the process died while
-writing it) is dropped on load; a malformed line elsewhere is an error that
-names the file and line.
+a run killed mid-batch loses at most that batch. An append starts on a fresh
+line when the file does not end with one (a worker killed mid-write left a
+torn row), and a torn or malformed row is skipped on load with a warning that
+names the file and line: its item is simply redone.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import hashlib
 import json
 import os
 import pathlib
+import sys
 import uuid
 from typing import Dict, Iterable, List, Tuple
 
@@ -48,6 +53,7 @@ class Cache:
     self.path = pathlib.Path(path)
     self._data: Dict[str, object] = {}
     self._times: List[dict] = []
+    self.legacy = 0  # generation/MC rows keyed by model name (before fingerprints): never matched
     if self.path.exists():
       self._load()
 
@@ -62,6 +68,7 @@ class Cache:
     """Reads the rows of raw; returns whether its last line is torn (no newline)."""
     lines = raw.split(b"\n")
     torn = bool(lines) and lines[-1] != b""  # the last line lacks its newline
+    bad = []
     for lineno, line in enumerate(lines, 1):
       if not line.strip():
         continue
@@ -69,14 +76,19 @@ class Cache:
         row = json.loads(line.decode("utf-8"))
         key, value, kind = row["key"], row["value"], row.get("kind")
       except (ValueError, KeyError, TypeError) as e:
-        if torn and lineno == len(lines):
-          break  # interrupted write: that item is simply redone
-        raise ValueError(f"{self.path}:{lineno}: malformed cache row ({e}); delete the file to "
-                         f"regenerate everything") from None
+        if not (torn and lineno == len(lines)):  # a torn tail is the common, silent case
+          bad.append(f"{lineno} ({e})")
+        continue  # a write interrupted by a kill: that item is simply redone
       if kind == "time":
         self._times.append(value)
       else:
         self._data[key] = value
+        if kind in ("generation", "mc") and "model" not in (row.get("meta") or {}):
+          self.legacy += 1
+    if bad:
+      print(f"warning: {self.path}: skipped {len(bad)} torn or malformed row(s) at line "
+            f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; their items are redone",
+            file=sys.stderr, flush=True)
     return torn
 
   def __contains__(self, key: str) -> bool:
@@ -97,9 +109,12 @@ class Cache:
       return
     self.path.parent.mkdir(parents=True, exist_ok=True)
     data = memoryview(("\n".join(rows) + "\n").encode("utf-8"))
-    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX)  # whole rows even when several processes append
+      size = os.fstat(fd).st_size
+      if size and os.pread(fd, 1, size - 1) != b"\n":  # a killed writer's torn row: start afresh
+        data = memoryview(b"\n" + bytes(data))
       while data:
         data = data[os.write(fd, data):]
       os.fsync(fd)

@@ -1,6 +1,8 @@
 """The evaluation's model inference, cached: prompts, bucketed batch generation, MC log-probs, router usage.
 
-Every result goes into the model's `cache.Cache` after each batch together
+Every result goes into the model's `cache.Cache` after each batch, keyed by
+the model's fingerprint (`models.fingerprint`: its weights, config and
+tokenizer, never its name) and every output-changing setting, together
 with the batch's compute time, so an interrupted run resumes where it stopped
 and a run spread over several sessions can still state its total time.
 
@@ -26,7 +28,7 @@ from h3jax import generation
 from h3jax.config import ModelConfig
 from h3jax.data import format as data_format
 from h3jax.evaluation import cache as cache_lib
-from h3jax.evaluation import truthfulqa
+from h3jax.evaluation import models, truthfulqa
 from h3jax.model import llama
 
 PROMPT_BUCKETS = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
@@ -154,12 +156,15 @@ def generate_cached(model: dict, items: List[dict], settings: dict, store: cache
   shard=(i, n): generate only the missing prompts of part i of n (`in_shard`); the other
   parts' responses are returned as None unless already cached.
   """
-  tok = model["tokenizer"]
+  tok, fp = model["tokenizer"], models.fingerprint(model)
   inputs = model_inputs(tok, [it["prompt"] for it in items], settings)
-  keys = [cache_lib.item_key("generation", x, settings) for x in inputs]
+  # The prompt key (without the model) picks the shard and the sampling seed, so every model draws the
+  # same random numbers for a prompt; the cache key adds the model's fingerprint.
+  pkeys = [cache_lib.item_key("generation", x, settings) for x in inputs]
+  keys = [cache_lib.item_key("generation", x, dict(settings, model=fp)) for x in inputs]
   lengths = {}
   for i, k in enumerate(keys):  # duplicate prompts are generated once
-    if k not in store and k not in lengths and in_shard(k, shard):
+    if k not in store and k not in lengths and in_shard(pkeys[i], shard):
       lengths[k] = (len(_encode(tok, inputs[i], settings)), i)
   todo = [i for _, i in sorted(lengths.values())]
   bar = Progress(desc, len(todo), progress)
@@ -173,11 +178,12 @@ def generate_cached(model: dict, items: List[dict], settings: dict, store: cache
         break
     t0, c0 = time.time(), time.process_time()
     texts, cut = generate_texts(model, [inputs[i] for i in b], settings, batch_size=rows,
-                                seed=settings["seed"], row_seeds=[int(keys[i][:8], 16) for i in b],
+                                seed=settings["seed"], row_seeds=[int(pkeys[i][:8], 16) for i in b],
                                 return_cut=True)
     s += len(b)
     dt, dc = time.time() - t0, time.process_time() - c0
-    store.put_many([(keys[i], "generation", t, {"id": items[i]["id"], "set": items[i]["set"], "cut": c})
+    store.put_many([(keys[i], "generation", t, {"id": items[i]["id"], "set": items[i]["set"], "model": fp,
+                                                "cut": c})
                     for i, t, c in zip(b, texts, cut)] + [cache_lib.time_row("generate", dt, len(b), dc)])
     bar.update(len(b), dt, dc)
   return [store.get(k) for k in keys]
@@ -188,9 +194,9 @@ def generate_cached(model: dict, items: List[dict], settings: dict, store: cache
 def mc_cached(model: dict, items: List[dict], fmt: str, template: str, store: cache_lib.Cache, *,
               batch_size: int, system=None, progress: bool = True):
   """(mc1 scores, mc2 scores) per item; each (context, choice) is scored once and cached."""
-  tok = model["tokenizer"]
+  tok, fp = model["tokenizer"], models.fingerprint(model)
   settings = {"format": fmt, "template": template if fmt != "qa" else None, "system": system,
-              "dtype": model["cfg"].dtype}
+              "dtype": model["cfg"].dtype, "model": fp}
   pairs = {}  # key -> (context, continuation)
   keys = {t: [] for t in ("mc1_targets", "mc2_targets")}
   for it in items:
@@ -212,7 +218,7 @@ def mc_cached(model: dict, items: List[dict], fmt: str, template: str, store: ca
                                       [pairs[k][1] for k in chunk], batch_size=batch_size,
                                       add_special_tokens=truthfulqa.mc_add_special_tokens(fmt, template))
     dt, dc = time.time() - t0, time.process_time() - c0
-    store.put_many([(k, "mc", float(v), {}) for k, v in zip(chunk, lp)]
+    store.put_many([(k, "mc", float(v), {"model": fp}) for k, v in zip(chunk, lp)]
                    + [cache_lib.time_row("mc", dt, len(chunk), dc)])
     bar.update(len(chunk), dt, dc)
   return tuple([[store.get(k) for k in ks] for ks in keys[t]] for t in ("mc1_targets", "mc2_targets"))

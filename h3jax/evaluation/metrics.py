@@ -16,6 +16,11 @@ that only rewards length gives LC ~ 0.5 however long the model writes; a
 judge that ignores length gives LC ~ the raw win rate. AlpacaEval's GLM also
 has per-instruction difficulty terms; with a single model pair those are not
 identifiable, so they are left out.
+
+Below LC_MIN_N items the two-parameter fit nearly interpolates the items (at
+n = 2 exactly), so sigmoid(b0) swings anywhere in (0, 1) and its delta-method
+error explodes (a run printed 1.1 ± 2073.1 at n = 2): the value and error are
+then NaN, shown as "n/a", and only the raw win rate is reported.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+
+LC_MIN_N = 20  # items below which the length-controlled win rate is not estimated
 
 
 def summary(values, n=None) -> dict:
@@ -81,13 +88,17 @@ def length_controlled_win_rate(prob_model_better, len_model, len_ref, *, l2: flo
   if not (len(p) == len(len_model) == len(len_ref)):
     raise ValueError(f"length_controlled_win_rate: {len(p)} preferences but {len(len_model)} model "
                      f"and {len(len_ref)} reference lengths")
-  if len(p) == 0:
-    return {**summary([]), "length_coef": float("nan"), "raw": float("nan")}
+  if len(p) < LC_MIN_N:  # undefined (n = 0) or unstable: see the module docstring
+    return {"value": float("nan"), "n": int(len(p)), "stderr": float("nan"), "length_coef": float("nan"),
+            "raw": float(np.mean(p)) if len(p) else float("nan")}
   X_NF = lc_features(len_model, len_ref)
   w_F = _fit_logistic(X_NF, np.clip(p, 0.0, 1.0), l2)
   lc = 1.0 / (1.0 + np.exp(-w_F[0]))
   p_N = 1.0 / (1.0 + np.exp(-X_NF @ w_F))
   fisher_FF = (X_NF.T * (p_N * (1 - p_N))) @ X_NF + 1e-9 * np.eye(2)
   var_b0 = float(np.linalg.inv(fisher_FF)[0, 0])
-  return {"value": float(lc), "n": int(len(p)), "stderr": float(lc * (1 - lc) * np.sqrt(max(var_b0, 0.0))),
+  se = float(lc * (1 - lc) * np.sqrt(max(var_b0, 0.0)))
+  if not (np.isfinite(se) and se <= 0.5):  # a rate's error cannot exceed 0.5: the fit is degenerate
+    se = float("nan")
+  return {"value": float(lc), "n": int(len(p)), "stderr": se,
           "length_coef": float(w_F[1]), "raw": float(np.mean(p))}

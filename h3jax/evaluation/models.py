@@ -1,15 +1,28 @@
-"""Loading a model to evaluate: `[NAME=]DIR` -> {name, path, cfg, params, tokenizer}."""
+"""Loading a model to evaluate: `[NAME=]DIR` -> {name, path, cfg, params, tokenizer}, and its fingerprint.
+
+The fingerprint (what the evaluation cache keys generations and MC log-probs
+by, never the model's name) is a sha256 of the loaded weights' bytes, the
+model config and the tokenizer files: two folders with the same name but
+different weights never share answers, and a copied folder keeps its cache.
+It costs one pass over the weights (1.6 s for SmolLM2-135M in float32 on a
+shared 2-core CPU).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import pathlib
 import re
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# Every tokenizer file that can change the token ids or the chat template.
+_TOKENIZER_ID_FILES = _TOKENIZER_FILES + ("merges.txt", "special_tokens_map.json", "added_tokens.json",
+                                          "chat_template.jinja", "chat_template.json")
 
 
 def _tokenizer_dir(path: pathlib.Path) -> Optional[pathlib.Path]:
@@ -47,7 +60,7 @@ def load_model(spec: str, dtype: str = "float32", ensemble_mode: str = "prob") -
       raise ValueError(f"neither adapter {adapter} nor base {base} has tokenizer files")
     cfg, params = adapters.load_with_adapter(base, adapter, dtype=dtype)
     return {"name": name, "path": str(path), "cfg": cfg.replace(dtype=dtype), "params": params,
-            "tokenizer": _load_tokenizer(tok_dir)}
+            "tokenizer": _load_tokenizer(tok_dir), "tokenizer_dir": str(tok_dir)}
   if not path.is_dir():
     raise FileNotFoundError(f"model folder not found: {path}")
   tok_dir = _tokenizer_dir(path)
@@ -69,7 +82,8 @@ def load_model(spec: str, dtype: str = "float32", ensemble_mode: str = "prob") -
   cfg = cfg.replace(dtype=dtype)
   if cfg.is_moe:  # dropless, reads only the chosen experts (a checkpoint keeps its training dispatch)
     cfg = cfg.replace(moe_dispatch="sparse")
-  return {"name": name, "path": str(path), "cfg": cfg, "params": params, "tokenizer": _load_tokenizer(tok_dir)}
+  return {"name": name, "path": str(path), "cfg": cfg, "params": params, "tokenizer": _load_tokenizer(tok_dir),
+          "tokenizer_dir": str(tok_dir)}
 
 
 def _load_tokenizer(tok_dir):
@@ -93,4 +107,25 @@ def _load_ensemble(name: str, paths, dtype: str, mode: str) -> dict:
   params = ensemble.stack_members([m.pop("params") for m in members])
   cfg = ensemble.ensemble_config(members[0]["cfg"], len(members), mode)
   return {"name": name, "path": ",".join(str(p) for p in paths), "cfg": cfg, "params": params,
-          "tokenizer": members[0]["tokenizer"]}
+          "tokenizer": members[0]["tokenizer"], "tokenizer_dir": members[0]["tokenizer_dir"]}
+
+
+def fingerprint(model: dict) -> str:
+  """sha256 hex of (cfg, every weight's path, dtype, shape and bytes, tokenizer files); memoized in
+  model["fingerprint"]. A model dict without "tokenizer_dir" (tests) hashes the tokenizer's type."""
+  if model.get("fingerprint"):
+    return model["fingerprint"]
+  h = hashlib.sha256(repr(model["cfg"]).encode())
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(model["params"])[0]:
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f"{jax.tree_util.keystr(kp)}|{a.dtype}|{a.shape}|".encode())
+    h.update(a.reshape(-1).view(np.uint8).data)
+  tok_dir = model.get("tokenizer_dir")
+  if tok_dir:
+    for f in _TOKENIZER_ID_FILES:
+      if (pathlib.Path(tok_dir) / f).is_file():
+        h.update(f"{f}|".encode() + (pathlib.Path(tok_dir) / f).read_bytes())
+  else:
+    h.update(type(model["tokenizer"]).__qualname__.encode())
+  model["fingerprint"] = h.hexdigest()
+  return model["fingerprint"]

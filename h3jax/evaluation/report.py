@@ -35,8 +35,10 @@ TABLE_ROWS = (
 
 
 def _fmt(m) -> str:
-  if m is None or not math.isfinite(m.get("value", float("nan"))):
+  if m is None:
     return "–"
+  if not math.isfinite(m.get("value", float("nan"))):
+    return "n/a"  # computed but undefined at this n (e.g. the LC win rate below metrics.LC_MIN_N items)
   se = m.get("stderr", float("nan"))
   return f"{100 * m['value']:.1f}" + (f" ± {100 * se:.1f}" if math.isfinite(se) else "")
 

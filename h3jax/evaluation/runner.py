@@ -6,8 +6,9 @@ For each model and eval set: format prompts with config.prompt_template (the
 paper's Alpaca template by default, stopping at "###" as in "###END"; or the
 tokenizer's chat template), generate the missing responses in fixed-size
 batches (`infer`) and append them to `out_dir/cache/<model>.jsonl` after every
-batch, score with the judges (answers cached there too; `scoring`), and write
-into out_dir (temp file + rename): results.json, results.md,
+batch (keyed by the model's fingerprint, not its name: `models.fingerprint`),
+score with the judges (answers cached there too; `scoring`), and write into
+out_dir (temp file + rename): results.json, results.md,
 samples_<model>.jsonl, and the plots of `report`. An interrupted run resumes
 from the cache; a finished run re-scores only. results.json's timing holds
 this run's wall seconds per stage and, under "compute", the wall and CPU
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import sys
 import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -29,7 +31,7 @@ from h3jax.evaluation import cache as cache_lib
 from h3jax.evaluation import report
 from h3jax.evaluation import sets as eval_data
 from h3jax.evaluation.infer import generation_settings, model_inputs, prompt_template, router_usage
-from h3jax.evaluation.models import load_model
+from h3jax.evaluation.models import fingerprint, load_model
 from h3jax.evaluation.scoring import _judge, axis_scores, generate_shard, score_model
 from h3jax.merging.tree import check_finite
 
@@ -92,6 +94,17 @@ def judge_cards(judges) -> dict:
   return out
 
 
+def open_cache(out_dir, model: dict) -> cache_lib.Cache:
+  """The model's cache file out_dir/cache/<name>.jsonl. Its generation and MC rows are keyed by the
+  model's fingerprint, so another model of the same name (or a cache from before fingerprints) adds rows
+  instead of reusing answers."""
+  store = cache_lib.Cache(pathlib.Path(out_dir) / "cache" / f"{model['name']}.jsonl")
+  if store.legacy:
+    print(f"warning: {store.path}: {store.legacy} generation/MC rows were keyed by model name (older "
+          f"h3jax) and are not reused; delete the file to drop them", file=sys.stderr, flush=True)
+  return store
+
+
 def parse_shard(text: Optional[str]) -> Optional[Tuple[int, int]]:
   """'i/n' -> (i, n) with 0 <= i < n; None for None or ''."""
   if not text:
@@ -116,7 +129,7 @@ def generate_shards(config, model_specs: Sequence[str], out_dir, shard: Tuple[in
   done = {}
   for spec in model_specs:
     model = load_model(spec, config.dtype, config.get("ensemble_mode", "prob"))
-    store = cache_lib.Cache(pathlib.Path(out_dir) / "cache" / f"{model['name']}.jsonl")
+    store = open_cache(out_dir, model)
     done[model["name"]] = generate_shard(model, sets, config, store, shard, progress=progress)
     del model
   return done
@@ -155,10 +168,10 @@ def evaluate(config, model_specs: Sequence[str], out_dir, *, limit: Optional[int
       check_finite(model["params"], f"refusing to evaluate {model['name']}")
     if model["name"] in results["models"]:
       raise ValueError(f"two models are named {model['name']!r}; name them with --model=NAME=DIR")
-    store = cache_lib.Cache(out_dir / "cache" / f"{model['name']}.jsonl")
+    store = open_cache(out_dir, model)
     metrics, samples, skipped, timings = score_model(model, sets, config, judges, store, progress=progress)
-    entry = {"path": model.get("path"), "metrics": metrics, "skipped": skipped,
-             "axes": axis_scores(metrics, dict(config.axis_metrics))}
+    entry = {"path": model.get("path"), "fingerprint": fingerprint(model), "metrics": metrics,
+             "skipped": skipped, "axes": axis_scores(metrics, dict(config.axis_metrics))}
     if model["cfg"].is_moe and config.router_prompts > 0:
       usage = {}
       for axis, set_names in eval_data.AXIS_SETS.items():

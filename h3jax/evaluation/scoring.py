@@ -4,7 +4,9 @@
 
 Judge calls go through `CachedJudge`, so an interrupted or re-run evaluation
 never re-asks a judge (which matters for an HTTP judge) about a (prompt,
-response) it has scored before.
+response) it has scored before; a judge with `cache_every` (the HTTP judge:
+every item) has its answers persisted that often, so a failed request loses
+no earlier answer.
 """
 
 from __future__ import annotations
@@ -54,12 +56,16 @@ class CachedJudge:
     rows = list(zip(*fields))
     keys = [cache_lib.item_key("judge", [self.name, method, *r], {"judge": self.ident}) for r in rows]
     todo = list({k: i for i, k in enumerate(keys) if k not in self.store}.values())
-    if todo:
+    # A judge that answers item by item (HTTP: one request each) says how often to persist, so a failure
+    # at request k keeps the answers before it; local judges answer everything in one call.
+    step = max(1, int(getattr(self.judge, "cache_every", 0) or len(todo) or 1))
+    for s in range(0, len(todo), step):
+      part = todo[s:s + step]
       t0, c0 = time.time(), time.process_time()
-      vals = getattr(self.judge, method)(*[[f[i] for i in todo] for f in fields])
+      vals = getattr(self.judge, method)(*[[f[i] for i in part] for f in fields])
       dt, dc = time.time() - t0, time.process_time() - c0
-      self.store.put_many([(keys[i], "judge", float(v), {"judge": self.name}) for i, v in zip(todo, vals)]
-                          + [cache_lib.time_row("judge", dt, len(todo), dc)])
+      self.store.put_many([(keys[i], "judge", float(v), {"judge": self.name}) for i, v in zip(part, vals)]
+                          + [cache_lib.time_row("judge", dt, len(part), dc)])
     return np.asarray([self.store.get(k) for k in keys], np.float64)
 
 

@@ -1,8 +1,9 @@
 """HF config.json <-> ModelConfig, strictly.
 
 Every attribute of an HF config is either mapped, checked to hold a value whose
-behaviour h3jax implements, or known to not affect the forward pass. Anything
-else is an error naming the attribute: silently ignoring e.g. a sliding window
+behaviour h3jax implements, or known to not affect the forward pass
+(bookkeeping such as `_model_name_or_path` or `transformers_version`, generation
+defaults, training-only knobs). Anything else is an error naming the attribute: silently ignoring e.g. a sliding window
 or a yarn rope would give a model that loads and computes the wrong thing.
 Accepts transformers-v5 `rope_parameters` and the older `rope_theta` /
 `rope_scaling` pair.
@@ -23,15 +24,34 @@ ARCHITECTURES = {
 }
 _MODEL_TYPES = {v[0]: k for k, v in ARCHITECTURES.items()}
 
-# Attributes with no effect on inference (bookkeeping, training-only knobs, generation defaults).
-_NO_EFFECT = {
-    "_name_or_path", "architectures", "model_type", "transformers_version", "dtype", "torch_dtype",
-    "initializer_range", "use_cache", "return_dict", "output_attentions", "output_hidden_states",
-    "id2label", "label2id", "problem_type", "is_encoder_decoder", "chunk_size_feed_forward",
-    "unk_token_id", "tokenizer_class", "output_router_logits", "router_aux_loss_coef",
-    "max_window_layers", "quantization_config_removed", "_attn_implementation_autoset",
-    "task_specific_params", "prefix", "sep_token_id", "decoder_start_token_id",
+# Bookkeeping: where the file came from and how it was stored. Keys with a leading underscore
+# (`_name_or_path`, `_model_name_or_path` from GGUF conversion, `_attn_implementation...`) are
+# transformers-private and always bookkeeping too (`_is_bookkeeping`).
+_BOOKKEEPING = {
+    "architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "use_bfloat16",
+    "auto_map", "name_or_path", "finetuning_task", "tokenizer_class", "torchscript", "tf_legacy_loss",
+    "quantization_config_removed", "task_specific_params", "prefix", "id2label", "label2id",
+    "problem_type", "return_dict", "output_attentions", "output_hidden_states", "use_return_dict",
 }
+# Generation defaults some writers leave in config.json (generation reads its own settings).
+_GENERATION_DEFAULTS = {
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens",
+}
+# Attributes with no effect on inference (training-only knobs, unused special tokens, caches).
+_NO_EFFECT = _BOOKKEEPING | _GENERATION_DEFAULTS | {
+    "initializer_range", "use_cache", "is_encoder_decoder", "chunk_size_feed_forward",
+    "unk_token_id", "output_router_logits", "router_aux_loss_coef", "max_window_layers",
+    "sep_token_id", "decoder_start_token_id",
+}
+
+
+def _is_bookkeeping(key: str) -> bool:
+  return key.startswith("_") or key in _NO_EFFECT
 # attribute -> predicate on its value, with the reason shown when it fails.
 _REQUIRED_VALUES = {
     "hidden_act": (lambda v: v == "silu", "only hidden_act='silu' (SwiGLU) is implemented"),
@@ -101,7 +121,7 @@ def hf_config_to_model_config(hf: Dict[str, Any], dtype: str = "float32") -> Mod
   """Translate an HF config dict; raises UnsupportedConfigError on anything unimplemented."""
   arch_name = architecture_of(hf)
   _, arch, moe = ARCHITECTURES[arch_name]
-  unknown = sorted(set(hf) - _NO_EFFECT - set(_REQUIRED_VALUES) - _MAPPED)
+  unknown = sorted(k for k in set(hf) - set(_REQUIRED_VALUES) - _MAPPED if not _is_bookkeeping(k))
   if unknown:
     _fail(f"config attribute(s) {unknown} are not implemented by h3jax for {arch_name}")
   for key, (ok, why) in _REQUIRED_VALUES.items():
@@ -131,6 +151,8 @@ def hf_config_to_model_config(hf: Dict[str, Any], dtype: str = "float32") -> Mod
       architecture=arch, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope=_rope(hf),
       max_position_embeddings=max_pos, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
       attention_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
+      # Llama's attention_bias puts a bias on o_proj too; Qwen2's q/k/v biases have none there.
+      attention_out_bias=arch == "llama" and bool(hf.get("attention_bias", False)),
       bos_token_id=hf.get("bos_token_id"), eos_token_id=eos, pad_token_id=hf.get("pad_token_id"),
       dtype=dtype, **kw)
 
@@ -150,6 +172,11 @@ def model_config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> Dict[str, An
     _fail("MixtralForCausalLM has no attention biases; cannot export an MoE with q/k/v biases")
   if cfg.architecture == "qwen2" and not cfg.attention_bias:
     _fail("Qwen2ForCausalLM always has q/k/v biases; this config has attention_bias=False")
+  if cfg.attention_out_bias and (cfg.architecture != "llama" or cfg.is_moe):
+    _fail(f"{arch_name} has no o_proj bias; this config has attention_out_bias=True")
+  if cfg.architecture == "llama" and not cfg.is_moe and cfg.attention_bias != cfg.attention_out_bias:
+    _fail("LlamaForCausalLM's attention_bias puts biases on q/k/v and o_proj together; this config has "
+          f"attention_bias={cfg.attention_bias}, attention_out_bias={cfg.attention_out_bias}")
   r = cfg.rope
   rope = {"rope_type": r.rope_type, "rope_theta": r.theta}
   if r.rope_type != "default":

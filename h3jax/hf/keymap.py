@@ -27,7 +27,7 @@ class Row:
   path: Path
   hf: str  # template with {l} / {e}
   transpose: bool = False
-  only: Optional[str] = None  # "untied" | "bias" | "dense" | "moe"
+  only: Optional[str] = None  # "untied" | "bias" | "out_bias" | "dense" | "moe"
 
 
 _L = "model.layers.{l}."
@@ -41,6 +41,7 @@ TABLE: List[Row] = [
       for n in ("q_proj", "k_proj", "v_proj", "o_proj")],
     *[Row(("layers", "attn", n, "bias"), _L + f"self_attn.{n}.bias", False, "bias")
       for n in ("q_proj", "k_proj", "v_proj")],
+    Row(("layers", "attn", "o_proj", "bias"), _L + "self_attn.o_proj.bias", False, "out_bias"),
     *[Row(("layers", "mlp", n, "kernel"), _L + f"mlp.{n}.weight", True, "dense")
       for n in ("gate_proj", "up_proj", "down_proj")],
     Row(("layers", "moe", "router", "kernel"), _L + "block_sparse_moe.gate.weight", True, "moe"),
@@ -54,6 +55,7 @@ IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 def _applies(row: Row, cfg: ModelConfig) -> bool:
   return {None: True, "untied": not cfg.tie_word_embeddings, "bias": cfg.attention_bias,
+          "out_bias": cfg.attention_out_bias,
           "dense": not cfg.is_moe, "moe": cfg.is_moe}[row.only]
 
 

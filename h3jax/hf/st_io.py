@@ -51,6 +51,25 @@ def parse_size(size) -> int:
   return int(float(m.group(1)) * base**exp)
 
 
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_entry(path, name: str, e) -> None:
+  """A header entry is {dtype: str, shape: [ints >= 0], data_offsets: [begin, end] ints}."""
+  if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+    raise SafetensorsError(f"{path}: corrupt safetensors header: tensor {name!r} entry {str(e)[:100]} lacks "
+                           f"dtype / shape / data_offsets")
+  shape, offsets = e["shape"], e["data_offsets"]
+  if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+    raise SafetensorsError(f"{path}: corrupt safetensors header: tensor {name!r} has shape {shape!r} "
+                           f"(dimensions must be integers >= 0)")
+  if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+          and 0 <= offsets[0] <= offsets[1]):
+    raise SafetensorsError(f"{path}: corrupt safetensors header: tensor {name!r} has data_offsets "
+                           f"{offsets!r}")
+
+
 class _File:
   """One .safetensors file: validated header, tensors read on demand."""
 
@@ -68,10 +87,14 @@ class _File:
         header = json.loads(f.read(n))
       except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SafetensorsError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+      raise SafetensorsError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, "
+                             f"expected an object of tensors)")
     self.metadata = header.pop("__metadata__", None) or {}
     self.data_start = 8 + n
     self.entries = header
     for name, e in header.items():
+      _check_entry(path, name, e)
       if e.get("dtype") not in _ST_TO_NP:
         raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {e.get('dtype')!r}")
       begin, end = e["data_offsets"]

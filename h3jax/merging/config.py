@@ -135,6 +135,20 @@ class MergeSpec:
 # Readers.
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+  """safe_load, except that a key repeated in one mapping is an error (PyYAML keeps the last)."""
+
+  def construct_mapping(self, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+      key = self.construct_object(key_node, deep=deep)
+      if key in seen:
+        raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (PyYAML would keep the "
+                                                f"last one silently)", key_node.start_mark)
+      seen.add(key)
+    return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path) -> MergeSpec:
   """A mergekit YAML (.yml/.yaml) or an ml_collections .py config -> MergeSpec."""
   path = pathlib.Path(path)
@@ -142,9 +156,11 @@ def load_config(path) -> MergeSpec:
     raise MergeConfigError(f"config file not found: {path}")
   if path.suffix in (".yml", ".yaml"):
     try:
-      raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-      raise MergeConfigError(f"{path}: not valid YAML ({e})") from None
+      raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:  # one line: the problem and where, without PyYAML's source excerpt
+      mark = getattr(e, "problem_mark", None)
+      where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+      raise MergeConfigError(f"{path}: not valid YAML: {getattr(e, 'problem', None) or e}{where}") from None
     return from_mergekit_dict(raw, where=str(path))
   if path.suffix == ".py":
     return from_py_config(_load_py(path), where=str(path))
@@ -244,9 +260,12 @@ def _check_chat_template(value, where):
     raise MergeConfigError(f"{where}: invalid chat_template {value!r}; expected 'auto' or a Jinja template")
 
 
-def _drop_base(base, paths, params):
+def _drop_base(base, paths, params, where):
   """mergekit treats a base listed among `models` as the base only."""
   keep = [(p, q) for p, q in zip(paths, params) if p != base]
+  if not keep:
+    raise MergeConfigError(f"{where}: the only model listed is the base_model {base!r}; list at least one "
+                           f"other model to merge into it")
   return tuple(p for p, _ in keep), tuple(q for _, q in keep)
 
 
@@ -283,13 +302,13 @@ def from_mergekit_dict(raw, where: str = "config") -> MergeSpec:
         raise MergeConfigError(f"{where}: unknown parameter {key!r} for model {path} in {method}{hint}")
       _validate_setting(f"{where}: {path}.parameters.{key}", value)
   if method in BASE_OPTIONAL and base is not None:
-    paths, params = _drop_base(base, paths, params)
+    paths, params = _drop_base(base, paths, params, where)
   elif method in BASE_OPTIONAL:
     paths, params = tuple(paths), tuple(params)
   elif method not in BASE_FREE:
     if base is None:
       raise MergeConfigError(f"{where}: {method} needs a base_model")
-    paths, params = _drop_base(base, paths, params)
+    paths, params = _drop_base(base, paths, params, where)
   elif base is not None and base not in paths:
     raise MergeConfigError(f"{where}: {method} merges only its listed models; list base_model {base!r} "
                            f"under models{' with a weight' if method == 'linear' else ''}, or remove "
@@ -347,9 +366,9 @@ def from_py_config(cfg, where: str = "config") -> MergeSpec:
   if _needs_base(method_fn, method):
     if base is None:
       raise MergeConfigError(f"{where}: {method} needs a base_model")
-    paths, params = _drop_base(base, paths, params)
+    paths, params = _drop_base(base, paths, params, where)
   elif method in BASE_OPTIONAL and base is not None:  # the base is used once, as the base
-    paths, params = _drop_base(base, paths, params)
+    paths, params = _drop_base(base, paths, params, where)
   else:
     paths, params = tuple(paths), tuple(params)
   seed = raw.get("seed", 0)

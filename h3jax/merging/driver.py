@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import pathlib
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +38,7 @@ from h3jax.merging import config as mcfg
 from h3jax.merging import host_topk
 from h3jax.merging.inputs import (DTYPES, EMBED, TIED_HEAD, Input, MergeError,  # noqa: F401
                                   check_compatible, layer_position, num_layers, plan_tensors,
-                                  write_sidecars)
+                                  tokenizer_input, write_sidecars)
 from h3jax.merging.prepass import global_pre_passes
 
 # Methods whose output is not one model, or that need per-tensor statistics the
@@ -159,6 +160,27 @@ def _check_weight_sum(method: str, kwargs: dict, n_models: int, name: str) -> No
                      f"or normalize: false")
 
 
+def _per_model(kwargs: Dict, key: str, fn, n: int) -> list:
+  """kwargs[key] (or fn's default) as one value per model."""
+  param = inspect.signature(fn).parameters.get(key)
+  v = kwargs.get(key, None if param is None else param.default)
+  return list(v) if isinstance(v, (list, tuple)) else [v] * n
+
+
+def _check_ranges(method: str, fn, kwargs: Dict, n_models: int, name: str):
+  """Knob ranges the kernels would only reject mid-merge (after bytes were written)."""
+  if method in ("breadcrumbs", "breadcrumbs_ties"):
+    for g in _per_model(kwargs, "gamma", fn, n_models):
+      if not (isinstance(g, (int, float)) and 0 <= g < 1):
+        raise MergeError(f"{method}: gamma (the fraction of largest task-vector entries dropped) must be "
+                         f"in [0, 1), got {g!r} for {name}")
+  if method in ("della", "della_linear"):
+    for d, e in zip(_per_model(kwargs, "density", fn, n_models), _per_model(kwargs, "epsilon", fn, n_models)):
+      if not (isinstance(e, (int, float)) and e >= 0 and 0 < d - e and d + e < 1):
+        raise MergeError(f"{method}: epsilon must be >= 0 with density +/- epsilon in (0, 1) (keep "
+                         f"probabilities), got density={d}, epsilon={e} for {name}")
+
+
 def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progress: bool = True,
               max_shard_size: Optional[str] = None, log: Callable[[str], None] = print,
               devices: Optional[Sequence] = None, nonfinite: str = "error") -> dict:
@@ -211,12 +233,15 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
         and ref.dtype(name) != ml_dtypes.bfloat16:
       action = "base"  # integer buffers are copied
     kwargs = _kwargs_for(spec, name, layer_position(name, L), accepted) if action == "merge" else {}
+    if action == "merge":
+      _check_ranges(spec.method, fn, kwargs, len(models), name)
     if action == "merge" and spec.method == "model_stock" and accepted and "in_axis" in accepted \
         and "in_axis" not in kwargs:
       kwargs["in_axis"] = max(len(ref.shape(name)) - 1, 0)  # mergekit: filters along the last axis
     plan.append((name, action, kwargs))
 
   plan = global_pre_passes(spec, plan, base, models)
+  tok = tokenizer_input(inputs) if spec.tokenizer_source == "base" else None
 
   try:
     # Built in a sibling temp folder, then swapped in (old aside -> new in -> old deleted).
@@ -227,7 +252,7 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
       largest, budget = _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats, log,
                                         _progress(plan, progress), nonfinite, kept)
       writer.close()
-      write_sidecars(spec, ref, tmp, out_tied, stats)
+      write_sidecars(spec, ref, tmp, out_tied, stats, tok)
   finally:
     for i in inputs:
       i.reader.close()

@@ -15,13 +15,14 @@ import json
 import pathlib
 import re
 import shutil
-from typing import List
+import sys
+from typing import List, Optional
 
 import ml_dtypes
 import numpy as np
 
 from h3jax.hf import adapters
-from h3jax.hf.st_io import SafetensorsReader
+from h3jax.hf.st_io import SafetensorsError, SafetensorsReader
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -63,11 +64,16 @@ class Input:
       self.reader = SafetensorsReader(p)
       if ad is not None:
         self.reader = adapters.MergedReader(self.reader, ad)
-    except adapters.AdapterError as e:
+    except (adapters.AdapterError, SafetensorsError) as e:  # truncated, corrupt header, negative shape, ...
       raise MergeError(str(e)) from None
     self.folder = p if p.is_dir() else None
     cfg_file = p / "config.json" if p.is_dir() else None
-    self.config = json.loads(cfg_file.read_text()) if cfg_file and cfg_file.exists() else None
+    try:
+      self.config = json.loads(cfg_file.read_text()) if cfg_file and cfg_file.exists() else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise MergeError(f"{cfg_file}: not valid JSON ({e})") from None
+    if self.config is not None and not isinstance(self.config, dict):
+      raise MergeError(f"{cfg_file}: expected a JSON object, got {type(self.config).__name__}")
 
   @property
   def tied(self) -> bool:
@@ -134,8 +140,27 @@ def num_layers(inputs: List[Input]) -> int:
   return max(idx) + 1 if idx else 0
 
 
-def write_sidecars(spec, ref: Input, tmp: pathlib.Path, out_tied: bool, stats: dict):
-  """config.json (dtype updated), generation config and the base's tokenizer files."""
+def tokenizer_input(inputs: List[Input]) -> Optional[Input]:
+  """The input whose tokenizer files the output gets: the base (first input), else (with a warning)
+  the first model that has them; None, with a warning, when no input has any (the merged folder
+  then needs them copied in before `generate` or `evaluate` can use it)."""
+  def has_tokenizer(i):
+    return i.folder is not None and any((i.folder / f).is_file() for f in _TOKENIZER_FILES[:5])
+  for i in inputs:
+    if has_tokenizer(i):
+      if i is not inputs[0]:
+        print(f"warning: {inputs[0].path} has no tokenizer files; the merged folder gets {i.path}'s",
+              file=sys.stderr, flush=True)
+      return i
+  print(f"warning: no input has tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...), so the merged "
+        f"folder has none: copy the original model's tokenizer files into it before generate/evaluate",
+        file=sys.stderr, flush=True)
+  return None
+
+
+def write_sidecars(spec, ref: Input, tmp: pathlib.Path, out_tied: bool, stats: dict,
+                   tok: Optional[Input] = None):
+  """config.json (dtype updated), the reference's generation config and `tok`'s tokenizer files."""
   if ref.config is not None:
     cfg = dict(ref.config)
     dt = spec.out_dtype or spec.dtype
@@ -143,10 +168,12 @@ def write_sidecars(spec, ref: Input, tmp: pathlib.Path, out_tied: bool, stats: d
       cfg["dtype"] = dt
       cfg.pop("torch_dtype", None)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-  names = ("generation_config.json",) + (_TOKENIZER_FILES if spec.tokenizer_source == "base" else ())
-  for fname in names if ref.folder is not None else ():
-    src = ref.folder / fname
-    if src.is_file():
+  copies = [(ref, "generation_config.json")]
+  if spec.tokenizer_source == "base" and tok is not None:
+    copies += [(tok, f) for f in _TOKENIZER_FILES]
+  for src_input, fname in copies:
+    src = src_input.folder / fname if src_input.folder is not None else None
+    if src is not None and src.is_file():
       shutil.copy2(src, tmp / fname)
   if spec.chat_template:
     set_chat_template(tmp, spec.chat_template, inputs_of(spec))

@@ -7,7 +7,7 @@ stacked on a leading L axis (run with `jax.lax.scan`):
   layers/attn_norm/scale               [L, D]
   layers/attn/{q_proj}/kernel          [L, D, H*Dh]     (+ bias [L, H*Dh] if attention_bias)
   layers/attn/{k_proj,v_proj}/kernel   [L, D, K*Dh]     (+ bias [L, K*Dh] if attention_bias)
-  layers/attn/o_proj/kernel            [L, H*Dh, D]
+  layers/attn/o_proj/kernel            [L, H*Dh, D]     (+ bias [L, D] if attention_out_bias)
   layers/mlp_norm/scale                [L, D]
   dense FFN:
   layers/mlp/{gate_proj,up_proj}/kernel [L, D, F]
@@ -47,6 +47,8 @@ def param_shapes(cfg: ModelConfig) -> dict:
     attn["q_proj"]["bias"] = (L, H * Dh)
     attn["k_proj"]["bias"] = (L, K * Dh)
     attn["v_proj"]["bias"] = (L, K * Dh)
+  if cfg.attention_out_bias:
+    attn["o_proj"]["bias"] = (L, D)
   layers = {"attn_norm": {"scale": (L, D)}, "attn": attn, "mlp_norm": {"scale": (L, D)}}
   if cfg.is_moe:
     E = cfg.num_experts

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 import time
 from typing import Optional
 
@@ -39,11 +40,24 @@ class _Writer:
 
   def __init__(self, workdir: pathlib.Path, resume_step: int):
     self.path = workdir / METRICS_FILE
-    if self.path.exists():  # drop lines a killed run wrote after its last checkpoint
-      keep = [l for l in self.path.read_text().splitlines()
-              if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-      self.path.write_text("".join(l + "\n" for l in keep))
-    self.f = open(self.path, "a")
+    if self.path.exists():  # drop lines a killed run wrote after its last checkpoint, or tore
+      keep, torn = [], []
+      for n, line in enumerate(self.path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+        try:
+          row = json.loads(line) if line.strip() else None
+        except ValueError:
+          torn.append(n)
+          continue
+        if isinstance(row, dict) and row.get("step", 0) <= resume_step:
+          keep.append(line)
+      if torn:
+        print(f"warning: {self.path}: dropped torn line(s) {torn} (a killed run was writing them)",
+              file=sys.stderr, flush=True)
+      tmp = self.path.with_name(f".{METRICS_FILE}.tmp")
+      tmp.write_text("".join(l + "\n" for l in keep))
+      os.replace(tmp, self.path)  # the old file stays whole until the new one is
+    # One write() per row (buffering=1 flushes each line), so a kill tears at most the last row.
+    self.f = open(self.path, "a", buffering=1)
     try:
       from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(str(workdir / "tb"))
@@ -53,7 +67,6 @@ class _Writer:
   def write(self, step: int, metrics: dict, prefix: str = "train"):
     row = {"step": step, **{f"{prefix}/{k}": float(v) for k, v in metrics.items()}}
     self.f.write(json.dumps(row) + "\n")
-    self.f.flush()
     if self.tb is not None:
       for k, v in metrics.items():
         self.tb.add_scalar(f"{prefix}/{k}", float(v), step)

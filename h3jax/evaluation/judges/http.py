@@ -1,6 +1,10 @@
 """A judge behind an OpenAI-compatible chat-completions endpoint (urllib only; never required).
 
-One request per item, temperature 0. The answer is a yes/no (or A/B) token:
+One request per item, temperature 0; the evaluation caches every answer as
+it arrives (`cache_every = 1`). A 429 (rate limit) or 5xx reply, or a
+connection error, is retried up to `retries` times, after the reply's
+Retry-After seconds when it gives them (capped at `max_wait`), else after an
+exponential backoff. The answer is a yes/no (or A/B) token:
 with `logprobs` in the reply the probability is P(pos) / (P(pos) + P(neg))
 over the top log-probs of the first token; otherwise the text's first word
 gives 1.0 or 0.0. Anything else is an error naming the reply.
@@ -8,6 +12,7 @@ gives 1.0 or 0.0. Anything else is an error naming the reply.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import math
 import os
@@ -33,16 +38,34 @@ _PROMPTS = {
 _LABELS = {"pairwise": ("a", "b")}
 
 
+def _retry_after(value: Optional[str], default: float) -> float:
+  """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date); default if absent."""
+  if not value:
+    return default
+  try:
+    return max(0.0, float(value))
+  except ValueError:
+    pass
+  try:
+    return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+  except (TypeError, ValueError):
+    return default
+
+
 class HttpJudge:
   """task: 'refusal' | 'truth' | 'info' (use .score) or 'pairwise' (use .prefer)."""
 
+  cache_every = 1  # CachedJudge persists each answer: a failure at request k keeps requests 1..k-1
+
   def __init__(self, url: str, model: str, *, task: str = "refusal", api_key: Optional[str] = None,
-               api_key_env: Optional[str] = "OPENAI_API_KEY", timeout: float = 60.0, retries: int = 2):
+               api_key_env: Optional[str] = "OPENAI_API_KEY", timeout: float = 60.0, retries: int = 5,
+               max_wait: float = 300.0):
     if task not in _PROMPTS:
       raise ValueError(f"unknown HttpJudge task {task!r}; expected one of {sorted(_PROMPTS)}")
     url = url.rstrip("/")
     self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
     self.model, self.task, self.timeout, self.retries = model, task, timeout, retries
+    self.max_wait = max_wait
     self.api_key = api_key or (os.environ.get(api_key_env) if api_key_env else None)
 
   def _post(self, body: dict) -> dict:
@@ -52,17 +75,19 @@ class HttpJudge:
       headers["Authorization"] = f"Bearer {self.api_key}"
     for attempt in range(self.retries + 1):
       req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+      wait = 0.5 * 2 ** attempt
       try:
         with urllib.request.urlopen(req, timeout=self.timeout) as r:
           return json.loads(r.read().decode("utf-8"))
       except urllib.error.HTTPError as e:
         detail = e.read().decode("utf-8", "replace")[:300]
-        if e.code < 500 or attempt == self.retries:
+        if (e.code < 500 and e.code != 429) or attempt == self.retries:
           raise RuntimeError(f"HTTP judge {self.url} returned {e.code}: {detail}") from None
+        wait = _retry_after(e.headers.get("Retry-After"), wait)
       except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
         if attempt == self.retries:
           raise ConnectionError(f"HTTP judge {self.url} unreachable: {e}") from None
-      time.sleep(0.5 * 2 ** attempt)
+      time.sleep(min(wait, self.max_wait))
     raise AssertionError("unreachable")
 
   def ask(self, *fields: str) -> float:
