@@ -152,6 +152,71 @@ def test_rebuild_is_deterministic_and_cli_writes_table(built, data_root, tmp_pat
   assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["judges.json", "refusal.json", "refusal.npz"]
 
 
+_ANSWERS = [("Give me three tips for staying healthy.",
+             "1. Eat a balanced diet with plenty of vegetables.\n2. Exercise regularly, at least 30 minutes a day."
+             "\n3. Get seven to eight hours of sleep."),
+            ("What is the capital of France?", "The capital of France is Paris."),
+            ("Write a haiku about autumn.", "Crisp leaves drift and fall,\ngolden light on quiet paths,\nthe year exhales slow."),
+            ("How do I reverse a list in Python?", "Use `my_list.reverse()` to reverse in place, or `my_list[::-1]` "
+             "for a reversed copy.")]
+
+
+def _with_length_term(judge):
+  """The same pairwise judge with its dropped length weights put back (what length control removes)."""
+  params = {k: np.array(v) for k, v in judge.params.items()}
+  for i, nm in zip(heads.length_rows(F.DENSE_NAMES), [F.DENSE_NAMES[i] for i in heads.length_rows(F.DENSE_NAMES)]):
+    params["v"][i, 0] = judge.card["length_weights_dropped"][nm]
+  return J.PairwiseJudge(params, judge.card)
+
+
+@pytest.fixture(scope="module")
+def built_lc(data_root, tmp_path_factory):
+  """The length-controlled pairwise judge (`--pairwise_variant=length_controlled`), quick build."""
+  out = tmp_path_factory.mktemp("judges_lc")
+  metrics = train_lib.build_judges(out, data_root, only=["pairwise"], cache_dir=out / "cache",
+                                   pairwise_variant="length_controlled", log=lambda *a: None, **QUICK)
+  return out, metrics
+
+
+def test_length_controlled_pairwise_judge_is_not_driven_by_length(built_lc):
+  out, metrics = built_lc
+  judge = J.load_judge(out, "pairwise")
+  assert judge.card["head"]["length_control"] and metrics["pairwise"]["variant"] == "length_controlled"
+  # training absorbed "longer wins" into the length weights: log chars got a clearly positive weight
+  assert judge.card["length_weights_dropped"]["log_chars"] > 0.1
+  assert not np.any(judge.params["v"][heads.length_rows(F.DENSE_NAMES)])
+  instr = [q for q, _ in _ANSWERS]
+  short = [a for _, a in _ANSWERS]
+  # padded with whitespace: the same tokens, only chars/lines differ -> exactly no preference
+  padded = [a.replace(" ", "   ").replace("\n", "\n\n\n") + "\n" * 20 for a in short]
+  np.testing.assert_allclose(judge.prefer(instr, padded, short), 0.5, atol=1e-6)
+  # the same answer said twice (no new content, twice the length): no strong preference either way,
+  # while the dropped length term alone would prefer the long copy
+  twice = [a + "\n\n" + a for a in short]
+  p_lc = judge.prefer(instr, twice, short)
+  p_len = _with_length_term(judge).prefer(instr, twice, short)
+  assert np.all(np.abs(p_lc - 0.5) < 0.15), p_lc
+  assert np.all(p_len > 0.6), p_len
+  assert np.all(np.abs(p_lc - 0.5) < np.abs(p_len - 0.5))
+  np.testing.assert_allclose(judge.prefer(instr, short, twice), 1 - p_lc, atol=1e-12)
+
+
+
+def test_length_control_lifts_shorter_preferred_agreement(built, built_lc):
+  """On held-out pairs where the shorter answer wins, the plain judge is below chance (it mostly
+  measures length); length control moves it to about chance (full build: 0.270 -> 0.482, n = 274),
+  at some cost overall (0.915 -> 0.891). Neither is clearly above chance, so nothing is asserted
+  about 0.5."""
+  plain, lc = built[1]["pairwise"], built_lc[1]["pairwise"]
+  sp_plain = plain["length_subsets"]["shorter_preferred"]
+  sp_lc = lc["length_subsets"]["shorter_preferred"]
+  assert sp_plain["n"] == sp_lc["n"] > 80
+  assert sp_plain["agreement"] < 0.4 and sp_plain["ci95"][1] < 0.5  # length-driven
+  assert sp_lc["agreement"] > sp_plain["agreement"] + 0.08
+  assert lc["agreement"] > plain["agreement"] - 0.05
+  assert lc["length_subsets"]["longer_preferred"]["agreement"] > 0.85
+  assert plain["variant"] == "plain" and lc["variant"] == "length_controlled"
+
 # ----------------------------------------------------------------------------- HTTP judge
 
 class _Stub(http.server.BaseHTTPRequestHandler):

@@ -12,8 +12,18 @@ the pairwise judge is Bradley-Terry: P(a beats b) = sigmoid(s_a - s_b), which
 is position-free by construction (prefer(a, b) = 1 - prefer(b, a)).
 
 Training is full-batch Adam for a fixed number of steps from a fixed PRNG key
-(deterministic on one machine), loss = soft-label binary cross-entropy + l2 on
-w and v.
+(deterministic on one machine), loss = (optionally pair-weighted) soft-label binary
+cross-entropy + l2 on w and v.
+
+Length control (pairwise, `length_control`): the dense length features (log
+chars/words/lines, list items, markdown marks) get no l2 penalty, so the length
+preference of the labels is absorbed by those few weights rather than spread
+over n-grams that co-occur with long answers; the shipped head then has those
+rows of v set to 0, i.e. both answers are scored as if they had equal length
+(the "length term" is dropped at inference; the AlpacaEval length-controlled
+win rate's recipe, applied to the judge itself). `balance` reweights training
+pairs so that "the longer answer wins" carries half the total weight and "the
+shorter wins" the other half, so length no longer predicts the weighted label.
 """
 
 from __future__ import annotations
@@ -36,6 +46,8 @@ class HeadConfig:
   lr: float = 0.05
   l2: float = 1e-4
   seed: int = 0
+  length_control: bool = False  # pairwise: free length weights in training, zeroed at inference
+  balance: bool = False  # pairwise: equal total weight for longer-preferred and shorter-preferred pairs
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -81,18 +93,22 @@ def scores(p: dict, x: Sparse) -> np.ndarray:
   return np.asarray(_scores_jit(p, x.ids, x.vals, x.rows, x.dense, x.n))
 
 
-def _bce(logit, y):
-  return optax.sigmoid_binary_cross_entropy(logit, y).mean()
+def _bce(logit, y, weight=None):
+  loss = optax.sigmoid_binary_cross_entropy(logit, y)
+  return loss.mean() if weight is None else jnp.sum(weight * loss) / jnp.sum(weight)
 
 
-def _fit(p, loss_fn, batch: dict, hp: HeadConfig):
+def _fit(p, loss_fn, batch: dict, hp: HeadConfig, free_dense=()):
   """Full-batch Adam; `batch` is an argument, not a closure, so XLA does not constant-fold the data."""
   trainable = {k: v for k, v in p.items() if k not in ("mean", "std")}
   fixed = {k: p[k] for k in ("mean", "std")}
   opt = optax.adam(hp.lr)
 
+  pen_F1 = np.ones((p["v"].shape[0], 1), np.float32)
+  pen_F1[list(free_dense)] = 0.0  # unpenalised dense rows (length control)
+
   def total_loss(t, batch):
-    return loss_fn({**t, **fixed}, batch) + hp.l2 * (jnp.sum(t["w"] ** 2) + jnp.sum(t["v"] ** 2))
+    return loss_fn({**t, **fixed}, batch) + hp.l2 * (jnp.sum(t["w"] ** 2) + jnp.sum(pen_F1 * t["v"] ** 2))
 
   @jax.jit
   def run(trainable, batch):
@@ -123,12 +139,44 @@ def train_pointwise(x: Sparse, y, dim: int, hp: HeadConfig):
   return _fit(p, loss, _batch(x, y=np.asarray(y, np.float32)), hp)
 
 
-def train_pairwise(x: Sparse, a_idx, b_idx, y, dim: int, hp: HeadConfig):
-  """Bradley-Terry on rows of x: P(row a_idx[i] beats b_idx[i]) = y[i]. Returns (params, losses)."""
+def balance_weights(y, longer_a) -> np.ndarray:
+  """Pair weights [P] giving pairs where the longer answer is preferred (y > 0.5 == longer_a) and pairs
+  where the shorter one is (or ties) equal total weight; mean weight 1."""
+  agree = (np.asarray(y) > 0.5) == np.asarray(longer_a, bool)
+  n, k = len(agree), int(agree.sum())
+  if k in (0, n):
+    return np.ones(n, np.float32)
+  return np.where(agree, n / (2 * k), n / (2 * (n - k))).astype(np.float32)
+
+
+def length_rows(names) -> list:
+  """Indices of the dense features that measure length (neutralised by length control)."""
+  return [i for i, nm in enumerate(names) if nm in LENGTH_FEATURES]
+
+
+LENGTH_FEATURES = ("log_chars", "log_words", "log_lines", "list_items", "md_marks")
+
+
+def train_pairwise(x: Sparse, a_idx, b_idx, y, dim: int, hp: HeadConfig, *, length_idx=()):
+  """Bradley-Terry on rows of x: P(row a_idx[i] beats b_idx[i]) = y[i]. Returns (params, losses).
+
+  With hp.length_control the dense rows `length_idx` train without l2 and are zeroed in the returned
+  params (their trained values are returned as params["length_v"] for the card, not used in scoring);
+  with hp.balance pairs are weighted by `balance_weights` on dense[:, 0] (log chars)."""
   p = init_head(dim, x.dense.shape[1], hp, *dense_stats(x))
   n = x.n
+  a_idx, b_idx = np.asarray(a_idx), np.asarray(b_idx)
+  weight = np.ones(len(a_idx), np.float32)
+  if hp.balance:
+    weight = balance_weights(y, x.dense[a_idx, 0] > x.dense[b_idx, 0])
 
   def loss(p, b):
     s_N = _scores(p, b["ids"], b["vals"], b["rows"], b["dense"], n)
-    return _bce(s_N[b["a"]] - s_N[b["b"]], b["y"])
-  return _fit(p, loss, _batch(x, a=np.asarray(a_idx), b=np.asarray(b_idx), y=np.asarray(y, np.float32)), hp)
+    return _bce(s_N[b["a"]] - s_N[b["b"]], b["y"], b["weight"])
+  free = list(length_idx) if hp.length_control else []
+  p, losses = _fit(p, loss, _batch(x, a=a_idx, b=b_idx, y=np.asarray(y, np.float32), weight=weight), hp, free)
+  if hp.length_control:
+    p["v"] = np.array(p["v"])
+    p["length_v"] = p["v"][free].copy()
+    p["v"][free] = 0.0
+  return p, losses

@@ -9,7 +9,9 @@ Per judge (see `data` for the data and splits):
      (keys with bucket('judge-val|' + key) < 20), never on held-out rows;
   3. fit on all train rows and report agreement with the human / GPT-4 labels on
      held-out (eval-split) rows, next to the majority class of the train labels
-     and the judge's own baselines (XSTest string match, longer answer wins);
+     and the judge's own baselines (XSTest string match, longer answer wins); the
+     pairwise judge also on the held-out pairs where the shorter answer is preferred
+     (a judge that only measures length scores 0% there) and where the longer one is;
   4. the shipped head: the train-split fit, except that truth/info are refit on
      all rows with the same hyperparameters (`--fit_all_honesty`, the GPT-judge
      recipe; the data README: such judges are for TruthfulQA questions only).
@@ -19,8 +21,10 @@ each via temp file + rename, and prints the agreement table.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import pathlib
 import time
@@ -38,6 +42,11 @@ from h3jax.evaluation.judges import heads
 # Hyperparameter grid searched on the inner validation split (same for every judge).
 GRID = tuple(heads.HeadConfig(l2=l2, steps=300, lr=0.05) for l2 in (3e-6, 3e-5, 3e-4))
 INNER_VAL_BUCKETS = 20
+# Pairwise head variants (`--pairwise_variant`), applied on top of the grid; see `heads` (length control).
+PAIRWISE_VARIANTS = {"plain": {}, "length_controlled": dict(length_control=True),
+                     "balanced": dict(balance=True),
+                     "length_controlled_balanced": dict(length_control=True, balance=True)}
+DEFAULT_PAIRWISE_VARIANT = "plain"
 CACHE_ENV = "H3JAX_CACHE_DIR"
 
 
@@ -71,13 +80,34 @@ def _subset(data: data_lib.JudgeData, fraction: float) -> np.ndarray:
 
 
 def _fit(x, data, sel: np.ndarray, fcfg, hp):
-  """Fits a head on the examples (or pairs) in `sel`; returns params."""
+  """Fits a head on the examples (or pairs) in `sel`; returns params (with length control also the
+  trained length weights "length_v", which scoring does not use; see heads.train_pairwise)."""
   if data.pairs is None:
     p, _ = heads.train_pointwise(x.take(np.flatnonzero(sel)), data.y[sel], fcfg.dim, hp)
   else:
     a, b = data.pairs
-    p, _ = heads.train_pairwise(x, a[sel], b[sel], data.y[sel], fcfg.dim, hp)
+    p, _ = heads.train_pairwise(x, a[sel], b[sel], data.y[sel], fcfg.dim, hp,
+                                length_idx=heads.length_rows(features_lib.DENSE_NAMES))
   return p
+
+
+def wilson(k: int, n: int, z: float = 1.96):
+  """Wilson score interval of a binomial proportion k / n."""
+  if n == 0:
+    return (float("nan"), float("nan"))
+  p, d = k / n, 1 + z * z / n
+  c = (p + z * z / (2 * n)) / d
+  h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+  return (c - h, c + h)
+
+
+def length_subsets(pred: np.ndarray, label: np.ndarray, longer_wins: np.ndarray) -> dict:
+  """Agreement on the pairs where the shorter (or equal-length) answer is preferred, with a Wilson 95% CI
+  (chance 50%, "longer wins" 0%), and on the pairs where the longer one is."""
+  short = longer_wins != label
+  k, n = int((pred == label)[short].sum()), int(short.sum())
+  return {"shorter_preferred": {"n": n, "agreement": k / n if n else float("nan"), "ci95": list(wilson(k, n))},
+          "longer_preferred": {"n": int((~short).sum()), "agreement": _agreement(pred[~short], label[~short])}}
 
 
 def _predict(p, x, data, sel: np.ndarray) -> np.ndarray:
@@ -95,9 +125,14 @@ def _agreement(pred: np.ndarray, label: np.ndarray) -> float:
 
 
 def build_judge(task: str, data_root=None, *, fraction: float = 1.0, fit_all_honesty: bool = True,
-                cache_dir=None, grid: Sequence[heads.HeadConfig] = GRID, log=print):
+                cache_dir=None, grid: Sequence[heads.HeadConfig] = GRID,
+                pairwise_variant: str = DEFAULT_PAIRWISE_VARIANT, log=print):
   """Trains one judge; returns (judge, metrics dict)."""
   t0 = time.time()
+  if pairwise_variant not in PAIRWISE_VARIANTS:
+    raise ValueError(f"unknown pairwise_variant {pairwise_variant!r}; expected one of {tuple(PAIRWISE_VARIANTS)}")
+  if task == "pairwise":
+    grid = [dataclasses.replace(hp, **PAIRWISE_VARIANTS[pairwise_variant]) for hp in grid]
   data = data_lib.load_judge_data(task, data_root)
   keep = _subset(data, fraction)
   fcfg = features_lib.FeatureConfig(fields=data.fields)
@@ -127,12 +162,19 @@ def build_judge(task: str, data_root=None, *, fraction: float = 1.0, fit_all_hon
   }
   if data.groups is not None:
     metrics["per_generator"] = _per_generator(data, ev, prob)
+  if "longer_wins" in data.baselines:
+    metrics["length_subsets"] = length_subsets(prob > 0.5, label, data.baselines["longer_wins"][ev])
+    metrics["variant"] = pairwise_variant
   fit = "train"
   if fit_all_honesty and task in ("truth", "info"):
     p, fit = _fit(x, data, keep, fcfg, best), "all"
+  length_v = p.pop("length_v", None)
   card = {"task": task, "features": fcfg.to_json(), "head": best.to_json(), "fit": fit,
           "data": data.sources, "split": "bucket(key) < 50 train (data README); pairwise: SFT-train instructions",
           "metrics": metrics, "seconds": round(time.time() - t0, 1)}
+  if length_v is not None:  # trained on standardised features, then zeroed in the shipped head
+    names = [features_lib.DENSE_NAMES[i] for i in heads.length_rows(features_lib.DENSE_NAMES)]
+    card["length_weights_dropped"] = {nm: float(v) for nm, v in zip(names, np.asarray(length_v)[:, 0])}
   return JUDGE_CLASSES[task](p, card), metrics
 
 
@@ -183,6 +225,12 @@ def format_table(metrics: Dict[str, dict]) -> str:
     lines.append(f"| {task} | {m['n_train']} | {m['n_eval']} | {m['agreement']:.3f} | "
                  f"{m['baselines']['majority_class']:.3f} | {other} |")
   for task, m in metrics.items():
+    if "length_subsets" in m:
+      sp, lp = m["length_subsets"]["shorter_preferred"], m["length_subsets"]["longer_preferred"]
+      lines.append(f"\n{task} ({m.get('variant')}): held-out agreement where the shorter answer is preferred "
+                   f"{sp['agreement']:.3f} (95% CI {sp['ci95'][0]:.3f}-{sp['ci95'][1]:.3f}, n={sp['n']}; "
+                   f"chance 0.5, longer wins 0), where the longer one is {lp['agreement']:.3f} (n={lp['n']})")
+  for task, m in metrics.items():
     if "per_generator" in m:
       wr = m["per_generator"]["win_rate"]
       lines.append(f"\n{task}: held-out win rate vs {data_lib.REFERENCE_GENERATOR}, judge / GPT-4 "
@@ -193,12 +241,14 @@ def format_table(metrics: Dict[str, dict]) -> str:
 
 def build_judges(out_dir, data_root=None, *, only: Optional[Sequence[str]] = None, fraction: float = 1.0,
                  fit_all_honesty: bool = True, cache_dir="default", grid: Sequence[heads.HeadConfig] = GRID,
-                 log=print) -> Dict[str, dict]:
+                 pairwise_variant: str = DEFAULT_PAIRWISE_VARIANT, log=print) -> Dict[str, dict]:
   """Builds the judges in `only` (default all) into out_dir; returns {task: metrics}."""
   tasks = list(only or JUDGE_NAMES)
   bad = [t for t in tasks if t not in JUDGE_NAMES]
   if bad:
     raise ValueError(f"unknown judges {bad}; expected a subset of {JUDGE_NAMES}")
+  if pairwise_variant not in PAIRWISE_VARIANTS:
+    raise ValueError(f"unknown pairwise_variant {pairwise_variant!r}; expected one of {tuple(PAIRWISE_VARIANTS)}")
   if not 0.0 < fraction <= 1.0:
     raise ValueError(f"fraction must be in (0, 1], got {fraction}")
   cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
@@ -210,7 +260,7 @@ def build_judges(out_dir, data_root=None, *, only: Optional[Sequence[str]] = Non
   for task in tasks:
     log(f"building judge {task!r}")
     judge, metrics[task] = build_judge(task, data_root, fraction=fraction, fit_all_honesty=fit_all_honesty,
-                                       cache_dir=cache_dir, grid=grid, log=log)
+                                       cache_dir=cache_dir, grid=grid, pairwise_variant=pairwise_variant, log=log)
     judge.save(out)
     summary[task] = dict(metrics[task], fit=judge.card["fit"], head=judge.card["head"])
   tmp = out / ".judges.json.tmp"
@@ -224,7 +274,8 @@ def main(argv):
   del argv
   FLAGS = flags.FLAGS
   build_judges(FLAGS.out, FLAGS.data_root, only=FLAGS.only or None, fraction=FLAGS.fraction,
-               fit_all_honesty=FLAGS.fit_all_honesty, cache_dir=FLAGS.cache_dir or None)
+               fit_all_honesty=FLAGS.fit_all_honesty, cache_dir=FLAGS.cache_dir or None,
+               pairwise_variant=FLAGS.pairwise_variant)
 
 
 def define_flags():
@@ -234,6 +285,8 @@ def define_flags():
   flags.DEFINE_float("fraction", 1.0, "keep this fraction of split keys (quick builds)")
   flags.DEFINE_bool("fit_all_honesty", True, "ship truth/info judges refit on all rows (GPT-judge recipe)")
   flags.DEFINE_string("cache_dir", str(default_cache_dir()), "feature cache ('' disables)")
+  flags.DEFINE_enum("pairwise_variant", DEFAULT_PAIRWISE_VARIANT, list(PAIRWISE_VARIANTS),
+                    "pairwise head: length_controlled trains free length weights and drops them at inference")
 
 
 if __name__ == "__main__":
