@@ -17,6 +17,12 @@ V = 64
 REAL_GENERATE = infer.generate_texts
 
 
+def _same(a, b) -> bool:
+  """Metric dicts equal, NaN equal to NaN (an undefined length-controlled win rate is NaN)."""
+  import json
+  return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
 def tiny_model(name="tiny", seed=0, **kw):
   cfg = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=2,
                     num_kv_heads=1, head_dim=16, max_position_embeddings=4096, eos_token_id=(2,), **kw)
@@ -81,13 +87,13 @@ def test_results_resume_and_rerun(data_root, tmp_path, monkeypatch):
   fresh = runner.evaluate(config, [], tmp_path / "b", limit=2, judges=fake_judges(), models=[tiny_model()],
                           progress=False)
   assert gen.prompts == 8
-  assert res["models"]["tiny"]["metrics"] == fresh["models"]["tiny"]["metrics"]
+  assert _same(res["models"]["tiny"]["metrics"], fresh["models"]["tiny"]["metrics"])
   # A re-run generates nothing.
   gen = CountingGenerate()
   monkeypatch.setattr(infer, "generate_texts", gen)
   again = runner.evaluate(config, [], tmp_path / "b", limit=2, judges=fake_judges(), models=[tiny_model()],
                           progress=False)
-  assert gen.calls == 0 and again["models"]["tiny"]["metrics"] == fresh["models"]["tiny"]["metrics"]
+  assert gen.calls == 0 and _same(again["models"]["tiny"]["metrics"], fresh["models"]["tiny"]["metrics"])
 
   out = tmp_path / "b"
   saved = json.loads((out / "results.json").read_text())
@@ -139,7 +145,7 @@ def test_judge_answers_are_cached(data_root, tmp_path):
   for j in judges.values():  # the same judges (same identity, so the same cache keys)
     j.score = j.prefer = raising
   again = runner.evaluate(config, [], tmp_path, limit=2, judges=judges, models=[tiny_model()], progress=False)
-  assert again["models"]["tiny"]["metrics"] == first["models"]["tiny"]["metrics"]
+  assert _same(again["models"]["tiny"]["metrics"], first["models"]["tiny"]["metrics"])
 
 
 def test_moe_router_usage_and_radar(data_root, tmp_path):
@@ -237,7 +243,7 @@ def test_shards_split_generation_and_the_scoring_run_reuses_them(data_root, tmp_
   assert gen.calls == 0
   single = runner.evaluate(config, [], tmp_path / "one", limit=3, judges=fake_judges(), models=[tiny_model()],
                            progress=False)
-  assert res["models"]["tiny"]["metrics"] == single["models"]["tiny"]["metrics"]
+  assert _same(res["models"]["tiny"]["metrics"], single["models"]["tiny"]["metrics"])
   assert runner.parse_shard("1/2") == (1, 2) and runner.parse_shard(None) is None
   for bad in ("2/2", "x", "1/0"):
     with pytest.raises(ValueError, match="shard must be 'i/n'"):
@@ -318,13 +324,13 @@ def test_same_name_different_weights_do_not_share_the_cache(data_root, tmp_path,
   res_b = runner.evaluate(config, [], out, limit=2, judges={}, models=[mb], progress=False)
   assert gen.prompts == 2  # b generates its own answers (old code: 0, it got a's)
   fresh_b = runner.evaluate(config, [], tmp_path / "fresh", limit=2, judges={}, models=[mb], progress=False)
-  assert res_b["models"]["hf"]["metrics"] == fresh_b["models"]["hf"]["metrics"]
+  assert _same(res_b["models"]["hf"]["metrics"], fresh_b["models"]["hf"]["metrics"])
   samples_b = (out / "samples_hf.jsonl").read_text()
   assert samples_b == (tmp_path / "fresh" / "samples_hf.jsonl").read_text()
   gen = CountingGenerate()
   monkeypatch.setattr(infer, "generate_texts", gen)
   res_c = runner.evaluate(config, [], out, limit=2, judges={}, models=[mc], progress=False)
-  assert gen.calls == 0 and res_c["models"]["hf"]["metrics"] == res_a["models"]["hf"]["metrics"]
+  assert gen.calls == 0 and _same(res_c["models"]["hf"]["metrics"], res_a["models"]["hf"]["metrics"])
   fa, fb, fc = (models.fingerprint(m) for m in (ma, mb, mc))
   assert fa != fb and fa == fc and res_a["models"]["hf"]["fingerprint"] == fa
   assert models.fingerprint(runner.load_model(str(a), "bfloat16")) != fa  # other weights' bytes

@@ -78,6 +78,7 @@ def test_stage_b_trains_the_router_of_a_moe_yaml_of_peft_adapters(tmp_path):
                           for i in range(24)))
   c = load_config_file(mf.REPO / "configs" / "tiny.py", "fusion")
   c.fusion.moe_config, c.lora.enabled, c.export.enabled = str(tmp_path / "moe.yml"), False, False
+  c.loss.drift_weights = ()  # the drift term regularises Stage-B LoRA, which this router-only run has none of
   c.data.sources, c.data.tasks, c.data.seq_len, c.train.batch_size = (str(data),), (), 32, 6
   c.train.steps, c.train.checkpoint_every, c.train.eval_every, c.train.progress = 3, 3, 0, False
   run = stages.setup(c)

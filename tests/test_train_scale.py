@@ -25,7 +25,7 @@ STEPS, EVERY = 3, 2  # checkpoints at steps 2 and 3: step 3 is the "next step" a
 
 def losses(workdir) -> dict:
   rows = [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-  return {r["step"]: r for r in rows}
+  return {r["step"]: r for r in rows if "train/loss" in r}  # eval rows share the step
 
 
 # ----------------------------------------------------------------------------- table and errors

@@ -295,12 +295,13 @@ def sparse_tiles(num_tokens: int, k: int, num_experts: int) -> tuple:
   """(rows per tile t, static tile count) of sparse_ffn.
 
   t = min(N, SPARSE_TILE). Expert e's n_e assignments take ceil(n_e / t) tiles;
-  since n_e <= N (a token's top-k are distinct) and sum n_e <= N k, at most
-  min(E ceil(N / t), floor((N k + E (t - 1)) / t)) tiles are used: k tiles of
+  since n_e <= N (a token's top-k are distinct), sum n_e <= N k and at most min(E, N k) experts are
+  chosen, at most min(E' ceil(N / t), floor((N k + E' (t - 1)) / t)) tiles are used, E' = min(E, N k): k tiles of
   one row at batch 1, at most E tiles of N rows while N <= SPARSE_TILE.
   """
   t = max(1, min(num_tokens, SPARSE_TILE))
-  A, E = num_tokens * k, num_experts
+  A = num_tokens * k
+  E = min(num_experts, A)  # at most A experts are chosen at all; the others take no tile
   return t, max(1, min(E * -(-num_tokens // t), (A + E * (t - 1)) // t))
 
 
