@@ -7,6 +7,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# XLA:CPU aborts the process (LOG(FATAL), taking the xdist worker with it) when one of the 8 fake devices'
+# threads reaches a collective 40 s after the others; on 2 loaded cores that happens. Wait far longer.
+COLLECTIVE_TIMEOUTS = ("--xla_cpu_collective_call_terminate_timeout_seconds=1800 "
+                       "--xla_cpu_collective_timeout_seconds=1800")
+if "collective_call_terminate" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {COLLECTIVE_TIMEOUTS}".strip()
 
 import pathlib
 

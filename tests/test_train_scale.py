@@ -16,6 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import scale_fixtures as sf
+from conftest import COLLECTIVE_TIMEOUTS
 from h3jax.checkpoint import load_params
 from h3jax.train import hlo_comm, loop, lora, optim, sharding
 
@@ -108,7 +109,8 @@ def runs(tmp_path_factory):
   data = sf.write_data(root / "d.jsonl")
   one = loop.train_and_evaluate(sf.fusion_config(base, experts, data, STEPS, EVERY), root / "one")
   env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}  # XLA_FLAGS gives the devices
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {COLLECTIVE_TIMEOUTS}")
   cmd = [sys.executable, "-m", "h3jax.train", "--config=configs/tiny.py:fusion", f"--workdir={root / 'dxe'}",
          *sf.fusion_overrides(base, experts, data, STEPS, EVERY), "--config.train.save_hlo=True",
          f"--config.train.eval_every={STEPS}",  # the eval step under the mesh too
