@@ -91,16 +91,19 @@ def check_not_overlapping(out, inputs: Iterable) -> None:
       raise UnsafeOutputError(f"output {out} lies inside the input {i}; choose a folder outside it")
 
 
-def check_replaceable(out) -> None:
-  """Refuses to replace an existing folder that holds sub-folders or non-output files."""
+def check_replaceable(out, *, own_subdirs: Iterable[str] = (), own_patterns: Iterable[str] = ()) -> None:
+  """Refuses to replace an existing folder that holds sub-folders or non-output files; a writer whose
+  output has sub-folders or other file kinds names them (`own_subdirs`, `own_patterns`)."""
   out = pathlib.Path(out)
   if not out.is_dir() or out.is_symlink():
     if out.exists() or out.is_symlink():
       raise UnsafeOutputError(f"output {out} exists and is a file or a link, not a folder; remove it or "
                               f"choose another output")
     return
+  patterns, subdirs = OUTPUT_FILE_PATTERNS + tuple(own_patterns), set(own_subdirs)
   foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
-                   if p.is_dir() or not any(fnmatch.fnmatch(p.name, pat) for pat in OUTPUT_FILE_PATTERNS))
+                   if (p.name not in subdirs if p.is_dir() else not any(fnmatch.fnmatch(p.name, pat)
+                                                                        for pat in patterns)))
   if foreign:
     shown = foreign[:5] + (["..."] if len(foreign) > 5 else [])
     raise UnsafeOutputError(f"refusing to replace {out}: it holds {shown}, which no model output "
@@ -144,11 +147,12 @@ def clean_stale(out) -> list:
 
 
 @contextlib.contextmanager
-def output_dir(out, *, overwrite: bool = False, inputs: Iterable = ()):
+def output_dir(out, *, overwrite: bool = False, inputs: Iterable = (), own_subdirs: Iterable[str] = (),
+               own_patterns: Iterable[str] = ()):
   """Yields a fresh temp folder next to `out`; on success it replaces `out` (see module doc).
 
   `overwrite=False` refuses an existing non-empty `out` (FileExistsError); callers that want
-  their own wording check first.
+  their own wording check first. `own_subdirs` / `own_patterns`: see check_replaceable.
   """
   out = pathlib.Path(out).absolute()
   check_not_overlapping(out, inputs)
@@ -160,7 +164,7 @@ def output_dir(out, *, overwrite: bool = False, inputs: Iterable = ()):
     elif not overwrite:
       raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     else:
-      check_replaceable(out)
+      check_replaceable(out, own_subdirs=own_subdirs, own_patterns=own_patterns)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
   try:
     yield tmp

@@ -233,12 +233,29 @@ def test_outputs_get_the_umask_modes(fam, tmp_path, umask):
   try:
     driver.run_merge(_spec(base, models), tmp_path / "merged", progress=False)
     io_atomic.write_text(tmp_path / "results.json", "{}")
-    from h3jax.evaluation import runner
-    runner._atomic_write(tmp_path / "results.md", "x")
   finally:
     os.umask(old)
   assert _mode(tmp_path / "merged") == 0o777 & ~umask
   files = list((tmp_path / "merged").iterdir())
   assert {f.name for f in files} >= {"config.json", "model.safetensors"}
-  for f in files + [tmp_path / "results.json", tmp_path / "results.md"]:
+  for f in files + [tmp_path / "results.json"]:
     assert _mode(f) == 0o666 & ~umask, (f, oct(_mode(f)))
+
+
+def test_a_writer_names_its_own_subfolders_and_file_kinds(tmp_path):
+  """A published study folder holds judges/ and *.gz: replaceable by its writer, not by a model writer."""
+  out = tmp_path / "published"
+  (out / "judges").mkdir(parents=True)
+  (out / "samples_base.jsonl.gz").write_bytes(b"x")
+  with pytest.raises(io_atomic.UnsafeOutputError, match="judges/"):
+    io_atomic.check_replaceable(out)
+  with pytest.raises(io_atomic.UnsafeOutputError, match=r"samples_base\.jsonl\.gz"):
+    io_atomic.check_replaceable(out, own_subdirs=("judges",))
+  with io_atomic.output_dir(out, overwrite=True, own_subdirs=("judges",), own_patterns=("*.gz",)) as tmp:
+    (tmp / "results.json").write_text("{}")
+  assert sorted(p.name for p in out.iterdir()) == ["results.json"]
+  (out / "data").mkdir()  # someone's folder inside: refused even with the writer's names
+  with pytest.raises(io_atomic.UnsafeOutputError, match="data/"):
+    with io_atomic.output_dir(out, overwrite=True, own_subdirs=("judges",), own_patterns=("*.gz",)):
+      pass
+  assert (out / "data").is_dir() and (out / "results.json").is_file()

@@ -139,3 +139,36 @@ def test_item_scores_from_samples():
              {"set": "truthfulqa_mc", "id": "m", "mc1": 1.0, "mc2": 0.5}]
   assert analysis.item_scores(samples) == {"alpaca_eval": {"a": 0.7}, "harmbench": {"h": 0.0},
                                            "advbench": {"v": 1.0}, "truthfulqa_gen": {"t": 0.0}}
+
+
+def test_publish_copies_results_samples_judges_and_replaces_the_whole_folder(tmp_path):
+  import gzip
+  import json
+  from h3jax import io_atomic
+  from h3jax.study import publish
+  w, judges = tmp_path / "work", tmp_path / "judges"
+  (w / "analysis").mkdir(parents=True)
+  (w / "analysis" / "results.json").write_text('{"models": {}}')
+  (w / "analysis" / "radar.png").write_bytes(b"png")
+  (w / "train" / "expert_helpful").mkdir(parents=True)
+  (w / "train" / "expert_helpful" / "DONE.json").write_text(json.dumps({"stage": "train/expert_helpful",
+                                                                      "seconds": 3.0}))
+  (w / "train" / "expert_helpful" / "recipe.json").write_text('{"stage": "sft"}')
+  (w / "eval" / "base").mkdir(parents=True)
+  (w / "eval" / "base" / "samples_base.jsonl").write_text('{"id": "a"}\n')
+  judges.mkdir()
+  (judges / "truth.json").write_text("{}")
+  sc = _config()
+  import ml_collections
+  sc.judges = ml_collections.ConfigDict(dict(dir=str(judges)))
+  dest = tmp_path / "pub"
+  for _ in range(2):  # the second run replaces the first (judges/ and *.gz are the writer's own)
+    publish.publish(sc, w, dest)
+  assert sorted(p.name for p in dest.iterdir()) == ["judges", "radar.png", "recipes.json", "results.json",
+                                                     "samples_base.jsonl.gz", "timings.json"]
+  assert gzip.decompress((dest / "samples_base.jsonl.gz").read_bytes()) == b'{"id": "a"}\n'
+  assert json.loads((dest / "recipes.json").read_text())["stages"] == {"train/expert_helpful": {"stage": "sft"}}
+  assert (dest / "judges" / "truth.json").is_file()
+  with pytest.raises(io_atomic.UnsafeOutputError, match="contains the input"):
+    publish.publish(sc, w, tmp_path)  # a destination holding the workdir is never replaced
+  assert (w / "analysis" / "results.json").is_file()

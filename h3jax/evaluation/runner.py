@@ -70,10 +70,6 @@ def default_config():
   return c
 
 
-def _atomic_write(path: pathlib.Path, text: str):
-  io_atomic.write_text(path, text)  # temp file + rename, with the umask's mode (not mkstemp's 0600)
-
-
 def load_judges(config):
   """The configured judges (None when config.judges.kind == 'none')."""
   if config.judges.kind == "none":
@@ -187,7 +183,7 @@ def evaluate(config, model_specs: Sequence[str], out_dir, *, limit: Optional[int
     timings["compute"] = store.times()  # every session's compute seconds per stage
     results["timing"][model["name"]] = timings
     results["models"][model["name"]] = entry
-    _atomic_write(out_dir / f"samples_{model['name']}.jsonl",
+    io_atomic.write_text(out_dir / f"samples_{model['name']}.jsonl",
                   "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
     del model
   results["timing"]["wall_s"] = round(time.time() - t_start, 2)
@@ -196,8 +192,8 @@ def evaluate(config, model_specs: Sequence[str], out_dir, *, limit: Optional[int
     results["plots"] = report.write_plots(results, tmp)
     for f in results["plots"]:
       os.replace(pathlib.Path(tmp) / f, out_dir / f)
-  _atomic_write(out_dir / "results.md", table)
-  _atomic_write(out_dir / "results.json", json.dumps(results, indent=1, ensure_ascii=False))
+  io_atomic.write_text(out_dir / "results.md", table)
+  io_atomic.write_text(out_dir / "results.json", json.dumps(results, indent=1, ensure_ascii=False))
   return results
 
 

@@ -1,15 +1,16 @@
 """Copy a study's results into a folder meant for the repository (e.g. experiments/results/study_smollm2):
 results.json, results.md, the plots, every stage's recipe and timing, the per-item samples of every
-row (gzip) and the judges that scored them, so anyone can re-score them (`--rescore`). The folder is replaced as a whole (temp dir, then rename)."""
+row (gzip) and the judges that scored them, so anyone can re-score them (`--rescore`). The folder is
+replaced as a whole (io_atomic.output_dir)."""
 
 from __future__ import annotations
 
 import gzip
 import json
-import os
 import pathlib
 import shutil
-import tempfile
+
+from h3jax import io_atomic
 
 
 def publish(sc, workdir, dest) -> str:
@@ -18,21 +19,21 @@ def publish(sc, workdir, dest) -> str:
   if not (src / "results.json").is_file():
     raise FileNotFoundError(f"{src / 'results.json'} not found: run the analysis stage first "
                             f"(python -m h3jax.study ... --only=analysis)")
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-  try:
+  # replaces the whole folder (its judges/ too) only when complete; never a folder holding the workdir
+  with io_atomic.output_dir(dest, overwrite=True, inputs=[w], own_subdirs=("judges",),
+                            own_patterns=("*.gz",)) as tmp:
     for f in src.iterdir():
       if f.suffix in (".json", ".md", ".png"):
         shutil.copy2(f, tmp / f.name)
-    recipes, timings = {}, {}
+    stage_recipes, timings = {}, {}
     for p in sorted(w.glob("**/DONE.json")):
       rec = json.loads(p.read_text())
       timings[rec["stage"]] = {k: rec.get(k) for k in ("seconds", "cpu_seconds", "finished", "result")}
       recipe = p.parent / "recipe.json"
       if recipe.is_file():
-        recipes[rec["stage"]] = json.loads(recipe.read_text())
-    (tmp / "recipes.json").write_text(json.dumps({"study": json.loads(sc.to_json_best_effort()), "stages": recipes},
-                                                 indent=1) + "\n")
+        stage_recipes[rec["stage"]] = json.loads(recipe.read_text())
+    study = json.loads(sc.to_json_best_effort())
+    (tmp / "recipes.json").write_text(json.dumps({"study": study, "stages": stage_recipes}, indent=1) + "\n")
     (tmp / "timings.json").write_text(json.dumps(timings, indent=1, default=str) + "\n")
     from h3jax.evaluation.judges import default_dir
     from h3jax.study import recipes
@@ -45,15 +46,4 @@ def publish(sc, workdir, dest) -> str:
     for s in sorted((w / "eval").glob("*/samples_*.jsonl")):
       with open(s, "rb") as fin, gzip.GzipFile(tmp / (s.name + ".gz"), "wb", mtime=0) as fout:
         shutil.copyfileobj(fin, fout)
-    os.chmod(tmp, 0o755)
-    old = None
-    if dest.exists():
-      old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-      dest.rename(old)
-    tmp.rename(dest)
-    if old is not None:
-      shutil.rmtree(old)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return str(dest)

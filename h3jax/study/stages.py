@@ -8,14 +8,13 @@ import json
 import pathlib
 import shutil
 
+from h3jax import io_atomic
 from h3jax.study import plan, recipes
 from h3jax.study.defaults import AXES
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
-  tmp.replace(path)
+  io_atomic.write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
 
 
 def expert_dirs(workdir) -> list:
