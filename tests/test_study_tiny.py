@@ -122,6 +122,7 @@ def _generations(cache: pathlib.Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.optin  # ~2 min on 2 idle cores; the default run keeps the end-to-end study (CI's 15-minute budget)
 def test_kill_during_training_and_evaluation_then_resume(tmp_path, data_root, judges_dir):
   """SIGKILL the whole run once inside Stage A training and once inside generation; the rerun finishes
   with the same results as an uninterrupted run."""
