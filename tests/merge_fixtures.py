@@ -122,15 +122,30 @@ def read_tensors(path) -> dict:
   return out
 
 
+_ORACLE_ENV = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+               "PYTHONWARNINGS": "ignore", "HOME": str(REPO)}
+
+
 def run_oracle(python, script: str, *args, timeout=900):
   """Runs `script` (Python source) with an oracle venv's interpreter; raises with its stderr."""
   r = subprocess.run([str(python), "-c", script, *map(str, args)], capture_output=True, text=True,
-                     timeout=timeout, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
-                                           "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                                           "PYTHONWARNINGS": "ignore", "HOME": str(REPO)})
+                     timeout=timeout, env=_ORACLE_ENV)
   if r.returncode:
     raise RuntimeError(f"oracle failed ({python}):\n{r.stderr[-4000:]}")
   return r.stdout
+
+
+def start_oracle(python, script: str, *args) -> subprocess.Popen:
+  """`run_oracle` in the background (the caller works meanwhile); finish with `wait_oracle`."""
+  return subprocess.Popen([str(python), "-c", script, *map(str, args)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=_ORACLE_ENV)
+
+
+def wait_oracle(proc: subprocess.Popen, timeout=900) -> str:
+  out, err = proc.communicate(timeout=timeout)
+  if proc.returncode:
+    raise RuntimeError(f"oracle failed ({proc.args[0]}):\n{err[-4000:]}")
+  return out
 
 
 # Runs mergekit 0.1.5 on a list of jobs [(yaml_text, out_dir, raw)] in one process:

@@ -28,6 +28,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
+from h3jax.merging import vocab
 from h3jax.merging.settings import (REQUIRED, MergeConfigError, _is_scalar,  # noqa: F401
                                     _validate_setting, evaluate_setting, resolve_tensor_params)
 
@@ -74,10 +75,9 @@ _N_MODELS = {"slerp": 1, "nuslerp": 2, "nearswap": 1, "arcee_fusion": 1, "passth
 PER_MODEL_KEYS = ("weight", "density", "gamma", "epsilon")
 # Top-level keys of a mergekit YAML that h3jax reads.
 _YAML_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-              "tokenizer_source", "chat_template"}
+              "tokenizer_source", "tokenizer", "chat_template"}
 _YAML_UNSUPPORTED = {"slices": "layer slices other than a mergekit YAML's passthrough stacking",
-                     "modules": "multi-module merges",
-                     "tokenizer": "the tokenizer: block (vocabulary surgery)"}
+                     "modules": "multi-module merges"}
 # Top-level keys of an h3jax `.py` config.
 _PY_KEYS = _YAML_KEYS | {"seed", "max_shard_size", "rules", "embeddings", "out_shard_size"}
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -111,7 +111,12 @@ class MergeSpec:
   parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   dtype: Optional[str] = None  # inputs are cast to this on load (mergekit `dtype`)
   out_dtype: Optional[str] = None  # saved dtype; default: the base's (or first model's) dtype
-  tokenizer_source: Optional[str] = "base"
+  # None: the inputs share a vocabulary and the base's tokenizer files are copied (mergekit's default);
+  # "base" | "union" | a model path: vocabularies aligned by token (h3jax.merging.vocab).
+  tokenizer_source: Optional[str] = None
+  tokens: Tuple[vocab.TokenRule, ...] = ()  # a `tokenizer: tokens:` block
+  pad_to_multiple_of: Optional[int] = None
+  tokenizer_base: Optional[str] = None  # a base-free method's base_model listed among its models (mergekit)
   chat_template: Optional[str] = None  # "auto" | a Jinja template; written to the output tokenizer
   seed: int = 0
   max_shard_size: str = "5GB"
@@ -235,12 +240,9 @@ def _common(raw, where, allowed):
     params.append(dict(entry.get("parameters") or {}))
   for key in ("dtype", "out_dtype"):
     _check_dtype(key, raw.get(key), where)
-  tok = raw.get("tokenizer_source", "base")
-  if tok not in (None, "base"):
-    raise MergeConfigError(f"{where}: tokenizer_source {tok!r} is not supported; h3jax copies the base "
-                           f"model's tokenizer (tokenizer_source: base)")
+  tok = vocab.parse_config(raw, where, _model_path, ([base] if base else []) + paths)
   _check_chat_template(raw.get("chat_template"), where)
-  return base, paths, params, dict(raw.get("parameters") or {})
+  return base, paths, params, dict(raw.get("parameters") or {}), tok
 
 
 # mergekit's bundled template names: h3jax does not ship their text (paste the Jinja instead).
@@ -278,13 +280,13 @@ def from_mergekit_dict(raw, where: str = "config") -> MergeSpec:
     for key in ("dtype", "out_dtype"):
       _check_dtype(key, raw.get(key), where)
     if raw.get("tokenizer_source", "base") not in (None, "base"):
-      raise MergeConfigError(f"{where}: tokenizer_source {raw['tokenizer_source']!r} is not supported; h3jax "
-                             f"copies the base model's tokenizer (tokenizer_source: base)")
+      raise MergeConfigError(f"{where}: tokenizer_source {raw['tokenizer_source']!r} is not supported with "
+                             f"slices; h3jax copies the base model's tokenizer there (tokenizer_source: base)")
     _check_chat_template(raw.get("chat_template"), where)
     return MergeSpec(method="passthrough", models=tuple(dict.fromkeys(s[0] for s in sl)), base_model=base,
                      dtype=raw.get("dtype"), out_dtype=raw.get("out_dtype"), chat_template=raw.get("chat_template"),
                      flavour="mergekit", slices=sl)
-  base, paths, params, global_params = _common(raw, where, _YAML_KEYS)
+  base, paths, params, global_params, tok = _common(raw, where, _YAML_KEYS)
   method = raw["merge_method"]
   if method not in MERGEKIT_METHODS:
     raise MergeConfigError(f"{where}: unknown merge_method {method!r} for a mergekit YAML; h3jax reads "
@@ -314,6 +316,7 @@ def from_mergekit_dict(raw, where: str = "config") -> MergeSpec:
                            f"under models{' with a weight' if method == 'linear' else ''}, or remove "
                            f"base_model")
   else:
+    tok = dict(tok, tokenizer_base=base)  # mergekit: the tokenizer base and preferred row donor
     base = None
     paths, params = tuple(paths), tuple(params)
   n_want = _N_MODELS.get(method)
@@ -330,13 +333,13 @@ def from_mergekit_dict(raw, where: str = "config") -> MergeSpec:
     raise MergeConfigError(f"{where}: model_stock needs at least two models besides the base")
   return MergeSpec(method=method, models=paths, base_model=base, model_parameters=params,
                    parameters=global_params, dtype=raw.get("dtype"), out_dtype=raw.get("out_dtype"),
-                   tokenizer_source="base", chat_template=raw.get("chat_template"), flavour="mergekit")
+                   chat_template=raw.get("chat_template"), flavour="mergekit", **tok)
 
 
 def from_py_config(cfg, where: str = "config") -> MergeSpec:
   """An ml_collections ConfigDict (or plain dict) -> MergeSpec with h3jax keyword names."""
   raw = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-  base, paths, params, global_params = _common(raw, where, _PY_KEYS)
+  base, paths, params, global_params, tok = _common(raw, where, _PY_KEYS)
   method = raw["merge_method"]
   method_fn = _h3jax_method(method, where)
   accepted = _accepted_kwargs(method_fn)
@@ -376,7 +379,7 @@ def from_py_config(cfg, where: str = "config") -> MergeSpec:
     raise MergeConfigError(f"{where}: seed must be an int, got {seed!r}")
   return MergeSpec(method=method, models=paths, base_model=base, model_parameters=params,
                    parameters=global_params, dtype=raw.get("dtype"), out_dtype=raw.get("out_dtype"),
-                   tokenizer_source="base", chat_template=raw.get("chat_template"), seed=seed,
+                   chat_template=raw.get("chat_template"), seed=seed, **tok,
                    max_shard_size=str(raw.get("max_shard_size", raw.get("out_shard_size", "5GB"))),
                    rules=tuple(rules), flavour="h3jax")
 

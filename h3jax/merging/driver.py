@@ -35,11 +35,11 @@ import numpy as np
 from h3jax import compile_cache, io_atomic
 from h3jax.hf.st_io import SafetensorsWriter
 from h3jax.merging import config as mcfg
-from h3jax.merging import host_topk
+from h3jax.merging import host_topk, vocab
 from h3jax.merging.inputs import (DTYPES, EMBED, TIED_HEAD, Input, MergeError,  # noqa: F401
                                   check_compatible, layer_position, num_layers, plan_tensors,
                                   tokenizer_input, write_sidecars)
-from h3jax.merging.prepass import global_pre_passes
+from h3jax.merging.prepass import global_pre_passes, needs_pre_pass
 
 # Methods whose output is not one model, or that need per-tensor statistics the
 # driver does not stream: use the pytree API (h3jax.merging.<method>) for these.
@@ -205,8 +205,9 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists() and not overwrite:
     raise MergeError(f"output folder {out_dir} already exists (pass overwrite=True / --overwrite)")
+  tok_src = () if spec.tokenizer_source in (None, *vocab.SOURCES) else (vocab.source_folder(spec.tokenizer_source),)
   try:  # before reading anything: --out must not be, hold or lie in an input, nor be someone's folder
-    io_atomic.check_not_overlapping(out_dir, spec.inputs)
+    io_atomic.check_not_overlapping(out_dir, spec.inputs + tok_src)
     io_atomic.check_replaceable(out_dir)
   except io_atomic.UnsafeOutputError as e:
     raise MergeError(str(e)) from None
@@ -217,7 +218,11 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
   inputs = [Input(p) for p in spec.inputs]
   base = inputs[0] if spec.base_model else None
   models = inputs[1:] if spec.base_model else inputs
-  check_compatible(inputs)
+  try:  # vocabularies that differ: every vocabulary-indexed tensor re-indexed by token string
+    align = vocab.build(spec, inputs, spec.tokenizer_base)
+  except ValueError as e:
+    raise MergeError(str(e)) from None
+  check_compatible(inputs, vocab.VOCAB_AXES if align is not None else None)
   ref = inputs[0]
   out_tied = ref.tied if ref.config is not None else TIED_HEAD not in ref.reader
   names = plan_tensors(inputs, out_tied)
@@ -240,8 +245,11 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
       kwargs["in_axis"] = max(len(ref.shape(name)) - 1, 0)  # mergekit: filters along the last axis
     plan.append((name, action, kwargs))
 
+  if align is not None and needs_pre_pass(spec, plan, base):
+    raise MergeError(f"{spec.method} with these parameters needs whole-model passes, which do not align "
+                     f"vocabularies; merge inputs that share a vocabulary")
   plan = global_pre_passes(spec, plan, base, models)
-  tok = tokenizer_input(inputs) if spec.tokenizer_source == "base" else None
+  tok = tokenizer_input(inputs) if align is None else None
 
   try:
     # Built in a sibling temp folder, then swapped in (old aside -> new in -> old deleted).
@@ -250,9 +258,9 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
                                  metadata={"h3jax_merge_method": spec.method})
       stats, kept = {}, []
       largest, budget = _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats, log,
-                                        _progress(plan, progress), nonfinite, kept)
+                                        _progress(plan, progress), nonfinite, kept, align)
       writer.close()
-      write_sidecars(spec, ref, tmp, out_tied, stats, tok)
+      write_sidecars(spec, ref, tmp, out_tied, stats, tok, align)
   finally:
     for i in inputs:
       i.reader.close()
@@ -262,7 +270,7 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
 
 
 def _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats, log, bar,
-                    nonfinite="error", kept=None) -> int:
+                    nonfinite="error", kept=None, align=None) -> int:
   """Reads, merges and writes the planned tensors in order; returns (the largest merged tensor's
   float32 bytes, the memory budget).
 
@@ -273,11 +281,14 @@ def _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats
   and tensors are admitted while the sum fits in len(devices) x that of the largest: small
   tensors pipeline deeply, the largest runs alone, and host memory stays within the budget
   (XLA on CPU may alias numpy inputs until the kernel that reads them is done).
+  `align` (h3jax.merging.vocab.Alignment): vocabulary-indexed tensors are re-indexed as they are read.
   """
   src = base if base is not None else models[0]
   srcs = ([base] if base is not None else []) + list(models)
-  cost = {name: (tensor_memory_bytes(spec.method, len(srcs), src.shape(name)) if action == "merge" else
-                 2 * _f32_bytes(src.shape(name)))  # a copied tensor: read + cast
+  aligned = (lambda name: False) if align is None else align.applies
+  shape = lambda name: align.shape(name, src.shape(name)) if aligned(name) else src.shape(name)  # noqa: E731
+  cost = {name: (tensor_memory_bytes(spec.method, len(srcs), shape(name)) if action == "merge" else
+                 2 * _f32_bytes(shape(name)))  # a copied tensor: read + cast
           for name, action, _ in plan if action != "skip"}
   budget = len(devices) * max(cost.values(), default=0)
   load_dt = None if spec.dtype is None else np.dtype(DTYPES[spec.dtype])
@@ -285,7 +296,8 @@ def _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats
   in_flight, n_merged, largest = 0, 0, 0
 
   def fallback(name, why):  # the base tensor where a merge is not finite, or a clear error
-    ref = np.asarray(src.get(name))
+    ref = np.asarray(align.tensors(name, [i.get(name) for i in srcs], load_dt)[0] if aligned(name) else
+                     src.get(name))
     if nonfinite != "keep_base" or not _finite(ref):
       raise MergeError(f"{spec.method}: {why}; nothing was written" + (
           " (pass --nonfinite=keep_base to keep the base tensor there)" if nonfinite == "error"
@@ -300,16 +312,22 @@ def _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats
       raise _NonFinite(f"input tensor {name!r} of {inp.path} has {_count_nonfinite(x)}")
     return x
 
+  def read(name, to=lambda x: x):  # every input's tensor, in input order
+    if aligned(name):
+      return [to(x) for x in align.tensors(name, [checked(i, name) for i in srcs], load_dt)]
+    return [to(checked(i, name)) for i in srcs]
+
   def load(name, action, kwargs, dev):  # on a reader thread
     out_dt = _out_dtype(spec, src.dtype(name), action, [i.dtype(name) for i in srcs])
     try:
       if action == "base":
-        return out_dt, np.asarray(checked(src, name)).astype(out_dt), None
+        x = read(name)[0] if aligned(name) else checked(src, name)
+        return out_dt, np.asarray(x).astype(out_dt), None
       fast = host_topk.ties_hparams(spec.method, kwargs, len(models)) if base is not None else None
       # Numpy reads stay on the host only where the host needs them (the TIES cuts); otherwise
       # each is handed to jax at once and dropped.
       to_jax = (lambda x: x) if fast is not None else (lambda x: jnp.asarray(x, device=dev))
-      arrays = [to_jax(checked(i, name)) for i in srcs]
+      arrays = read(name, to_jax)
     except _NonFinite as e:
       return out_dt, fallback(name, str(e)).astype(out_dt), None
     base_x, xs = (arrays[0], arrays[1:]) if base is not None else (None, arrays)
@@ -347,7 +365,7 @@ def _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats
         dispatch() if loading else retire()
       dev = devices[n_merged % len(devices)]
       if action != "base":
-        n_merged, largest = n_merged + 1, max(largest, _f32_bytes(src.shape(name)))
+        n_merged, largest = n_merged + 1, max(largest, _f32_bytes(shape(name)))
       loading.append((name, readers.submit(load, name, action, kwargs, dev)))
       in_flight += cost[name]
       while loading and loading[0][1].done():

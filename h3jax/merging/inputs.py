@@ -29,7 +29,7 @@ DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.f
 # Config keys that must agree for two HF folders to be mergeable.
 _ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
-# Non-weight files copied from the tokenizer source (tokenizer_source: base).
+# Non-weight files copied from the base when vocabularies are not re-aligned (no tokenizer_source).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                     "chat_template.jinja", "chat_template.json")
@@ -95,9 +95,11 @@ class Input:
     return EMBED if name == TIED_HEAD and name not in self.reader else name
 
 
-def check_compatible(inputs: List[Input]):
-  """Same architecture, tensor names and shapes in every input (else one clear error)."""
+def check_compatible(inputs: List[Input], vocab_axes=None):
+  """Same architecture, tensor names and shapes in every input (else one clear error). `vocab_axes`
+  (name -> axis; vocabularies being aligned): those tensors may differ along that axis, and vocab_size."""
   ref = inputs[0]
+  hint = "" if vocab_axes else " (vocabularies that differ merge with tokenizer_source: union or base)"
   configs = [i for i in inputs if i.config is not None]
   if configs and len(configs) != len(inputs):
     raise MergeError("cannot mix HF folders (with config.json) and raw safetensors inputs: "
@@ -105,9 +107,9 @@ def check_compatible(inputs: List[Input]):
   for other in configs[1:]:
     for key in _ARCH_KEYS:
       a, b = configs[0].config.get(key), other.config.get(key)
-      if a != b:
+      if a != b and not (vocab_axes and key == "vocab_size"):
         raise MergeError(f"models have different architectures: {key} = {a!r} in {configs[0].path} "
-                         f"but {b!r} in {other.path}")
+                         f"but {b!r} in {other.path}" + (hint if key == "vocab_size" else ""))
   names = [n for n in ref.reader.keys()]
   ref_set = set(names) - {TIED_HEAD}
   for other in inputs[1:]:
@@ -117,9 +119,12 @@ def check_compatible(inputs: List[Input]):
       raise MergeError(f"models have different tensors: {other.path} lacks {missing} and has extra {extra} "
                        f"compared with {ref.path}")
     for n in names:
-      if other.has(n) and other.shape(n) != ref.shape(n):
+      a, b = list(ref.shape(n)), list(other.shape(n)) if other.has(n) else None
+      if b is not None and vocab_axes and n in vocab_axes and len(a) == len(b):
+        a[vocab_axes[n]] = b[vocab_axes[n]]
+      if b is not None and a != b:
         raise MergeError(f"models have different shapes for {n}: {ref.shape(n)} in {ref.path} but "
-                         f"{other.shape(n)} in {other.path}")
+                         f"{other.shape(n)} in {other.path}" + (hint if "embed" in n or "lm_head" in n else ""))
 
 
 def plan_tensors(inputs: List[Input], out_tied: bool) -> List[str]:
@@ -159,22 +164,25 @@ def tokenizer_input(inputs: List[Input]) -> Optional[Input]:
 
 
 def write_sidecars(spec, ref: Input, tmp: pathlib.Path, out_tied: bool, stats: dict,
-                   tok: Optional[Input] = None):
-  """config.json (dtype updated), the reference's generation config and `tok`'s tokenizer files."""
+                   tok: Optional[Input] = None, align=None):
+  """config.json (dtype updated), the reference's generation config and `tok`'s tokenizer files, or the
+  aligned tokenizer and vocab_size of `align` (an h3jax.merging.vocab.Alignment)."""
   if ref.config is not None:
-    cfg = dict(ref.config)
+    cfg = dict(ref.config, **(align.config_updates if align is not None else {}))
     dt = spec.out_dtype or spec.dtype
     if dt is not None:
       cfg["dtype"] = dt
       cfg.pop("torch_dtype", None)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
   copies = [(ref, "generation_config.json")]
-  if spec.tokenizer_source == "base" and tok is not None:
+  if tok is not None and align is None:
     copies += [(tok, f) for f in _TOKENIZER_FILES]
   for src_input, fname in copies:
     src = src_input.folder / fname if src_input.folder is not None else None
     if src is not None and src.is_file():
       shutil.copy2(src, tmp / fname)
+  if align is not None:
+    align.save(tmp)
   if spec.chat_template:
     set_chat_template(tmp, spec.chat_template, inputs_of(spec))
   stats = {n: {k: (None if isinstance(v, float) and v != v else v) for k, v in s.items()}
@@ -182,6 +190,7 @@ def write_sidecars(spec, ref: Input, tmp: pathlib.Path, out_tied: bool, stats: d
   (tmp / "h3jax_merge.json").write_text(json.dumps({
       "merge_method": spec.method, "base_model": spec.base_model, "models": list(spec.models),
       "flavour": spec.flavour, "seed": spec.seed, "dtype": spec.dtype, "out_dtype": spec.out_dtype,
+      "tokenizer_source": spec.tokenizer_source, "vocab_aligned": align is not None,
       "tensor_stats": stats,
   }, indent=2) + "\n")
 

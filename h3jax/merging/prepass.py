@@ -17,12 +17,11 @@ def global_pre_passes(spec, plan, base, models):
     return plan
   kw0 = merged[0][1]
   extra = {}
-  if spec.method == "ties" and kw0.get("mode") == "fusion_bench" and \
-      kw0.get("trim_scope", "global") == "global" and "thresholds" not in kw0:
+  if _global_trim(spec, kw0):
     density = kw0.get("density", 1.0)
     density = density if isinstance(density, tuple) else (density,) * len(models)
     extra["thresholds"] = streaming_thresholds([n for n, _ in merged], base, models, density)
-  if spec.method == "resm" and kw0.get("rank_mode") == "sparsity" and "sp_range" not in kw0:
+  if _sparsity_range(spec, kw0):
     from h3jax.merging.resm import layer_sparsity
     vals = []
     for name, kw in merged:
@@ -33,6 +32,21 @@ def global_pre_passes(spec, plan, base, models):
   if not extra:
     return plan
   return [(n, a, {**kw, **extra} if a == "merge" else kw) for n, a, kw in plan]
+
+
+def needs_pre_pass(spec, plan, base) -> bool:
+  """Whether `global_pre_passes` reads the whole model (which it does without vocabulary alignment)."""
+  merged = [kw for _, a, kw in plan if a == "merge"]
+  return bool(merged) and base is not None and (_global_trim(spec, merged[0]) or _sparsity_range(spec, merged[0]))
+
+
+def _global_trim(spec, kw0) -> bool:
+  return spec.method == "ties" and kw0.get("mode") == "fusion_bench" and \
+      kw0.get("trim_scope", "global") == "global" and "thresholds" not in kw0
+
+
+def _sparsity_range(spec, kw0) -> bool:
+  return spec.method == "resm" and kw0.get("rank_mode") == "sparsity" and "sp_range" not in kw0
 
 
 def streaming_thresholds(names, base, models, density) -> tuple:
