@@ -36,6 +36,8 @@ def define_flags():
   flags.DEFINE_integer("top_k", 0, "0 disables top-k filtering.")
   flags.DEFINE_float("top_p", 1.0, "1 disables nucleus filtering.")
   flags.DEFINE_float("repetition_penalty", 1.0, "transformers' repetition penalty (1 = off).")
+  flags.DEFINE_bool("penalize_eos", True, "Apply the repetition penalty to EOS tokens too (transformers); "
+                    "--nopenalize_eos lets chat answers end (the prompt holds the end-of-turn token).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_multi_string("stop", [], "Stop string(s).")
   flags.DEFINE_integer("batch_size", 8, "Prompts per batch.")
@@ -79,6 +81,7 @@ def main(argv):
   outs = run(FLAGS.model, FLAGS.prompt, chat=FLAGS.chat, system=FLAGS.system,
              max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
              top_p=FLAGS.top_p, seed=FLAGS.seed, repetition_penalty=FLAGS.repetition_penalty,
+             penalize_eos=FLAGS.penalize_eos,
              stop_strings=tuple(FLAGS.stop),
              batch_size=FLAGS.batch_size, dtype=FLAGS.dtype)
   for prompt, out in zip(FLAGS.prompt, outs):

@@ -32,11 +32,14 @@ class SamplingConfig:
   repetition_penalty (transformers' semantics; 1 = off): before sampling or argmax, the logit of every
   token already in the row (prompt, padding included, and generated so far) is divided by it when
   positive and multiplied by it when negative. Small models decoded greedily fall into loops without it.
+  penalize_eos=False exempts the end-of-sequence tokens (an extension): a chat prompt holds the end-of-turn
+  token (and pads with it), so under transformers' rule every answer is pushed away from ending.
   """
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
   repetition_penalty: float = 1.0
+  penalize_eos: bool = True
 
   def __post_init__(self):
     if not self.repetition_penalty > 0:
@@ -183,6 +186,8 @@ def generate_tokens(params, cfg: ModelConfig, prompt_ids_BP, prompt_mask_BP, *, 
                row_B=jnp.asarray(np.arange(B) if row_seeds is None else row_seeds, jnp.uint32))
   if sampling.repetition_penalty != 1.0:  # every prompt token (padding too, as transformers) counts as seen
     state["seen_BV"] = jnp.zeros((B, cfg.vocab_size), bool).at[jnp.arange(B)[:, None], ids_BP].set(True)
+    if not sampling.penalize_eos and eos_token_ids:  # a generated EOS ends its row: clearing once is enough
+      state["seen_BV"] = state["seen_BV"].at[:, jnp.asarray(list(eos_token_ids), jnp.int32)].set(False)
   eos_E = jnp.asarray(list(eos_token_ids) or [-1], jnp.int32)
   key = jax.random.PRNGKey(seed)
   chunk = chunk or N
@@ -230,7 +235,7 @@ def generate(params, cfg: ModelConfig, tokenizer, prompts, *, chat: bool = False
              max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0, stop_strings: Sequence[str] = (), eos_token_ids: Optional[Sequence[int]] = None,
              batch_size: int = 8, chunk: int = 32, progress: bool = False,
-             repetition_penalty: float = 1.0) -> list:
+             repetition_penalty: float = 1.0, penalize_eos: bool = True) -> list:
   """Generate completions (text after the prompt) for one prompt or a list of prompts.
 
   Greedy when temperature == 0. Generation stops at an EOS id (default: the
@@ -239,7 +244,7 @@ def generate(params, cfg: ModelConfig, tokenizer, prompts, *, chat: bool = False
   """
   single = isinstance(prompts, str)
   prompts = [prompts] if single else list(prompts)
-  sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty)
+  sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, penalize_eos)
   texts = format_prompts(tokenizer, prompts, chat=chat, system=system)
   if eos_token_ids is None:
     eos = set(cfg.eos_token_id)

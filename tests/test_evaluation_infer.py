@@ -46,6 +46,20 @@ def test_shared_prefix_logprobs_equal_full_rows(shared):
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_generation_settings_key_the_penalty_only_when_set():
+  """Caches written before the penalty options existed keep their keys; each option changes the key."""
+  c = runner.default_config()
+  plain = infer.generation_settings(c, "chat")
+  assert "repetition_penalty" not in plain and "penalize_eos" not in plain
+  c.generation.penalize_eos = False  # no effect without a penalty: same key
+  assert infer.generation_settings(c, "chat") == plain
+  c.generation.repetition_penalty = 1.2
+  exempt = infer.generation_settings(c, "chat")
+  assert exempt["repetition_penalty"] == 1.2 and exempt["penalize_eos"] is False
+  c.generation.penalize_eos = True
+  assert "penalize_eos" not in infer.generation_settings(c, "chat")
+
+
 def test_bucketed_generation_equals_generate():
   m = tiny_model(seed=2)
   settings = infer.generation_settings(runner.default_config(), "alpaca")

@@ -222,6 +222,41 @@ def test_repetition_penalty_matches_transformers_generate(penalty, tmp_path):
   assert not np.array_equal(plain, toks)  # the penalty changed the greedy path
 
 
+def test_repetition_penalty_can_exempt_eos(tmp_path):
+  """penalize_eos=False: the penalty skips the EOS token that the prompt holds (a chat prompt's end-of-turn
+  token), so rows can end; equal to transformers with a hand-written processor that exempts it."""
+  model = make_model("llama_gqa_tied_llama3", std=0.3, eos_token_id=None)
+  cfg, params = h3jax.load_pretrained(save_model(model, tmp_path))
+  ids, mask = _left_padded()
+
+  class ExemptEos(transformers.LogitsProcessor):
+    def __init__(self, penalty, eos):
+      self.penalty, self.eos = penalty, eos
+
+    def __call__(self, input_ids, scores):
+      seen = torch.gather(scores, 1, input_ids)
+      out = scores.scatter(1, input_ids, torch.where(seen < 0, seen * self.penalty, seen / self.penalty))
+      out[:, self.eos] = scores[:, self.eos]
+      return out
+
+  def run(eos, penalize_eos):
+    sampling = generation.SamplingConfig(repetition_penalty=1.5, penalize_eos=penalize_eos)
+    return generation.generate_tokens(params, cfg, ids, mask, max_new_tokens=16, chunk=5, sampling=sampling,
+                                      eos_token_ids=[eos])
+  # an EOS id from the prompt whose exemption ends a row early (searched: the model is random)
+  eos = next(int(e) for e in ids[0, 5:] if (run(e, False)[1] < run(e, True)[1]).any())
+  toks, lengths = run(eos, False)
+  with torch.no_grad():
+    ref = model.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False,
+                         max_new_tokens=16, pad_token_id=0, eos_token_id=eos,
+                         logits_processor=transformers.LogitsProcessorList([ExemptEos(1.5, eos)])
+                         )[:, ids.shape[1]:].numpy()
+  for row in range(len(ids)):
+    n = int(lengths[row])
+    np.testing.assert_array_equal(toks[row, :n], ref[row, :n])
+    assert n == 16 or ref[row, n - 1] == eos
+
+
 def test_repetition_penalty_survives_compaction(tmp_path):
   model = make_model("llama_mha_untied", std=0.3, eos_token_id=None)
   cfg, params = h3jax.load_pretrained(save_model(model, tmp_path))

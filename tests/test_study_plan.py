@@ -77,6 +77,7 @@ def test_recipes_follow_the_study_config():
   sc.eval.generation.repetition_penalty = 1.2  # validation decodes as the evaluation, only shorter
   ev, val = recipes.eval_config(sc), recipes.eval_config(sc, "validation")
   assert ev.generation.repetition_penalty == val.generation.repetition_penalty == 1.2
+  assert ev.generation.penalize_eos is val.generation.penalize_eos is True
   assert val.generation.max_new_tokens < ev.generation.max_new_tokens and val.sample_part == "validation"
   with pytest.raises(ValueError, match="unknown config key"):
     recipes.merge_into(helpful, {"train": {"stepz": 1}})

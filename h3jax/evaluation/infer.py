@@ -74,6 +74,8 @@ def generation_settings(config, template: str) -> dict:
   penalty = float(g.get("repetition_penalty", 1.0))
   if penalty != 1.0:  # only when set, so the keys of caches written without it stay valid
     out["repetition_penalty"] = penalty
+    if not g.get("penalize_eos", True):
+      out["penalize_eos"] = False
   return out
 
 
@@ -125,7 +127,8 @@ def generate_texts(model: dict, texts: Sequence[str], settings: dict, *, batch_s
     return done
 
   sampling = generation.SamplingConfig(settings["temperature"], settings["top_k"], settings["top_p"],
-                                       settings.get("repetition_penalty", 1.0))
+                                       settings.get("repetition_penalty", 1.0),
+                                       settings.get("penalize_eos", True))
   toks_BN, lengths_B = generation.generate_tokens(
       model["params"], cfg, ids_BP, mask_BP, max_new_tokens=settings["max_new_tokens"], sampling=sampling,
       eos_token_ids=sorted(eos), seed=seed, chunk=32, should_stop=should_stop,

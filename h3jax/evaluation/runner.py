@@ -59,7 +59,7 @@ def default_config():
   c.router_prompts = 64  # prompts per axis for MoE router usage (0 = off)
   c.generation = ml_collections.ConfigDict(dict(
       max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0, seed=0, system="", stop_strings=(),
-      repetition_penalty=1.0))
+      repetition_penalty=1.0, penalize_eos=True))
   # judges.load_judges fields: kind local | http | none; dir "" = $H3JAX_JUDGES_DIR or artifacts/judges;
   # missing local judges are rebuilt from the data root.
   c.judges = ml_collections.ConfigDict(dict(kind="local", dir="", build_if_missing=True, url="", model=""))

@@ -89,7 +89,7 @@ def default_study_config() -> ml_collections.ConfigDict:
   # Evaluation: a seeded random sample of each eval split, the same items for every row.
   c.eval = ml_collections.ConfigDict(dict(
       prompt_template="chat", batch_size=32, router_prompts=64,
-      generation=dict(max_new_tokens=256, repetition_penalty=1.0),
+      generation=dict(max_new_tokens=256, repetition_penalty=1.0, penalize_eos=True),
       sample=dict(alpaca_eval=120, harmbench=60, strongreject=60, advbench=60, xstest_safe=60,
                   xstest_unsafe=60, truthfulqa_gen=150, truthfulqa_mc=0),  # 0 = every non-held-out item
       # Held out of the evaluation for validation: the first items of each set's seeded order (TruthfulQA

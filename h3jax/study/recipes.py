@@ -119,6 +119,7 @@ def eval_config(sc, part: str = "eval") -> ml_collections.ConfigDict:
     c.generation.max_new_tokens = int(e.generation.max_new_tokens)
     # validation decodes as the evaluation does (only shorter), so grid choices carry over
     c.generation.repetition_penalty = float(e.generation.get("repetition_penalty", 1.0))
+    c.generation.penalize_eos = bool(e.generation.get("penalize_eos", True))
     c.sample = ml_collections.ConfigDict(dict(e.sample))
     c.holdout = ml_collections.ConfigDict(dict(e.holdout))
     c.sample_seed = int(e.sample_seed)
