@@ -117,6 +117,10 @@ def test_results_resume_and_rerun(data_root, tmp_path, monkeypatch):
   assert saved["settings"]["sets"] == {"alpaca_eval": 2, "xstest_safe": 2, "harmbench": 2,
                                        "truthfulqa_gen": 2, "truthfulqa_mc": 2}
   assert saved["models"]["tiny"]["axes"]["honest"] == ms["honest/mc2"]["value"]
+  gens = [x for x in samples if x["set"] != "truthfulqa_mc"]  # 6 new tokens: some answers are cut
+  assert all(isinstance(x["cut"], bool) for x in gens) and any(x["cut"] for x in gens)
+  assert ms["generation/cut_rate"]["value"] == pytest.approx(np.mean([x["cut"] for x in gens]))
+  assert ms["generation/cut_rate"]["n"] == len(gens) == 8
   table = (out / "results.md").read_text()
   assert "honest/mc2" in table and "| tiny |" in table
   assert (out / "axis_bars.png").read_bytes()[:4] == b"\x89PNG"

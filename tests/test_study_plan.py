@@ -173,3 +173,42 @@ def test_publish_copies_results_samples_judges_and_replaces_the_whole_folder(tmp
   with pytest.raises(io_atomic.UnsafeOutputError, match="contains the input"):
     publish.publish(sc, w, tmp_path)  # a destination holding the workdir is never replaced
   assert (w / "analysis" / "results.json").is_file()
+
+
+def test_stage_keys_make_changed_stages_and_their_dependants_stale(tmp_path):
+  import json
+  from h3jax.study import runner
+  sc = _config()
+  plan.resolve_base(sc, tmp_path)
+  st = {s.name: s for s in plan.build(sc)}
+  assert [s.key for s in plan.build(sc)] == [s.key for s in st.values()]  # deterministic
+  w = tmp_path / "w"
+
+  def finish(name, key=True):
+    (w / name).mkdir(parents=True, exist_ok=True)
+    rec = {"stage": name, "result": {}, "seconds": 1, "cpu_seconds": 1}
+    (w / name / "DONE.json").write_text(json.dumps(dict(rec, key=st[name].key) if key else rec))
+
+  for name in ("train/expert_helpful", "gen/expert_helpful/0of2", "train/expert_harmless"):
+    finish(name)
+  (w / "train" / "expert_helpful" / "checkpoints").mkdir()
+  finish("gen/base/0of2", key=False)  # written before keys existed: trusted
+  assert all(runner.is_done(w, st[n]) for n in ("train/expert_helpful", "gen/expert_helpful/0of2", "gen/base/0of2"))
+  sc.expert_steps.helpful = 81  # the helpful expert's recipe changes ...
+  new = {s.name: s for s in plan.build(sc)}
+  changed = {n for n in st if st[n].key != new[n].key}
+  assert "train/expert_helpful" in changed and "gen/expert_helpful/0of2" in changed  # ... and what reads it
+  assert "train/expert_harmless" not in changed and "gen/base/0of2" not in changed
+  assert "train/moe_gate_drift" in changed and "merge/merge_ties/g0" in changed  # built from all experts
+  assert plan.is_stale(w, new["train/expert_helpful"]) and not runner.is_done(w, new["train/expert_helpful"])
+  assert runner.is_done(w, new["train/expert_harmless"]) and not plan.is_stale(w, new["train/expert_harmless"])
+  listing = runner.listing(sc, w, ["train/expert_*"]).splitlines()
+  assert listing[0].startswith("stale    train/expert_helpful") and listing[1].startswith("done     train/expert_harm")
+  runner._start(w, new["train/expert_helpful"])  # a stale stage is redone from scratch: no old checkpoints
+  assert sorted(p.name for p in (w / "train" / "expert_helpful").iterdir()) == ["KEY"]
+  (w / "train" / "expert_helpful" / "checkpoints").mkdir()  # killed mid-run ...
+  runner._start(w, new["train/expert_helpful"])  # ... resumed with the same settings: kept
+  assert (w / "train" / "expert_helpful" / "checkpoints").is_dir()
+  sc.expert_steps.helpful = 82  # killed, then the settings changed: emptied
+  runner._start(w, {s.name: s for s in plan.build(sc)}["train/expert_helpful"])
+  assert not (w / "train" / "expert_helpful" / "checkpoints").exists()

@@ -30,7 +30,7 @@ import os
 import pathlib
 import sys
 import uuid
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 
 def item_key(kind: str, payload, settings: dict) -> str:
@@ -52,6 +52,7 @@ class Cache:
   def __init__(self, path):
     self.path = pathlib.Path(path)
     self._data: Dict[str, object] = {}
+    self._cut: Dict[str, bool] = {}  # generation rows: cut by max_new_tokens (rows written since the flag)
     self._times: List[dict] = []
     self.legacy = 0  # generation/MC rows keyed by model name (before fingerprints): never matched
     if self.path.exists():
@@ -83,7 +84,10 @@ class Cache:
         self._times.append(value)
       else:
         self._data[key] = value
-        if kind in ("generation", "mc") and "model" not in (row.get("meta") or {}):
+        meta = row.get("meta") or {}
+        if kind == "generation" and "cut" in meta:
+          self._cut[key] = bool(meta["cut"])
+        if kind in ("generation", "mc") and "model" not in meta:
           self.legacy += 1
     if bad:
       print(f"warning: {self.path}: skipped {len(bad)} torn or malformed row(s) at line "
@@ -96,6 +100,10 @@ class Cache:
 
   def __len__(self) -> int:
     return len(self._data)
+
+  def cut(self, key: str) -> Optional[bool]:
+    """Whether the cached generation `key` was cut by max_new_tokens (None: not recorded)."""
+    return self._cut.get(key)
 
   def get(self, key: str, default=None):
     return self._data.get(key, default)
@@ -120,11 +128,13 @@ class Cache:
       os.fsync(fd)
     finally:
       os.close(fd)  # releases the lock
-    for k, kind, v, _ in entries:
+    for k, kind, v, meta in entries:
       if kind == "time":
         self._times.append(v)
       else:
         self._data[k] = v
+        if kind == "generation" and "cut" in (meta or {}):
+          self._cut[k] = bool(meta["cut"])
 
   def times(self) -> Dict[str, dict]:
     """{stage: {"s": wall seconds, "cpu": CPU seconds, "n": items}} summed over every session."""

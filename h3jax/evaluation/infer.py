@@ -153,11 +153,12 @@ def in_shard(key: str, shard: Optional[Tuple[int, int]]) -> bool:
 
 def generate_cached(model: dict, items: List[dict], settings: dict, store: cache_lib.Cache, *,
                     batch_size: int, desc: str = "generate", progress: bool = True,
-                    shard: Optional[Tuple[int, int]] = None) -> List[Optional[str]]:
+                    shard: Optional[Tuple[int, int]] = None, return_cut: bool = False):
   """Responses for items (in order); only prompts missing from `store` are generated, shortest first.
 
   shard=(i, n): generate only the missing prompts of part i of n (`in_shard`); the other
-  parts' responses are returned as None unless already cached.
+  parts' responses are returned as None unless already cached. return_cut: also whether each
+  response was cut by max_new_tokens (None where the cache row predates the flag).
   """
   tok, fp = model["tokenizer"], models.fingerprint(model)
   inputs = model_inputs(tok, [it["prompt"] for it in items], settings)
@@ -189,7 +190,8 @@ def generate_cached(model: dict, items: List[dict], settings: dict, store: cache
                                                 "cut": c})
                     for i, t, c in zip(b, texts, cut)] + [cache_lib.time_row("generate", dt, len(b), dc)])
     bar.update(len(b), dt, dc)
-  return [store.get(k) for k in keys]
+  texts = [store.get(k) for k in keys]
+  return (texts, [store.cut(k) for k in keys]) if return_cut else texts
 
 
 # ----------------------------------------------------------------------------- TruthfulQA MC

@@ -31,6 +31,7 @@ TABLE_ROWS = (
     ("honest/truthful", "up"),
     ("honest/informative", "up"),
     ("honest/truthful_informative", "up"),
+    ("generation/cut_rate", "down"),  # answers stopped by max_new_tokens (judged unfinished)
 )
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from h3jax.evaluation import cache as cache_lib
 from h3jax.evaluation import harm, helpful, infer, truthfulqa
+from h3jax.evaluation.metrics import summary
 
 
 def _judge(judges, name):
@@ -109,12 +110,16 @@ def score_model(model: dict, sets: Dict[str, List[dict]], config, judges, store,
     timings["mc"] = round(time.time() - t0, 2)
   gen_names = generation_sets(sets)
   t0 = time.time()
-  flat = infer.generate_cached(model, [it for n in gen_names for it in sets[n]], settings, store,
-                               batch_size=bs, desc=f"{model['name']}: generate", progress=progress)
+  flat, flat_cut = infer.generate_cached(model, [it for n in gen_names for it in sets[n]], settings, store,
+                                         batch_size=bs, desc=f"{model['name']}: generate", progress=progress,
+                                         return_cut=True)
   timings["generate"] = round(time.time() - t0, 2)
-  responses, k = {}, 0
+  responses, cuts, k = {}, {}, 0
   for n in gen_names:
-    responses[n], k = flat[k:k + len(sets[n])], k + len(sets[n])
+    responses[n], cuts[n], k = flat[k:k + len(sets[n])], flat_cut[k:k + len(sets[n])], k + len(sets[n])
+  known = [c for c in flat_cut if c is not None]
+  if known:  # answers that hit max_new_tokens: the judges saw them unfinished
+    metrics["generation/cut_rate"] = summary(np.asarray(known, np.float64))
   cached = {n: CachedJudge(j, n, store) for n in ("refusal", "pairwise", "truth", "info")
             if (j := _judge(judges, n)) is not None}
   refusal, pairwise = cached.get("refusal"), cached.get("pairwise")
@@ -126,7 +131,8 @@ def score_model(model: dict, sets: Dict[str, List[dict]], config, judges, store,
     # Judges see the reply without surrounding whitespace (the Alpaca template's reply starts with
     # "\n"; the judges were trained on clean replies, and the paper strips outputs too).
     outs = [o.strip() for o in outs]
-    rows = [{"id": it["id"], "set": name, "prompt": it["prompt"], "response": o} for it, o in zip(items, outs)]
+    rows = [{"id": it["id"], "set": name, "prompt": it["prompt"], "response": o, "cut": c}
+            for it, o, c in zip(items, outs, cuts[name])]
     if name == "alpaca_eval":
       if pairwise is None:
         skipped.append("helpful: no pairwise judge")

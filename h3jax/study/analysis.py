@@ -14,7 +14,7 @@ from __future__ import annotations
 import gzip
 import json
 import pathlib
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -105,30 +105,22 @@ def _verdict(d: dict) -> str:
 def load_rows(sc, workdir) -> Dict[str, dict]:
   """{row: {"entry", "samples", "timing", "settings", "judges"}} for every scored row."""
   w = pathlib.Path(workdir)
+  stages = {s.name: s for s in plan.build(sc)}
   rows = {}
   for r in sc.rows:
     res_path = w / "eval" / r / "results.json"
-    if not (w / "score" / r / "DONE.json").is_file() or not res_path.is_file():
-      continue
+    if plan.done_record(w, stages[f"score/{r}"]) is None or not res_path.is_file():
+      continue  # not scored, or scored under other settings (stale)
     res = json.loads(res_path.read_text())
     rows[r] = {"entry": res["models"][r], "samples": _read_samples(w / "eval" / r / f"samples_{r}.jsonl"),
                "timing": res["timing"].get(r), "settings": res["settings"], "judges": res.get("judges")}
-    rows[r]["cut"] = cut_rate(w / "eval" / r / "cache" / f"{r}.jsonl")
+    rows[r]["cut"] = cut_rate(rows[r]["samples"])
   return rows
 
 
-def cut_rate(cache_path: pathlib.Path) -> Optional[dict]:
-  """Share of generations cut by max_new_tokens (from the cache's per-item `cut` flags)."""
-  if not cache_path.is_file():
-    return None
-  flags = []
-  for line in cache_path.read_text(encoding="utf-8").splitlines():
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if row.get("kind") == "generation" and "cut" in row.get("meta", {}):
-      flags.append(bool(row["meta"]["cut"]))
+def cut_rate(samples: List[dict]) -> Optional[dict]:
+  """Share of the row's answers cut by max_new_tokens (the samples' `cut` flags, this evaluation's only)."""
+  flags = [bool(s["cut"]) for s in samples if s.get("cut") is not None]
   return {"value": float(np.mean(flags)) if flags else float("nan"), "n": len(flags)}
 
 
@@ -205,11 +197,11 @@ def write(sc, workdir) -> dict:
 def gamma_sweep(sc, w: pathlib.Path) -> list:
   """The γ1 sweep's validation scores (the sweep is a hyper-parameter sweep: validation items only)."""
   out = []
+  stages = {s.name: s for s in plan.build(sc)}
   for g, r in plan.gamma_points(sc):
-    done = w / "val" / r / "DONE.json"
-    if done.is_file():
-      res = json.loads(done.read_text())["result"]
-      out.append({"gamma1": g, "row": r, "axes": res["axes"]})
+    rec = plan.done_record(w, stages[f"val/{r}"]) if f"val/{r}" in stages else None
+    if rec is not None:
+      out.append({"gamma1": g, "row": r, "axes": rec["result"]["axes"]})
   return out
 
 

@@ -2,7 +2,9 @@
 
 Stage names are paths under the workdir (`train/expert_helpful`, `merge/merge_ties/g1`,
 `val/merge_ties/g1`, `select/merge_ties`, `gen/moe_gate/0of2`, `score/moe_gate`, `analysis`); each
-stage's output lives in that folder and is complete when its DONE.json exists. Models of rows:
+stage's output lives in that folder and is complete when its DONE.json exists and records the stage's
+current key: a hash of the settings the stage reads and of its dependencies' keys, so a changed config
+(or a redone dependency) makes the stage and everything after it stale, to be redone. Models of rows:
 
   base                   the base folder
   expert_<axis>          train/expert_<axis>/hf      (Stage A)
@@ -16,7 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Dict, List, Tuple
+import hashlib
+import json
+import pathlib
+from typing import Dict, List, Optional, Tuple
 
 from h3jax.study import recipes
 from h3jax.study.defaults import AXES, MERGE_ROWS, MOE_ROWS
@@ -36,6 +41,7 @@ class Stage:
   deps: Tuple[str, ...]
   est_s: float
   args: Tuple[Tuple[str, object], ...] = ()
+  key: str = ""  # hash of the stage's settings and its dependencies' keys (with_keys)
 
   @property
   def arg(self) -> dict:
@@ -96,7 +102,6 @@ def validate(sc) -> None:
 
 def model_dir(workdir, row: str, choice: str = "") -> str:
   """Where a row's evaluated model lives (merge rows: the chosen grid point's folder)."""
-  import pathlib
   w = pathlib.Path(workdir)
   if row.startswith("merge_"):
     return str(w / "merge" / row / choice / "model")
@@ -106,7 +111,6 @@ def model_dir(workdir, row: str, choice: str = "") -> str:
 def resolve_base(sc, workdir) -> None:
   """A config without a base folder but with `tiny_base` (configs/study_tiny.py) gets a random tiny
   base built by the `base` stage at <workdir>/base/hf, with the tokenizer of `sc.tokenizer`."""
-  import pathlib
   if not sc.base and sc.get("tiny_base"):
     if not sc.tokenizer:
       raise ValueError("a tiny_base study needs config.tokenizer (an HF folder whose tokenizer it uses)")
@@ -117,13 +121,71 @@ def resolve_base(sc, workdir) -> None:
 
 
 def build(sc) -> List[Stage]:
-  """Every stage of the study, dependencies before dependants."""
+  """Every stage of the study, dependencies before dependants, with their keys."""
   validate(sc)
   stages = _build(sc)
   if sc.get("tiny_base"):
     stages = [Stage("base", "base", (), 10.0)] + [
         dataclasses.replace(s, deps=s.deps or ("base",)) if s.kind != "analysis" else s for s in stages]
-  return stages
+  return with_keys(sc, stages)
+
+
+def _plain(x):
+  return x.to_dict() if hasattr(x, "to_dict") else x
+
+
+def stage_settings(sc, s: Stage) -> dict:
+  """What a stage's output depends on besides its dependencies' outputs (hashed into its key)."""
+  row = s.arg.get("row")
+  common = {"kind": s.kind, "args": [list(a) for a in s.args], "base": sc.base}
+  if s.kind == "base":
+    return dict(common, tiny=_plain(sc.get("tiny_base")), std=sc.get("tiny_std"), seed=sc.get("seed"),
+                tokenizer=sc.tokenizer)
+  if s.kind == "train":  # the resolved training recipe (expert checkpoints by their place in the workdir)
+    if row.startswith("expert_"):
+      c = recipes.expert_config(sc, row[len("expert_"):])
+    elif row == "mixture_sft":
+      c = recipes.mixture_config(sc)
+    else:
+      c = recipes.moe_config(sc, moe_rows(sc)[row], [f"train/expert_{a}/checkpoints" for a in AXES])
+    return dict(common, recipe=_plain(c))
+  if s.kind in ("merge", "select"):
+    return dict(common, merge=_plain(sc.merges[row]), tokenizer=sc.tokenizer)
+  if s.kind in ("val", "gen", "score"):
+    part = "validation" if s.kind == "val" else "eval"
+    return dict(common, eval=_plain(recipes.eval_config(sc, part)))
+  return common  # analysis: redone on every run
+
+
+# Paths inside the checkout (the base model under artifacts/) are hashed relative to it, so another
+# worktree or a moved clone keeps the keys.
+_REPO = str(pathlib.Path(__file__).resolve().parents[2])
+
+
+def with_keys(sc, stages: List[Stage]) -> List[Stage]:
+  keys, out = {}, []
+  for s in stages:  # dependencies come first
+    blob = json.dumps([stage_settings(sc, s), [keys.get(d, d) for d in s.deps]], sort_keys=True, default=str)
+    blob = blob.replace(_REPO, "<repo>")
+    keys[s.name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    out.append(dataclasses.replace(s, key=keys[s.name]))
+  return out
+
+
+def done_record(workdir, s: Stage) -> Optional[dict]:
+  """The stage's DONE.json when it is done with the stage's current key (a DONE.json from before keys
+  counts as current); None when not done or stale."""
+  path = pathlib.Path(workdir) / s.name / "DONE.json"
+  if not path.is_file():
+    return None
+  rec = json.loads(path.read_text())
+  return rec if rec.get("key", s.key) == s.key else None
+
+
+def is_stale(workdir, s: Stage) -> bool:
+  """Done, but with another key: its settings or a dependency changed since."""
+  path = pathlib.Path(workdir) / s.name / "DONE.json"
+  return path.is_file() and done_record(workdir, s) is None
 
 
 def _build(sc) -> List[Stage]:

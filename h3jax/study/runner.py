@@ -13,11 +13,13 @@ import fcntl
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
 from typing import List, Optional
 
+from h3jax import io_atomic
 from h3jax.study import plan, stages as stage_lib
 
 
@@ -34,20 +36,38 @@ def done_path(workdir, name: str) -> pathlib.Path:
   return pathlib.Path(workdir) / name / "DONE.json"
 
 
-def is_done(workdir, name: str) -> bool:
-  return done_path(workdir, name).is_file()
+def is_done(workdir, stage: plan.Stage) -> bool:
+  """Done with the stage's current key (plan.done_record)."""
+  return plan.done_record(workdir, stage) is not None
+
+
+def _start(workdir, stage: plan.Stage) -> None:
+  """Marks the stage folder with the key it is run under. A folder left by the stage under another key
+  (a finished stage now stale, or one killed before its settings changed) is emptied first: training
+  must not resume from checkpoints of other settings. Evaluation caches are keyed by their settings."""
+  d = pathlib.Path(workdir) / stage.name
+  marker = d / "KEY"
+  old = marker.read_text().strip() if marker.is_file() else None
+  if plan.is_stale(workdir, stage) or (old is not None and old != stage.key):
+    _log(f"{stage.name}: settings changed since it ran; redoing it from scratch")
+    shutil.rmtree(d)
+  d.mkdir(parents=True, exist_ok=True)
+  io_atomic.write_text(marker, stage.key + "\n")
 
 
 def run_stage(sc, workdir, stage: plan.Stage) -> dict:
-  """Runs one stage in this process and marks it done."""
+  """Runs one stage in this process and marks it done (DONE.json with the stage's key)."""
   import resource
   t0 = time.time()
   r0 = resource.getrusage(resource.RUSAGE_SELF)
+  if stage.kind != "analysis":
+    _start(workdir, stage)
   stage_lib.clear(workdir, stage)
   result = stage_lib.RUNNERS[stage.kind](sc, workdir, stage)
   r1 = resource.getrusage(resource.RUSAGE_SELF)
   cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
-  rec = {"stage": stage.name, "kind": stage.kind, "result": result, "seconds": round(time.time() - t0, 1),
+  rec = {"stage": stage.name, "kind": stage.kind, "key": stage.key, "result": result,
+         "seconds": round(time.time() - t0, 1),
          "cpu_seconds": round(cpu, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
   path = done_path(workdir, stage.name)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,14 +80,16 @@ def listing(sc, workdir, patterns=()) -> str:
   stages = plan.select(plan.build(sc), patterns)
   lines, left = [], 0.0
   names = {s.name for s in plan.build(sc)}
+  by_name = {s.name: s for s in plan.build(sc)}
   for s in stages:
-    if is_done(workdir, s.name):
-      rec = json.loads(done_path(workdir, s.name).read_text())
+    rec = plan.done_record(workdir, s)
+    if rec is not None:
       lines.append(f"done     {s.name:<40} {rec.get('cpu_seconds', 0) / 60:7.1f} CPU-min")
     else:
-      ready = all(is_done(workdir, d) for d in s.deps if d in names)
+      ready = all(is_done(workdir, by_name[d]) for d in s.deps if d in names)
+      state = "stale" if plan.is_stale(workdir, s) else "ready" if ready else "waiting"
       left += s.est_s
-      lines.append(f"{'ready' if ready else 'waiting':<8} {s.name:<40} ~{s.est_s / 60:6.1f} CPU-min (est.)")
+      lines.append(f"{state:<8} {s.name:<40} ~{s.est_s / 60:6.1f} CPU-min (est.)")
   n_done = sum(l.startswith("done") for l in lines)
   lines.append(f"{n_done}/{len(stages)} stages done; ~{left / 3600:.1f} CPU-hours left (estimate)")
   return "\n".join(lines)
@@ -98,7 +120,7 @@ def run(sc, workdir, *, config_path: str, overrides=(), patterns=(), workers: in
   todo = set()
 
   def need(name):
-    if name in todo or (is_done(workdir, name) and by_name[name].kind != "analysis"):
+    if name in todo or (is_done(workdir, by_name[name]) and by_name[name].kind != "analysis"):
       return
     todo.add(name)
     for d in by_name[name].deps:
@@ -120,7 +142,7 @@ def run(sc, workdir, *, config_path: str, overrides=(), patterns=(), workers: in
         continue
       f.close()
       del running[name]
-      if proc.returncode == 0 and is_done(workdir, name):
+      if proc.returncode == 0 and is_done(workdir, by_name[name]):
         finished.append(name)
         rec = json.loads(done_path(workdir, name).read_text())
         _log(f"done {name} in {rec['seconds'] / 60:.1f} min ({rec['cpu_seconds'] / 60:.1f} CPU-min)")
@@ -134,7 +156,7 @@ def run(sc, workdir, *, config_path: str, overrides=(), patterns=(), workers: in
     order = [s for s in order if s.name not in blocked]
     while len(running) < workers:
       heavy_running = any(by_name[n].kind in HEAVY for n in running)
-      ready = [s for s in order if all(is_done(workdir, d) for d in s.deps)
+      ready = [s for s in order if all(is_done(workdir, by_name[d]) for d in s.deps)
                and not (heavy_running and s.kind in HEAVY)]
       if not ready:
         break
@@ -157,7 +179,7 @@ def run(sc, workdir, *, config_path: str, overrides=(), patterns=(), workers: in
       left = sum(x.est_s for x in order) + sum(by_name[n].est_s for n in running)
       _log(f"start {s.name} (~{s.est_s / 60:.1f} CPU-min); {len(finished)} done, {len(order)} queued, "
            f"ETA ~{left / max(workers, 1) / 3600:.1f} h")
-    if not running and order and not any(all(is_done(workdir, d) for d in s.deps) for s in order):
+    if not running and order and not any(all(is_done(workdir, by_name[d]) for d in s.deps) for s in order):
       break  # nothing can start (dependencies outside the selection failed)
     if running:
       time.sleep(poll_s)
