@@ -27,8 +27,8 @@ from h3jax.study import recipes
 from h3jax.study.defaults import AXES, MERGE_ROWS, MOE_ROWS
 
 # CPU-second estimates for --list / ETA (measured on 2 cores; the config can override `cost`).
-DEFAULT_COST = dict(train_step=16.0, moe_step=40.0, merge=120.0, gen_item=4.5, gen_item_val=2.5,
-                    mc_item=3.5, moe_gen_factor=2.0, ensemble_gen_factor=3.0, score=60.0)
+DEFAULT_COST = dict(train_step=16.0, moe_step=40.0, merge=120.0, gen_item=4.0, gen_item_val=2.5,
+                    mc_item=1.2, moe_gen_factor=2.0, ensemble_gen_factor=3.0, score=60.0)
 # Eval-split sizes (h3jax.evaluation.sets), for estimates of "all items" samples.
 FULL_SIZES = dict(alpaca_eval=433, harmbench=240, strongreject=313, advbench=403, xstest_safe=250,
                   xstest_unsafe=200, truthfulqa_gen=415, truthfulqa_mc=415)
