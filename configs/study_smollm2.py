@@ -15,6 +15,13 @@ the merges and the data-mixture SFT with paired bootstrap 95% CIs.
 Recipe (chosen from the calibration runs recorded in docs/study.md): the chat template end to end
 (training, generation and MC), LoRA r=8 alpha=4 dropout 0.1 on gate/up/down (the paper's Stage A),
 packed rows of 256 tokens, batch 8, lr 1e-3 linear decay, 20 warm-up steps.
+
+Decoding (measured on the 140 held-out validation items, base model, 256 new tokens; docs/study.md):
+plain greedy loops (62% of answers cut, 56 of 85 cut ones repeating a 12-token span); transformers'
+repetition penalty 1.2 ends the loops but still cuts 62%, because the chat prompt holds the end-of-turn
+token and the penalty pushes every answer away from ending; 1.2 with EOS exempt cuts 20% (TruthfulQA
+3%, AlpacaEval 22%, harmful prompts 42%). The study decodes greedily with penalty 1.2, EOS exempt, 256
+new tokens: the issue's <= 5% cut would need ~2x the generation budget; each row reports its cut rate.
 """
 
 import pathlib
@@ -32,6 +39,8 @@ def get_config():
   c.base = SMOLLM2
   c.expert_steps = ml_collections.ConfigDict(dict(helpful=80, harmless=60, honest=80))
   c.stage_b_steps = 40
+  c.eval.generation.repetition_penalty = 1.2
+  c.eval.generation.penalize_eos = False
   # Row order = the order the stages start in (the runs take several sessions): the expert bar and the
   # headline comparisons first.
   c.rows = ("base", "expert_helpful", "expert_harmless", "expert_honest", "mixture_sft", "moe_gate_drift",

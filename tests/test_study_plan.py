@@ -74,10 +74,9 @@ def test_recipes_follow_the_study_config():
   assert full.data.template == "chat" and full.stage == "fusion"
   ev = recipes.eval_config(sc)
   assert ev.prompt_template == "chat" and ev.sample.alpaca_eval == 120
-  sc.eval.generation.repetition_penalty = 1.2  # validation decodes as the evaluation, only shorter
-  ev, val = recipes.eval_config(sc), recipes.eval_config(sc, "validation")
+  ev, val = recipes.eval_config(sc), recipes.eval_config(sc, "validation")  # validation decodes as eval
   assert ev.generation.repetition_penalty == val.generation.repetition_penalty == 1.2
-  assert ev.generation.penalize_eos is val.generation.penalize_eos is True
+  assert ev.generation.penalize_eos is val.generation.penalize_eos is False
   assert val.generation.max_new_tokens < ev.generation.max_new_tokens and val.sample_part == "validation"
   with pytest.raises(ValueError, match="unknown config key"):
     recipes.merge_into(helpful, {"train": {"stepz": 1}})
