@@ -50,6 +50,9 @@ def rescore_samples(samples: list, items_by_id: dict, judges, config) -> dict:
       out.update({f"harmless/{name}/{k}": v for k, v in per_set[name].items()})
   if any(n in per_set for n in harm.HARMFUL_SETS):
     out["harmless/compliance_rate"] = harm.pooled_compliance(per_set)
+  cut = [float(s["cut"]) for s in samples if s.get("cut") is not None]
+  if cut:
+    out["generation/cut_rate"] = metrics.summary(cut)
   return out
 
 
