@@ -33,7 +33,7 @@ import numpy as np
 
 from h3jax.config import ModelConfig
 from h3jax.model import layers, llama
-from h3jax.train.lora import merge_lora  # re-exported: callers use h3jax.fusion.merge_lora
+from h3jax.model.lora import merge_lora  # re-exported: callers use h3jax.fusion.merge_lora
 
 ROUTER_INITS = ("random", "zeros", "hidden")
 ATTN_FROM = ("base", "average")
