@@ -25,7 +25,7 @@ from h3jax.config import ModelConfig
 from h3jax.model.lora import lora_delta, merge_lora, strip_lora  # noqa: F401  (re-exported)
 from h3jax.train.optim import path_str
 
-# The paper's LoRA targets (h3fusion-method.md §3, §6.1) as path regexes over
+# The paper's LoRA targets (docs/h3fusion.md, "Pipeline" steps 1 and 3) as path regexes over
 # the linear dict's path (without the trailing "/kernel").
 FFN_TARGETS = (r"^layers/(mlp|moe/experts)/(gate|up|down)_proj$",)
 ATTN_TARGETS = (r"^layers/attn/(q|k|v|o)_proj$",)
