@@ -13,7 +13,7 @@ Or everything, resumable, in one command:
 Expected: train/lm_loss of each expert falls over its epochs; Stage B logs router_acc rising above
 1/3 and gate_loss falling below ln 3; runs/smollm2/fusion/hf is a MixtralForCausalLM folder.
 This is hours on a 2-core CPU (use a GPU: add --config.model.compute_dtype=bfloat16); the
-minutes-long demo is configs/smollm2_quickstart.py. Reference-code switches (h3fusion-method.md §9):
+minutes-long demo is configs/smollm2_quickstart.py. Reference-code switches (docs/h3fusion.md):
 --config.train.router_trainable=False (#4), --config.loss.gate_mode=double_softmax
 --config.loss.gate_masked=False (#6), --config.loss.drift_mode=lora_a_plus_b
 --config.loss.drift_layer_divisor=32 (#7), --config.fusion.alias_experts=True (#1),

@@ -10,7 +10,7 @@
                                          mean of the experts' (attn_from="average", BTX)
 
 Experts are stacked into new arrays (independent copies, never views of each
-other). Reference-code switches (h3fusion-method.md §9):
+other). Reference-code switches (docs/h3fusion.md, "Reference-code defects"):
   alias_experts=True   every expert = W_base + Σ_i (W_i - W_base) (defect #1)
   delta_scale="one"    LoRA deltas merged as A @ B without alpha/r (defect #2)
 The base-mismatch defect (#3) is reproduced by passing a different base_dir.
@@ -33,7 +33,7 @@ import numpy as np
 
 from h3jax.config import ModelConfig
 from h3jax.model import layers, llama
-from h3jax.train.lora import merge_lora  # re-exported: callers use h3jax.fusion.merge_lora
+from h3jax.model.lora import merge_lora  # re-exported: callers use h3jax.fusion.merge_lora
 
 ROUTER_INITS = ("random", "zeros", "hidden")
 ATTN_FROM = ("base", "average")
@@ -110,7 +110,7 @@ def fuse_params(base_cfg: ModelConfig, base_params: dict, expert_cfgs: Sequence[
   """Pure fusion of loaded models. Returns (moe_cfg, moe_params).
 
   delta_scale: "lora" merges each expert's LoRA leaves with its cfg.lora_scale
-  (alpha/r), "one" with 1.0 (reference defect #2), or a float.
+  (alpha/r), "one" with 1.0 (reference defect #2 in docs/h3fusion.md), or a float.
   hidden_prompt_ids: for router_init="hidden", per expert a list of token-id lists.
   """
   E = len(expert_params)

@@ -7,9 +7,9 @@ entries are stacked on a leading L axis:
   aux["topk_idx_BTK"]      [L, B, T, k]
 so e.g. `gating_loss(aux["router_probs_BTE"], task_B, response_mask_BT)`.
 
-Every term is float32 and has a default (the intended method,
-h3fusion-method.md §6.2 and §9) plus switches that reproduce the reference
-code's defects:
+Every term is float32 and has a default (the intended method, docs/h3fusion.md
+"Pipeline" step 3) plus switches that reproduce the reference code's defects
+(numbered as in docs/h3fusion.md, "Reference-code defects"):
   gating_loss   default  -mean_b log P̄[b, y_b], P̄ = router probs averaged
                          over layers and the masked (response) tokens
                 unmasked=True        average over all T positions (padding too; #6)

@@ -114,11 +114,8 @@ def read_config(path_or_dict, where: Optional[str] = None) -> dict:
 
 def _ref(ref: Any, where) -> str:
   if isinstance(ref, Mapping):  # mergekit's {model: {path: ..}, lora: {path: ..}} form
-    from h3jax.merging.config import MergeConfigError, _model_path
-    try:
-      return _model_path(ref, where)
-    except MergeConfigError as e:
-      raise MoEConfigError(str(e)) from None
+    from h3jax.hf import refs
+    return refs.model_path(ref, where, MoEConfigError)
   if not isinstance(ref, str) or not ref:
     raise MoEConfigError(f"{where}: a model must be a path string, got {ref!r}")
   return ref

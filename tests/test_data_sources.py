@@ -8,7 +8,7 @@ import pytest
 
 from h3jax.data import sources
 
-# Row counts stated in /work/shared/data/README.md and each PROVENANCE.md.
+# Row counts stated in the data root's README.md and each PROVENANCE.md.
 ROWS = {
     "alpaca_eval_instructions": 805, "alpaca_eval_outputs": 7245, "alpaca_eval_preferences": 25754,
     "hh_rlhf_harmless": 2312, "truthfulqa_generation": 817, "truthfulqa_mc": 817,

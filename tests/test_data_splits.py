@@ -11,7 +11,7 @@ from h3jax.data import sources
 from h3jax.data import splits
 
 
-def readme_bucket(key):  # verbatim from /work/shared/data/README.md
+def readme_bucket(key):  # verbatim from the data root's README.md (third_party/datasets.json, split_rule)
   return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) % 100
 
 

@@ -38,7 +38,7 @@ def test_gating_loss_unmasked_by_hand():
 
 def test_gating_loss_double_softmax_matches_spec_bounds():
   # Reference code: torch CrossEntropyLoss on probabilities. Perfect -> log(e+2) - 1 ≈ 0.551,
-  # uniform -> log 3, all mass on a wrong expert -> log(e+2) ≈ 1.551 (h3fusion-method.md §6.2).
+  # uniform -> log 3, all mass on a wrong expert -> log(e+2) ≈ 1.551 (docs/h3fusion.md, defect #6).
   onehot = np.eye(3, dtype=np.float32)
   probs = np.stack([onehot[[1, 1]], np.full((2, 3), 1 / 3, np.float32), onehot[[0, 0]]])  # B=3, T=2
   probs_LBTE = jnp.asarray(probs[None])

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import h3jax
-from h3jax.model import llama, params as params_lib
+from h3jax.merging.tree import fold_lora
+from h3jax.model import llama, lora as lora_lib, params as params_lib
 from tiny_hf import VARIANTS, make_model, save_model
 from numerics import assert_close, assert_tree_close
 
@@ -107,6 +108,12 @@ def test_lora_leaves_add_scaled_delta():
   merged = jax.tree.map(lambda x: x, params)
   merged["layers"]["mlp"]["up_proj"]["kernel"] = params["layers"]["mlp"]["up_proj"]["kernel"] + 0.5 * a @ b
   assert_close(llama.forward(with_lora, ids, cfg), llama.forward(merged, ids, cfg), rtol=1e-5, atol_rel=1e-5)
+  folded = lora_lib.merge_lora(with_lora, cfg.lora_scale)  # the one fold (export, fusion, merging)
+  assert "lora_a" not in folded["layers"]["mlp"]["up_proj"] and "lora_b" not in folded["layers"]["mlp"]["up_proj"]
+  assert_close(llama.forward(folded, ids, cfg), llama.forward(with_lora, ids, cfg), rtol=1e-5, atol_rel=1e-5)
+  assert folded["layers"]["mlp"]["down_proj"]["kernel"] is params["layers"]["mlp"]["down_proj"]["kernel"]
+  again = fold_lora(with_lora, cfg.lora_scale)
+  assert all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(again), jax.tree.leaves(folded)))
 
 
 def test_batch_sharded_on_explicit_mesh_matches_single_device(tmp_path):

@@ -5,7 +5,6 @@
              the Hugging Face hub; errors name the file, line and layout
   splits     per-axis SFT train / eval splits by the data README's hash rule
              (`helpfulness`, `harmlessness`, `honesty`, `axis_split`)
-  eval_sets  eval-only prompt sets and judge-training data
   format     Alpaca (the paper's) / chat / plain prompt templates
   tokenize   response-only loss masks, max length, truncation policy
   pipeline   the 3-axis mixture, `load_records`, `make_iterator` (deterministic,

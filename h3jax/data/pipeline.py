@@ -14,7 +14,7 @@ Interface for the trainer (kept stable):
       records (N = the natural total), whole copies first, then a seeded draw
       without replacement; an axis missing from weights is left out.
       task_labels="cumulative" reproduces the reference code's label bug
-      (defect #5 in h3fusion-method.md): labels [0]*n0 + [1]*(n0+n1) + ...
+      (defect #5 in docs/h3fusion.md): labels [0]*n0 + [1]*(n0+n1) + ...
       cut to the total, so late examples carry the wrong axis.
   it = make_iterator(records, tokenizer, batch_size=8, max_len=300, seed=42,
                      template="alpaca", pack=False, start_step=0,

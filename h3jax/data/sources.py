@@ -1,7 +1,9 @@
 """One loader per data source, returning a `datasets.Dataset` in the local schema.
 
-A source is read from a data root laid out as `/work/shared/data` (README.md
-there), given as an argument or through `$H3JAX_DATA_ROOT`. Without a root the
+A source is read from a data root (the 3H data folder, which documents itself in
+its own README.md; `expected_layout()` lists the files read here and
+third_party/datasets.json their checksums), given as an argument or through
+`$H3JAX_DATA_ROOT`. Without a root the
 matching Hugging Face hub copy is loaded (users with network) and converted to
 the same schema, so every caller sees the same fields whichever way it came.
 Hub conversions are written from the hub datasets' documented layouts and were
@@ -146,7 +148,7 @@ def expected_layout() -> str:
 
 
 def _layout_hint() -> str:
-  return (f"expected layout under the data root (see /work/shared/data/README.md; set it with "
+  return (f"expected layout under the data root (checksums: third_party/datasets.json; set it with "
           f"--data_root or ${DATA_ROOT_ENV}):\n{expected_layout()}")
 
 

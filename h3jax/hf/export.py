@@ -22,7 +22,7 @@ from h3jax import io_atomic
 from h3jax.config import ModelConfig, resolve_dtype
 from h3jax.hf import config_io, keymap, st_io
 from h3jax.model import params as params_lib
-from h3jax.train.lora import merge_lora
+from h3jax.model.lora import merge_lora
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",

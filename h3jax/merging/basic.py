@@ -2,8 +2,8 @@
 SLERP, Model Stock and Consensus (TALL masks).
 
 Each public method is `method(base, models, **hparams)` over params trees or single
-arrays; defaults are mergekit 0.1.5's (formulas and oracle differences:
-/work/shared/docs/merging-methods.md). Common keyword arguments of every method:
+arrays; defaults are mergekit 0.1.5's (hyper-parameters and differences from mergekit /
+FusionBench: docs/merging.md, "Methods and hyper-parameters"). Common keyword arguments of every method:
   rules       path -> rule table (h3jax.merging.rules): per-tensor overrides,
               keep_base / exclude, batch_dims;
   lora_scale  scale used to fold lora_a/lora_b leaves into kernels first;

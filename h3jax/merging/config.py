@@ -28,6 +28,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
+from h3jax.hf import refs
 from h3jax.merging import vocab
 from h3jax.merging.settings import (REQUIRED, MergeConfigError, _is_scalar,  # noqa: F401
                                     _validate_setting, evaluate_setting, resolve_tensor_params)
@@ -183,29 +184,8 @@ def _load_py(path):
 
 
 def _model_path(ref, where) -> str:
-  """A model reference -> path string; mergekit's `MODEL+LORA` (or `{model: .., lora: ..}`) stays
-  'MODEL+LORA', which the driver reads with the PEFT adapter merged in."""
-  if isinstance(ref, Mapping) and "model" in ref:  # mergekit's `{model: ..., lora: ...}` form
-    if set(ref) - {"model", "lora"}:
-      raise MergeConfigError(f"{where}: a model reference takes 'model' and 'lora', got {sorted(ref)}")
-    model = _model_path(ref["model"], where)
-    return model if ref.get("lora") is None else f"{model}+{_model_path(ref['lora'], where)}"
-  if isinstance(ref, Mapping):  # mergekit's `model: {path: ...}` form
-    if set(ref) - {"path"} or "path" not in ref:
-      raise MergeConfigError(f"{where}: a model reference takes only 'path', got {sorted(ref)}")
-    ref = ref["path"]
-  if not isinstance(ref, str) or not ref:
-    raise MergeConfigError(f"{where}: a model must be a path string, got {ref!r}")
-  if "+" in ref and not pathlib.Path(ref).exists():
-    parts = ref.split("+")
-    if len(parts) != 2 or not all(parts):
-      raise MergeConfigError(f"{where}: cannot parse model reference {ref!r}; expected MODEL or MODEL+LORA")
-    from h3jax.hf import adapters  # check the adapter now: one clear error before anything runs
-    try:
-      adapters.read_adapter(parts[1])
-    except adapters.AdapterError as e:
-      raise MergeConfigError(f"{where}: {e}") from None
-  return ref
+  """A model reference -> path string (`h3jax.hf.refs.model_path`), errors as MergeConfigError."""
+  return refs.model_path(ref, where, MergeConfigError)
 
 
 def _check_dtype(key, value, where):

@@ -1,7 +1,7 @@
 """RESM (Yang et al., arXiv 2502.06876): TSV-M + outlier weighting + sparsity-aware ranks.
 
 RECONSTRUCTION. The paper's equations were not available; this implements the
-parametrised proposal of merging-methods.md §3.3. Every knob is an argument and
+parametrised proposal below (knob table: docs/merging.md, "RESM"). Every knob is an argument and
 the DEFAULTS (rank_mode='tsvm', outlier_mode='none') REDUCE EXACTLY TO TSV-M
 (`h3jax.merging.tsv_m`, same code path, bit-identical).
 

@@ -23,20 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from h3jax.merging import rules as rules_lib
+from h3jax.model.lora import merge_lora
 
 
 def fold_lora(tree, lora_scale: float = 1.0):
-  """Folds `lora_a`/`lora_b` next to a `kernel` into it: kernel + s * a @ b."""
-  if isinstance(tree, Mapping):
-    if "kernel" in tree and "lora_a" in tree and "lora_b" in tree:
-      out = {k: v for k, v in tree.items() if k not in ("lora_a", "lora_b")}
-      k = tree["kernel"]
-      delta = jnp.einsum("...ir,...ro->...io", tree["lora_a"].astype(jnp.float32),
-                         tree["lora_b"].astype(jnp.float32))  # [.., in, out]
-      out["kernel"] = (k.astype(jnp.float32) + lora_scale * delta).astype(k.dtype)
-      return out
-    return {k: fold_lora(v, lora_scale) for k, v in tree.items()}
-  return tree
+  """Folds `lora_a`/`lora_b` next to a `kernel` into it: kernel + s * a @ b (`h3jax.model.lora.merge_lora`)."""
+  return merge_lora(tree, lora_scale)
 
 
 def leaves_with_paths(tree) -> list:

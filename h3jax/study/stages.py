@@ -62,7 +62,7 @@ def run_merge(sc, workdir, stage: plan.Stage) -> dict:
   import numpy as np
   import h3jax
   from h3jax import checkpoint, merging
-  from h3jax.train.lora import merge_lora
+  from h3jax.model.lora import merge_lora
   row, point = stage.arg["row"], stage.arg["point"]
   spec = sc.merges[row]
   hp = dict(spec.grid[point])

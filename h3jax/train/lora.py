@@ -6,8 +6,9 @@ A matched linear dict `{kernel [..., in, out]}` gains
   lora_b [..., r, out] zeros, so the model is unchanged at step 0.
 Leading axes (layers L, experts E) are kept, so per-expert MoE kernels
 [L, E, in, out] get one independent adapter per expert. The model applies
-them with `cfg.lora_scale = alpha / r` (see `lora_model_config`). `merge_lora`
-folds them into the kernels (used by `save_pretrained` and `h3jax.fusion`).
+them with `cfg.lora_scale = alpha / r` (see `lora_model_config`). Folding them
+into the kernels (`merge_lora`, `lora_delta`, `strip_lora`) lives beside the
+model in `h3jax.model.lora` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import jax
 import jax.numpy as jnp
 
 from h3jax.config import ModelConfig
+from h3jax.model.lora import lora_delta, merge_lora, strip_lora  # noqa: F401  (re-exported)
 from h3jax.train.optim import path_str
 
-# The paper's LoRA targets (h3fusion-method.md §3, §6.1) as path regexes over
+# The paper's LoRA targets (docs/h3fusion.md, "Pipeline" steps 1 and 3) as path regexes over
 # the linear dict's path (without the trailing "/kernel").
 FFN_TARGETS = (r"^layers/(mlp|moe/experts)/(gate|up|down)_proj$",)
 ATTN_TARGETS = (r"^layers/attn/(q|k|v|o)_proj$",)
@@ -68,29 +70,3 @@ def add_lora(params: dict, targets: Sequence[str], rank: int, key: jax.Array,
     out[lin + ("lora_a",)] = jax.random.uniform(k, (*lead, d_in, rank), jnp.float32, -bound, bound).astype(dtype)
     out[lin + ("lora_b",)] = jnp.zeros((*lead, rank, d_out), dtype)
   return tu.unflatten_dict(out)
-
-
-def lora_delta(leaf: dict, scale: float):
-  """Effective weight change scale * A @ B of one linear dict ([..., in, out])."""
-  return scale * jnp.einsum("...ir,...ro->...io", leaf["lora_a"].astype(jnp.float32),
-                            leaf["lora_b"].astype(jnp.float32))
-
-
-def merge_lora(params: dict, scale: float) -> dict:
-  """Copy of params with every `lora_a`/`lora_b` pair folded into its kernel: W + scale * A @ B."""
-  flat = tu.flatten_dict(params)
-  out = {}
-  for path, leaf in flat.items():
-    if path[-1] in ("lora_a", "lora_b"):
-      continue
-    parent = path[:-1]
-    if path[-1] == "kernel" and parent + ("lora_a",) in flat:
-      adapter = {"lora_a": flat[parent + ("lora_a",)], "lora_b": flat[parent + ("lora_b",)]}
-      leaf = (leaf.astype(jnp.float32) + lora_delta(adapter, scale)).astype(leaf.dtype)
-    out[path] = leaf
-  return tu.unflatten_dict(out)
-
-
-def strip_lora(params: dict) -> dict:
-  return tu.unflatten_dict({k: v for k, v in tu.flatten_dict(params).items()
-                            if k[-1] not in ("lora_a", "lora_b")})

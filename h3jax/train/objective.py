@@ -11,7 +11,7 @@ pass them to the forward; the gating loss uses `task_B` (one task per row).
 The MoE terms come from `h3jax.fusion_losses`; the router terms are averaged
 over microbatches; drift depends only on params and is added once per step.
 
-Faithful switches for the reference code (h3fusion-method.md §9), all in the
+Faithful switches for the reference code (docs/h3fusion.md, defects #6, #7), all in the
 `loss` config: gate_mode="double_softmax" (#6), gate_masked=False (#6),
 drift_mode="lora_a_plus_b" with drift_layer_divisor=32 (#7).
 """

@@ -13,7 +13,7 @@ be -1 = "all the rest"):
   tensor  Megatron tensor parallelism: column (output-dim) / row (input-dim)
           splits of the attention and FFN matrices; the batch is replicated.
 
-Axes are `Auto` (classic GSPMD propagation; see jax-notes.md §5): the jitted
+Axes are `Auto` (classic GSPMD sharding propagation, not `Explicit`): the jitted
 step gets explicit in/out shardings and XLA inserts the collectives; the loop
 traces under `jax.set_mesh(mesh)` so the expert-parallel `shard_map` finds the
 `expert` axis. A matrix dimension that its axis size does not divide falls

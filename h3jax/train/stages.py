@@ -7,7 +7,8 @@
                   full-FFN fine-tuning.
   stage "fusion"  Stage B: `h3jax.fusion.build_moe(base, experts)` then fresh LoRA
                   on q/k/v/o and every expert's gate/up/down; the router is
-                  trainable unless `train.router_trainable=False` (defect #4).
+                  trainable unless `train.router_trainable=False` (defect #4;
+                  reference-code defects are numbered in docs/h3fusion.md).
 
 Data comes from `h3jax.data`: records via `h3jax.data.pipeline.load_records`
 (3H axis names, "mixture", or JSONL paths), the tokenizer via
