@@ -23,7 +23,7 @@ def publish(sc, workdir, dest) -> str:
   with io_atomic.output_dir(dest, overwrite=True, inputs=[w], own_subdirs=("judges",),
                             own_patterns=("*.gz",)) as tmp:
     for f in src.iterdir():
-      if f.suffix in (".json", ".md", ".png"):
+      if f.suffix in (".json", ".md", ".png") and f.name != "DONE.json":
         shutil.copy2(f, tmp / f.name)
     stage_recipes, timings = {}, {}
     for p in sorted(w.glob("**/DONE.json")):
