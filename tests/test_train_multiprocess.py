@@ -51,8 +51,13 @@ def _check_equal(got, problem):
   flat = {"/".join(str(k.key) for k in path): np.asarray(v)
           for path, v in jax.tree_util.tree_flatten_with_path(state["params"])[0]}
   assert set(got) == set(flat)
+  init = {"/".join(str(k.key) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
   for k in flat:
-    np.testing.assert_allclose(got[k], flat[k], rtol=1e-4, atol=2e-5, err_msg=k)
+    # Adam turns summation-order noise in near-zero gradients into ~lr-sized element differences (the
+    # two-process all-reduce sums in another order): compare each leaf's error with how far it moved.
+    err, moved = np.linalg.norm(got[k] - flat[k]), np.linalg.norm(flat[k] - init[k])
+    assert err <= 1e-3 * moved + 1e-6 * np.linalg.norm(flat[k]), (k, err, moved)
 
 
 @pytest.mark.slow
