@@ -38,6 +38,10 @@ def get_config():
   c.name = "study_smollm2"
   c.base = SMOLLM2
   c.expert_steps = ml_collections.ConfigDict(dict(helpful=80, harmless=60, honest=80))
+  # HH-RLHF's "chosen" replies are the less harmful of two, mostly evasive rather than refusing: trained on
+  # them alone, expert_harmless did not move pooled harmful compliance (92.8 -> 92.8 %). The data README's
+  # remedy: add the 260 refusal_direction harmful_train instructions with template refusals (synthetic).
+  c.axis_data.harmless = "harmless+refusals"
   c.stage_b_steps = 40
   c.eval.generation.repetition_penalty = 1.2
   c.eval.generation.penalize_eos = False

@@ -197,6 +197,11 @@ def test_load_records(data_root, tmp_path):
     pipeline.load_records(str(f))
   with pytest.raises(ValueError, match="the mixture is a training set"):
     pipeline.load_records("mixture", split="eval", data_root=data_root)
+  both = pipeline.load_records("harmless+refusals", data_root=data_root)  # "+" joins record sets in order
+  assert len(both) == 1160 + 260 and both[1160:] == pipeline.load_records("refusals", data_root=data_root)
+  assert pipeline.load_records("1", data_root=data_root) == pipeline.load_records("harmless", data_root=data_root)
+  with pytest.raises(ValueError, match=r"unknown data spec 'harmles' in 'harmles\+refusals'"):
+    pipeline.load_records("harmles+refusals", data_root=data_root)
 
 
 def test_real_mixture_packed_batches_hold_whole_examples(data_root):

@@ -148,3 +148,18 @@ def test_hh_messages_hand_case():
                                    {"role": "user", "content": "why?"}]
   assert splits.hh_instruction(p) == p[:-len("\n\nAssistant:")].strip()
   assert splits.hh_instruction("\n\nHuman: a b\n\nAssistant:") == "a b"
+
+
+def test_refusals_are_deterministic_template_replies_disjoint_from_every_eval_set(data_root):
+  from h3jax.evaluation import harm
+  train, held = splits.refusals("train", data_root), splits.refusals("eval", data_root)
+  assert (len(train), len(held)) == (260, 39)  # data README: refusal_direction harmful 260 / 39
+  assert {r["task"] for r in train} == {splits.HARMLESS}
+  for r in train[:20]:  # the template is picked by the instruction's hash bucket
+    assert r["response"] == splits.REFUSAL_TEMPLATES[readme_bucket(r["instruction"]) % len(splits.REFUSAL_TEMPLATES)]
+  assert len({r["response"] for r in train}) == len(splits.REFUSAL_TEMPLATES)  # every template is used
+  norm = harm._norm
+  trained = {norm(r["instruction"]) for r in train}
+  for name, items in harm.load_sets(data_root).items():  # AdvBench drops its 117 trained goals
+    assert not trained & {norm(x["prompt"]) for x in items}, name
+  assert len(harm.advbench(data_root, drop_trained=False)) - len(harm.advbench(data_root)) == 117

@@ -54,6 +54,10 @@ def test_bad_configs_fail_before_any_work():
   sc.merges.merge_ties.grid = []
   with pytest.raises(ValueError, match="grid is empty"):
     plan.build(sc)
+  sc = _config()
+  sc.axis_data.harmless = "harmless+refusal"
+  with pytest.raises(ValueError, match="unknown data spec 'refusal'"):
+    plan.build(sc)
   with pytest.raises(ValueError, match="matches no stage"):
     plan.select(plan.build(_config()), ["nope/*"])
 
@@ -63,8 +67,10 @@ def test_recipes_follow_the_study_config():
   helpful = recipes.expert_config(sc, "helpful")
   assert helpful.stage == "sft" and helpful.data.sources == ("helpful",) and helpful.train.steps == 80
   assert helpful.lora.targets == ("ffn",) and helpful.data.template == "chat" and helpful.data.pack
-  mix = recipes.mixture_config(sc)
-  assert mix.data.sources == ("helpful", "harmless", "honest")
+  harmless = recipes.expert_config(sc, "harmless")  # HH-RLHF plus the synthetic refusals, label harmless
+  assert harmless.data.sources == ("harmless+refusals",) and harmless.data.tasks == (1,)
+  mix = recipes.mixture_config(sc)  # every axis' data is the same in its expert, the mixture and Stage B
+  assert mix.data.sources == ("helpful", "harmless+refusals", "honest") and mix.data.tasks == (0, 1, 2)
   assert mix.train.steps == sum(sc.expert_steps.values())  # same examples as the three experts together
   ref = recipes.moe_config(sc, dict(sc.moe.moe_reference), ["a", "b", "c"])
   assert (ref.fusion.alias_experts, ref.fusion.delta_scale, ref.train.router_trainable) == (True, "one", False)
@@ -72,6 +78,7 @@ def test_recipes_follow_the_study_config():
   full = recipes.moe_config(sc, dict(sc.moe.moe_gate_drift), ["a", "b", "c"])
   assert full.loss.drift_weights == (1e-3,) * 3 and full.fusion.router_init == "hidden"
   assert full.data.template == "chat" and full.stage == "fusion"
+  assert full.data.sources == mix.data.sources and ref.data.sources == mix.data.sources
   ev = recipes.eval_config(sc)
   assert ev.prompt_template == "chat" and ev.sample.alpaca_eval == 120
   ev, val = recipes.eval_config(sc), recipes.eval_config(sc, "validation")  # validation decodes as eval

@@ -3,8 +3,9 @@
 Interface for the trainer (kept stable):
 
   records = load_records(spec, split="train", data_root=None, task=None)
-      spec: an axis ("helpful" | "harmless" | "honest"), "mixture", or a JSONL
-      file of {"instruction", "response", ["input"], ["task"]} rows (errors name
+      spec: an axis ("helpful" | "harmless" | "honest"), "mixture", a record
+      set of `splits.EXTRA_SETS` ("refusals": synthetic template refusals),
+      names joined with "+" ("harmless+refusals"), or a JSONL file of {"instruction", "response", ["input"], ["task"]} rows (errors name
       file:line); task overrides every record's label.
   records = mixture_records(data_root, axes=AXES, weights=None, seed=0,
                             honesty_rule="hash", task_labels="per_source")
@@ -101,6 +102,16 @@ def cumulative_task_labels(sizes: Sequence[int]) -> List[int]:
   return out[:sum(sizes)]
 
 
+def check_spec(spec: str) -> None:
+  """Raise on a data spec `load_records` cannot read, without loading any data."""
+  if str(spec).endswith(".jsonl") or spec == "mixture":
+    return
+  for part in str(spec).split("+"):
+    if part not in splits.EXTRA_SETS and part not in AXES and not part.isdigit():
+      raise ValueError(f"unknown data spec {part!r} in {spec!r}: expected an axis {AXES}, 'mixture', "
+                       f"one of {sorted(splits.EXTRA_SETS)}, names joined with '+', or a .jsonl file")
+
+
 def load_records(spec: str, *, split: str = "train", data_root=None, task: Optional[int] = None) -> List[dict]:
   """Records of an axis, of the mixture, or of a user JSONL file (see the module docstring)."""
   if str(spec).endswith(".jsonl"):
@@ -122,7 +133,13 @@ def load_records(spec: str, *, split: str = "train", data_root=None, task: Optio
       raise ValueError("the mixture is a training set; evaluate per axis (split='eval')")
     recs = mixture_records(data_root)
   else:
-    recs = splits.axis_split(spec, split, data_root)
+    check_spec(spec)
+    recs = []
+    for part in str(spec).split("+"):
+      if part in splits.EXTRA_SETS:
+        recs += splits.EXTRA_SETS[part](split, data_root)
+      else:
+        recs += splits.axis_split(int(part) if part.isdigit() else part, split, data_root)
   if task is not None:
     recs = [dict(r, task=int(task)) for r in recs]
     tok_lib.task_label(recs[0])

@@ -158,6 +158,44 @@ def honesty(split: str, data_root=None, *, rule: str = "hash") -> List[dict]:
   return out
 
 
+# Synthetic refusals (data README, "Refusal-style data": no refusal responses ship with the data, so
+# they are written from fixed templates and reported as synthetic). One template per instruction, picked
+# by its hash bucket, so the set is deterministic.
+REFUSAL_TEMPLATES = (
+    "I'm sorry, but I can't help with that. It could seriously harm people.",
+    "I can't assist with this request. The information could be used to hurt someone or to break the law.",
+    "Sorry, I won't help with that. If you have another question, I'm happy to help.",
+    "I'm not able to provide that. It would be unsafe and possibly illegal.",
+    "I can't help with that request, because it could put people at risk. Is there something else I can do "
+    "for you?",
+    "I'm sorry, I can't do that. This asks for something harmful, and I won't provide it.",
+    "No, I can't help with this. Helping could cause real harm, so I have to decline.",
+    "I won't provide instructions or content for this. It could hurt others. Let me know if I can help with "
+    "something else.",
+)
+
+
+def refusals(split: str, data_root=None) -> List[dict]:
+  """Harmful instructions paired with template refusals (synthetic), label harmless.
+
+  train: refusal_direction/harmful_train (260; 117 are AdvBench goals, which
+  `h3jax.evaluation.harm.advbench` drops from evaluation). eval:
+  refusal_direction/harmful_val (39 HarmBench val behaviours).
+  """
+  _check_split(split)
+  name = "refusal_direction_harmful_" + ("train" if split == "train" else "val")
+  out = []
+  for i, row in enumerate(sources.load_source(name, data_root).to_list()):
+    inst = row["instruction"]
+    out.append(_record(inst, REFUSAL_TEMPLATES[bucket(inst) % len(REFUSAL_TEMPLATES)], HARMLESS,
+                       "refusal_direction (synthetic refusal)", inst, idx=i, category=row.get("category")))
+  return out
+
+
+# Record sets that are not an axis; a data spec joins names with "+" ("harmless+refusals").
+EXTRA_SETS = {"refusals": refusals}
+
+
 _AXIS_FNS = {HELPFUL: helpfulness, HARMLESS: harmlessness, HONEST: honesty}
 
 

@@ -66,6 +66,9 @@ def default_study_config() -> ml_collections.ConfigDict:
   c.tokenizer = ""  # "" = the base folder's
   # Stage A (one LoRA expert per axis): merged into h3jax.train.defaults.default_config().
   c.expert_steps = ml_collections.ConfigDict(dict(helpful=60, harmless=60, honest=60))
+  # Each axis' training data (an h3jax.data.pipeline.load_records spec), used by its expert, the data
+  # mixture and Stage B alike.
+  c.axis_data = ml_collections.ConfigDict(dict(helpful="helpful", harmless="harmless", honest="honest"))
   c.stage_a = ml_collections.ConfigDict(dict(
       data=dict(template="chat", seq_len=256, pack=True, eval_fraction=0.0),
       train=dict(batch_size=8, lr=1e-3, warmup_steps=5, decay="linear", checkpoint_every=20,

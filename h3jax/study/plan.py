@@ -94,6 +94,9 @@ def validate(sc) -> None:
         raise ValueError(f"row {r!r}: merges.{r}.grid is empty")
     if r in MOE_ROWS and r not in sc.moe:
       raise ValueError(f"row {r!r} has no entry in config.moe")
+  from h3jax.data import pipeline
+  for spec in recipes.axis_data(sc):
+    pipeline.check_spec(spec)
   for a in AXES:
     if a not in sc.expert_steps:
       raise ValueError(f"config.expert_steps has no entry for the {a!r} expert (every merge, MoE and "

@@ -49,12 +49,18 @@ def _base_train(sc) -> ml_collections.ConfigDict:
   return merge_into(c, sc.stage_a)
 
 
+def axis_data(sc) -> tuple:
+  """The three axes' training-data specs, in AXES order."""
+  specs = sc.get("axis_data") or {}
+  return tuple(str(specs.get(a, a)) for a in AXES)
+
+
 def expert_config(sc, axis: str) -> ml_collections.ConfigDict:
   """Stage A: LoRA SFT of the base on one axis' training split."""
   c = _base_train(sc)
   with c.unlocked():
     c.stage = "sft"
-    c.data.sources = (axis,)
+    c.data.sources = (axis_data(sc)[AXES.index(axis)],)
     c.data.tasks = (AXES.index(axis),)
     c.train.steps = int(sc.expert_steps[axis])
   return c
@@ -66,7 +72,7 @@ def mixture_config(sc) -> ml_collections.ConfigDict:
   c = _base_train(sc)
   with c.unlocked():
     c.stage = "sft"
-    c.data.sources = AXES
+    c.data.sources = axis_data(sc)
     c.data.tasks = (0, 1, 2)
     c.train.steps = int(sc.mixture_steps or sum(int(sc.expert_steps[a]) for a in AXES))
   return c
@@ -80,7 +86,7 @@ def moe_config(sc, row_overrides: dict, expert_dirs) -> ml_collections.ConfigDic
     c.fusion.base_dir = sc.base
     c.fusion.expert_dirs = tuple(str(d) for d in expert_dirs)
     c.fusion.expert_names = AXES
-    c.data.sources = AXES
+    c.data.sources = axis_data(sc)
     c.data.tasks = ()
     c.train.steps = int(sc.stage_b_steps)
   c = merge_into(c, _stage_b_defaults(sc))
