@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from h3jax.config import ModelConfig
+from h3jax.data import format as data_format
 from h3jax.model import llama
 
 
@@ -215,20 +216,71 @@ def generate_tokens(params, cfg: ModelConfig, prompt_ids_BP, prompt_mask_BP, *, 
 
 # ----------------------------------------------------------------------------- text level
 
-def _bucket(n: int, multiple: int = 16) -> int:
+def pad_bucket(n: int, multiple: int = 16) -> int:
+  """n rounded up to a multiple (at least one): padded lengths share compiled shapes."""
   return max(multiple, -(-n // multiple) * multiple)
 
 
 def format_prompts(tokenizer, prompts: Sequence[str], *, chat: bool, system: Optional[str] = None):
+  """Raw prompts, or (chat) each as one user turn of the tokenizer's chat template, ready to answer."""
   if not chat:
     return list(prompts)
-  if not getattr(tokenizer, "chat_template", None):
-    raise ValueError("chat=True but the tokenizer has no chat template")
-  out = []
-  for p in prompts:
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
-    out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-  return out
+  return [data_format.format_prompt(p, tokenizer, "chat", system=system or None) for p in prompts]
+
+
+def eos_ids(cfg: ModelConfig, tokenizer) -> list:
+  """The config's end-of-sequence ids and the tokenizer's."""
+  eos = set(cfg.eos_token_id)
+  if tokenizer.eos_token_id is not None:
+    eos.add(int(tokenizer.eos_token_id))
+  return sorted(eos)
+
+
+def complete_batch(params, cfg: ModelConfig, tokenizer, texts: Sequence[str], *, rows: int, max_new_tokens: int,
+                   sampling: SamplingConfig = SamplingConfig(), eos_token_ids: Sequence[int] = (),
+                   stop_strings: Sequence[str] = (), add_special_tokens: bool = True, pad_to=pad_bucket,
+                   seed: int = 0, row_seeds: Optional[Sequence[int]] = None, chunk: int = 32):
+  """(completions, cut flags) of 1..rows formatted prompts, decoded as one batch of `rows` rows.
+
+  The prompts are left-padded to pad_to(longest) tokens; spare rows hold one token and are done
+  from the start, so a batch always has `rows` rows (one compiled shape per padded length). A
+  completion ends at an EOS id (not part of the text) or at a stop string (cut from the text);
+  `cut` says it reached max_new_tokens instead. The one text-level decoding path: `generate` and
+  the evaluation (`h3jax.evaluation.infer`) both call it.
+  """
+  if not 0 < len(texts) <= rows:
+    raise ValueError(f"complete_batch takes 1..{rows} prompts, got {len(texts)}")
+  enc = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+  P = pad_to(max(len(e) for e in enc))
+  ids_BP = np.full((rows, P), tokenizer.pad_token_id or 0, np.int32)
+  mask_BP = np.zeros((rows, P), np.int32)
+  for i, e in enumerate(enc):
+    ids_BP[i, P - len(e):], mask_BP[i, P - len(e):] = e, 1
+  mask_BP[len(enc):, -1] = 1
+  stops, n_real = tuple(stop_strings), len(enc)
+
+  def should_stop(tokens_BN, lengths_B):
+    done = np.arange(len(tokens_BN)) >= n_real
+    if stops:
+      decoded = tokenizer.batch_decode(tokens_BN[:n_real], skip_special_tokens=True)
+      done[:n_real] = [any(s in d for s in stops) for d in decoded]
+    return done
+
+  toks_BN, lengths_B = generate_tokens(
+      params, cfg, ids_BP, mask_BP, max_new_tokens=max_new_tokens, sampling=sampling,
+      eos_token_ids=eos_token_ids, seed=seed, chunk=chunk,
+      should_stop=should_stop if stops or n_real < rows else None,
+      row_seeds=None if row_seeds is None else list(row_seeds) + [0] * (rows - n_real))
+  out, cut = [], []
+  for i in range(n_real):
+    row = [int(t) for t in toks_BN[i, :lengths_B[i]]]
+    text = tokenizer.decode([t for t in row if t not in eos_token_ids], skip_special_tokens=True)
+    stopped = any(s in text for s in stops)
+    for s in stops:
+      text = text.split(s, 1)[0]
+    out.append(text)
+    cut.append(bool(len(row) >= max_new_tokens and row[-1] not in eos_token_ids and not stopped))
+  return out, cut
 
 
 def generate(params, cfg: ModelConfig, tokenizer, prompts, *, chat: bool = False, system: Optional[str] = None,
@@ -246,45 +298,17 @@ def generate(params, cfg: ModelConfig, tokenizer, prompts, *, chat: bool = False
   prompts = [prompts] if single else list(prompts)
   sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, penalize_eos)
   texts = format_prompts(tokenizer, prompts, chat=chat, system=system)
-  if eos_token_ids is None:
-    eos = set(cfg.eos_token_id)
-    if tokenizer.eos_token_id is not None:
-      eos.add(int(tokenizer.eos_token_id))
-    eos_token_ids = sorted(eos)
-  add_special = not chat  # chat templates already contain BOS where the model wants it
+  eos_token_ids = eos_ids(cfg, tokenizer) if eos_token_ids is None else list(eos_token_ids)
   params = llama.unstack_layers(params, cfg)  # once for all batches
+  rows = batch_size if len(texts) > batch_size else len(texts)  # fixed shapes across batches
   outputs = []
   batches = range(0, len(texts), batch_size)
   if progress:
     import tqdm
     batches = tqdm.tqdm(batches, desc="generate", unit="batch")
   for start in batches:
-    batch = texts[start:start + batch_size]
-    enc = [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in batch]
-    P = _bucket(max(len(e) for e in enc))
-    n_rows = batch_size if len(texts) > batch_size else len(batch)  # fixed shapes across batches
-    ids = np.full((n_rows, P), tokenizer.pad_token_id or 0, np.int32)
-    mask = np.zeros((n_rows, P), np.int32)
-    for i, e in enumerate(enc):
-      ids[i, P - len(e):], mask[i, P - len(e):] = e, 1
-    for i in range(len(enc), n_rows):  # filler rows: a single token
-      mask[i, -1] = 1
-
-    def should_stop(tokens_BN, lengths_B, n_real=len(enc)):
-      if not stop_strings:  # filler rows are done; real rows stop at EOS inside the loop
-        return np.arange(len(tokens_BN)) >= n_real
-      decoded = tokenizer.batch_decode(tokens_BN, skip_special_tokens=True)
-      return np.array([any(s in d for s in stop_strings) if i < n_real else True
-                       for i, d in enumerate(decoded)])
-
-    toks, lengths = generate_tokens(params, cfg, ids, mask, max_new_tokens=max_new_tokens, sampling=sampling,
-                                    eos_token_ids=eos_token_ids, seed=seed + start, chunk=chunk,
-                                    should_stop=should_stop if stop_strings or len(enc) < n_rows else None)
-    for i in range(len(enc)):
-      row = [int(t) for t in toks[i, :lengths[i]] if int(t) not in eos_token_ids]
-      text = tokenizer.decode(row, skip_special_tokens=True)
-      for s in stop_strings:
-        if s in text:
-          text = text[:text.index(s)]
-      outputs.append(text)
+    outputs += complete_batch(params, cfg, tokenizer, texts[start:start + batch_size], rows=rows,
+                              max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos_token_ids,
+                              stop_strings=stop_strings, add_special_tokens=not chat, seed=seed + start,
+                              chunk=chunk)[0]
   return outputs[0] if single else outputs

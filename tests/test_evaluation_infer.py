@@ -69,7 +69,7 @@ def test_bucketed_generation_equals_generate():
   want = generation.generate(m["params"], m["cfg"], m["tokenizer"], texts, max_new_tokens=12,
                              stop_strings=("###",), batch_size=2)
   assert got == want and len(got) == 2
-  with pytest.raises(ValueError, match="generate_texts takes 1..4 prompts, got 6"):
+  with pytest.raises(ValueError, match="complete_batch takes 1..4 prompts, got 6"):
     infer.generate_texts(m, texts * 3, settings, batch_size=4)
 
 

@@ -103,45 +103,18 @@ def _encode(tok, text: str, settings: dict) -> list:
 
 def generate_texts(model: dict, texts: Sequence[str], settings: dict, *, batch_size: int,
                    seed: int = 0, row_seeds: Optional[Sequence[int]] = None, return_cut: bool = False):
-  """Completions of at most `batch_size` formatted prompts, as one padded [batch_size, P] batch.
+  """Completions of at most `batch_size` formatted prompts, as one padded [batch_size, P] batch
+  (`generation.complete_batch`, prompts padded to PROMPT_BUCKETS).
 
   With return_cut, also whether each completion was cut by max_new_tokens (no EOS, no stop string)."""
   tok, cfg = model["tokenizer"], model["cfg"]
-  if not 0 < len(texts) <= batch_size:
-    raise ValueError(f"generate_texts takes 1..{batch_size} prompts, got {len(texts)}")
-  eos = set(cfg.eos_token_id) | ({int(tok.eos_token_id)} if tok.eos_token_id is not None else set())
-  enc = [_encode(tok, t, settings) for t in texts]
-  P = _prompt_bucket(max(len(e) for e in enc))
-  ids_BP = np.full((batch_size, P), tok.pad_token_id or 0, np.int32)
-  mask_BP = np.zeros((batch_size, P), np.int32)
-  for i, e in enumerate(enc):
-    ids_BP[i, P - len(e):], mask_BP[i, P - len(e):] = e, 1
-  mask_BP[len(enc):, -1] = 1  # filler rows: a single token, done from the start
-  stops, n_real = tuple(settings["stop"]), len(enc)
-
-  def should_stop(tokens_BN, lengths_B):
-    done = np.arange(len(tokens_BN)) >= n_real
-    if stops:
-      decoded = tok.batch_decode(tokens_BN[:n_real], skip_special_tokens=True)
-      done[:n_real] = [any(s in d for s in stops) for d in decoded]
-    return done
-
   sampling = generation.SamplingConfig(settings["temperature"], settings["top_k"], settings["top_p"],
                                        settings.get("repetition_penalty", 1.0),
                                        settings.get("penalize_eos", True))
-  toks_BN, lengths_B = generation.generate_tokens(
-      model["params"], cfg, ids_BP, mask_BP, max_new_tokens=settings["max_new_tokens"], sampling=sampling,
-      eos_token_ids=sorted(eos), seed=seed, chunk=32, should_stop=should_stop,
-      row_seeds=None if row_seeds is None else list(row_seeds) + [0] * (batch_size - len(texts)))
-  out, cut = [], []
-  for i in range(n_real):
-    row = [int(t) for t in toks_BN[i, :lengths_B[i]]]
-    text = tok.decode([t for t in row if t not in eos], skip_special_tokens=True)
-    stopped = any(s in text for s in stops)
-    for s in stops:
-      text = text.split(s, 1)[0]
-    out.append(text)
-    cut.append(bool(len(row) >= settings["max_new_tokens"] and row[-1] not in eos and not stopped))
+  out, cut = generation.complete_batch(
+      model["params"], cfg, tok, texts, rows=batch_size, max_new_tokens=settings["max_new_tokens"],
+      sampling=sampling, eos_token_ids=generation.eos_ids(cfg, tok), stop_strings=settings["stop"],
+      add_special_tokens=settings["format"] != "chat", pad_to=_prompt_bucket, seed=seed, row_seeds=row_seeds)
   return (out, cut) if return_cut else out
 
 

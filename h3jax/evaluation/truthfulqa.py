@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from h3jax import generation
 from h3jax.config import ModelConfig
 from h3jax.evaluation import metrics
 from h3jax.model import llama
@@ -121,10 +122,6 @@ def _suffix_logprobs(params, prefix_cache, ids_BT, mask_BT, cfg: ModelConfig):
   return jnp.take_along_axis(logp_BTV, next_BT[:, :, None], axis=-1)[..., 0]
 
 
-def _bucket(n: int, multiple: int = 16) -> int:
-  return max(multiple, -(-n // multiple) * multiple)
-
-
 def _shared_prefix_len(rows, multiple: int = 16) -> int:
   """Tokens every context starts with, rounded down to `multiple` (so calls share compiled shapes)
   and leaving each row at least one context token (it predicts the first continuation token)."""
@@ -171,7 +168,7 @@ def sequence_logprobs(params, cfg: ModelConfig, tokenizer, contexts: Sequence[st
     starts = tqdm.tqdm(starts, desc="log-probs", unit="batch")
   for start in starts:
     idx = order[start:start + batch_size]
-    T = _bucket(max(len(rows[i][0]) + len(rows[i][1]) - P for i in idx))
+    T = generation.pad_bucket(max(len(rows[i][0]) + len(rows[i][1]) - P for i in idx))
     ids_BT = np.full((batch_size, T), tokenizer.pad_token_id or 0, np.int32)
     mask_BT = np.zeros((batch_size, T), np.int32)
     valid_BT = np.zeros((batch_size, T), bool)  # positions whose next token is a continuation token
