@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from h3jax.config import ModelConfig
-from h3jax.model import layers, llama
+from h3jax.model import llama
 from h3jax.model.lora import merge_lora  # re-exported: callers use h3jax.fusion.merge_lora
 
 ROUTER_INITS = ("random", "zeros", "hidden")
@@ -69,18 +69,9 @@ def mlp_inputs(params: dict, input_ids_BT, cfg: ModelConfig, attention_mask_BT=N
   """Post-mlp_norm hidden states of a dense model at every layer: [L, B, T, D] (f32)."""
   B, T = input_ids_BT.shape
   mask_BT = jnp.ones((B, T), bool) if attention_mask_BT is None else attention_mask_BT.astype(bool)
-  mask_BTS = jnp.tril(jnp.ones((T, T), bool))[None] & mask_BT[:, None, :]
-  cos_BTH, sin_BTH = layers.rope_cos_sin(llama.positions_from_mask(mask_BT), cfg)
-
-  def step(x_BTD, p):
-    h_BTD = layers.rms_norm(x_BTD, p["attn_norm"]["scale"], cfg.rms_norm_eps)
-    attn_BTD, _ = layers.attention(p["attn"], h_BTD, cos_BTH, sin_BTH, mask_BTS, cfg)
-    x_BTD = x_BTD + attn_BTD.astype(x_BTD.dtype)
-    h_BTD = layers.rms_norm(x_BTD, p["mlp_norm"]["scale"], cfg.rms_norm_eps)
-    return x_BTD + layers.swiglu_mlp(p["mlp"], h_BTD, cfg).astype(x_BTD.dtype), h_BTD.astype(jnp.float32)
-
-  _, h_LBTD = jax.lax.scan(step, llama.embed(params, input_ids_BT, cfg), params["layers"])
-  return h_LBTD
+  _, aux = llama.hidden_states(params, input_ids_BT, cfg, attention_mask_BT=mask_BT,
+                               positions_BT=llama.positions_from_mask(mask_BT), collect=("mlp_in",))
+  return aux["mlp_in"].astype(jnp.float32)
 
 
 def hidden_router(base_params: dict, base_cfg: ModelConfig, prompt_ids: Sequence[Sequence[Sequence[int]]]):

@@ -40,7 +40,7 @@ import numpy as np
 import yaml
 
 from h3jax.config import ModelConfig
-from h3jax.model import layers, llama
+from h3jax.model import llama
 
 GATE_MODES = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random")
 _TOP_KEYS = {"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "architecture"}
@@ -176,17 +176,9 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str]):
 def layer_inputs(params, input_ids_BT, attention_mask_BT, cfg: ModelConfig):
   """Residual stream entering every layer ([L, B, T, D] f32; HF's hidden_states[:-1]), with
   positions 0..T-1 and padded keys masked, as transformers runs a left-padded batch."""
-  B, T = input_ids_BT.shape
-  mask_BT = attention_mask_BT.astype(bool)
-  mask_BTS = jnp.tril(jnp.ones((T, T), bool))[None] & mask_BT[:, None, :]
-  cos_BTH, sin_BTH = layers.rope_cos_sin(jnp.broadcast_to(jnp.arange(T), (B, T)), cfg)
-
-  def step(x_BTD, p):
-    out_BTD, _, _ = llama._block(p, x_BTD, cos_BTH, sin_BTH, mask_BTS, mask_BT, cfg)  # noqa: SLF001
-    return out_BTD, x_BTD.astype(jnp.float32)
-
-  _, x_LBTD = jax.lax.scan(step, llama.embed(params, input_ids_BT, cfg), params["layers"])
-  return x_LBTD
+  _, aux = llama.hidden_states(params, input_ids_BT, cfg, attention_mask_BT=attention_mask_BT,
+                               collect=("layer_in",))
+  return aux["layer_in"].astype(jnp.float32)
 
 
 def gate_vectors(mode: str, base_cfg: ModelConfig, base_params: dict, experts: Sequence[dict],

@@ -154,3 +154,36 @@ def test_cached_decoding_across_kv_buckets_equals_full_forward():
   logits = jax.jit(llama.forward, static_argnums=2)(params, seq, cfg, attention_mask_BT=m,
                                                      positions_BT=llama.positions_from_mask(m))
   np.testing.assert_array_equal(toks[:, :N], np.asarray(jnp.argmax(logits[:, P - 1:P - 1 + N], -1)))
+
+
+def test_collected_intermediates_match_transformers_hooks(tiny):
+  """forward(collect=...) returns each layer's inputs as transformers' modules receive them."""
+  name, model, cfg, params = tiny
+  ids = np.random.RandomState(4).randint(3, 128, (2, 20))
+  mask = np.ones_like(ids)
+  mask[1, :6] = 0  # a left-padded row
+  seen = {k: [] for k in llama.COLLECTABLE}
+  hooks = []
+  for layer in model.model.layers:
+    for key, mod in (("layer_in", layer), ("attn_in", layer.self_attn), ("o_in", layer.self_attn.o_proj),
+                     ("mlp_in", layer.mlp), ("down_in", layer.mlp.down_proj)):
+      def hook(_, args, kwargs, key=key):
+        x = args[0] if args else kwargs["hidden_states"]
+        seen[key].append(x.detach().numpy())
+      hooks.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+  try:
+    _torch_logits(model, ids, mask)
+  finally:
+    for h in hooks:
+      h.remove()
+  logits, aux = llama.forward(params, jnp.asarray(ids), cfg, attention_mask_BT=jnp.asarray(mask),
+                              return_aux=True, collect=llama.COLLECTABLE)
+  real = mask.astype(bool)
+  for key in llama.COLLECTABLE:
+    ours, ref = np.asarray(aux[key]), np.stack(seen[key])
+    assert ours.shape == ref.shape == (cfg.num_layers, 2, 20, ref.shape[-1]), key
+    assert_close(ours[:, real], ref[:, real], rtol=1e-4, atol_rel=1e-5, err_msg=f"{name} {key}")
+  plain = llama.forward(params, jnp.asarray(ids), cfg, attention_mask_BT=jnp.asarray(mask))
+  np.testing.assert_array_equal(np.asarray(plain), np.asarray(logits))  # collecting changes nothing
+  with pytest.raises(ValueError, match="cannot collect"):
+    llama.forward(params, jnp.asarray(ids), cfg, collect=("q_in",))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from h3jax.config import ModelConfig
 from h3jax.merging import blocks, tree as tree_lib
 from h3jax.merging.basic import _common, _pop_lambda
-from h3jax.model import layers, llama
+from h3jax.model import llama
 
 
 def _batch_arrays(batch):
@@ -75,33 +75,13 @@ def _gram(x_BTI, m_BT):
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _grams_batch(params, ids_BT, mask_BT, cfg):
-  B, T = ids_BT.shape
-  pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  tok = mask_BT.astype(bool)
-  mask_BTS = jnp.tril(jnp.ones((T, T), bool))[None] & tok[:, None, :]
-  cos, sin = layers.rope_cos_sin(pos_BT, cfg)
-  x_BTD = llama.embed(params, ids_BT, cfg)
-  eye_o = jnp.eye(cfg.num_heads * cfg.head_dim, dtype=jnp.float32)
-  eye_f = jnp.eye(cfg.intermediate_size, dtype=jnp.float32)
-
-  def step(x_BTD, p):
-    h_BTD = layers.rms_norm(x_BTD, p["attn_norm"]["scale"], cfg.rms_norm_eps)
-    # An identity o_proj / down_proj returns the input of the real projection.
-    p_att = dict(p["attn"], o_proj={"kernel": eye_o})
-    o_in_BTE, _ = layers.attention(p_att, h_BTD, cos, sin, mask_BTS, cfg)
-    x_BTD = x_BTD + layers.linear(p["attn"]["o_proj"], o_in_BTE, cfg).astype(x_BTD.dtype)
-    h2_BTD = layers.rms_norm(x_BTD, p["mlp_norm"]["scale"], cfg.rms_norm_eps)
-    d_in_BTF = layers.swiglu_mlp(dict(p["mlp"], down_proj={"kernel": eye_f}), h2_BTD, cfg)
-    x_BTD = x_BTD + layers.linear(p["mlp"]["down_proj"], d_in_BTF, cfg).astype(x_BTD.dtype)
-    return x_BTD, (_gram(h_BTD, mask_BT), _gram(o_in_BTE, mask_BT), _gram(h2_BTD, mask_BT),
-                   _gram(d_in_BTF, mask_BT))
-
-  x_BTD, (g_attn, g_o, g_mlp, g_down) = jax.lax.scan(step, x_BTD, params["layers"])
-  h_BTD = layers.rms_norm(x_BTD, params["final_norm"]["scale"], cfg.rms_norm_eps)
-  out = {"layers/attn/q_proj/kernel": g_attn, "layers/attn/k_proj/kernel": g_attn,
-         "layers/attn/v_proj/kernel": g_attn, "layers/attn/o_proj/kernel": g_o,
-         "layers/mlp/gate_proj/kernel": g_mlp, "layers/mlp/up_proj/kernel": g_mlp,
-         "layers/mlp/down_proj/kernel": g_down}
+  h_BTD, aux = llama.hidden_states(params, ids_BT, cfg, attention_mask_BT=mask_BT,
+                                   collect=("attn_in", "o_in", "mlp_in", "down_in"))
+  g = {k: jax.vmap(_gram, (0, None))(aux[k], mask_BT) for k in ("attn_in", "o_in", "mlp_in", "down_in")}
+  out = {"layers/attn/q_proj/kernel": g["attn_in"], "layers/attn/k_proj/kernel": g["attn_in"],
+         "layers/attn/v_proj/kernel": g["attn_in"], "layers/attn/o_proj/kernel": g["o_in"],
+         "layers/mlp/gate_proj/kernel": g["mlp_in"], "layers/mlp/up_proj/kernel": g["mlp_in"],
+         "layers/mlp/down_proj/kernel": g["down_in"]}
   if not cfg.tie_word_embeddings:
     out["lm_head/kernel"] = _gram(h_BTD, mask_BT)
   return out

@@ -94,15 +94,19 @@ def linear(p: dict, x_BTI, cfg: ModelConfig, rng=None):
   return y_BTO
 
 
-def swiglu_mlp(p: dict, x_BTD, cfg: ModelConfig, rng=None):
+def swiglu_mlp(p: dict, x_BTD, cfg: ModelConfig, rng=None, taps=None):
+  """SwiGLU FFN; `taps` (a dict, filled while tracing) receives down_proj's input as "down_in"."""
   rngs = jax.random.split(rng, 3) if rng is not None else (None,) * 3
   gate_BTF = linear(p["gate_proj"], x_BTD, cfg, rngs[0])
   up_BTF = linear(p["up_proj"], x_BTD, cfg, rngs[1])
-  return linear(p["down_proj"], jax.nn.silu(gate_BTF) * up_BTF, cfg, rngs[2])
+  act_BTF = jax.nn.silu(gate_BTF) * up_BTF
+  if taps is not None:
+    taps["down_in"] = act_BTF
+  return linear(p["down_proj"], act_BTF, cfg, rngs[2])
 
 
 def attention(p: dict, x_BTD, cos_BTH, sin_BTH, mask_BTS, cfg: ModelConfig, *,
-              kv_cache=None, cache_index=None, layer=0, kv_len=None, rng=None):
+              kv_cache=None, cache_index=None, layer=0, kv_len=None, rng=None, taps=None):
   """Causal GQA self-attention.
 
   mask_BTS: bool, True where query t may attend key s (causality and padding
@@ -139,5 +143,7 @@ def attention(p: dict, x_BTD, cos_BTH, sin_BTH, mask_BTS, cfg: ModelConfig, *,
   scores_BKRTS = jnp.where(mask_BTS[:, None, None], scores_BKRTS, jnp.finfo(jnp.float32).min)
   probs_BKRTS = jax.nn.softmax(scores_BKRTS, axis=-1).astype(cfg.compute_dtype)
   out_BTKRH = jnp.einsum("bkrts,bskh->btkrh", probs_BKRTS, v_BSKH.astype(cfg.compute_dtype))
-  out_BTD = linear(p["o_proj"], out_BTKRH.reshape(B, T, H * Dh), cfg, rngs[3])
-  return out_BTD, new_cache
+  o_in_BTE = out_BTKRH.reshape(B, T, H * Dh)
+  if taps is not None:  # o_proj's input, for callers that observe activations (RegMean's Grams)
+    taps["o_in"] = o_in_BTE
+  return linear(p["o_proj"], o_in_BTE, cfg, rngs[3]), new_cache

@@ -29,21 +29,33 @@ def _remat(fn, cfg: ModelConfig):
   return fn
 
 
+# Intermediates a forward pass can return per layer (`collect`): the residual stream entering the layer,
+# the normed attention input, o_proj's input, the normed FFN input and (dense) down_proj's input.
+COLLECTABLE = ("layer_in", "attn_in", "o_in", "mlp_in", "down_in")
+
+
 def _block(p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT, cfg: ModelConfig,
-           kv=None, cache_index=None, layer=0, kv_len=None, rng=None):
+           kv=None, cache_index=None, layer=0, kv_len=None, rng=None, collect=()):
   rngs = jax.random.split(rng, 2) if rng is not None else (None, None)
+  taps = {"layer_in": x_BTD} if collect else None
   h_BTD = layers.rms_norm(x_BTD, p["attn_norm"]["scale"], cfg.rms_norm_eps)
   attn_BTD, new_kv = layers.attention(p["attn"], h_BTD, cos_BTH, sin_BTH, mask_BTS, cfg,
                                       kv_cache=kv, cache_index=cache_index, layer=layer,
-                                      kv_len=kv_len, rng=rngs[0])
+                                      kv_len=kv_len, rng=rngs[0], taps=taps)
+  if collect:
+    taps["attn_in"] = h_BTD
   x_BTD = x_BTD + attn_BTD.astype(x_BTD.dtype)
   h_BTD = layers.rms_norm(x_BTD, p["mlp_norm"]["scale"], cfg.rms_norm_eps)
+  if collect:
+    taps["mlp_in"] = h_BTD
   aux = {}
   if cfg.is_moe:
     from h3jax.model import moe  # imported lazily: dense models never need it
     ffn_BTD, aux = moe.moe_ffn(p["moe"], h_BTD, cfg, mask_BT=token_mask_BT, rng=rngs[1])
   else:
-    ffn_BTD = layers.swiglu_mlp(p["mlp"], h_BTD, cfg, rngs[1])
+    ffn_BTD = layers.swiglu_mlp(p["mlp"], h_BTD, cfg, rngs[1], taps=taps)
+  if collect:
+    aux = dict(aux, **{k: taps[k] for k in collect})
   return x_BTD + ffn_BTD.astype(x_BTD.dtype), new_kv, aux
 
 
@@ -62,7 +74,7 @@ def _over_layers(step, carry, layers_p, per_layer, cfg: ModelConfig):
 
 
 def _run_layers(layers_p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT, cfg: ModelConfig,
-                cache=None, cache_index=None, kv_len=None, rng=None):
+                cache=None, cache_index=None, kv_len=None, rng=None, collect=()):
   """Run the layers. Returns (x_BTD, new_cache or None, aux stacked on L)."""
   if cache is not None:
     return _run_layers_cached(layers_p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT, cfg,
@@ -71,7 +83,7 @@ def _run_layers(layers_p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT, cfg:
 
   def step(x_BTD, xs):
     p, r = xs
-    x_BTD, _, aux = _block(p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT, cfg, rng=r)
+    x_BTD, _, aux = _block(p, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT, cfg, rng=r, collect=collect)
     return x_BTD, aux
 
   x_BTD, aux = _over_layers(_remat(step, cfg), x_BTD, layers_p, rngs_L, cfg)
@@ -147,34 +159,48 @@ def logits_from_hidden(params, hidden_BTD, cfg: ModelConfig):
                     preferred_element_type=jnp.float32)
 
 
+def causal_mask(token_mask_BT, segment_ids_BT=None):
+  """[B, T, S] bool: query t may attend key s <= t that is a real token (of t's packed segment)."""
+  T = token_mask_BT.shape[1]
+  mask_BTS = jnp.tril(jnp.ones((T, T), bool))[None] & token_mask_BT.astype(bool)[:, None, :]
+  if segment_ids_BT is not None:
+    mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+  return mask_BTS
+
+
 def hidden_states(params, input_ids_BT, cfg: ModelConfig, *, attention_mask_BT=None,
-                  positions_BT=None, segment_ids_BT=None, rng=None):
-  """Final-norm hidden states [B, T, D] and per-layer aux (MoE router stats, [L, ...])."""
+                  positions_BT=None, segment_ids_BT=None, rng=None, collect=()):
+  """Final-norm hidden states [B, T, D] and per-layer aux (MoE router stats, [L, ...]).
+
+  collect: names from COLLECTABLE; each is returned in aux stacked on L (e.g. aux["mlp_in"] [L, B, T, D],
+  what fusion's hidden router and RegMean's Grams observe), from the one decoder block.
+  """
+  unknown = set(collect) - set(COLLECTABLE) | ({"down_in"} & set(collect) if cfg.is_moe else set())
+  if unknown:
+    raise ValueError(f"cannot collect {sorted(unknown)}; collectable: {COLLECTABLE} (down_in: dense only)")
   B, T = input_ids_BT.shape
   if positions_BT is None:
     positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   token_mask_BT = (jnp.ones((B, T), bool) if attention_mask_BT is None
                    else attention_mask_BT.astype(bool))
-  causal_TS = jnp.tril(jnp.ones((T, T), bool))
-  mask_BTS = causal_TS[None] & token_mask_BT[:, None, :]
-  if segment_ids_BT is not None:
-    mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+  mask_BTS = causal_mask(token_mask_BT, segment_ids_BT)
   cos_BTH, sin_BTH = layers.rope_cos_sin(positions_BT, cfg)
   x_BTD = embed(params, input_ids_BT, cfg)
   x_BTD, _, aux = _run_layers(params["layers"], x_BTD, cos_BTH, sin_BTH, mask_BTS, token_mask_BT,
-                              cfg, rng=rng)
+                              cfg, rng=rng, collect=tuple(collect))
   return layers.rms_norm(x_BTD, params["final_norm"]["scale"], cfg.rms_norm_eps), aux
 
 
 def forward(params, input_ids_BT, cfg: ModelConfig, *, attention_mask_BT=None, positions_BT=None,
-            segment_ids_BT=None, rng=None, return_aux=False):
+            segment_ids_BT=None, rng=None, return_aux=False, collect=()):
   """Logits [B, T, V] (float32).
 
   attention_mask_BT marks real tokens (padding may be left or right). Positions
   default to 0..T-1 as in transformers; pass `positions_from_mask(mask)` for
   left-padded batches. segment_ids_BT restricts attention to one packed
   sequence. `rng` enables LoRA dropout. With return_aux, also returns
-  {"hidden_BTD", and for MoE "router_logits"/"router_probs" [L, B, T, E], ...}.
+  {"hidden_BTD", and for MoE "router_logits"/"router_probs" [L, B, T, E], ...}, plus the per-layer
+  intermediates named in `collect` (see hidden_states).
   With cfg.ensemble_size, params are stacked ensemble members (h3jax.model.ensemble).
   """
   if cfg.ensemble_size:
@@ -183,7 +209,8 @@ def forward(params, input_ids_BT, cfg: ModelConfig, *, attention_mask_BT=None, p
                             positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, rng=rng,
                             return_aux=return_aux)
   hidden_BTD, aux = hidden_states(params, input_ids_BT, cfg, attention_mask_BT=attention_mask_BT,
-                                  positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, rng=rng)
+                                  positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, rng=rng,
+                                  collect=collect)
   logits_BTV = logits_from_hidden(params, hidden_BTD, cfg)
   if return_aux:
     return logits_BTV, dict(aux, hidden_BTD=hidden_BTD)
