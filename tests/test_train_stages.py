@@ -38,7 +38,7 @@ def test_stage_a_paper_lora_trains_only_ffn_adapters(tmp_path):
 def test_stage_a_full_ffn_option(tmp_path):
   c = tiny(tmp_path)
   c.lora.enabled = False
-  c.train.trainable = ("^layers/mlp/",)
+  c.train.trainable = ("layers/mlp/*",)
   run = stages.setup(c)
   assert trainable(run) == sorted(f"layers/mlp/{m}_proj/kernel" for m in ("gate", "up", "down"))
   assert "lora_a" not in run.params["layers"]["mlp"]["up_proj"]

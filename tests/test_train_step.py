@@ -231,7 +231,7 @@ def test_lora_step_has_no_weight_gradient_dot_for_frozen_kernels():
     shapes = re.findall(r"stablehlo\.dot_general.*?-> tensor<([\dx]+)xf32>", lowered.as_text())
     return [s for s in shapes if tuple(int(d) for d in s.split("x")[-2:]) in pairs]
 
-  full_labels = optim.param_labels(params, optim.trainable_rules(lora=False, router=False, extra=(".",)))
+  full_labels = optim.param_labels(params, optim.trainable_rules(lora=False, router=False, extra=("*",)))
   full = _lowered_step(cfg, params, full_labels)
   assert len(weight_grad_dots(full)) >= 4  # the check sees weight gradients where they exist
   lp = lora.add_lora(params, lora.FFN_TARGETS, 4, jax.random.key(1))

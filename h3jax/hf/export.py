@@ -23,6 +23,7 @@ from h3jax.config import ModelConfig, resolve_dtype
 from h3jax.hf import config_io, keymap, st_io
 from h3jax.model import params as params_lib
 from h3jax.model.lora import merge_lora
+from h3jax.rules import path_str
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
@@ -34,7 +35,7 @@ def check_params(params: dict, cfg: ModelConfig):
   want = dict(jax.tree_util.tree_flatten_with_path(params_lib.param_shapes(cfg),
                                                    is_leaf=lambda x: isinstance(x, tuple))[0])
   got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-  fmt = lambda p: "/".join(k.key for k in p)
+  fmt = path_str
   for p in sorted(set(want) | set(got), key=fmt):
     if p not in got:
       raise ValueError(f"params are missing {fmt(p)} (expected shape {want[p]})")

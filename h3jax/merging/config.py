@@ -23,11 +23,11 @@ import dataclasses
 import importlib.util
 import inspect
 import pathlib
-import re
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
+from h3jax import rules as rules_lib
 from h3jax.hf import refs
 from h3jax.merging import vocab
 from h3jax.merging.settings import (REQUIRED, MergeConfigError, _is_scalar,  # noqa: F401
@@ -96,10 +96,9 @@ class Rule:
   action: str = "merge"
   parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
-  def matches(self, name: str) -> bool:
-    if self.filter.startswith("re:"):
-      return re.search(self.filter[3:], name) is not None
-    return self.filter == "*" or self.filter in name
+  def matches(self, name: str) -> bool:  # mergekit's filter is a substring: `sub:` in h3jax.rules
+    f = self.filter
+    return f == "*" or rules_lib.matches(f if f.startswith("re:") else "sub:" + f, name)
 
 
 @dataclasses.dataclass(frozen=True)

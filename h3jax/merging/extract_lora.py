@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import json
 import pathlib
-import re
 from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from h3jax import rules as rules_lib
 from h3jax.hf import adapters, st_io
 from h3jax.hf.load import load_config
 
@@ -50,7 +50,7 @@ def factor(delta: np.ndarray, rank: int):
 
 def _rank_for(module: str, rank: int, rank_pattern: Optional[Mapping[str, int]]) -> int:
   for pattern, r in (rank_pattern or {}).items():
-    if re.search(pattern, module):
+    if rules_lib.matches("re:" + pattern, module):  # PEFT's rank_pattern keys are regexes
       return int(r)
   return rank
 

@@ -3,9 +3,9 @@
 A path is the slash-joined key path of a params leaf ("layers/attn/q_proj/kernel");
 for HF tensors the driver passes the HF name instead, and the same tables work.
 
-A rule table is a sequence of `(pattern, overrides)` pairs. A pattern is a glob
-(`fnmatch`, `*` also crosses `/`), `re:<regex>` (re.search) or `sub:<text>`
-(substring, mergekit's `filter`). For each hyper-parameter the FIRST matching rule
+A rule table is a sequence of `(pattern, overrides)` pairs; patterns are the one
+dialect of `h3jax.rules`: a glob (`fnmatch`, `*` also crosses `/`), `re:<regex>`
+(re.search) or `sub:<text>` (substring, mergekit's `filter`). For each hyper-parameter the FIRST matching rule
 that sets it wins (mergekit's filter order), then the call's own value. Special
 override keys:
   keep_base: True  -> the output is the base's tensor (untouched);
@@ -22,9 +22,10 @@ each element a number or a gradient.
 
 from __future__ import annotations
 
-import fnmatch
-import re
 from typing import Any, Mapping, Sequence
+
+from h3jax import rules as rules_lib
+from h3jax.rules import path_str  # noqa: F401  (re-exported: merge code imports it from here)
 
 # Leading axes that stack separate HF tensors in the h3jax params layout.
 DEFAULT_STACK_RULES = (
@@ -39,25 +40,8 @@ NON_GRADIENT_KEYS = ("thresholds", "sp_range", "alpha", "coef")
 EMBEDDING_PATTERNS = ("embed/embedding", "lm_head/kernel", "sub:embed_tokens", "sub:lm_head")
 
 
-def path_str(keypath) -> str:
-  """jax key path -> 'a/b/c' (str keys, sequence indices and attributes)."""
-  parts = []
-  for k in keypath:
-    for attr in ("key", "idx", "name"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
-
-
 def matches(pattern: str, path: str) -> bool:
-  if pattern.startswith("re:"):
-    return re.search(pattern[3:], path) is not None
-  if pattern.startswith("sub:"):
-    return pattern[4:] in path
-  return fnmatch.fnmatchcase(path, pattern)
+  return rules_lib.matches(pattern, path)
 
 
 def validate_rules(rules) -> tuple:
@@ -71,7 +55,7 @@ def validate_rules(rules) -> tuple:
     if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)
             and isinstance(item[1], Mapping)):
       raise ValueError(f"each rule must be (pattern: str, overrides: dict), got {item!r}")
-    out.append((item[0], dict(item[1])))
+    out.append((rules_lib.check_pattern(item[0]), dict(item[1])))
   return tuple(out)
 
 

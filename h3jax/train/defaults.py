@@ -56,7 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.lora.rank = 8
   c.lora.alpha = 4.0
   c.lora.dropout = 0.1
-  c.lora.targets = ("ffn",)  # "ffn", "attn" or path regexes over linear-layer paths
+  c.lora.targets = ("ffn",)  # "ffn", "attn" or h3jax.rules patterns over linear-layer paths
 
   c.loss = ml_collections.ConfigDict()
   c.loss.lm_weight = 1.0
@@ -94,7 +94,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.end_lr_frac = 0.0
   c.train.weight_decay = 0.0
   c.train.clip_norm = 1.0
-  c.train.trainable = ()  # extra trainable-leaf regexes, e.g. "^layers/mlp/" for full-FFN SFT
+  c.train.trainable = ()  # extra trainable-leaf patterns (h3jax.rules), e.g. "layers/mlp/*"
   c.train.router_trainable = True  # False: reference defect #4
   c.train.checkpoint_every = 50
   c.train.keep_checkpoints = 2

@@ -14,7 +14,6 @@ model in `h3jax.model.lora` and is re-exported here.
 from __future__ import annotations
 
 import math
-import re
 from typing import Sequence
 
 import flax.traverse_util as tu
@@ -23,12 +22,13 @@ import jax.numpy as jnp
 
 from h3jax.config import ModelConfig
 from h3jax.model.lora import lora_delta, merge_lora, strip_lora  # noqa: F401  (re-exported)
-from h3jax.train.optim import path_str
+from h3jax import rules as rules_lib
+from h3jax.rules import path_str
 
-# The paper's LoRA targets (docs/h3fusion.md, "Pipeline" steps 1 and 3) as path regexes over
-# the linear dict's path (without the trailing "/kernel").
-FFN_TARGETS = (r"^layers/(mlp|moe/experts)/(gate|up|down)_proj$",)
-ATTN_TARGETS = (r"^layers/attn/(q|k|v|o)_proj$",)
+# The paper's LoRA targets (docs/h3fusion.md, "Pipeline" steps 1 and 3) as `h3jax.rules` patterns
+# over the linear dict's path (without the trailing "/kernel").
+FFN_TARGETS = ("re:^layers/(mlp|moe/experts)/(gate|up|down)_proj$",)
+ATTN_TARGETS = ("layers/attn/[qkvo]_proj",)
 
 
 def lora_model_config(cfg: ModelConfig, rank: int, alpha: float, dropout: float) -> ModelConfig:
@@ -41,17 +41,17 @@ def add_lora(params: dict, targets: Sequence[str], rank: int, key: jax.Array,
              dtype=jnp.float32) -> dict:
   """Copy of `params` with lora_a / lora_b next to every matched `kernel`.
 
-  Raises if a target regex matches no linear layer (a typo would otherwise
+  Targets are `h3jax.rules` patterns. Raises if a target matches no linear layer (a typo would otherwise
   silently train nothing) or if a matched layer already has LoRA.
   """
   if rank < 1:
     raise ValueError(f"LoRA rank must be >= 1, got {rank}")
   flat = tu.flatten_dict(params)
   linears = sorted(k[:-1] for k in flat if k[-1] == "kernel")
-  hits = {pattern: [] for pattern in targets}
+  hits = {pattern: [] for pattern, _ in rules_lib.check_rules([(t, None) for t in targets], "LoRA targets")}
   for lin in linears:
     for pattern in targets:
-      if re.search(pattern, path_str(lin)):
+      if rules_lib.matches(pattern, path_str(lin)):
         hits[pattern].append(lin)
         break
   unused = [p for p, h in hits.items() if not h]

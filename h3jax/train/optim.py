@@ -1,8 +1,9 @@
 """Optimizer built from path -> rule tables (big_vision style).
 
-Every per-parameter policy is a tuple of `(regex, value)` pairs matched with
-`re.search` against the slash-joined path ("layers/attn/q_proj/lora_a"); the
-first match wins. Frozen leaves get `optax.set_to_zero()` through
+Every per-parameter policy is a tuple of `(pattern, value)` pairs matched
+against the slash-joined path ("layers/attn/q_proj/lora_a") in the one rule
+dialect of `h3jax.rules` (glob, `re:` regex or `sub:` substring); the first
+match wins. Frozen leaves get `optax.set_to_zero()` through
 `optax.partition`, so they hold no optimizer state at all (not even Adam
 moments), and `apply_trainable` leaves them untouched, so they stay
 bit-identical. Gradient accumulation is done in the train step (one optimizer
@@ -12,27 +13,17 @@ hold a full-size buffer for frozen leaves too.
 
 from __future__ import annotations
 
-import re
-from typing import Any, Sequence, Tuple
+from typing import Sequence
 
 import flax.traverse_util as tu
 import jax
 import optax
 
+from h3jax import rules as rules_lib
+from h3jax.rules import Rules, path_str  # noqa: F401  (path_str re-exported)
+
 FROZEN = "frozen"
-Rules = Sequence[Tuple[str, Any]]
-
-
-def path_str(path: tuple) -> str:
-  return "/".join(str(p) for p in path)
-
-
-def match_rule(path: str, rules: Rules, default=None):
-  """Value of the first `(regex, value)` rule whose regex is found in `path`."""
-  for pattern, value in rules:
-    if re.search(pattern, path):
-      return value
-  return default
+match_rule = rules_lib.first_match
 
 
 def map_rules(tree: dict, rules: Rules, default=None) -> dict:
@@ -42,14 +33,14 @@ def map_rules(tree: dict, rules: Rules, default=None) -> dict:
 
 
 def trainable_rules(*, lora: bool, router: bool, extra: Sequence[str] = ()) -> tuple:
-  """The trainable-leaf rule table: LoRA factors, the MoE router, extra regexes."""
+  """The trainable-leaf rule table: LoRA factors, the MoE router, extra patterns (`h3jax.rules`)."""
   rules = []
   if lora:
-    rules.append((r"/lora_[ab]$", True))
+    rules.append(("re:/lora_[ab]$", True))
   if router:
-    rules.append((r"^layers/moe/router/", True))
+    rules.append(("layers/moe/router/*", True))
   rules += [(pattern, True) for pattern in extra]
-  return tuple(rules)
+  return rules_lib.check_rules(rules, "trainable rules")
 
 
 def param_labels(params: dict, train_rules: Rules, lr_mults: Rules = ()) -> dict:

@@ -28,14 +28,14 @@ Optimizer moments take their parameter's spec (`tree_shardings_like`).
 from __future__ import annotations
 
 import math
-import re
 from typing import Mapping, Optional, Sequence, Tuple
 
 import flax.traverse_util as tu
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from h3jax.train.optim import path_str
+from h3jax import rules as rules_lib
+from h3jax.rules import path_str
 
 DATA, FSDP, EXPERT, TENSOR = "data", "fsdp", "expert", "tensor"
 AXES = (DATA, FSDP, EXPERT, TENSOR)
@@ -50,19 +50,19 @@ class MeshError(ValueError):
 
 # First match wins; paths are slash-joined params paths. Stacked layers lead with L (never split).
 PARAM_RULES: Tuple[Tuple[str, P], ...] = (
-    (r"^embed/embedding$", P(_T, None)),  # [V, D]: a lookup from a D-split table reshuffles activations
-    (r"^lm_head/kernel$", P(_F, _T)),  # [D, V]
-    (r"^layers/attn/[qkv]_proj/kernel$", P(None, _F, _T)),  # [L, D, H*Dh] column
-    (r"^layers/attn/[qkv]_proj/bias$", P(None, _T)),
-    (r"^layers/attn/o_proj/kernel$", P(None, _T, _F)),  # [L, H*Dh, D] row
-    (r"^layers/mlp/(gate|up)_proj/kernel$", P(None, _F, _T)),  # [L, D, F]
-    (r"^layers/mlp/down_proj/kernel$", P(None, _T, _F)),  # [L, F, D]
-    (r"^layers/moe/experts/(gate|up)_proj/kernel$", P(None, _E, _F, _T)),  # [L, E, D, F]
-    (r"^layers/moe/experts/down_proj/kernel$", P(None, _E, _T, _F)),  # [L, E, F, D]
-    (r"^layers/moe/experts/\w+/lora_[ab]$", P(None, _E)),  # [L, E, in, r] / [L, E, r, out]
-    (r"^layers/moe/router/kernel$", P()),  # [L, D, E]
-    (r"/lora_[ab]$", P()),  # dense LoRA factors are small: replicated
-    (r".*", P()),  # norms, biases
+    ("embed/embedding", P(_T, None)),  # [V, D]: a lookup from a D-split table reshuffles activations
+    ("lm_head/kernel", P(_F, _T)),  # [D, V]
+    ("layers/attn/[qkv]_proj/kernel", P(None, _F, _T)),  # [L, D, H*Dh] column
+    ("layers/attn/[qkv]_proj/bias", P(None, _T)),
+    ("layers/attn/o_proj/kernel", P(None, _T, _F)),  # [L, H*Dh, D] row
+    ("re:^layers/mlp/(gate|up)_proj/kernel$", P(None, _F, _T)),  # [L, D, F]
+    ("layers/mlp/down_proj/kernel", P(None, _T, _F)),  # [L, F, D]
+    ("re:^layers/moe/experts/(gate|up)_proj/kernel$", P(None, _E, _F, _T)),  # [L, E, D, F]
+    ("layers/moe/experts/down_proj/kernel", P(None, _E, _T, _F)),  # [L, E, F, D]
+    ("re:^layers/moe/experts/\w+/lora_[ab]$", P(None, _E)),  # [L, E, in, r] / [L, E, r, out]
+    ("layers/moe/router/kernel", P()),  # [L, D, E]
+    ("re:/lora_[ab]$", P()),  # dense LoRA factors are small: replicated
+    ("*", P()),  # norms, biases
 )
 
 
@@ -154,7 +154,7 @@ def param_specs(params, mesh, rules=PARAM_RULES) -> dict:
   out = {}
   for k, v in flat.items():
     p = path_str(k)
-    spec = next(s for pattern, s in rules if re.search(pattern, p))
+    spec = rules_lib.first_match(p, rules)
     out[k] = fit_spec(spec, v.shape, mesh)
   return tu.unflatten_dict(out)
 
@@ -164,8 +164,8 @@ def param_shardings(params, mesh, rules=PARAM_RULES) -> dict:
                       is_leaf=lambda x: isinstance(x, P))
 
 
-def _dict_path(path) -> str:
-  return "/".join(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))
+def _dict_path(path) -> str:  # optax states nest params under tuples and named tuples: dict keys only
+  return path_str([p for p in path if isinstance(p, jax.tree_util.DictKey)])
 
 
 def tree_shardings_like(tree, params, mesh, rules=PARAM_RULES):
