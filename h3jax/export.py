@@ -23,14 +23,12 @@ non-empty --out) is one `error:` line, exit code 2, and nothing is created.
 
 from __future__ import annotations
 
-import pathlib
 import sys
-from typing import Optional
 
 from absl import app, flags, logging
 
-from h3jax import checkpoint, io_atomic
-from h3jax.hf import export as hf_export
+from h3jax import io_atomic
+from h3jax.hf.export import export_checkpoint
 
 FLAGS = flags.FLAGS
 
@@ -47,45 +45,6 @@ def define_flags():
   flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
   flags.DEFINE_enum("format", "hf", ["hf", "peft"], "hf: full HF folder (LoRA merged); peft: PEFT LoRA adapter.")
   flags.DEFINE_string("base", None, "With --format=peft: the base model folder/name recorded in the adapter.")
-
-
-def export_checkpoint(checkpoint_dir, out_dir, *, step: Optional[int] = None, tokenizer_source=None,
-                      dtype: Optional[str] = None, max_shard_size="5GB", overwrite: bool = False,
-                      format: str = "hf", base: Optional[str] = None) -> pathlib.Path:
-  out = pathlib.Path(out_dir)
-  io_atomic.check_not_overlapping(out, (checkpoint_dir, tokenizer_source))
-  if out.exists() and any(out.iterdir()) and not overwrite:
-    raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
-  if not pathlib.Path(checkpoint_dir).is_dir():  # checked first: Orbax would create the folder
-    raise FileNotFoundError(f"checkpoint folder not found: {checkpoint_dir} (pass the run's checkpoints/ "
-                            f"folder, e.g. runs/NAME/checkpoints)")
-  if tokenizer_source and not pathlib.Path(tokenizer_source).is_dir():
-    raise FileNotFoundError(f"--tokenizer_source folder not found: {tokenizer_source}")
-  if out.exists() and overwrite:
-    io_atomic.check_replaceable(out)
-  ckpt = checkpoint.Checkpointer(checkpoint_dir, max_to_keep=None)
-  try:
-    restored = ckpt.restore(step)
-  finally:
-    ckpt.close()
-  cfg = restored["config"]
-  if cfg is None:
-    raise ValueError(f"checkpoint {checkpoint_dir} step {restored['step']} holds no model config")
-  tokenizer_source = tokenizer_source or restored["extra"].get("tokenizer_source")
-  if format == "peft":
-    from h3jax.hf import adapters
-    base = base or tokenizer_source
-    if base is not None and pathlib.Path(base, "config.json").is_file():  # nothing but LoRA may have changed
-      from h3jax.hf.load import load_pretrained
-      adapters.check_only_lora_trained(restored["params"], load_pretrained(base)[1], base)
-    return adapters.save_adapter(cfg, restored["params"], out, base_model_name_or_path=base,
-                                 overwrite=overwrite)
-  if format != "hf":
-    raise ValueError(f"unknown export format {format!r}; expected 'hf' or 'peft'")
-  print(f"exporting step {restored['step']} of {checkpoint_dir} to {out}", file=sys.stderr, flush=True)
-  return hf_export.save_pretrained(restored["params"], cfg, out, max_shard_size=max_shard_size,
-                                   tokenizer_source=tokenizer_source, overwrite=overwrite, dtype=dtype,
-                                   progress=True, inputs=(checkpoint_dir,))
 
 
 def main(argv):

@@ -11,7 +11,6 @@ shadow it.
 
 from __future__ import annotations
 
-import pathlib
 import sys
 import time
 import types
@@ -19,6 +18,7 @@ import types
 from absl import app, flags, logging
 
 from h3jax import generation
+from h3jax.hf import loader
 
 FLAGS = flags.FLAGS
 
@@ -44,29 +44,11 @@ def define_flags():
   flags.DEFINE_string("dtype", "float32", "Parameter/compute dtype: float32 | bfloat16.")
 
 
-def load_model(path: str, dtype: str = "float32"):
-  """(cfg, params, tokenizer) from an HF folder, a PEFT adapter folder (on its recorded local base)
-  or 'BASE+ADAPTER'; params and compute in `dtype`."""
-  import transformers
-  from h3jax.hf import adapters
-  from h3jax.hf.load import load_pretrained
-  base, adapter = adapters.split_ref(path)
-  if adapter is not None:
-    cfg, params = adapters.load_with_adapter(base, adapter, dtype=dtype)
-    path = adapter if (pathlib.Path(adapter) / "tokenizer_config.json").is_file() else base
-  else:
-    cfg, params = load_pretrained(path, dtype=dtype)
-  cfg = cfg.replace(dtype=dtype)
-  try:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-  except Exception as e:  # transformers raises many types here
-    raise ValueError(f"{path}: no usable tokenizer files ({type(e).__name__}: {e})") from e
-  return cfg, params, tokenizer
-
-
 def run(model: str, prompts, **kw) -> list:
   t0 = time.time()
-  cfg, params, tokenizer = load_model(model, kw.pop("dtype", "float32"))
+  dtype = kw.pop("dtype", "float32")
+  cfg, params = loader.load_model(model, dtype)
+  cfg, tokenizer = cfg.replace(dtype=dtype), loader.load_tokenizer(model)
   logging.info("loaded %s in %.1fs", model, time.time() - t0)
   t0 = time.time()
   outs = generation.generate(params, cfg, tokenizer, prompts, **kw)

@@ -31,7 +31,7 @@ def _log(msg: str):
 
 
 def _tiny_base(config, workdir: pathlib.Path) -> str:
-  """Random tiny base model saved as an h3jax checkpoint (fusion.load_model reads it)."""
+  """Random tiny base model saved as an h3jax checkpoint (h3jax.hf.loader.load_model reads it)."""
   import jax
   from h3jax.checkpoint import Checkpointer
   from h3jax.model import params as params_lib
@@ -90,8 +90,8 @@ def answer(export_dir: str, prompt: str, max_new_tokens: int, tokenizer_spec: st
     toks, n = generation.generate_tokens(params, cfg, np.asarray([ids]), np.ones((1, len(ids))),
                                          max_new_tokens=max_new_tokens, eos_token_ids=(tok.eos_token_id,))
     return tok.decode(toks[0, :n[0]])
-  import transformers
-  tok = transformers.AutoTokenizer.from_pretrained(export_dir)
+  from h3jax.hf import loader
+  tok = loader.load_tokenizer(export_dir)
   return generation.generate(params, cfg, tok, prompt, chat=bool(getattr(tok, "chat_template", None)),
                              max_new_tokens=max_new_tokens)
 
