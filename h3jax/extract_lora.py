@@ -6,7 +6,7 @@ r"""Extract a PEFT LoRA adapter from a fine-tuned model (like `mergekit-extract-
 Truncated SVD of every linear layer's delta M - B (A = sqrt(S) Vh, B = U sqrt(S),
 lora_alpha = r); norms and (with --embed=save, mergekit's default) embeddings
 and lm_head are saved at full rank in modules_to_save. Details:
-h3jax/merging/extract_lora.py.
+h3jax/merging/streaming/extract_lora.py.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from h3jax.merging.extract_lora import extract_lora
+  from h3jax.merging.streaming.extract_lora import extract_lora
   try:
     pattern = {}
     for item in FLAGS.rank_pattern:

@@ -5,7 +5,7 @@
 
 `--config` is a mergekit YAML (read unchanged, mergekit 0.1.5 semantics) or an
 ml_collections `.py` file with `get_config()` (every h3jax method and knob); see
-`h3jax.merging.config`. The output is an HF folder that transformers loads.
+`h3jax.merging.streaming.config`. The output is an HF folder that transformers loads.
 """
 
 from __future__ import annotations
@@ -35,48 +35,10 @@ def define_flags():
                     "'keep_base' writes the base tensor there and reports it")
 
 
-def local_devices(n: int) -> list:
-  """The first n local devices; on a CPU host asks XLA for n CPU devices first (before the
-  backend starts; a program that already started it keeps its count)."""
-  import jax
-
-  from h3jax.merging.driver import MergeError
-  if n < 1:
-    raise MergeError(f"--devices must be >= 1, got {n}")
-  if n > 1:
-    try:
-      jax.config.update("jax_num_cpu_devices", n)
-    except RuntimeError:
-      pass
-  devices = jax.local_devices()
-  if n > len(devices):
-    raise MergeError(f"--devices={n} but this process has {len(devices)} local devices")
-  return devices[:n]
-
-
-def merge_from_config(config_path: str, out_dir: str, *, overwrite: bool = False, seed=None,
-                      max_shard_size=None, progress: bool = True, compilation_cache=None,
-                      devices: int = 1, nonfinite: str = "error") -> dict:
-  """Library entry point of the CLI: parse the config, then stream the merge."""
-  import dataclasses
-
-  from h3jax.merging import config as mcfg
-  from h3jax.merging import driver
-  spec = mcfg.load_config(config_path)
-  if compilation_cache:
-    driver.enable_compilation_cache(compilation_cache)
-  if seed is not None:
-    spec = dataclasses.replace(spec, seed=seed)
-  return driver.run_merge(spec, out_dir, overwrite=overwrite, progress=progress,
-                          max_shard_size=max_shard_size, devices=local_devices(devices),
-                          nonfinite=nonfinite)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from h3jax.merging.config import MergeConfigError
-  from h3jax.merging.driver import MergeError
+  from h3jax.merging.streaming import MergeConfigError, MergeError, merge_from_config
   try:
     report = merge_from_config(FLAGS.config, FLAGS.out, overwrite=FLAGS.overwrite, seed=FLAGS.seed,
                                max_shard_size=FLAGS.max_shard_size, progress=FLAGS.progress,

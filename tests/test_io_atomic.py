@@ -21,8 +21,8 @@ import yaml
 
 import merge_fixtures as mf
 from h3jax import io_atomic
-from h3jax.merging import config as mcfg
-from h3jax.merging import driver
+from h3jax.merging.streaming import config as mcfg
+from h3jax.merging.streaming import driver
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 import merge_fixtures as mf
-from h3jax.merge import merge_from_config
-from h3jax.merging.config import MergeConfigError
-from h3jax.merging.driver import MergeError
+from h3jax.merging.streaming import merge_from_config
+from h3jax.merging.streaming.config import MergeConfigError
+from h3jax.merging.streaming.driver import MergeError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
