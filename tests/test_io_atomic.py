@@ -87,7 +87,7 @@ def test_overwrite_refuses_a_folder_with_subfolders_or_foreign_files(fam, tmp_pa
 
 
 def test_export_refuses_an_output_holding_its_checkpoint_or_tokenizer(tmp_path):
-  from h3jax import export
+  from h3jax.hf import export
   ckpt = tmp_path / "run" / "checkpoints"
   ckpt.mkdir(parents=True)
   with pytest.raises(io_atomic.UnsafeOutputError, match="contains the input"):

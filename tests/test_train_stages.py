@@ -58,7 +58,7 @@ def test_bad_stage_and_vocab_mismatch(tmp_path):
 @pytest.mark.slow
 @pytest.mark.optin  # 5 training runs + export + generation: ~2 min idle, ~6 min on the busy box
 def test_tiny_pipeline_end_to_end(tmp_path):
-  from h3jax import pipeline
+  from h3jax.train import h3fusion as pipeline
   c = load_config_file(REPO / "configs" / "tiny.py", "pipeline")
   c.pipeline.stage_a_steps = 3
   c.train.steps = 3
