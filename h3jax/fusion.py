@@ -26,7 +26,6 @@ from __future__ import annotations
 import pathlib
 from typing import Optional, Sequence
 
-import flax.traverse_util as tu
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +34,7 @@ from h3jax.config import ModelConfig
 from h3jax.hf import loader
 from h3jax.model import llama
 from h3jax.model.lora import merge_lora  # re-exported: callers use h3jax.fusion.merge_lora
+from h3jax.model.params import flatten_dict
 
 ROUTER_INITS = ("random", "zeros", "hidden")
 ATTN_FROM = ("base", "average")
@@ -51,7 +51,7 @@ def check_compatible(base_cfg: ModelConfig, base_params: dict, expert_cfgs, expe
     raise ValueError(f"MoE fusion needs at least 2 experts, got {len(expert_cfgs)}")
   if base_cfg.is_moe:
     raise ValueError("the base model is already an MoE (num_experts > 0); fusion needs a dense base")
-  base_shapes = {k: tuple(v.shape) for k, v in tu.flatten_dict(base_params).items()}
+  base_shapes = {k: tuple(v.shape) for k, v in flatten_dict(base_params).items()}
   for i, (c, p) in enumerate(zip(expert_cfgs, expert_params)):
     if c.is_moe:
       raise ValueError(f"expert {i} is already an MoE (num_experts={c.num_experts}); experts must be dense")
@@ -59,7 +59,7 @@ def check_compatible(base_cfg: ModelConfig, base_params: dict, expert_cfgs, expe
       if getattr(c, f) != getattr(base_cfg, f):
         raise ValueError(f"expert {i} does not match the base model: {f}={getattr(c, f)!r} vs "
                          f"{getattr(base_cfg, f)!r}")
-    shapes = {k: tuple(v.shape) for k, v in tu.flatten_dict(p).items() if k[-1] not in ("lora_a", "lora_b")}
+    shapes = {k: tuple(v.shape) for k, v in flatten_dict(p).items() if k[-1] not in ("lora_a", "lora_b")}
     if shapes != base_shapes:
       diff = sorted(set(shapes.items()) ^ set(base_shapes.items()))[:4]
       raise ValueError(f"expert {i} params do not match the base model's shapes; first differences "

@@ -17,8 +17,8 @@ peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
 
-from h3jax.merging import config as mcfg  # noqa: E402
-from h3jax.merging import driver  # noqa: E402
+from h3jax.merging.streaming import config as mcfg  # noqa: E402
+from h3jax.merging.streaming import driver  # noqa: E402
 from h3jax.merging.streaming.inputs import MergeError  # noqa: E402
 
 pytestmark = [pytest.mark.oracle,
@@ -192,8 +192,8 @@ def test_mergekit_moe_yaml_matches_mergekit_moe(moe_family, tmp_path, case):
   else:
     np.testing.assert_allclose(ro, rm, rtol=1e-5, atol=2e-6)
   assert np.abs(ro[:, :, 0] - ro[:, :, 1]).max() > 1e-2  # experts get different rows
-  import flax.traverse_util as tu
-  fo, fm = tu.flatten_dict(ours), tu.flatten_dict(theirs)
+  from h3jax.model.params import flatten_dict
+  fo, fm = flatten_dict(ours), flatten_dict(theirs)
   assert sorted(fo) == sorted(fm)
   for k in fo:
     if k[-2:] != ("router", "kernel"):

@@ -3,9 +3,9 @@
 import json
 import pathlib
 
-import flax.traverse_util as tu
 import pytest
 
+from h3jax.model.params import flatten_dict
 from h3jax.train import optim, stages
 from h3jax.train.defaults import load_config_file
 
@@ -22,7 +22,7 @@ def tiny(tmp_path, arg="helpful"):
 
 
 def trainable(run):
-  return sorted(optim.path_str(k) for k, v in tu.flatten_dict(run.labels).items() if v != optim.FROZEN)
+  return sorted(optim.path_str(k) for k, v in flatten_dict(run.labels).items() if v != optim.FROZEN)
 
 
 def test_stage_a_paper_lora_trains_only_ffn_adapters(tmp_path):

@@ -26,13 +26,13 @@ import pathlib
 import re
 from typing import Dict, Optional, Sequence, Tuple
 
-import flax.traverse_util as tu
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from h3jax.config import ModelConfig
 from h3jax.hf import keymap, st_io
+from h3jax.model.params import flatten_dict, unflatten_dict
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -176,11 +176,11 @@ def _check_targets(adapter: Adapter, modules: Dict[str, tuple]):
 
 def apply_adapter(cfg: ModelConfig, params: dict, adapter: Adapter) -> Tuple[ModelConfig, dict]:
   """(cfg with lora_scale, params with lora_a/lora_b leaves and modules_to_save tensors) for a base."""
-  if cfg.lora_scale != 1.0 or any(k[-1] in ("lora_a", "lora_b") for k in tu.flatten_dict(params)):
+  if cfg.lora_scale != 1.0 or any(k[-1] in ("lora_a", "lora_b") for k in flatten_dict(params)):
     raise AdapterError(f"{adapter.path}: the base model already carries LoRA factors; merge them first")
   modules = linear_modules(cfg)
   _check_targets(adapter, modules)
-  flat = dict(tu.flatten_dict(params))
+  flat = dict(flatten_dict(params))
   r = adapter.rank
   grouped: Dict[tuple, list] = {}
   for module, (a, b) in adapter.lora.items():
@@ -213,7 +213,7 @@ def apply_adapter(cfg: ModelConfig, params: dict, adapter: Adapter) -> Tuple[Mod
                          f"for another base model?")
     value = jnp.asarray(np.swapaxes(t, -1, -2) if row.transpose else t, leaf.dtype)
     flat[row.path] = leaf.at[idx].set(value) if idx else value
-  return cfg.replace(lora_scale=adapter.scale), tu.unflatten_dict(flat)
+  return cfg.replace(lora_scale=adapter.scale), unflatten_dict(flat)
 
 
 def load_with_adapter(base, adapter_dir, dtype: Optional[str] = None) -> Tuple[ModelConfig, dict]:
@@ -251,7 +251,7 @@ def split_ref(ref: str, default_base=None) -> Tuple[str, Optional[str]]:
 def adapter_tensors(cfg: ModelConfig, params: dict, modules_to_save: Sequence[str] = ()) -> Dict[str, np.ndarray]:
   """PEFT tensor name -> numpy tensor for every LoRA pair (all-zero factors left out) and the full
   tensors of `modules_to_save` (HF module names such as 'lm_head' or 'embed_tokens')."""
-  flat = tu.flatten_dict(params)
+  flat = flatten_dict(params)
   modules = linear_modules(cfg)
   by_leaf: Dict[tuple, list] = {}
   for name, (lin, idx) in modules.items():
@@ -284,7 +284,7 @@ def adapter_tensors(cfg: ModelConfig, params: dict, modules_to_save: Sequence[st
 
 def check_only_lora_trained(params: dict, base_params: dict, base_name="the base") -> None:
   """Raises unless every non-LoRA leaf of `params` equals the base's (a PEFT adapter holds LoRA only)."""
-  flat, base = tu.flatten_dict(params), tu.flatten_dict(base_params)
+  flat, base = flatten_dict(params), flatten_dict(base_params)
   changed = []
   for k, v in flat.items():
     if k[-1] in ("lora_a", "lora_b"):
@@ -313,7 +313,7 @@ def save_adapter(cfg: ModelConfig, params: dict, out_dir, *, base_model_name_or_
   if cfg.is_moe:
     raise AdapterError("PEFT export of an MoE (Stage B) run is not supported: transformers' Mixtral keeps experts "
                        "and router as fused parameters, not nn.Linear modules; export it with --format=hf")
-  flat = tu.flatten_dict(params)
+  flat = flatten_dict(params)
   ranks = {int(v.shape[-1]) for k, v in flat.items() if k[-1] == "lora_a"}
   if not ranks:
     raise AdapterError("params hold no LoRA factors (lora_a / lora_b); nothing to export")

@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from h3jax import io_atomic
+from h3jax import progress as progress_lib
 from h3jax.config import ModelConfig, resolve_dtype
 from h3jax.hf import config_io, keymap, st_io
 from h3jax.model import params as params_lib
@@ -77,9 +78,7 @@ def save_pretrained(params: dict, cfg: ModelConfig, out_dir, *, max_shard_size="
   np_dtype = np.dtype(resolve_dtype(dtype))
   hf_cfg = config_io.model_config_to_hf(cfg, dtype=dtype)
   rows = keymap.rows(cfg)
-  if progress:
-    from tqdm import tqdm
-    rows = tqdm(rows, desc=f"export {pathlib.Path(out_dir).name}", unit="leaf")
+  rows = progress_lib.bar(rows, desc=f"export {pathlib.Path(out_dir).name}", unit="leaf", enabled=progress)
   with atomic_output_dir(out_dir, overwrite, inputs=(*inputs, tokenizer_source)) as tmp:
     writer = st_io.SafetensorsWriter(tmp, max_shard_size=max_shard_size)
     for row in rows:

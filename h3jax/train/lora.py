@@ -17,12 +17,12 @@ import math
 import re
 from typing import Sequence
 
-import flax.traverse_util as tu
 import jax
 import jax.numpy as jnp
 
 from h3jax.config import ModelConfig
 from h3jax.model.lora import lora_delta, merge_lora, strip_lora  # noqa: F401  (re-exported)
+from h3jax.model.params import flatten_dict, unflatten_dict
 from h3jax.train.optim import path_str
 
 # The paper's LoRA targets (docs/h3fusion.md, "Pipeline" steps 1 and 3) as path regexes over
@@ -46,7 +46,7 @@ def add_lora(params: dict, targets: Sequence[str], rank: int, key: jax.Array,
   """
   if rank < 1:
     raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-  flat = tu.flatten_dict(params)
+  flat = flatten_dict(params)
   linears = sorted(k[:-1] for k in flat if k[-1] == "kernel")
   hits = {pattern: [] for pattern in targets}
   for lin in linears:
@@ -69,4 +69,4 @@ def add_lora(params: dict, targets: Sequence[str], rank: int, key: jax.Array,
     bound = 1.0 / math.sqrt(d_in)
     out[lin + ("lora_a",)] = jax.random.uniform(k, (*lead, d_in, rank), jnp.float32, -bound, bound).astype(dtype)
     out[lin + ("lora_b",)] = jnp.zeros((*lead, rank, d_out), dtype)
-  return tu.unflatten_dict(out)
+  return unflatten_dict(out)

@@ -32,6 +32,7 @@ import ml_dtypes
 import numpy as np
 
 from h3jax import compile_cache, io_atomic
+from h3jax import progress as progress_lib
 from h3jax.hf.st_io import SafetensorsWriter
 from h3jax.merging.streaming import host_topk, vocab
 from h3jax.merging.streaming.inputs import (DTYPES, TIED_HEAD, Input, MergeError, check_compatible, num_layers,
@@ -159,7 +160,8 @@ def run_merge(spec: MergeSpec, out_dir, *, overwrite: bool = False, progress: bo
                                  metadata={"h3jax_merge_method": spec.method})
       stats, kept = {}, []
       largest, budget = _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats, log,
-                                        _progress(plan, progress), nonfinite, kept, align)
+                                        progress_lib.bar(plan, desc="merge", unit="tensor", enabled=progress),
+                                        nonfinite, kept, align)
       writer.close()
       write_sidecars(spec, ref, tmp, out_tied, stats, tok, align)
   finally:
@@ -323,13 +325,6 @@ def _finish(writer, stats, log, spec, name, out_np_dtype, result, fallback=None)
     stats[name] = {k: np.asarray(v).tolist() for k, v in tensor_stats.items()}
     log(f"{spec.method} {name}: " + ", ".join(f"{k}={np.round(v, 4)}" for k, v in stats[name].items()))
   writer.add(name, out.astype(out_np_dtype, copy=False))
-
-
-def _progress(plan, enabled):
-  if not enabled:
-    return plan
-  from tqdm.auto import tqdm
-  return tqdm(plan, desc="merge", unit="tensor")
 
 
 
