@@ -68,9 +68,8 @@ def _defines_get_config(file: str) -> bool:
 
 
 def config_filename(name: str = "config") -> str:
-  """The file a config flag was read from (with its `:ARG`), for error messages and subprocesses."""
-  flag = FLAGS[name]
-  return flag.config_filename if hasattr(flag, "config_filename") else str(flag.value)
+  """The file a `define_config` flag was read from (with its `:ARG`), for error messages."""
+  return FLAGS[name].config_filename
 
 
 def define_compilation_cache(help_string: str = "Persistent XLA compilation cache ('' disables).") -> None:
