@@ -8,7 +8,7 @@ SMOLLM2 := $(ARTIFACTS)/smollm2-135m-instruct
 
 .PHONY: quickstart test test-optin venv smollm2 oracles bench
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

@@ -38,11 +38,11 @@ import math
 import sys
 from typing import Dict, Mapping, Optional
 
-import flax.traverse_util as tu
 import jax
 
 from h3jax.config import ModelConfig
 from h3jax.model import params as params_lib
+from h3jax.model.params import flatten_dict
 from h3jax.train import lora, optim, sharding
 
 GB = 1e9
@@ -127,8 +127,8 @@ def plan(s: Setting) -> dict:
   cfg = model_config(s)
   sharding.check_mesh(mesh, num_experts=cfg.num_experts, batch_size=s.batch_size, grad_accum=s.grad_accum)
   tree = stage_b_tree(cfg, s)
-  specs = tu.flatten_dict(sharding.param_specs(tree, _Mesh(mesh)))
-  flat = tu.flatten_dict(tree)
+  specs = flatten_dict(sharding.param_specs(tree, _Mesh(mesh)))
+  flat = flatten_dict(tree)
   n_dev = math.prod(mesh.values())
   batch_axes = [a for a in sharding.BATCH_AXES if mesh[a] > 1]
   act_b = _BYTES[s.compute_dtype]

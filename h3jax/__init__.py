@@ -14,6 +14,7 @@ _LAZY = {
     "forward": ("h3jax.model.llama", "forward"),
     "init_params": ("h3jax.model.params", "init_params"),
     "load_pretrained": ("h3jax.hf.load", "load_pretrained"),
+    "load_model": ("h3jax.hf.loader", "load_model"),
     "save_pretrained": ("h3jax.hf.export", "save_pretrained"),
     "generate": ("h3jax.generation", "generate"),
 }

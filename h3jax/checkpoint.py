@@ -97,10 +97,11 @@ def _abstract(tree):
                       jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
-def load_params(directory, step: Optional[int] = None, dtype: Optional[str] = None) -> Tuple[ModelConfig, Any]:
-  """(cfg, params) of a run's checkpoint, for export or evaluation."""
+def load_checkpoint(directory, step: Optional[int] = None) -> dict:
+  """dict(step, params, opt_state, extra, config) of a run's checkpoint (default: the latest step);
+  errors for a missing directory and for a checkpoint saved without its model config."""
   directory = pathlib.Path(directory)
-  if not directory.is_dir():
+  if not directory.is_dir():  # checked first: Orbax would create the folder
     raise FileNotFoundError(f"checkpoint directory not found: {directory}")
   ckpt = Checkpointer(directory, max_to_keep=None)
   try:
@@ -110,6 +111,13 @@ def load_params(directory, step: Optional[int] = None, dtype: Optional[str] = No
   if out["config"] is None:
     raise ValueError(f"checkpoint {directory}/{out['step']} has no model config; it was saved without "
                      "config=..., so it cannot be exported")
+  return out
+
+
+def load_params(directory, step: Optional[int] = None, dtype: Optional[str] = None) -> Tuple[ModelConfig, Any]:
+  """(cfg, params) of a run's checkpoint, for export or evaluation (`h3jax.hf.loader.load_model` reads
+  checkpoints through this)."""
+  out = load_checkpoint(directory, step)
   params = out["params"]
   if dtype is not None:
     params = jax.tree.map(lambda x: x.astype(dtype), params)

@@ -26,14 +26,15 @@ from __future__ import annotations
 import pathlib
 from typing import Optional, Sequence
 
-import flax.traverse_util as tu
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from h3jax.config import ModelConfig
+from h3jax.hf import loader
 from h3jax.model import llama
 from h3jax.model.lora import merge_lora  # re-exported: callers use h3jax.fusion.merge_lora
+from h3jax.model.params import flatten_dict
 
 ROUTER_INITS = ("random", "zeros", "hidden")
 ATTN_FROM = ("base", "average")
@@ -50,7 +51,7 @@ def check_compatible(base_cfg: ModelConfig, base_params: dict, expert_cfgs, expe
     raise ValueError(f"MoE fusion needs at least 2 experts, got {len(expert_cfgs)}")
   if base_cfg.is_moe:
     raise ValueError("the base model is already an MoE (num_experts > 0); fusion needs a dense base")
-  base_shapes = {k: tuple(v.shape) for k, v in tu.flatten_dict(base_params).items()}
+  base_shapes = {k: tuple(v.shape) for k, v in flatten_dict(base_params).items()}
   for i, (c, p) in enumerate(zip(expert_cfgs, expert_params)):
     if c.is_moe:
       raise ValueError(f"expert {i} is already an MoE (num_experts={c.num_experts}); experts must be dense")
@@ -58,7 +59,7 @@ def check_compatible(base_cfg: ModelConfig, base_params: dict, expert_cfgs, expe
       if getattr(c, f) != getattr(base_cfg, f):
         raise ValueError(f"expert {i} does not match the base model: {f}={getattr(c, f)!r} vs "
                          f"{getattr(base_cfg, f)!r}")
-    shapes = {k: tuple(v.shape) for k, v in tu.flatten_dict(p).items() if k[-1] not in ("lora_a", "lora_b")}
+    shapes = {k: tuple(v.shape) for k, v in flatten_dict(p).items() if k[-1] not in ("lora_a", "lora_b")}
     if shapes != base_shapes:
       diff = sorted(set(shapes.items()) ^ set(base_shapes.items()))[:4]
       raise ValueError(f"expert {i} params do not match the base model's shapes; first differences "
@@ -162,28 +163,9 @@ def fuse_params(base_cfg: ModelConfig, base_params: dict, expert_cfgs: Sequence[
 def _tokenize(tokenizer, prompts):
   if not any(isinstance(t, str) for ps in prompts for t in ps):
     return [[list(t) for t in ps] for ps in prompts]
-  if isinstance(tokenizer, (str, pathlib.Path)):
-    from transformers import AutoTokenizer  # only needed for text prompts
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+  if isinstance(tokenizer, (str, pathlib.Path)):  # only needed for text prompts
+    tokenizer = loader.load_tokenizer(tokenizer)
   return [[list(tokenizer(t)["input_ids"]) if isinstance(t, str) else list(t) for t in ps] for ps in prompts]
-
-
-def load_model(path, dtype=None, base=None):
-  """(cfg, params) from an HF folder (config.json), an h3jax Orbax checkpoint directory, a PEFT
-  LoRA adapter folder (put onto `base`, default the adapter's recorded base) or 'MODEL+ADAPTER'.
-  An adapter's factors stay LoRA leaves (cfg.lora_scale = its alpha / r)."""
-  from h3jax.hf import adapters
-  model, adapter = adapters.split_ref(path, default_base=base)
-  if adapter is not None:
-    return adapters.load_with_adapter(model, adapter, dtype)
-  path = pathlib.Path(path)
-  if not path.is_dir():
-    raise FileNotFoundError(f"model folder not found: {path}")
-  if (path / "config.json").exists():
-    from h3jax.hf.load import load_pretrained
-    return load_pretrained(path, dtype=dtype)
-  from h3jax.checkpoint import load_params
-  return load_params(path, dtype=dtype)
 
 
 def build_moe(base_dir, expert_dirs: Sequence, *, router_init: str = "random", attn_from: str = "base",
@@ -203,14 +185,14 @@ def build_moe(base_dir, expert_dirs: Sequence, *, router_init: str = "random", a
   if not 1 <= top_k <= len(expert_dirs):
     raise ValueError(f"top_k={top_k} must be in [1, number of experts={len(expert_dirs)}]")
   from h3jax.hf import adapters
-  base_cfg, base_params = load_model(base_dir, dtype)
+  base_cfg, base_params = loader.load_model(base_dir, dtype)
   loaded = []
   for d in expert_dirs:
     model, adapter = adapters.split_ref(d, default_base=base_dir)
     if adapter is not None and pathlib.Path(model).resolve() == pathlib.Path(base_dir).resolve():
       loaded.append(adapters.apply_adapter(base_cfg, base_params, adapters.read_adapter(adapter)))  # base read once
     else:
-      loaded.append(load_model(d, dtype))
+      loaded.append(loader.load_model(d, dtype))
   ids = None
   if router_init == "hidden":
     if hidden_prompts is None:

@@ -1,46 +1,9 @@
-r"""Build a Mixtral MoE from a mergekit-moe YAML, read unchanged.
+"""`python -m h3jax.moe`: the command line in h3jax/cli/moe.py (console script `h3jax-moe`).
 
-  python -m h3jax.moe --config=moe.yml --out=DIR [--seed=0] [--overwrite]
-
-Same YAML as `mergekit-moe moe.yml DIR` (mergekit 0.1.5): base_model,
-gate_mode (hidden | cheap_embed | random | uniform_random | hidden_avg),
-experts[].source_model / positive_prompts / negative_prompts / residual_scale,
-experts_per_token, dtype. --seed plays mergekit's --random-seed for the random
-gate modes. Semantics and tolerances: h3jax/moe_config.py and docs/interop.md.
-The result trains with Stage B (`fusion.moe_config=moe.yml` in a train config).
+Only a program entry point: it imports nothing when imported.
 """
 
-from __future__ import annotations
-
-import sys
-
-from absl import app, flags
-
-FLAGS = flags.FLAGS
-
-
-def define_flags():
-  flags.DEFINE_string("config", None, "mergekit-moe YAML file.")
-  flags.DEFINE_string("out", None, "Output folder (MixtralForCausalLM).")
-  flags.DEFINE_integer("seed", 0, "Seed of the random gate modes (mergekit-moe --random-seed).")
-  flags.DEFINE_string("dtype", None, "Override the YAML's dtype: float32 | bfloat16 | float16.")
-  flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from h3jax import moe_config
-  try:
-    path = moe_config.build_moe_folder(FLAGS.config, FLAGS.out, seed=FLAGS.seed, overwrite=FLAGS.overwrite,
-                                       dtype=FLAGS.dtype)
-  except (ValueError, FileExistsError, FileNotFoundError) as e:  # MoEConfigError, AdapterError, mismatches
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(path)
-
-
 if __name__ == "__main__":
-  define_flags()
-  flags.mark_flags_as_required(["config", "out"])
-  app.run(main)
+  from h3jax.cli import moe
+
+  moe.run()

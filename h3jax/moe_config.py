@@ -222,12 +222,12 @@ def build_from_config(config, *, seed: int = 0, dtype: Optional[str] = None, loa
                       tokenizer=None):
   """(moe_cfg, params, out_dtype, base_dir) from a mergekit-moe YAML (path or dict)."""
   from h3jax import fusion
-  from h3jax.hf import adapters
+  from h3jax.hf import adapters, loader
   from h3jax.hf.load import read_hf_config
   c = read_config(config)  # idempotent on an already-read config
   base_dir, base_adapter = adapters.split_ref(c["base_model"])
-  base_cfg, base_params = fusion.load_model(c["base_model"], load_dtype)
-  loaded = [fusion.load_model(e["source_model"], load_dtype, base=base_dir) for e in c["experts"]]
+  base_cfg, base_params = loader.load_model(c["base_model"], load_dtype)
+  loaded = [loader.load_model(e["source_model"], load_dtype, base=base_dir) for e in c["experts"]]
   ecfgs, eparams = [], []
   for e, (ec, ep) in zip(c["experts"], loaded):
     ep = fusion.merge_lora(ep, ec.lora_scale)
@@ -238,8 +238,7 @@ def build_from_config(config, *, seed: int = 0, dtype: Optional[str] = None, loa
     ecfgs.append(ec.replace(lora_scale=1.0))
     eparams.append(ep)
   if c["gate_mode"] not in ("random", "uniform_random") and tokenizer is None:
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer = loader.load_tokenizer(base_dir)
   base_merged = fusion.merge_lora(base_params, base_cfg.lora_scale)
   gates_LED = gate_vectors(c["gate_mode"], base_cfg, base_merged, c["experts"], tokenizer, seed)
   cfg, params = fusion.fuse_params(base_cfg, base_params, ecfgs, eparams, router_init="zeros",

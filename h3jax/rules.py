@@ -27,7 +27,7 @@ _REGEX_ONLY = set("^$\\()+|{}")
 
 def path_str(keypath) -> str:
   """A key path -> 'a/b/c': jax key-path entries (dict keys, sequence indices, attributes) or the
-  plain tuples of `flax.traverse_util.flatten_dict`."""
+  plain tuples of `h3jax.model.params.flatten_dict`."""
   parts = []
   for k in keypath:
     for attr in ("key", "idx", "name"):

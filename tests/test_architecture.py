@@ -4,7 +4,9 @@ Every module under h3jax/ belongs to one group of one layer (longest prefix in L
 may import its own group and any group of a lower layer; groups in the same layer are independent;
 nothing imports upward. Package-level imports must have no cycle either. Every import counts:
 module-level and function-level (lazy) ones alike, and `import h3jax` / `from h3jax import NAME`
-count as imports of the modules the root's lazy table (`h3jax._LAZY`) loads.
+count as imports of the modules the root's lazy table (`h3jax._LAZY`) loads. The one exception is a
+module-level `if __name__ == "__main__":` block: it runs only when the module is the program, so its
+imports count as those of a `python -m` entry point (the top layer), not of the module's package.
 """
 
 from __future__ import annotations
@@ -17,18 +19,21 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Lowest layer first: {group: module prefixes}.
-CLIS = ("h3jax.train.__main__", "h3jax.study.__main__", "h3jax.prepare", "h3jax.generate", "h3jax.export",
-        "h3jax.merge", "h3jax.moe", "h3jax.extract_lora", "h3jax.pipeline", "h3jax.evaluate")
+# `python -m h3jax.<verb>` entry points: shims that call h3jax.cli.<verb>.run().
+ENTRY_POINTS = ("h3jax.train.__main__", "h3jax.prepare", "h3jax.generate", "h3jax.export", "h3jax.merge",
+                "h3jax.moe", "h3jax.extract_lora", "h3jax.pipeline", "h3jax.evaluate")
 LAYERS = (
-    {"base": ("h3jax.config", "h3jax.io_atomic", "h3jax.compile_cache", "h3jax.rules")},
+    {"base": ("h3jax.config", "h3jax.io_atomic", "h3jax.compile_cache", "h3jax.progress", "h3jax.rules")},
     {"model": ("h3jax.model",), "data": ("h3jax.data",)},
     {"hf": ("h3jax.hf", "h3jax.checkpoint"), "generation": ("h3jax.generation",)},
     {"merging": ("h3jax.merging",), "fusion": ("h3jax.fusion", "h3jax.fusion_losses", "h3jax.moe_config")},
     {"train": ("h3jax.train",)},
     {"evaluation": ("h3jax.evaluation",)},
     {"study": ("h3jax.study",)},
-    {m.split(".", 1)[1]: (m,) for m in CLIS},  # each CLI its own group: CLIs do not import each other
+    {"cli": ("h3jax.cli", "h3jax.study.__main__")},  # the command lines (the study keeps its own beside it)
+    {m.split(".", 1)[1]: (m,) for m in ENTRY_POINTS},  # each entry point its own group
 )
+MAIN_BLOCK = (len(LAYERS) - 1, "__main__")  # (layer, group) of an `if __name__ == "__main__":` block
 
 
 def modules(root: pathlib.Path) -> dict:
@@ -48,16 +53,35 @@ def lazy_table(mods: dict) -> dict:
   return {}
 
 
+def _main_block_nodes(tree: ast.Module) -> set:
+  """ids of the nodes inside module-level `if __name__ == "__main__":` blocks."""
+  out = set()
+  for node in tree.body:
+    t = node.test if isinstance(node, ast.If) else None
+    if (isinstance(t, ast.Compare) and isinstance(t.left, ast.Name) and t.left.id == "__name__"
+        and len(t.comparators) == 1 and getattr(t.comparators[0], "value", None) == "__main__"):
+      out |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+  return out
+
+
 def imports(name: str, path: pathlib.Path, mods: dict, lazy: dict):
-  """(line, imported h3jax module) for every import statement in the file, nested ones included."""
+  """(line, imported h3jax module, inside a `__main__` block) for every import statement in the file,
+  nested ones included."""
   pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
-  for node in ast.walk(ast.parse(path.read_text(), str(path))):
+  tree = ast.parse(path.read_text(), str(path))
+  main_block = _main_block_nodes(tree)
+  for line, target, node in _imports(tree, pkg, mods, lazy):
+    yield line, target, id(node) in main_block
+
+
+def _imports(tree, pkg, mods, lazy):
+  for node in ast.walk(tree):
     if isinstance(node, ast.Import):
       for a in node.names:
         if a.name == "h3jax":
-          yield from ((node.lineno, m) for m in sorted(set(lazy.values())))
+          yield from ((node.lineno, m, node) for m in sorted(set(lazy.values())))
         elif a.name.startswith("h3jax."):
-          yield node.lineno, a.name
+          yield node.lineno, a.name, node
     elif isinstance(node, ast.ImportFrom):
       base = node.module or ""
       if node.level:  # relative: resolve against this module's package
@@ -68,7 +92,7 @@ def imports(name: str, path: pathlib.Path, mods: dict, lazy: dict):
       for a in node.names:
         full = f"{base}.{a.name}"
         yield node.lineno, (full if full in mods else lazy[a.name] if base == "h3jax" and a.name in lazy
-                            else base)
+                            else base), node
 
 
 def layer_of(module: str):
@@ -91,17 +115,17 @@ def check(root: pathlib.Path):
   for name, path in mods.items():
     if name == "h3jax" or layer_of(name) is None:
       continue  # the root holds no import statements; unassigned modules are reported above
-    (li, gi), rel = layer_of(name), path.relative_to(root)
-    for line, target in dict.fromkeys(imports(name, path, mods, lazy)):  # one line per (statement, module)
+    rel = path.relative_to(root)
+    for line, target, in_main in dict.fromkeys(imports(name, path, mods, lazy)):  # one per (statement, module)
       if target == "h3jax" or target == name or layer_of(target) is None:
         continue
-      lt, gt = layer_of(target)
+      (li, gi), (lt, gt) = (MAIN_BLOCK if in_main else layer_of(name)), layer_of(target)
       why = ("an upward import" if lt > li else
              "groups in one layer are independent" if lt == li and gt != gi else None)
       if why:
         bad.append(f"{rel}:{line}: {name} ({gi}, layer {li}) imports {target} ({gt}, layer {lt}): {why}")
       src, dst = _package(name, mods), _package(target, mods)
-      if src != dst:
+      if src != dst and not in_main:  # a `__main__` block is no import-time dependency of its package
         edges.setdefault(src, {}).setdefault(dst, f"{rel}:{line} imports {target}")
   return unassigned, bad, _cycles(edges)
 
@@ -186,7 +210,30 @@ def test_checker_reports_planted_violations(tmp_path):
                     "h3jax.train.loop; h3jax/train/loop.py:1 imports h3jax.model.llama)"]
 
 
+def test_main_block_imports_count_as_an_entry_point(tmp_path):
+  files = {
+      "__init__.py": "",
+      "config.py": "",
+      "cli/__init__.py": "",
+      "cli/tool.py": "from h3jax.evaluation import runner\n",
+      "evaluation/__init__.py": "",
+      "evaluation/runner.py": ('from h3jax import config\n\nif __name__ == "__main__":\n'
+                               '  from h3jax.cli import tool\n  tool.run()\n'),
+      "data/__init__.py": "",
+      "data/sources.py": "def f():\n  from h3jax.cli import tool\n",
+  }
+  for rel, text in files.items():
+    (tmp_path / "h3jax" / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "h3jax" / rel).write_text(text)
+  unassigned, bad, cycles = check(tmp_path)
+  assert unassigned == [] and cycles == []  # the __main__ block adds no package edge evaluation -> cli
+  assert bad == ["h3jax/data/sources.py:2: h3jax.data.sources (data, layer 1) imports "
+                 f"h3jax.cli.tool (cli, layer {len(LAYERS) - 2}): an upward import"]
+
+
 @pytest.mark.parametrize("module, layer", [("h3jax.train.__main__", len(LAYERS) - 1), ("h3jax.train.loop", 4),
-                                           ("h3jax.fusion_losses", 3), ("h3jax.hf.refs", 2)])
+                                           ("h3jax.fusion_losses", 3), ("h3jax.hf.refs", 2),
+                                           ("h3jax.cli.merge", len(LAYERS) - 2),
+                                           ("h3jax.study.__main__", len(LAYERS) - 2), ("h3jax.merge", len(LAYERS) - 1)])
 def test_longest_prefix_decides_the_layer(module, layer):
   assert layer_of(module)[0] == layer

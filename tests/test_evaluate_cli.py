@@ -16,7 +16,7 @@ FLAGS = flags.FLAGS
 
 
 def _run_main(argv):
-  from h3jax import evaluate
+  from h3jax.cli import evaluate
   if "model" not in FLAGS:  # the CLI defines its flags only when run as a program
     evaluate.define_flags()
   FLAGS.unparse_flags()

@@ -217,11 +217,11 @@ def test_bad_inputs(data_root, tmp_path):
   (tmp_path / "m").mkdir()
   (tmp_path / "m" / "config.json").write_text("{}")
   with pytest.raises(ValueError, match=r"model folder .*m has no tokenizer \(none of tokenizer.json"):
-    runner.load_model(f"x={tmp_path / 'm'}")
+    runner.load_entry(f"x={tmp_path / 'm'}")
   with pytest.raises(ValueError, match=r"model name 'a b' must use only letters"):
-    runner.load_model(f"a b={tmp_path / 'm'}")
+    runner.load_entry(f"a b={tmp_path / 'm'}")
   with pytest.raises(FileNotFoundError, match="model folder not found"):
-    runner.load_model(str(tmp_path / "absent"))
+    runner.load_entry(str(tmp_path / "absent"))
 
 
 def test_shards_split_generation_and_the_scoring_run_reuses_them(data_root, tmp_path, monkeypatch):
@@ -287,7 +287,7 @@ def test_refuses_to_evaluate_non_finite_weights(data_root, tmp_path):
   h3jax.save_pretrained(bad["params"], bad["cfg"], tmp_path / "hf")
   (tmp_path / "hf" / "tokenizer.json").write_text("{}")  # found; never parsed: weights fail first
   with pytest.raises(NonFiniteError, match=r"refusing to evaluate x \(.*hf\): 1 tensor\(s\) are not finite"):
-    runner.load_model(f"x={tmp_path / 'hf'}")
+    runner.load_entry(f"x={tmp_path / 'hf'}")
 
 
 # ----------------------------------------------------------------------------- cache identity
@@ -315,7 +315,7 @@ def test_same_name_different_weights_do_not_share_the_cache(data_root, tmp_path,
   b = _tiny_hf_folder(tmp_path / "runs" / "b" / "hf", seed=1)
   c = tmp_path / "runs" / "c" / "hf"
   shutil.copytree(a, c)
-  ma, mb, mc = (runner.load_model(str(d)) for d in (a, b, c))
+  ma, mb, mc = (runner.load_entry(str(d)) for d in (a, b, c))
   assert ma["name"] == mb["name"] == mc["name"] == "hf"
   config = small_config(data_root, sets=("xstest_safe", "truthfulqa_mc"))
   out = tmp_path / "eval"
@@ -337,7 +337,7 @@ def test_same_name_different_weights_do_not_share_the_cache(data_root, tmp_path,
   assert gen.calls == 0 and _same(res_c["models"]["hf"]["metrics"], res_a["models"]["hf"]["metrics"])
   fa, fb, fc = (models.fingerprint(m) for m in (ma, mb, mc))
   assert fa != fb and fa == fc and res_a["models"]["hf"]["fingerprint"] == fa
-  assert models.fingerprint(runner.load_model(str(a), "bfloat16")) != fa  # other weights' bytes
+  assert models.fingerprint(runner.load_entry(str(a), "bfloat16")) != fa  # other weights' bytes
 
   # A cache written under the old keying (no fingerprint in the key) is never served to a model.
   old_out = tmp_path / "old"

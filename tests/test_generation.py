@@ -140,10 +140,11 @@ def test_bad_sampling_arguments():
     generation.SamplingConfig(temperature=-1.0)
 
 
-def test_module_import_does_not_shadow_function():
+def test_cli_import_does_not_shadow_function():
   import importlib
-  importlib.import_module("h3jax.generate")
-  assert callable(h3jax.generate)
+  importlib.import_module("h3jax.cli.generate")  # the command's code; h3jax/generate.py is only `python -m`
+  from h3jax import generate
+  assert generate is h3jax.generate is generation.generate
 
 
 @pytest.mark.parametrize("temperature,moe", [(0.0, False), (1.0, False), (0.0, True)])

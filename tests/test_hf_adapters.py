@@ -175,12 +175,12 @@ def with_tokenizer(tmp_path_factory):
 def test_generate_and_evaluate_load_adapters(with_tokenizer):
   """`generate` on BASE+ADAPTER / an adapter folder is greedy-identical to PeftModel.generate;
   the evaluation loader gives the same tree and the base's tokenizer."""
-  import importlib
-  generate_cli = importlib.import_module("h3jax.generate")  # the module (h3jax.generate is also a function)
   from h3jax import generation
   from h3jax.evaluation import models as eval_models
+  from h3jax.hf import loader
   model, base_dir, ad = with_tokenizer
-  cfg, params, tok = generate_cli.load_model(f"{base_dir}+{ad}")
+  cfg, params = loader.load_model(f"{base_dir}+{ad}", "float32")  # what `generate --model` loads
+  tok = loader.load_tokenizer(f"{base_dir}+{ad}")
   ids = np.asarray([tok("The quick brown fox")["input_ids"]], np.int32)
   pm = peft.PeftModel.from_pretrained(model, ad)
   with torch.no_grad():
@@ -189,7 +189,7 @@ def test_generate_and_evaluate_load_adapters(with_tokenizer):
   pm.unload()
   toks, _ = generation.generate_tokens(params, cfg, ids, np.ones_like(ids), max_new_tokens=12)
   np.testing.assert_array_equal(toks, ref)
-  m = eval_models.load_model(f"expertA={ad}")  # base from the adapter's base_model_name_or_path
+  m = eval_models.load_entry(f"expertA={ad}")  # base from the adapter's base_model_name_or_path
   assert m["name"] == "expertA" and m["cfg"].lora_scale == cfg.lora_scale
   np.testing.assert_array_equal(m["params"]["layers"]["mlp"]["up_proj"]["lora_b"],
                                 params["layers"]["mlp"]["up_proj"]["lora_b"])

@@ -4,7 +4,7 @@ import pytest
 
 from h3jax import moe_config
 from h3jax.hf import refs
-from h3jax.merging.config import MergeConfigError, _model_path
+from h3jax.merging.streaming.config import MergeConfigError, _model_path
 
 
 def test_forms_resolve_to_one_path_string(tmp_path):

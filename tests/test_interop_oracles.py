@@ -17,9 +17,9 @@ peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
 
-from h3jax.merging import config as mcfg  # noqa: E402
-from h3jax.merging import driver  # noqa: E402
-from h3jax.merging.inputs import MergeError  # noqa: E402
+from h3jax.merging.streaming import config as mcfg  # noqa: E402
+from h3jax.merging.streaming import driver  # noqa: E402
+from h3jax.merging.streaming.inputs import MergeError  # noqa: E402
 
 pytestmark = [pytest.mark.oracle,
               pytest.mark.skipif(not mf.MERGEKIT_PY.exists(),
@@ -192,8 +192,8 @@ def test_mergekit_moe_yaml_matches_mergekit_moe(moe_family, tmp_path, case):
   else:
     np.testing.assert_allclose(ro, rm, rtol=1e-5, atol=2e-6)
   assert np.abs(ro[:, :, 0] - ro[:, :, 1]).max() > 1e-2  # experts get different rows
-  import flax.traverse_util as tu
-  fo, fm = tu.flatten_dict(ours), tu.flatten_dict(theirs)
+  from h3jax.model.params import flatten_dict
+  fo, fm = flatten_dict(ours), flatten_dict(theirs)
   assert sorted(fo) == sorted(fm)
   for k in fo:
     if k[-2:] != ("router", "kernel"):
@@ -279,7 +279,7 @@ def test_extracted_adapter_reproduces_the_finetune(finetuned, tmp_path):
   below it, the error the rank allows (reported in docs/interop.md)."""
   import jax.numpy as jnp
   from h3jax.hf import adapters
-  from h3jax.merging.extract_lora import extract_lora
+  from h3jax.merging.streaming.extract_lora import extract_lora
   from h3jax.model import llama
   root, base_dir, ft_dir = finetuned
   ids = np.array([[1, 5, 9, 33, 7, 90, 64, 3, 17, 42]], np.int32)
@@ -312,7 +312,7 @@ def test_extract_lora_bad_input(finetuned, tmp_path):
   other_cfg = mf.llama_config(False, intermediate_size=40)
   other = mf.write_llama(tmp_path / "other", mf.random_base(mf.llama_shapes(other_cfg), 5), other_cfg)
   from h3jax.hf.adapters import AdapterError
-  from h3jax.merging.extract_lora import extract_lora
+  from h3jax.merging.streaming.extract_lora import extract_lora
   for args, kw, msg in [((other, ft_dir, 4), {}, "does not fine-tune"), ((base_dir, ft_dir, 0), {}, "rank must be"),
                         ((base_dir, ft_dir, 2), {"rank_pattern": {"mlp": 0}}, "rank_pattern ranks")]:
     with pytest.raises(AdapterError, match=msg):

@@ -21,8 +21,8 @@ import yaml
 
 import merge_fixtures as mf
 from h3jax import io_atomic
-from h3jax.merging import config as mcfg
-from h3jax.merging import driver
+from h3jax.merging.streaming import config as mcfg
+from h3jax.merging.streaming import driver
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def test_overwrite_refuses_a_folder_with_subfolders_or_foreign_files(fam, tmp_pa
 
 
 def test_export_refuses_an_output_holding_its_checkpoint_or_tokenizer(tmp_path):
-  from h3jax import export
+  from h3jax.hf import export
   ckpt = tmp_path / "run" / "checkpoints"
   ckpt.mkdir(parents=True)
   with pytest.raises(io_atomic.UnsafeOutputError, match="contains the input"):

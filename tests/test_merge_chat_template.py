@@ -9,8 +9,8 @@ import transformers
 
 import merge_fixtures as mf
 from conftest import SMOLLM2_DIR
-from h3jax.merging import config as mcfg
-from h3jax.merging import driver
+from h3jax.merging.streaming import config as mcfg
+from h3jax.merging.streaming import driver
 
 T_A = "{% for m in messages %}A:{{ m['content'] }}\n{% endfor %}"
 T_B = "{% for m in messages %}B:{{ m['content'] }}\n{% endfor %}"

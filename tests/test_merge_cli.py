@@ -13,9 +13,7 @@ import pytest
 import yaml
 
 import merge_fixtures as mf
-from h3jax.merge import merge_from_config
-from h3jax.merging.config import MergeConfigError
-from h3jax.merging.driver import MergeError
+from h3jax.merging.streaming import MergeConfigError, MergeError, merge_from_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -54,6 +52,29 @@ def test_cli_mergekit_yaml_end_to_end(fam, tmp_path):
   r = _cli(f"--config={cfg}", f"--out={tmp_path / 'out'}", "--noprogress")
   assert r.returncode == 2 and "already exists" in r.stderr
   assert _cli(f"--config={cfg}", f"--out={tmp_path / 'out'}", "--overwrite", "--noprogress").returncode == 0
+
+
+def test_cli_py_config_takes_dotted_overrides(fam, tmp_path):
+  """`--config.x=VALUE` overrides a `.py` merge config's fields, as in train / evaluate; a YAML takes none."""
+  root, base, models = fam
+  cfg = tmp_path / "lin.py"
+  cfg.write_text(f"""
+import ml_collections
+def get_config():
+  return ml_collections.ConfigDict(dict(merge_method="linear", out_dtype="float32",
+      models=[dict(model=m, parameters=dict(weight=1.0)) for m in {models!r}]))
+""")
+  r = _cli(f"--config={cfg}", "--config.out_dtype=bfloat16", f"--out={tmp_path / 'out'}", "--noprogress")
+  assert r.returncode == 0, r.stderr[-3000:]
+  from safetensors import safe_open
+  with safe_open(str(tmp_path / "out" / "model.safetensors"), "np") as f:
+    assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+  yml = tmp_path / "lin.yaml"
+  yml.write_text(yaml.safe_dump(dict(merge_method="linear", models=[dict(model=m, parameters=dict(weight=1.0))
+                                                                    for m in models])))
+  r = _cli(f"--config={yml}", "--config.dtype=float32", f"--out={tmp_path / 'out2'}", "--noprogress")
+  assert r.returncode != 0 and "overrides apply to a .py config only" in r.stderr
+  assert not (tmp_path / "out2").exists()
 
 
 def test_cli_unknown_method_is_one_clear_error(fam, tmp_path):

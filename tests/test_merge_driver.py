@@ -16,8 +16,8 @@ from safetensors.numpy import save_file
 import merge_fixtures as mf
 from h3jax import merging
 from h3jax.hf.st_io import SafetensorsWriter
-from h3jax.merging import config as mcfg
-from h3jax.merging import driver
+from h3jax.merging.streaming import config as mcfg
+from h3jax.merging.streaming import driver
 
 
 def _spec(method, base, models, params=None, model_params=None, **kw):

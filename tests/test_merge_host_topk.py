@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from h3jax import merging
-from h3jax.merging import host_topk
+from h3jax.merging.streaming import host_topk
 
 
 @pytest.mark.parametrize("kind", ["dense", "sparse", "ties"])

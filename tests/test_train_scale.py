@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 
-import flax.traverse_util as tu
 import jax
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 import scale_fixtures as sf
 from conftest import COLLECTIVE_TIMEOUTS
 from h3jax.checkpoint import load_params
+from h3jax.model.params import flatten_dict
 from h3jax.train import hlo_comm, loop, lora, optim, sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -44,8 +44,8 @@ def _moe_tree():
 def test_spec_table_covers_dense_and_moe_trees_and_optimizer_state():
   cfg, p = _moe_tree()
   mesh = sharding.make_mesh(fsdp=2, expert=4)
-  specs = {optim.path_str(k): v for k, v in tu.flatten_dict(sharding.param_specs(p, mesh)).items()}
-  assert set(specs) == {optim.path_str(k) for k in tu.flatten_dict(p)}  # every leaf has a spec
+  specs = {optim.path_str(k): v for k, v in flatten_dict(sharding.param_specs(p, mesh)).items()}
+  assert set(specs) == {optim.path_str(k) for k in flatten_dict(p)}  # every leaf has a spec
   for name in ("gate_proj", "up_proj", "down_proj"):  # experts and their LoRA on the expert axis
     for leaf in ("kernel", "lora_a", "lora_b"):
       assert specs[f"layers/moe/experts/{name}/{leaf}"][:2] == (None, "expert"), (name, leaf)
@@ -57,7 +57,7 @@ def test_spec_table_covers_dense_and_moe_trees_and_optimizer_state():
   # the dense tree (Stage A) on a tensor mesh: Megatron column / row splits
   from h3jax.model import params as params_lib
   dense = params_lib.init_params(cfg.replace(num_experts=0), jax.random.key(0))
-  dspecs = tu.flatten_dict(sharding.param_specs(dense, sharding.make_mesh(data=4, tensor=2)))
+  dspecs = flatten_dict(sharding.param_specs(dense, sharding.make_mesh(data=4, tensor=2)))
   assert dspecs[("layers", "mlp", "up_proj", "kernel")] == P(None, None, "tensor")
   assert dspecs[("layers", "mlp", "down_proj", "kernel")] == P(None, "tensor", None)
   # Adam moments take their parameter's sharding

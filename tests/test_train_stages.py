@@ -3,9 +3,9 @@
 import json
 import pathlib
 
-import flax.traverse_util as tu
 import pytest
 
+from h3jax.model.params import flatten_dict
 from h3jax.train import optim, stages
 from h3jax.train.defaults import load_config_file
 
@@ -22,7 +22,7 @@ def tiny(tmp_path, arg="helpful"):
 
 
 def trainable(run):
-  return sorted(optim.path_str(k) for k, v in tu.flatten_dict(run.labels).items() if v != optim.FROZEN)
+  return sorted(optim.path_str(k) for k, v in flatten_dict(run.labels).items() if v != optim.FROZEN)
 
 
 def test_stage_a_paper_lora_trains_only_ffn_adapters(tmp_path):
@@ -58,7 +58,7 @@ def test_bad_stage_and_vocab_mismatch(tmp_path):
 @pytest.mark.slow
 @pytest.mark.optin  # 5 training runs + export + generation: ~2 min idle, ~6 min on the busy box
 def test_tiny_pipeline_end_to_end(tmp_path):
-  from h3jax import pipeline
+  from h3jax.train import h3fusion as pipeline
   c = load_config_file(REPO / "configs" / "tiny.py", "pipeline")
   c.pipeline.stage_a_steps = 3
   c.train.steps = 3

@@ -1,6 +1,5 @@
 """Train step: frozen leaves, accumulation, sharding, LM loss oracle, gating-only router learning, bad λ/γ."""
 
-import flax.traverse_util as tu
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +8,7 @@ import pytest
 
 from h3jax.config import ModelConfig
 from h3jax.model import params as params_lib
+from h3jax.model.params import flatten_dict
 from h3jax.train import lora, objective, optim, sharding, step as step_lib
 
 V, T = 64, 16
@@ -98,7 +98,7 @@ def moe_run():
 
 def test_frozen_leaves_bit_identical_and_stateless_moe(moe_run):
   cfg, p0, labels, lc, batches, state, ms = moe_run
-  flat0, flat1, lab = tu.flatten_dict(p0), tu.flatten_dict(state["params"]), tu.flatten_dict(labels)
+  flat0, flat1, lab = flatten_dict(p0), flatten_dict(state["params"]), flatten_dict(labels)
   n_frozen = 0
   for k, lab_k in lab.items():
     if lab_k == optim.FROZEN:
@@ -152,7 +152,7 @@ def test_grad_accumulation_equals_full_batch():
 def test_sharded_step_equals_unsharded(moe_run):
   cfg, p0, labels, lc, batches, ref, mref = moe_run
   mesh = sharding.make_mesh(data=4, tensor=2)
-  specs = tu.flatten_dict(sharding.param_specs(p0, mesh))
+  specs = flatten_dict(sharding.param_specs(p0, mesh))
   assert specs[("layers", "moe", "experts", "gate_proj", "kernel")] == jax.sharding.PartitionSpec(
       None, None, None, "tensor")
   assert specs[("layers", "attn", "o_proj", "kernel")] == jax.sharding.PartitionSpec(None, "tensor", None)
@@ -224,7 +224,7 @@ def test_lora_step_has_no_weight_gradient_dot_for_frozen_kernels():
   import re
   cfg = tiny_cfg(hidden_size=40, intermediate_size=56, num_heads=4, num_kv_heads=2, head_dim=6)
   params = params_lib.init_params(cfg, jax.random.key(0))
-  kernels = {tuple(v.shape[-2:]) for k, v in tu.flatten_dict(params).items() if k[-1] in ("kernel", "embedding")}
+  kernels = {tuple(v.shape[-2:]) for k, v in flatten_dict(params).items() if k[-1] in ("kernel", "embedding")}
   pairs = kernels | {s[::-1] for s in kernels}
 
   def weight_grad_dots(lowered):

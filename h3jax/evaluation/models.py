@@ -1,4 +1,4 @@
-"""Loading a model to evaluate: `[NAME=]DIR` -> {name, path, cfg, params, tokenizer}, and its fingerprint.
+"""A model to evaluate: `[NAME=]DIR` -> {name, path, cfg, params, tokenizer}, and its fingerprint.
 
 The fingerprint (what the evaluation cache keys generations and MC log-probs
 by, never the model's name) is a sha256 of the loaded weights' bytes, the
@@ -13,36 +13,26 @@ from __future__ import annotations
 import hashlib
 import pathlib
 import re
-from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+from h3jax.hf import loader
+
 # Every tokenizer file that can change the token ids or the chat template.
-_TOKENIZER_ID_FILES = _TOKENIZER_FILES + ("merges.txt", "special_tokens_map.json", "added_tokens.json",
-                                          "chat_template.jinja", "chat_template.json")
+_TOKENIZER_ID_FILES = loader.TOKENIZER_FILES + ("merges.txt", "special_tokens_map.json", "added_tokens.json",
+                                                "chat_template.jinja", "chat_template.json")
 
 
-def _tokenizer_dir(path: pathlib.Path) -> Optional[pathlib.Path]:
-  for d in (path, path / "tokenizer", path / "hf"):
-    if any((d / f).is_file() for f in _TOKENIZER_FILES):
-      return d
-  return None
+def load_entry(spec: str, dtype: str = "float32", ensemble_mode: str = "prob") -> dict:
+  """`[NAME=]DIR` -> {name, path, cfg, params, tokenizer, tokenizer_dir}: a model as the evaluation sees it.
 
-
-def load_model(spec: str, dtype: str = "float32", ensemble_mode: str = "prob") -> dict:
-  """`[NAME=]DIR` -> {name, path, cfg, params, tokenizer}.
-
-  DIR is an HF folder (config.json) or a training workdir: its export DIR/hf
-  if present, else its latest checkpoint in DIR/checkpoints (or DIR) read with
-  `h3jax.checkpoint.load_params`, with the tokenizer from DIR, DIR/tokenizer
-  or DIR/hf. DIR may also be a PEFT LoRA adapter folder (on its recorded local
-  base) or BASE+ADAPTER; the tokenizer is then the adapter's if it has one,
-  else the base's. `NAME=DIR1,DIR2,...` is the output ensemble of those models
-  (h3jax.model.ensemble, combined by `ensemble_mode`), with DIR1's tokenizer.
-  An MoE is evaluated with the `sparse` dispatch.
+  DIR is any reference `h3jax.hf.loader.load_model` reads (an HF folder, a training workdir: its
+  export DIR/hf if present, else its latest checkpoint; a PEFT LoRA adapter folder or BASE+ADAPTER),
+  with the tokenizer `h3jax.hf.loader.tokenizer_dir` finds. `NAME=DIR1,DIR2,...` is the output
+  ensemble of those models (h3jax.model.ensemble, combined by `ensemble_mode`), with DIR1's tokenizer.
+  Params and compute are in `dtype`; non-finite weights are refused; an MoE is evaluated with the
+  `sparse` dispatch.
   """
   name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
   if "," in path:
@@ -52,53 +42,22 @@ def load_model(spec: str, dtype: str = "float32", ensemble_mode: str = "prob") -
   if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
     raise ValueError(f"model name {name!r} must use only letters, digits, '.', '_' and '-' (it names "
                      f"output files); name the model with --model=NAME=DIR")
-  from h3jax.hf import adapters
-  base, adapter = adapters.split_ref(str(path))
-  if adapter is not None:  # a PEFT adapter: its LoRA leaves stay unmerged (cfg.lora_scale)
-    tok_dir = _tokenizer_dir(pathlib.Path(adapter)) or _tokenizer_dir(pathlib.Path(base))
-    if tok_dir is None:
-      raise ValueError(f"neither adapter {adapter} nor base {base} has tokenizer files")
-    cfg, params = adapters.load_with_adapter(base, adapter, dtype=dtype)
-    return {"name": name, "path": str(path), "cfg": cfg.replace(dtype=dtype), "params": params,
-            "tokenizer": _load_tokenizer(tok_dir), "tokenizer_dir": str(tok_dir)}
-  if not path.is_dir():
-    raise FileNotFoundError(f"model folder not found: {path}")
-  tok_dir = _tokenizer_dir(path)
-  if tok_dir is None:
-    raise ValueError(f"model folder {path} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)} in "
-                     f"{path}, {path}/tokenizer or {path}/hf); copy the base model's tokenizer files "
-                     f"there or export with --tokenizer_source")
-  hf_dir = next((d for d in (path, path / "hf") if (d / "config.json").is_file()), None)
-  if hf_dir is not None:  # an HF folder, or a workdir with its export in hf/
-    from h3jax.hf.load import load_pretrained
-    cfg, params = load_pretrained(str(hf_dir), dtype=dtype)
-  else:  # a workdir's latest Orbax checkpoint
-    from h3jax.checkpoint import load_params
-    ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    cfg, params = load_params(str(ckpt_dir))
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+  tok_dir = loader.require_tokenizer_dir(path)  # before the weights are read
+  cfg, params = loader.load_model(path, dtype)
   from h3jax.merging.tree import check_finite
   check_finite(params, f"refusing to evaluate {name} ({path})")  # e.g. a broken merge
   cfg = cfg.replace(dtype=dtype)
   if cfg.is_moe:  # dropless, reads only the chosen experts (a checkpoint keeps its training dispatch)
     cfg = cfg.replace(moe_dispatch="sparse")
-  return {"name": name, "path": str(path), "cfg": cfg, "params": params, "tokenizer": _load_tokenizer(tok_dir),
-          "tokenizer_dir": str(tok_dir)}
-
-
-def _load_tokenizer(tok_dir):
-  import transformers
-  try:
-    return transformers.AutoTokenizer.from_pretrained(str(tok_dir))
-  except Exception as e:  # transformers raises many types here
-    raise ValueError(f"{tok_dir}: tokenizer files could not be loaded ({type(e).__name__}: {e})") from e
+  return {"name": name, "path": str(path), "cfg": cfg, "params": params,
+          "tokenizer": loader.tokenizer_from_dir(tok_dir), "tokenizer_dir": str(tok_dir)}
 
 
 def _load_ensemble(name: str, paths, dtype: str, mode: str) -> dict:
   from h3jax.model import ensemble
   if not name:
     raise ValueError(f"an ensemble of {len(paths)} models needs a name: --model=NAME=DIR1,DIR2,...")
-  members = [load_model(f"{name}={p}", dtype) for p in paths]
+  members = [load_entry(f"{name}={p}", dtype) for p in paths]
   cfgs = {m["cfg"].replace(eos_token_id=(), expert_names=()) for m in members}
   if len(cfgs) != 1:
     raise ValueError(f"ensemble {name!r}: the members {paths} have different architectures")

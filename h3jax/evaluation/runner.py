@@ -31,11 +31,11 @@ from h3jax.evaluation import cache as cache_lib
 from h3jax.evaluation import report
 from h3jax.evaluation import sets as eval_data
 from h3jax.evaluation.infer import generation_settings, model_inputs, prompt_template, router_usage
-from h3jax.evaluation.models import fingerprint, load_model
+from h3jax.evaluation.models import fingerprint, load_entry
 from h3jax.evaluation.scoring import _judge, axis_scores, generate_shard, score_model
 from h3jax.merging.tree import check_finite
 
-__all__ = ["default_config", "evaluate", "compare", "load_model", "load_judges", "judge_cards",
+__all__ = ["default_config", "evaluate", "compare", "load_entry", "load_judges", "judge_cards",
            "prompt_template", "score_model", "axis_scores"]
 
 
@@ -124,7 +124,7 @@ def generate_shards(config, model_specs: Sequence[str], out_dir, shard: Tuple[in
   sets = eval_data.load_eval_sets(config, limit=config.limit if limit is None else limit)
   done = {}
   for spec in model_specs:
-    model = load_model(spec, config.dtype, config.get("ensemble_mode", "prob"))
+    model = load_entry(spec, config.dtype, config.get("ensemble_mode", "prob"))
     store = open_cache(out_dir, model)
     done[model["name"]] = generate_shard(model, sets, config, store, shard, progress=progress)
     del model
@@ -159,7 +159,7 @@ def evaluate(config, model_specs: Sequence[str], out_dir, *, limit: Optional[int
   results["judges"] = judge_cards(judges)
   for spec in specs:
     t0 = time.time()
-    model = spec if isinstance(spec, dict) else load_model(spec, config.dtype, config.get("ensemble_mode", "prob"))
+    model = spec if isinstance(spec, dict) else load_entry(spec, config.dtype, config.get("ensemble_mode", "prob"))
     if isinstance(spec, dict):
       check_finite(model["params"], f"refusing to evaluate {model['name']}")
     if model["name"] in results["models"]:

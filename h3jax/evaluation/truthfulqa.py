@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from h3jax import generation
+from h3jax import progress as progress_lib
 from h3jax.config import ModelConfig
 from h3jax.evaluation import metrics
 from h3jax.model import llama
@@ -162,10 +163,7 @@ def sequence_logprobs(params, cfg: ModelConfig, tokenizer, contexts: Sequence[st
   prefix = (_prefix_cache(params, jnp.asarray([rows[0][0][:P]], jnp.int32), cfg) if P
             else llama.init_cache(cfg, 1, 0))
   order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
-  starts = range(0, len(order), batch_size)
-  if progress:
-    import tqdm
-    starts = tqdm.tqdm(starts, desc="log-probs", unit="batch")
+  starts = progress_lib.bar(range(0, len(order), batch_size), desc="log-probs", unit="batch", enabled=progress)
   for start in starts:
     idx = order[start:start + batch_size]
     T = generation.pad_bucket(max(len(rows[i][0]) + len(rows[i][1]) - P for i in idx))

@@ -26,13 +26,13 @@ import pathlib
 import re
 from typing import Dict, Optional, Sequence, Tuple
 
-import flax.traverse_util as tu
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from h3jax.config import ModelConfig
 from h3jax.hf import keymap, st_io
+from h3jax.model.params import flatten_dict, unflatten_dict
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -176,11 +176,11 @@ def _check_targets(adapter: Adapter, modules: Dict[str, tuple]):
 
 def apply_adapter(cfg: ModelConfig, params: dict, adapter: Adapter) -> Tuple[ModelConfig, dict]:
   """(cfg with lora_scale, params with lora_a/lora_b leaves and modules_to_save tensors) for a base."""
-  if cfg.lora_scale != 1.0 or any(k[-1] in ("lora_a", "lora_b") for k in tu.flatten_dict(params)):
+  if cfg.lora_scale != 1.0 or any(k[-1] in ("lora_a", "lora_b") for k in flatten_dict(params)):
     raise AdapterError(f"{adapter.path}: the base model already carries LoRA factors; merge them first")
   modules = linear_modules(cfg)
   _check_targets(adapter, modules)
-  flat = dict(tu.flatten_dict(params))
+  flat = dict(flatten_dict(params))
   r = adapter.rank
   grouped: Dict[tuple, list] = {}
   for module, (a, b) in adapter.lora.items():
@@ -213,7 +213,7 @@ def apply_adapter(cfg: ModelConfig, params: dict, adapter: Adapter) -> Tuple[Mod
                          f"for another base model?")
     value = jnp.asarray(np.swapaxes(t, -1, -2) if row.transpose else t, leaf.dtype)
     flat[row.path] = leaf.at[idx].set(value) if idx else value
-  return cfg.replace(lora_scale=adapter.scale), tu.unflatten_dict(flat)
+  return cfg.replace(lora_scale=adapter.scale), unflatten_dict(flat)
 
 
 def load_with_adapter(base, adapter_dir, dtype: Optional[str] = None) -> Tuple[ModelConfig, dict]:
@@ -251,7 +251,7 @@ def split_ref(ref: str, default_base=None) -> Tuple[str, Optional[str]]:
 def adapter_tensors(cfg: ModelConfig, params: dict, modules_to_save: Sequence[str] = ()) -> Dict[str, np.ndarray]:
   """PEFT tensor name -> numpy tensor for every LoRA pair (all-zero factors left out) and the full
   tensors of `modules_to_save` (HF module names such as 'lm_head' or 'embed_tokens')."""
-  flat = tu.flatten_dict(params)
+  flat = flatten_dict(params)
   modules = linear_modules(cfg)
   by_leaf: Dict[tuple, list] = {}
   for name, (lin, idx) in modules.items():
@@ -284,7 +284,7 @@ def adapter_tensors(cfg: ModelConfig, params: dict, modules_to_save: Sequence[st
 
 def check_only_lora_trained(params: dict, base_params: dict, base_name="the base") -> None:
   """Raises unless every non-LoRA leaf of `params` equals the base's (a PEFT adapter holds LoRA only)."""
-  flat, base = tu.flatten_dict(params), tu.flatten_dict(base_params)
+  flat, base = flatten_dict(params), flatten_dict(base_params)
   changed = []
   for k, v in flat.items():
     if k[-1] in ("lora_a", "lora_b"):
@@ -313,7 +313,7 @@ def save_adapter(cfg: ModelConfig, params: dict, out_dir, *, base_model_name_or_
   if cfg.is_moe:
     raise AdapterError("PEFT export of an MoE (Stage B) run is not supported: transformers' Mixtral keeps experts "
                        "and router as fused parameters, not nn.Linear modules; export it with --format=hf")
-  flat = tu.flatten_dict(params)
+  flat = flatten_dict(params)
   ranks = {int(v.shape[-1]) for k, v in flat.items() if k[-1] == "lora_a"}
   if not ranks:
     raise AdapterError("params hold no LoRA factors (lora_a / lora_b); nothing to export")
@@ -350,69 +350,3 @@ def save_adapter(cfg: ModelConfig, params: dict, out_dir, *, base_model_name_or_
     (tmp / st_io.SINGLE_NAME).rename(tmp / WEIGHTS_NAME)
     (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
   return pathlib.Path(out_dir)
-
-
-# ---------------------------------------------------------------------------
-# File-level view for the streaming merge driver (mergekit's `model+lora`).
-
-
-class MergedReader:
-  """A SafetensorsReader-like view of BASE with a PEFT adapter merged in, one tensor at a time.
-
-  Like mergekit (PeftModel.merge_and_unload), each adapted weight becomes
-  W + cast(scale * (B @ A)) in W's dtype (the product in float32), and
-  modules_to_save / bias tensors replace the base's. HF tensor names are the
-  adapter's module names + '.weight', so no model config is needed.
-  """
-
-  def __init__(self, base_reader, adapter: Adapter):
-    self._base, self.adapter = base_reader, adapter
-    self.metadata = dict(getattr(base_reader, "metadata", {}))
-    names = set(base_reader.keys())
-    for module, (a, b) in adapter.lora.items():
-      name = module + ".weight"
-      if name not in names:
-        raise AdapterError(f"{adapter.path}: LoRA on {module!r}, which is not a weight of the base model "
-                           f"(unknown target module)")
-      if tuple(base_reader.shape(name)) != (b.shape[0], a.shape[1]):
-        raise AdapterError(f"{adapter.path}: {module}: adapter is for another base model (lora_B {b.shape} @ "
-                           f"lora_A {a.shape} vs weight {tuple(base_reader.shape(name))})")
-    for name, t in adapter.full.items():
-      if name not in names:
-        raise AdapterError(f"{adapter.path}: saved module tensor {name!r} is not a tensor of the base model")
-      if tuple(base_reader.shape(name)) != tuple(t.shape):
-        raise AdapterError(f"{adapter.path}: {name} has shape {t.shape} but the base's is "
-                           f"{tuple(base_reader.shape(name))}; adapter for another base model?")
-
-  def keys(self):
-    return self._base.keys()
-
-  def __contains__(self, name):
-    return name in self._base
-
-  def shape(self, name):
-    return self._base.shape(name)
-
-  def dtype(self, name):
-    return self._base.dtype(name)
-
-  def nbytes(self, name):
-    return self._base.nbytes(name)
-
-  def get(self, name):
-    if name in self.adapter.full:
-      return np.asarray(self.adapter.full[name]).astype(self._base.dtype(name))
-    w = self._base.get(name)
-    ab = self.adapter.lora.get(name[:-len(".weight")]) if name.endswith(".weight") else None
-    if ab is None:
-      return w
-    a, b = ab
-    delta = (b.astype(np.float32) @ a.astype(np.float32)) * np.float32(self.adapter.scale)
-    return (w.astype(np.float32) + delta.astype(w.dtype).astype(np.float32)).astype(w.dtype)
-
-  def items(self):
-    for name in self.keys():
-      yield name, self.get(name)
-
-  def close(self):
-    self._base.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import sys
 from typing import Optional
 
 import jax
@@ -19,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from h3jax import io_atomic
+from h3jax import progress as progress_lib
 from h3jax.config import ModelConfig, resolve_dtype
 from h3jax.hf import config_io, keymap, st_io
 from h3jax.model import params as params_lib
@@ -77,9 +79,7 @@ def save_pretrained(params: dict, cfg: ModelConfig, out_dir, *, max_shard_size="
   np_dtype = np.dtype(resolve_dtype(dtype))
   hf_cfg = config_io.model_config_to_hf(cfg, dtype=dtype)
   rows = keymap.rows(cfg)
-  if progress:
-    from tqdm import tqdm
-    rows = tqdm(rows, desc=f"export {pathlib.Path(out_dir).name}", unit="leaf")
+  rows = progress_lib.bar(rows, desc=f"export {pathlib.Path(out_dir).name}", unit="leaf", enabled=progress)
   with atomic_output_dir(out_dir, overwrite, inputs=(*inputs, tokenizer_source)) as tmp:
     writer = st_io.SafetensorsWriter(tmp, max_shard_size=max_shard_size)
     for row in rows:
@@ -101,3 +101,42 @@ def save_pretrained(params: dict, cfg: ModelConfig, out_dir, *, max_shard_size="
       copy_tokenizer(tokenizer_source, tmp)
   logging.info("wrote %s (%s, %s)", out_dir, hf_cfg["architectures"][0], dtype)
   return pathlib.Path(out_dir)
+
+
+def export_checkpoint(checkpoint_dir, out_dir, *, step: Optional[int] = None, tokenizer_source=None,
+                      dtype: Optional[str] = None, max_shard_size="5GB", overwrite: bool = False,
+                      format: str = "hf", base: Optional[str] = None) -> pathlib.Path:
+  """A training run's Orbax checkpoint (default: its latest step) as an HF folder (`format="hf"`: LoRA
+  merged, MoE as Mixtral) or a PEFT adapter folder (`format="peft"`: LoRA factors only, with `base`
+  recorded as their base model; the run must have trained nothing else). Without `tokenizer_source`
+  the one recorded in the checkpoint's extra state (if any) is copied. Every input check runs before
+  anything is created."""
+  from h3jax import checkpoint
+  out = pathlib.Path(out_dir)
+  io_atomic.check_not_overlapping(out, (checkpoint_dir, tokenizer_source))
+  if out.exists() and any(out.iterdir()) and not overwrite:
+    raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+  if not pathlib.Path(checkpoint_dir).is_dir():  # checked first: Orbax would create the folder
+    raise FileNotFoundError(f"checkpoint folder not found: {checkpoint_dir} (pass the run's checkpoints/ "
+                            f"folder, e.g. runs/NAME/checkpoints)")
+  if tokenizer_source and not pathlib.Path(tokenizer_source).is_dir():
+    raise FileNotFoundError(f"--tokenizer_source folder not found: {tokenizer_source}")
+  if out.exists() and overwrite:
+    io_atomic.check_replaceable(out)
+  restored = checkpoint.load_checkpoint(checkpoint_dir, step)
+  cfg = restored["config"]
+  tokenizer_source = tokenizer_source or restored["extra"].get("tokenizer_source")
+  if format == "peft":
+    from h3jax.hf import adapters
+    base = base or tokenizer_source
+    if base is not None and pathlib.Path(base, "config.json").is_file():  # nothing but LoRA may have changed
+      from h3jax.hf.load import load_pretrained
+      adapters.check_only_lora_trained(restored["params"], load_pretrained(base)[1], base)
+    return adapters.save_adapter(cfg, restored["params"], out, base_model_name_or_path=base,
+                                 overwrite=overwrite)
+  if format != "hf":
+    raise ValueError(f"unknown export format {format!r}; expected 'hf' or 'peft'")
+  print(f"exporting step {restored['step']} of {checkpoint_dir} to {out}", file=sys.stderr, flush=True)
+  return save_pretrained(restored["params"], cfg, out, max_shard_size=max_shard_size,
+                         tokenizer_source=tokenizer_source, overwrite=overwrite, dtype=dtype,
+                         progress=True, inputs=(checkpoint_dir,))

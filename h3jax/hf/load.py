@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from h3jax import progress as progress_lib
 from h3jax.config import ModelConfig, resolve_dtype
 from h3jax.hf import config_io, keymap, st_io
 from h3jax.model import params as params_lib
@@ -116,9 +117,7 @@ def load_pretrained(path, dtype: Optional[str] = None, shardings: ShardingSpec =
     _check_keys(cfg, reader, sources, path)
     params = {}
     items = list(sources.items())
-    if progress:
-      from tqdm import tqdm
-      items = tqdm(items, desc=f"load {path.name}", unit="leaf")
+    items = progress_lib.bar(items, desc=f"load {path.name}", unit="leaf", enabled=progress)
     for leaf_path, srcs in items:
       shape = _leaf_shape(shapes, leaf_path)
       buf = aligned_empty(shape, np_dtype)

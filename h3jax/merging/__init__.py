@@ -6,6 +6,10 @@ none; per-model values are sequences aligned with `models`. See docs/merging.md.
 
 Note: `merging.resm` / `merging.emr` are the functions; their modules are
 importable as `h3jax.merging.resm` etc. (`from h3jax.merging.resm import ...`).
+
+This package holds the pure methods and their building blocks (`blocks`, `select`, `rules`, the
+pytree engine `tree`); `h3jax.merging.streaming` runs them file to file, one tensor at a time
+(mergekit YAML / `.py` configs, `python -m h3jax.merge`), and imports this package, never the reverse.
 """
 
 from h3jax.merging import blocks, rules

@@ -20,22 +20,7 @@ import jax.numpy as jnp
 from h3jax.merging import blocks
 from h3jax.merging import select
 from h3jax.merging import tree as tree_lib
-
-_COMMON = ("rules", "lora_scale", "seed")
-
-
-def _pop_lambda(name, lambda_, kw):
-  if "lambda" in kw:
-    lambda_ = kw.pop("lambda")
-  unknown = sorted(set(kw) - set(_COMMON))
-  if unknown:
-    raise ValueError(f"{name}: unknown hyper-parameter(s) {unknown}")
-  return lambda_
-
-
-def _common(kw):
-  return {k: kw[k] for k in _COMMON if k in kw and k != "seed"}
-
+from h3jax.merging.tree import common_kwargs, pop_lambda
 
 def _in_axis_hp(in_axis, default: int = 1):
   """mergekit ranks (DELLA: dim 1) / normalises (Model Stock: dim -1) along the input axis of
@@ -57,13 +42,13 @@ def _linear_array(base_X, models_NX, key, *, weight, normalize):
 def linear(base, models, *, weight=1.0, normalize=True, **kw):
   """Weight averaging / model soup: sum w_i theta_i / sum w_i. `base` is ignored (may be None);
   list it in `models` to include it."""
-  _pop_lambda("linear", 1.0, dict(kw))
+  pop_lambda("linear", 1.0, dict(kw))
   return tree_lib.merge_tree(_linear_array, None, models, name="linear",
                              hparams=dict(weight=weight, normalize=bool(normalize)),
-                             per_model_keys=("weight",), needs_base=False, **_common(kw))
+                             per_model_keys=("weight",), needs_base=False, **common_kwargs(kw))
 
 
-def _gta_array(base_X, models_NX, key, *, weight, lambda_, normalize, sparsify=None, density=None,
+def gta_array(base_X, models_NX, key, *, weight, lambda_, normalize, sparsify=None, density=None,
                gamma=None, epsilon=None, rescale=None, consensus=None, in_axis=1, cuts=None):
   """mergekit GeneralizedTaskArithmeticMerge on one tensor.
 
@@ -98,9 +83,11 @@ def _gta_array(base_X, models_NX, key, *, weight, lambda_, normalize, sparsify=N
                         consensus=consensus)
 
 
-def _gta(name, base, models, kw, *, weight, lambda_, normalize, density=None, gamma=None,
+def gta_merge(name, base, models, kw, *, weight, lambda_, normalize, density=None, gamma=None,
          epsilon=None, sparsify=None, rescale=None, consensus=None, seed=None, in_axis=None):
-  lambda_ = _pop_lambda(name, lambda_, kw)
+  """mergekit's generalized task arithmetic over params trees (`gta_array` per tensor): the shared body
+  of task arithmetic, TIES, DARE, Breadcrumbs and DELLA, which differ only in these switches."""
+  lambda_ = pop_lambda(name, lambda_, kw)
   hp = dict(weight=weight, lambda_=float(lambda_), normalize=bool(normalize), sparsify=sparsify,
             rescale=rescale, consensus=consensus)
   per_model = ["weight"]
@@ -111,9 +98,9 @@ def _gta(name, base, models, kw, *, weight, lambda_, normalize, density=None, ga
   if density is not None:
     tree_lib.check_density(name, density if isinstance(density, (list, tuple)) else [density])
   extra = _in_axis_hp(in_axis) if sparsify == "della" else None
-  return tree_lib.merge_tree(_gta_array, base, models, name=name, hparams=hp,
+  return tree_lib.merge_tree(gta_array, base, models, name=name, hparams=hp,
                              per_model_keys=tuple(per_model), seed=seed, extra_leaf_hp=extra,
-                             **_common(kw))
+                             **common_kwargs(kw))
 
 
 def _rescale_mode(rescale, mode):
@@ -129,7 +116,7 @@ def _rescale_mode(rescale, mode):
 def task_arithmetic(base, models, *, weight=1.0, lambda_=1.0, normalize=False, **kw):
   """theta_0 + lambda * sum_i w_i tau_i (normalize: divide by sum w). FusionBench:
   lambda_ = scaling_factor (default there 0.3), weights 1."""
-  return _gta("task_arithmetic", base, models, kw, weight=weight, lambda_=lambda_,
+  return gta_merge("task_arithmetic", base, models, kw, weight=weight, lambda_=lambda_,
               normalize=normalize)
 
 
@@ -137,14 +124,14 @@ def dare_linear(base, models, *, weight=1.0, density=1.0, lambda_=1.0, normalize
                 rescale=True, mode="mergekit", seed=0, **kw):
   """DARE + task arithmetic: Bernoulli(density) keep mask per tensor and model, rescaled by
   L1-norm matching (mode='mergekit', 0.1.5) or 1/density (mode='paper'|'fusion_bench')."""
-  return _gta("dare_linear", base, models, kw, weight=weight, lambda_=lambda_, normalize=normalize,
+  return gta_merge("dare_linear", base, models, kw, weight=weight, lambda_=lambda_, normalize=normalize,
               density=density, sparsify="random", rescale=_rescale_mode(rescale, mode), seed=seed)
 
 
 def dare_ties(base, models, *, weight=1.0, density=1.0, lambda_=1.0, normalize=False,
               rescale=True, mode="mergekit", seed=0, **kw):
   """DARE masks, then TIES sign election and (normalize=False) disjoint sum."""
-  return _gta("dare_ties", base, models, kw, weight=weight, lambda_=lambda_, normalize=normalize,
+  return gta_merge("dare_ties", base, models, kw, weight=weight, lambda_=lambda_, normalize=normalize,
               density=density, sparsify="random", rescale=_rescale_mode(rescale, mode),
               consensus="mergekit" if mode == "mergekit" else "fusion_bench", seed=seed)
 
@@ -152,7 +139,7 @@ def dare_ties(base, models, *, weight=1.0, density=1.0, lambda_=1.0, normalize=F
 def breadcrumbs(base, models, *, weight=1.0, density=1.0, gamma=0.01, lambda_=1.0,
                 normalize=False, rescale=False, **kw):
   """Model Breadcrumbs: per tensor drop the top-gamma outliers and the smallest values."""
-  return _gta("breadcrumbs", base, models, kw, weight=weight, lambda_=lambda_, normalize=normalize,
+  return gta_merge("breadcrumbs", base, models, kw, weight=weight, lambda_=lambda_, normalize=normalize,
               density=density, gamma=gamma, sparsify="outliers",
               rescale="l1" if rescale else None)
 
@@ -160,7 +147,7 @@ def breadcrumbs(base, models, *, weight=1.0, density=1.0, gamma=0.01, lambda_=1.
 def breadcrumbs_ties(base, models, *, weight=1.0, density=1.0, gamma=0.01, lambda_=1.0,
                      normalize=False, rescale=False, **kw):
   """Breadcrumbs masks + TIES sign election."""
-  return _gta("breadcrumbs_ties", base, models, kw, weight=weight, lambda_=lambda_,
+  return gta_merge("breadcrumbs_ties", base, models, kw, weight=weight, lambda_=lambda_,
               normalize=normalize, density=density, gamma=gamma, sparsify="outliers",
               rescale="l1" if rescale else None, consensus="mergekit")
 
@@ -170,7 +157,7 @@ def della(base, models, *, weight=1.0, density=1.0, epsilon=0.15, lambda_=1.0, n
   """DELLA: magnitude-ranked keep probabilities (d - eps .. d + eps) per row, TIES election.
   in_axis: axis ranked within a row (default: 0 for h3jax `kernel` leaves, 1 otherwise,
   i.e. mergekit's dim 1 of HF [out, in] weights)."""
-  return _gta("della", base, models, kw, weight=weight, lambda_=lambda_, normalize=normalize,
+  return gta_merge("della", base, models, kw, weight=weight, lambda_=lambda_, normalize=normalize,
               density=density, epsilon=epsilon, sparsify="della",
               rescale=_rescale_mode(rescale, mode), consensus="mergekit", seed=seed,
               in_axis=in_axis)
@@ -179,7 +166,7 @@ def della(base, models, *, weight=1.0, density=1.0, epsilon=0.15, lambda_=1.0, n
 def della_linear(base, models, *, weight=1.0, density=1.0, epsilon=0.15, lambda_=1.0,
                  normalize=False, rescale=True, mode="mergekit", seed=0, in_axis=None, **kw):
   """DELLA masks + task arithmetic (no sign election)."""
-  return _gta("della_linear", base, models, kw, weight=weight, lambda_=lambda_,
+  return gta_merge("della_linear", base, models, kw, weight=weight, lambda_=lambda_,
               normalize=normalize, density=density, epsilon=epsilon, sparsify="della",
               rescale=_rescale_mode(rescale, mode), seed=seed, in_axis=in_axis)
 
@@ -204,12 +191,12 @@ def _slerp_array(base_X, models_NX, key, *, t, dot_threshold=0.9995, eps=1e-8):
 def slerp(base, models, *, t=None, dot_threshold=0.9995, eps=1e-8, **kw):
   """Spherical interpolation of the raw weights, one angle per tensor; t=0 is the base.
   Exactly one model besides the base (mergekit). t may be a layer gradient."""
-  _pop_lambda("slerp", 1.0, dict(kw))
+  pop_lambda("slerp", 1.0, dict(kw))
   if t is None:
     raise ValueError("slerp needs the interpolation factor t")
   return tree_lib.merge_tree(_slerp_array, base, models, name="slerp",
                              hparams=dict(t=t, dot_threshold=float(dot_threshold), eps=float(eps)),
-                             min_models=1, max_models=1, **_common(kw))
+                             min_models=1, max_models=1, **common_kwargs(kw))
 
 
 def _model_stock_array(base_X, models_NX, key, *, filter_wise=False, angle_avg="cos", in_axis=1):
@@ -247,10 +234,10 @@ def _model_stock_array(base_X, models_NX, key, *, filter_wise=False, angle_avg="
 def model_stock(base, models, *, filter_wise=False, angle_avg="cos", in_axis=None, **kw):
   """Model Stock: t = N cos / (1 + (N-1) cos) from the mean pairwise cosine of task vectors;
   theta = t mean(theta_i) + (1 - t) theta_0. angle_avg='deg' averages angles (FusionBench)."""
-  _pop_lambda("model_stock", 1.0, dict(kw))
+  pop_lambda("model_stock", 1.0, dict(kw))
   return tree_lib.merge_tree(_model_stock_array, base, models, name="model_stock",
                              hparams=dict(filter_wise=bool(filter_wise), angle_avg=angle_avg),
-                             min_models=2, extra_leaf_hp=_in_axis_hp(in_axis, -1), **_common(kw))
+                             min_models=2, extra_leaf_hp=_in_axis_hp(in_axis, -1), **common_kwargs(kw))
 
 
 # ----------------------------------------------------------------------------- Consensus (TALL masks)
@@ -275,21 +262,21 @@ def consensus_ta(base, models, *, weight=1.0, tall_lambda=1.0, k=1, lambda_=1.0,
   (optionally normalised) sum of task vectors; TALL masks |tau_t| > tall_lambda_t |merged - tau_t|;
   entries kept where >= k masks agree (mergekit's default k = 1; the paper uses 2). mergekit
   0.0.6 calls tall_lambda `lambda`; lambda_ here is an extra global scale (1 = mergekit)."""
-  lambda_ = _pop_lambda("consensus_ta", lambda_, kw)
+  lambda_ = pop_lambda("consensus_ta", lambda_, kw)
   return tree_lib.merge_tree(_consensus_array, base, models, name="consensus_ta",
                              hparams=dict(weight=weight, tall_lambda=tall_lambda, k=int(k),
                                           lambda_=float(lambda_), normalize=bool(normalize)),
-                             per_model_keys=("weight", "tall_lambda"), **_common(kw))
+                             per_model_keys=("weight", "tall_lambda"), **common_kwargs(kw))
 
 
 def consensus_ties(base, models, *, weight=1.0, density=1.0, tall_lambda=1.0, k=1, lambda_=1.0,
                    normalize=True, **kw):
   """Consensus merging over TIES (per-tensor magnitude trim, sign election, normalize on);
   the TALL masks use the untrimmed task vectors (mergekit 0.0.6)."""
-  lambda_ = _pop_lambda("consensus_ties", lambda_, kw)
+  lambda_ = pop_lambda("consensus_ties", lambda_, kw)
   tree_lib.check_density("consensus_ties", density if isinstance(density, (list, tuple)) else [density])
   return tree_lib.merge_tree(_consensus_array, base, models, name="consensus_ties",
                              hparams=dict(weight=weight, tall_lambda=tall_lambda, k=int(k),
                                           lambda_=float(lambda_), normalize=bool(normalize),
                                           density=density, ties=True),
-                             per_model_keys=("weight", "tall_lambda", "density"), **_common(kw))
+                             per_model_keys=("weight", "tall_lambda", "density"), **common_kwargs(kw))

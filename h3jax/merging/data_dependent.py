@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from h3jax.config import ModelConfig
 from h3jax.merging import blocks, tree as tree_lib
-from h3jax.merging.basic import _common, _pop_lambda
+from h3jax.merging.tree import common_kwargs, pop_lambda
 from h3jax.model import llama
 
 
@@ -115,7 +115,7 @@ def fisher(base, models, *, fishers, weight=1.0, normalize_fisher_weight=True,
   """theta = sum_i c_i F_i theta_i / sum_i c_i F_i (FusionBench `merging_with_fisher_weights`):
   F_i += minimal_fisher_weight; c_i = w_i, times 1/(||F_i|| + eps) normalised to sum 1 when
   normalize_fisher_weight (||F_i||: L2 norm over the whole model). `base` is unused."""
-  _pop_lambda("fisher", None, dict(kw))
+  pop_lambda("fisher", None, dict(kw))
   models = tree_lib.check_models("fisher", None, models, needs_base=False)
   if not isinstance(fishers, (list, tuple)) or len(fishers) != len(models):
     raise ValueError(f"fisher: need one Fisher tree per model ({len(models)}), "
@@ -131,7 +131,7 @@ def fisher(base, models, *, fishers, weight=1.0, normalize_fisher_weight=True,
             for i, f in enumerate(fishers)]
   models = [tree_lib.fold_lora(m, kw.get("lora_scale", 1.0)) for m in models]
   return tree_lib.merge_tree(_fisher_array, None, list(models) + scaled, name="fisher",
-                             hparams=dict(n=n), needs_base=False, **_common(kw))
+                             hparams=dict(n=n), needs_base=False, **common_kwargs(kw))
 
 
 @functools.partial(jax.jit, static_argnames=("alpha",))
@@ -148,7 +148,7 @@ def regmean(base, models, *, grams, reduce_non_diagonal_ratio=0.1, **kw):
   W* = (sum_i G~_i)^-1 sum_i G~_i W_i, G~ = diagonal + alpha * off-diagonal
   (alpha = reduce_non_diagonal_ratio); every other leaf is averaged. `base` is unused.
   grams: one {path: Gram} dict per model (from compute_regmean_grams)."""
-  _pop_lambda("regmean", None, dict(kw))
+  pop_lambda("regmean", None, dict(kw))
   models = tree_lib.check_models("regmean", None, models, needs_base=False)
   if not isinstance(grams, (list, tuple)) or len(grams) != len(models):
     raise ValueError(f"regmean: need one Gram dict per model ({len(models)})")

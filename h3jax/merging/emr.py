@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from h3jax.merging import blocks
 from h3jax.merging import tree as tree_lib
-from h3jax.merging.basic import _common, _pop_lambda
+from h3jax.merging.tree import common_kwargs, pop_lambda
 
 
 def emr_flag(deltas_NX):
@@ -45,9 +45,9 @@ def emr(base, models, *, return_parts=False, **kw):
   """EMR: returns the list of task-specific models [theta_t] (one per input model, in the
   input's tree structure and dtypes), or with return_parts a dict
   {unified: tau_uni tree (float32), masks: [bool trees], rescalers: float32 [T]}."""
-  _pop_lambda("emr", None, dict(kw))
+  pop_lambda("emr", None, dict(kw))
   unified, aux = tree_lib.merge_tree(_emr_unified_array, base, models, name="emr", hparams={},
-                                     with_aux=True, **_common(kw))
+                                     with_aux=True, **common_kwargs(kw))
   n = len(models)
   scales, new_scales = jnp.zeros(n), jnp.zeros(n)
   for a in aux.values():

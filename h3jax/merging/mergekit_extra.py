@@ -15,7 +15,7 @@ import numpy as np
 from h3jax.merging import blocks
 from h3jax.merging import select
 from h3jax.merging import tree as tree_lib
-from h3jax.merging.basic import _common
+from h3jax.merging.tree import common_kwargs
 from h3jax.merging.spherical import check_kwargs
 
 
@@ -50,7 +50,7 @@ def nearswap(base, models, *, t=None, **kw):
   if t is None:
     raise ValueError("nearswap needs the distance threshold t")
   return tree_lib.merge_tree(_nearswap_array, base, models, name="nearswap", hparams=dict(t=t),
-                             min_models=1, max_models=1, **_common(kw))
+                             min_models=1, max_models=1, **common_kwargs(kw))
 
 
 # ----------------------------------------------------------------------------- SCE
@@ -117,7 +117,7 @@ def sce(base, models, *, select_topk=1.0, int8_mask=False, **kw):
   del int8_mask
   check_kwargs("sce", kw)
   return tree_lib.merge_tree(_sce_array, base, models, name="sce",
-                             hparams=dict(select_topk=_num(select_topk)), **_common(kw))
+                             hparams=dict(select_topk=_num(select_topk)), **common_kwargs(kw))
 
 
 # ----------------------------------------------------------------------------- Passthrough
@@ -135,7 +135,7 @@ def passthrough(base, models, *, scale=None, **kw):
   scale = _one_value("passthrough", "scale", scale)
   hp = {} if scale is None else {"scale": scale}
   return tree_lib.merge_tree(_passthrough_array, None, models, name="passthrough", hparams=hp,
-                             needs_base=False, min_models=1, max_models=1, **_common(kw))
+                             needs_base=False, min_models=1, max_models=1, **common_kwargs(kw))
 
 
 # ----------------------------------------------------------------------------- Arcee Fusion
@@ -185,7 +185,7 @@ def arcee_fusion(base, models, **kw):
   check_kwargs("arcee_fusion", kw)
   return tree_lib.merge_tree(_arcee_fusion_array, base, models, name="arcee_fusion", hparams={},
                              min_models=1, max_models=1, extra_leaf_hp=_softmax_axis_hp,
-                             **_common(kw))
+                             **common_kwargs(kw))
 
 
 # ----------------------------------------------------------------------------- RAM / RAM+ (TL)
@@ -215,7 +215,7 @@ def ram(base, models, *, epsilon=1e-5, **kw):
   check_kwargs("ram", kw)
   return tree_lib.merge_tree(_ram_array, base, models, name="ram",
                              hparams=dict(epsilon=_num(_one_value("ram", "epsilon", epsilon))),
-                             **_common(kw))
+                             **common_kwargs(kw))
 
 
 def ramplus_tl(base, models, *, r=0.1, alpha=0.2, epsilon=1e-5, **kw):
@@ -224,4 +224,4 @@ def ramplus_tl(base, models, *, r=0.1, alpha=0.2, epsilon=1e-5, **kw):
   check_kwargs("ramplus_tl", kw)
   return tree_lib.merge_tree(_ram_array, base, models, name="ramplus_tl",
                              hparams=dict(epsilon=_num(_one_value("ramplus_tl", "epsilon", epsilon)),
-                                          r=_num(r), alpha=_num(alpha)), **_common(kw))
+                                          r=_num(r), alpha=_num(alpha)), **common_kwargs(kw))

@@ -31,7 +31,7 @@ from h3jax.merging import blocks
 from h3jax.merging import rules as rules_lib
 from h3jax.merging import svd as svd_lib
 from h3jax.merging import tree as tree_lib
-from h3jax.merging.basic import _common, _pop_lambda
+from h3jax.merging.tree import common_kwargs, pop_lambda
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def resm(base, models, *, alpha=1.0, rank_mode="tsvm", eps_sp=1e-3, lambda_r=0.3
   return_stats: also return {path: {rank, sparsity, outlier_fraction, mean_weight}}
   (arrays over stacked layers).
   """
-  _pop_lambda("resm", None, dict(kw))
+  pop_lambda("resm", None, dict(kw))
   if not 0.0 <= lambda_r < 1.0:
     raise ValueError(f"resm: lambda_r must be in [0, 1), got {lambda_r}")
   if rank_mode == "sparsity" and sp_range is None:
@@ -156,7 +156,7 @@ def resm(base, models, *, alpha=1.0, rank_mode="tsvm", eps_sp=1e-3, lambda_r=0.3
             beta=float(beta), rank_cap=rank_cap, rank_rtol=float(rank_rtol), solver=solver)
   merged, stats = tree_lib.merge_tree(_resm_array, base, models, name="resm", hparams=hp,
                                       exclude_fn=svd_lib.mean_delta_array, with_aux=True,
-                                      **_common(kw))
+                                      **common_kwargs(kw))
   concrete = not any(isinstance(v, jax.core.Tracer) for s in stats.values() for v in s.values())
   if concrete:  # under an outer jit the stats stay traced arrays
     stats = {p: {k: np.asarray(v) for k, v in s.items()} for p, s in stats.items()}

@@ -17,14 +17,14 @@ import jax.numpy as jnp
 
 from h3jax.merging import blocks
 from h3jax.merging import tree as tree_lib
-from h3jax.merging.basic import _common, _pop_lambda
+from h3jax.merging.tree import common_kwargs, pop_lambda
 
 
 def check_kwargs(name, kw):
   """Only the common keywords; `lambda` is refused (it would be silently meaningless here)."""
   if "lambda" in kw:
     raise ValueError(f"{name}: unknown hyper-parameter(s) ['lambda'] ({name} has no task-vector scale)")
-  _pop_lambda(name, 1.0, dict(kw))
+  pop_lambda(name, 1.0, dict(kw))
 
 
 def _needs_weight(name, weight):
@@ -95,7 +95,7 @@ def nuslerp(base, models, *, weight=None, nuslerp_row_wise=False, nuslerp_flatte
                                           nuslerp_flatten=bool(nuslerp_flatten)),
                              per_model_keys=("weight",), needs_base=False, min_models=2,
                              max_models=2, extra_leaf_hp=_row_axis_hp(bool(nuslerp_row_wise)),
-                             **_common(kw))
+                             **common_kwargs(kw))
 
 
 # ----------------------------------------------------------------------------- Multi-SLERP
@@ -148,7 +148,7 @@ def multislerp(base, models, *, weight=None, normalize_weights=True, eps=1e-8, *
   out = tree_lib.merge_tree(_multislerp_array, base, models, name="multislerp",
                             hparams=dict(weight=weight, normalize_weights=bool(normalize_weights),
                                          eps=float(eps)),
-                            per_model_keys=("weight",), needs_base=False, **_common(kw))
+                            per_model_keys=("weight",), needs_base=False, **common_kwargs(kw))
   for path, x in tree_lib.leaves_with_paths(out):
     if not isinstance(x, jax.core.Tracer) and bool(jnp.isnan(x).any()):
       raise ValueError(f"multislerp: the weighted sum of the unit task vectors at {path or '<array>'!r} "
@@ -210,4 +210,4 @@ def karcher(base, models, *, max_iter=10, tol=1e-5, **kw):
     raise ValueError(f"karcher: max_iter must be a non-negative integer, got {max_iter!r}")
   return tree_lib.merge_tree(_karcher_array, base, models, name="karcher",
                              hparams=dict(max_iter=int(max_iter), tol=float(tol)),
-                             needs_base=False, **_common(kw))
+                             needs_base=False, **common_kwargs(kw))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from h3jax.merging import blocks
 from h3jax.merging import tree as tree_lib
-from h3jax.merging.basic import _common, _pop_lambda
+from h3jax.merging.tree import common_kwargs, pop_lambda
 
 
 _HI = jax.lax.Precision.HIGHEST
@@ -228,12 +228,12 @@ def tsv_m(base, models, *, alpha=1.0, rank_ratio=None, rank_cap=None, rank_rtol=
   solver: 'auto' (eigendecompositions of Gram matrices where they are well conditioned, SVDs
   elsewhere: `top_k_triples`, `blocks.polar`; ~1.6x faster on CPU, within ~2e-5 of 'svd') |
   'svd' (FusionBench's algorithm: SVDs throughout) | 'gram' (per-task top-k by `top_singular`)."""
-  _pop_lambda("tsv_m", None, dict(kw))
+  pop_lambda("tsv_m", None, dict(kw))
   _check_solver("tsv_m", solver)
   hp = dict(alpha=_alpha(alpha), rank_ratio=rank_ratio, rank_cap=rank_cap,
             rank_rtol=float(rank_rtol), solver=solver)
   return tree_lib.merge_tree(_tsvm_array, base, models, name="tsv_m", hparams=hp,
-                             exclude_fn=mean_delta_array, **_common(kw))
+                             exclude_fn=mean_delta_array, **common_kwargs(kw))
 
 
 def _iso_c_array(base_X, models_NX, key, *, scaling_factor=1.0):
@@ -246,10 +246,10 @@ def _iso_c_array(base_X, models_NX, key, *, scaling_factor=1.0):
 
 def iso_c(base, models, *, scaling_factor=1.0, **kw):
   """Iso-C: sum of task vectors with a flat (isotropic) spectrum, mean(S) U V^T."""
-  _pop_lambda("iso_c", None, dict(kw))
+  pop_lambda("iso_c", None, dict(kw))
   return tree_lib.merge_tree(_iso_c_array, base, models, name="iso_c",
                              hparams=dict(scaling_factor=float(scaling_factor)),
-                             exclude_fn=_iso_mean_array, **_common(kw))
+                             exclude_fn=_iso_mean_array, **common_kwargs(kw))
 
 
 def _iso_mean_array(base_X, models_NX, key, *, scaling_factor=1.0, **unused):
@@ -291,10 +291,10 @@ def _iso_cts_array(base_X, models_NX, key, *, scaling_factor=1.0, common_space_f
 def iso_cts(base, models, *, scaling_factor=1.0, common_space_fraction=0.8, **kw):
   """Iso-CTS: common subspace of sum(tau) plus each task's top residual directions, polar-
   orthogonalised, with all singular values set to their mean."""
-  _pop_lambda("iso_cts", None, dict(kw))
+  pop_lambda("iso_cts", None, dict(kw))
   if not 0.0 <= common_space_fraction <= 1.0:
     raise ValueError(f"iso_cts: common_space_fraction must be in [0, 1], got {common_space_fraction}")
   return tree_lib.merge_tree(_iso_cts_array, base, models, name="iso_cts",
                              hparams=dict(scaling_factor=float(scaling_factor),
                                           common_space_fraction=float(common_space_fraction)),
-                             exclude_fn=_iso_mean_array, **_common(kw))
+                             exclude_fn=_iso_mean_array, **common_kwargs(kw))

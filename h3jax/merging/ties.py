@@ -20,7 +20,8 @@ import numpy as np
 from h3jax.merging import blocks
 from h3jax.merging import rules as rules_lib
 from h3jax.merging import tree as tree_lib
-from h3jax.merging.basic import _common, _gta, _pop_lambda
+from h3jax.merging.basic import gta_merge
+from h3jax.merging.tree import common_kwargs, pop_lambda
 
 
 def _ties_fb_array(base_X, models_NX, key, *, weight, density, lambda_, merge_func,
@@ -75,12 +76,12 @@ def ties(base, models, *, weight=1.0, density=1.0, lambda_=1.0, normalize=True, 
   `global_thresholds` over a whole model when merging tensor by tensor.
   """
   if mode == "mergekit":
-    return _gta("ties", base, models, kw, weight=weight, lambda_=lambda_, normalize=normalize,
+    return gta_merge("ties", base, models, kw, weight=weight, lambda_=lambda_, normalize=normalize,
                 density=density, sparsify="magnitude", rescale="l1" if rescale else None,
                 consensus="mergekit")
   if mode != "fusion_bench":
     raise ValueError(f"ties: mode must be 'mergekit' or 'fusion_bench', got {mode!r}")
-  lambda_ = _pop_lambda("ties", lambda_, kw)
+  lambda_ = pop_lambda("ties", lambda_, kw)
   if merge_func not in ("sum", "mean", "max"):
     raise ValueError(f"ties: merge_func must be sum|mean|max, got {merge_func!r}")
   tree_lib.check_density("ties", density if isinstance(density, (list, tuple)) else [density])
@@ -94,4 +95,4 @@ def ties(base, models, *, weight=1.0, density=1.0, lambda_=1.0, normalize=True, 
   if thresholds is not None:
     hp["thresholds"] = tuple(float(t) for t in thresholds)
   return tree_lib.merge_tree(_ties_fb_array, base, models, name="ties", hparams=hp,
-                             per_model_keys=("weight", "density"), **_common(kw))
+                             per_model_keys=("weight", "density"), **common_kwargs(kw))

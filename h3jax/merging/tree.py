@@ -26,6 +26,26 @@ from h3jax.merging import rules as rules_lib
 from h3jax.model.lora import merge_lora
 
 
+# Keyword arguments every method takes besides its own knobs (see h3jax.merging.basic).
+COMMON_KWARGS = ("rules", "lora_scale", "seed")
+
+
+def pop_lambda(name: str, lambda_, kw: dict):
+  """A method's global delta scale from `lambda_` or `**{"lambda": x}` (popped from kw); a ValueError
+  names any keyword in kw that is neither that nor one of COMMON_KWARGS."""
+  if "lambda" in kw:
+    lambda_ = kw.pop("lambda")
+  unknown = sorted(set(kw) - set(COMMON_KWARGS))
+  if unknown:
+    raise ValueError(f"{name}: unknown hyper-parameter(s) {unknown}")
+  return lambda_
+
+
+def common_kwargs(kw: dict) -> dict:
+  """The COMMON_KWARGS in kw that `merge_tree` takes (rules, lora_scale; a seed is passed explicitly)."""
+  return {k: kw[k] for k in COMMON_KWARGS if k in kw and k != "seed"}
+
+
 def fold_lora(tree, lora_scale: float = 1.0):
   """Folds `lora_a`/`lora_b` next to a `kernel` into it: kernel + s * a @ b (`h3jax.model.lora.merge_lora`)."""
   return merge_lora(tree, lora_scale)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import flax.traverse_util as tu
 import jax.numpy as jnp
+
+from h3jax.model.params import flatten_dict, unflatten_dict
 
 
 def lora_delta(leaf: dict, scale: float):
@@ -38,5 +39,5 @@ def merge_lora(params, scale: float):
 
 def strip_lora(params: dict) -> dict:
   """Copy of params without its `lora_a` / `lora_b` leaves (kernels unchanged)."""
-  return tu.unflatten_dict({k: v for k, v in tu.flatten_dict(params).items()
+  return unflatten_dict({k: v for k, v in flatten_dict(params).items()
                             if k[-1] not in ("lora_a", "lora_b")})

@@ -103,3 +103,30 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype="float32", std: float = 
 
 def num_params(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def flatten_dict(tree: dict) -> dict:
+  """{path tuple: leaf} of a nested dict, in insertion order; empty dicts vanish (what
+  flax.traverse_util.flatten_dict returns, without depending on flax)."""
+  out = {}
+
+  def walk(node: dict, prefix: tuple):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        walk(value, prefix + (key,))
+      else:
+        out[prefix + (key,)] = value
+
+  walk(tree, ())
+  return out
+
+
+def unflatten_dict(flat: dict) -> dict:
+  """The nested dict of `flatten_dict`'s {path tuple: leaf}."""
+  out = {}
+  for path, leaf in flat.items():
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = leaf
+  return out

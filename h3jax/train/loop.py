@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from h3jax import progress as progress_lib
 from h3jax.train import optim, sharding, stages, step as step_lib
 
 METRICS_FILE = "metrics.jsonl"
@@ -75,13 +76,6 @@ class _Writer:
     self.f.close()
     if self.tb is not None:
       self.tb.close()
-
-
-def _progress(total: int, initial: int, desc: str, enabled: bool):
-  if not enabled:
-    return None
-  from tqdm.auto import tqdm
-  return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0)
 
 
 def evaluate(eval_fn, params, batches, n_batches: int, put) -> dict:
@@ -182,7 +176,8 @@ def _train(config, workdir, run, cfg, labels, schedule, tx, mesh) -> dict:
     (workdir / HLO_FILE).write_text(step_fn.as_text())
   eval_fn = jax.jit(step_lib.make_eval_step(cfg, run.loss))
   writer = _Writer(workdir, start)
-  bar = _progress(t.steps, start, f"{config.stage}:{workdir.name}", t.progress)
+  bar = progress_lib.bar(total=t.steps, initial=start, desc=f"{config.stage}:{workdir.name}", enabled=t.progress,
+                         dynamic_ncols=True, mininterval=1.0)
   last_saved = start
   t0, summary = time.time(), {}
   try:

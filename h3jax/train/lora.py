@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import flax.traverse_util as tu
 import jax
 import jax.numpy as jnp
 
@@ -24,6 +23,7 @@ from h3jax.config import ModelConfig
 from h3jax.model.lora import lora_delta, merge_lora, strip_lora  # noqa: F401  (re-exported)
 from h3jax import rules as rules_lib
 from h3jax.rules import path_str
+from h3jax.model.params import flatten_dict, unflatten_dict
 
 # The paper's LoRA targets (docs/h3fusion.md, "Pipeline" steps 1 and 3) as `h3jax.rules` patterns
 # over the linear dict's path (without the trailing "/kernel").
@@ -46,7 +46,7 @@ def add_lora(params: dict, targets: Sequence[str], rank: int, key: jax.Array,
   """
   if rank < 1:
     raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-  flat = tu.flatten_dict(params)
+  flat = flatten_dict(params)
   linears = sorted(k[:-1] for k in flat if k[-1] == "kernel")
   hits = {pattern: [] for pattern, _ in rules_lib.check_rules([(t, None) for t in targets], "LoRA targets")}
   for lin in linears:
@@ -69,4 +69,4 @@ def add_lora(params: dict, targets: Sequence[str], rank: int, key: jax.Array,
     bound = 1.0 / math.sqrt(d_in)
     out[lin + ("lora_a",)] = jax.random.uniform(k, (*lead, d_in, rank), jnp.float32, -bound, bound).astype(dtype)
     out[lin + ("lora_b",)] = jnp.zeros((*lead, rank, d_out), dtype)
-  return tu.unflatten_dict(out)
+  return unflatten_dict(out)

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import flax.traverse_util as tu
 import jax
 import optax
 
 from h3jax import rules as rules_lib
 from h3jax.rules import Rules, path_str  # noqa: F401  (path_str re-exported)
+from h3jax.model.params import flatten_dict, unflatten_dict
 
 FROZEN = "frozen"
 match_rule = rules_lib.first_match
@@ -28,8 +28,8 @@ match_rule = rules_lib.first_match
 
 def map_rules(tree: dict, rules: Rules, default=None) -> dict:
   """Nested dict of rule values with the same structure as `tree`."""
-  flat = tu.flatten_dict(tree)
-  return tu.unflatten_dict({k: match_rule(path_str(k), rules, default) for k in flat})
+  flat = flatten_dict(tree)
+  return unflatten_dict({k: match_rule(path_str(k), rules, default) for k in flat})
 
 
 def trainable_rules(*, lora: bool, router: bool, extra: Sequence[str] = ()) -> tuple:
@@ -45,7 +45,7 @@ def trainable_rules(*, lora: bool, router: bool, extra: Sequence[str] = ()) -> t
 
 def param_labels(params: dict, train_rules: Rules, lr_mults: Rules = ()) -> dict:
   """'frozen' | 'train' | 'train*<mult>' per leaf (a multiplier of 0 is an error: freeze instead)."""
-  flat = tu.flatten_dict(params)
+  flat = flatten_dict(params)
   out = {}
   for k in flat:
     p = path_str(k)
@@ -59,7 +59,7 @@ def param_labels(params: dict, train_rules: Rules, lr_mults: Rules = ()) -> dict
   if all(v == FROZEN for v in out.values()):
     raise ValueError("no trainable parameters: the trainable rules match no leaf "
                      f"(rules: {[r for r, _ in train_rules]})")
-  return tu.unflatten_dict(out)
+  return unflatten_dict(out)
 
 
 def make_schedule(lr: float, total_steps: int, *, warmup_steps: int = 0, decay: str = "linear",
@@ -103,17 +103,17 @@ def make_optimizer(labels: dict, schedule, *, b1=0.9, b2=0.999, eps=1e-8, weight
 
 def split_trainable(params: dict, labels: dict):
   """(trainable, frozen) partial nested dicts; `merge_trees` undoes it."""
-  flat, lab = tu.flatten_dict(params), tu.flatten_dict(labels)
+  flat, lab = flatten_dict(params), flatten_dict(labels)
   train = {k: v for k, v in flat.items() if lab[k] != FROZEN}
   frozen = {k: v for k, v in flat.items() if lab[k] == FROZEN}
-  return tu.unflatten_dict(train), tu.unflatten_dict(frozen)
+  return unflatten_dict(train), unflatten_dict(frozen)
 
 
 def merge_trees(*trees: dict) -> dict:
   flat = {}
   for t in trees:
-    flat.update(tu.flatten_dict(t))
-  return tu.unflatten_dict(flat)
+    flat.update(flatten_dict(t))
+  return unflatten_dict(flat)
 
 
 def apply_trainable(params: dict, updates: dict, labels: dict) -> dict:
@@ -124,7 +124,7 @@ def apply_trainable(params: dict, updates: dict, labels: dict) -> dict:
 
 def full_grads(train_grads: dict, params: dict, labels: dict) -> dict:
   """Gradient tree over all params: trainable grads, zeros for frozen leaves (dead code under jit)."""
-  flat_g = tu.flatten_dict(train_grads)
-  flat_p, lab = tu.flatten_dict(params), tu.flatten_dict(labels)
-  return tu.unflatten_dict({k: flat_g[k] if lab[k] != FROZEN else jax.numpy.zeros_like(v)
+  flat_g = flatten_dict(train_grads)
+  flat_p, lab = flatten_dict(params), flatten_dict(labels)
+  return unflatten_dict({k: flat_g[k] if lab[k] != FROZEN else jax.numpy.zeros_like(v)
                             for k, v in flat_p.items()})

@@ -30,12 +30,12 @@ from __future__ import annotations
 import math
 from typing import Mapping, Optional, Sequence, Tuple
 
-import flax.traverse_util as tu
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from h3jax import rules as rules_lib
 from h3jax.rules import path_str
+from h3jax.model.params import flatten_dict, unflatten_dict
 
 DATA, FSDP, EXPERT, TENSOR = "data", "fsdp", "expert", "tensor"
 AXES = (DATA, FSDP, EXPERT, TENSOR)
@@ -150,13 +150,13 @@ def fit_spec(spec: P, shape: Sequence[int], mesh) -> P:
 
 
 def param_specs(params, mesh, rules=PARAM_RULES) -> dict:
-  flat = tu.flatten_dict(params)
+  flat = flatten_dict(params)
   out = {}
   for k, v in flat.items():
     p = path_str(k)
     spec = rules_lib.first_match(p, rules)
     out[k] = fit_spec(spec, v.shape, mesh)
-  return tu.unflatten_dict(out)
+  return unflatten_dict(out)
 
 
 def param_shardings(params, mesh, rules=PARAM_RULES) -> dict:
@@ -171,9 +171,9 @@ def _dict_path(path) -> str:  # optax states nest params under tuples and named 
 def tree_shardings_like(tree, params, mesh, rules=PARAM_RULES):
   """Shardings for any tree whose leaves sit under a params path (Adam moments): the param's
   spec when a params path is a suffix of the leaf's dict path and the shapes agree, else replicated."""
-  flat_p = tu.flatten_dict(params)
+  flat_p = flatten_dict(params)
   specs = {path_str(k): (s, flat_p[k].shape)
-           for k, s in tu.flatten_dict(param_specs(params, mesh, rules)).items()}
+           for k, s in flatten_dict(param_specs(params, mesh, rules)).items()}
 
   def one(path, leaf):
     dp = _dict_path(path)

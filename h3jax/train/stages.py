@@ -80,7 +80,7 @@ def load_base(config):
                                    attn_from=f.attn_from, dtype=m.param_dtype, hidden_prompts=prompts)
     return cfg, params, f.base_dir
   if m.hf_dir:
-    from h3jax.fusion import load_model  # HF folder or h3jax checkpoint
+    from h3jax.hf.loader import load_model  # HF folder, h3jax checkpoint or adapter
     cfg, params = load_model(m.hf_dir, m.param_dtype)
     return cfg, params, m.hf_dir
   cfg = tiny_model_config(m.tiny)

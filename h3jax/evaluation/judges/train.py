@@ -2,6 +2,8 @@
 
   python -m h3jax.evaluation.judges.train --out artifacts/judges [--data_root ../shared/data]
 
+(the command line: h3jax/cli/judges.py, also `h3jax-judges`; the library function is `build_judges`).
+
 Per judge (see `data` for the data and splits):
   1. hashed n-gram features of every example (cached in --cache_dir as npz keyed
      by the feature config and the data files' sha256);
@@ -31,7 +33,6 @@ import time
 from typing import Dict, Optional, Sequence
 
 import numpy as np
-from absl import app, flags
 
 from h3jax.data.splits import bucket
 from h3jax.evaluation.judges import JUDGE_CLASSES, JUDGE_NAMES
@@ -270,25 +271,6 @@ def build_judges(out_dir, data_root=None, *, only: Optional[Sequence[str]] = Non
   return metrics
 
 
-def main(argv):
-  del argv
-  FLAGS = flags.FLAGS
-  build_judges(FLAGS.out, FLAGS.data_root, only=FLAGS.only or None, fraction=FLAGS.fraction,
-               fit_all_honesty=FLAGS.fit_all_honesty, cache_dir=FLAGS.cache_dir or None,
-               pairwise_variant=FLAGS.pairwise_variant)
-
-
-def define_flags():
-  flags.DEFINE_string("out", "artifacts/judges", "output directory for the judge artifacts")
-  flags.DEFINE_string("data_root", None, "data root (default $H3JAX_DATA_ROOT)")
-  flags.DEFINE_list("only", [], f"subset of {JUDGE_NAMES}")
-  flags.DEFINE_float("fraction", 1.0, "keep this fraction of split keys (quick builds)")
-  flags.DEFINE_bool("fit_all_honesty", True, "ship truth/info judges refit on all rows (GPT-judge recipe)")
-  flags.DEFINE_string("cache_dir", str(default_cache_dir()), "feature cache ('' disables)")
-  flags.DEFINE_enum("pairwise_variant", DEFAULT_PAIRWISE_VARIANT, list(PAIRWISE_VARIANTS),
-                    "pairwise head: length_controlled trains free length weights and drops them at inference")
-
-
-if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+if __name__ == "__main__":  # `python -m h3jax.evaluation.judges.train`: the command is h3jax/cli/judges.py
+  from h3jax.cli import judges as _cli
+  _cli.run()

@@ -9,7 +9,7 @@ and drops everything. Peak host memory is therefore a few float32 copies of the 
 tensor (`tensor_memory_bytes`: (inputs + 1) times a measured per-method factor), not the model size. Everything is written into a
 temporary folder next to `out_dir` and renamed into place at the end, so a
 failed merge leaves nothing behind (`h3jax.io_atomic`: the output may not be, hold or lie in
-an input; the old output is replaced only once the new one is complete). Inputs: `h3jax.merging.inputs`.
+an input; the old output is replaced only once the new one is complete). Inputs: `h3jax.merging.streaming.inputs`.
 
 Every input tensor and every merged tensor is checked for NaN/inf: by default a
 non-finite one stops the merge (`MergeError` naming the tensor and the method,
@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import collections
 import functools
-import inspect
 import pathlib
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,13 +32,15 @@ import ml_dtypes
 import numpy as np
 
 from h3jax import compile_cache, io_atomic
+from h3jax import progress as progress_lib
 from h3jax.hf.st_io import SafetensorsWriter
-from h3jax.merging import config as mcfg
-from h3jax.merging import host_topk, vocab
-from h3jax.merging.inputs import (DTYPES, EMBED, TIED_HEAD, Input, MergeError,  # noqa: F401
-                                  check_compatible, layer_position, num_layers, plan_tensors,
-                                  tokenizer_input, write_sidecars)
-from h3jax.merging.prepass import global_pre_passes, needs_pre_pass
+from h3jax.merging.streaming import host_topk, vocab
+from h3jax.merging.streaming.inputs import (DTYPES, TIED_HEAD, Input, MergeError, check_compatible, num_layers,
+                                            plan_tensors, tokenizer_input, write_sidecars)
+from h3jax.merging.streaming.plan import (f32_bytes, method_info, out_dtype, resolve_plan,
+                                          tensor_memory_bytes)
+from h3jax.merging.streaming.prepass import global_pre_passes, needs_pre_pass
+from h3jax.merging.streaming.spec import MergeSpec
 
 # Methods whose output is not one model, or that need per-tensor statistics the
 # driver does not stream: use the pytree API (h3jax.merging.<method>) for these.
@@ -53,23 +54,6 @@ NONFINITE_POLICIES = ("error", "keep_base")
 # Transforms that return statistics computed on host (not traceable as a whole): called
 # eagerly, their per-tensor kernels are still jitted inside h3jax.merging.
 EAGER = ("resm",)
-
-
-# Host memory of one tensor's merge, in units of (inputs + 1) float32 copies of it: the inputs, the
-# output, and what the kernel and the loader add (a numpy read while it is copied to jax; TIES's host
-# top-k deltas; DARE's random bits and rescaling sums). Measured as the peak anonymous RSS growth of a
-# merge of one 128 MiB tensor with 4 inputs (benchmarks/merge_memory.py, README "Merging"); methods
-# not measured are assumed to need twice the inputs. The scheduler admits tensors by this cost.
-# Measured (this CPU, 4 inputs of 128 MiB; budgeted): linear 782 (960), TIES 1174 (1408), DARE-TIES
-# 1985 (2240) MiB; the issue's AMD host measured 888 / 1155 / 1926.
-MEMORY_FACTOR = {"linear": 1.5, "task_arithmetic": 1.5, "ties": 2.2, "dare_ties": 3.5}
-DEFAULT_MEMORY_FACTOR = 2.0
-
-
-def tensor_memory_bytes(method: str, n_inputs: int, shape) -> int:
-  """Host bytes the driver budgets for merging one tensor of `shape` (see MEMORY_FACTOR)."""
-  factor = MEMORY_FACTOR.get(method, DEFAULT_MEMORY_FACTOR)
-  return int(factor * (n_inputs + 1) * _f32_bytes(shape))
 
 
 def enable_compilation_cache(path) -> None:
@@ -115,73 +99,7 @@ def _freeze(v):
   return tuple(_freeze(e) for e in v) if isinstance(v, (list, tuple)) else v
 
 
-def _method_info(name: str):
-  """(callable, accepted keyword names or None, takes a PRNG key)."""
-  from h3jax import merging
-  fn = merging.get_method(name)
-  accepted = mcfg._accepted_kwargs(fn)
-  return fn, accepted, accepted is not None and "seed" in accepted
-
-
-def _kwargs_for(spec: mcfg.MergeSpec, name: str, t: float, accepted) -> Dict:
-  shared, per_model = mcfg.resolve_tensor_params(spec, name, t, mcfg.method_defaults(spec))
-  kwargs = mcfg.h3jax_kwargs(shared, per_model, spec)
-  if spec.flavour == "mergekit" and accepted is not None:
-    defaults, model_defaults = mcfg.MERGEKIT_METHODS[spec.method]
-    for key in list(kwargs):
-      if key not in accepted and key.rstrip("_") not in accepted:
-        mk = "lambda" if key == "lambda_" else key
-        if mk in defaults and kwargs[key] == defaults[mk] or \
-            mk in model_defaults and all(v == model_defaults[mk] for v in kwargs[key]):
-          del kwargs[key]  # mergekit's default, which is h3jax's behaviour too
-        else:
-          raise MergeError(f"{spec.method}: mergekit parameter {mk}={kwargs[key]!r} is not supported by h3jax")
-  for d in np.ravel(np.asarray(kwargs.get("density", ()), dtype=object)):
-    if d is not None and not (isinstance(d, (int, float)) and 0 < d <= 1):
-      raise MergeError(f"density must be in (0, 1], got {d!r} for {name}")
-  _check_weight_sum(spec.method, kwargs, len(spec.models), name)
-  return kwargs
-
-
-# Methods that divide by sum(weight) when normalizing, and their `normalize` default.
-_NORMALIZING = {"linear": True, "task_arithmetic": False}
-
-
-def _check_weight_sum(method: str, kwargs: dict, n_models: int, name: str) -> None:
-  """A normalized linear / task-arithmetic merge whose weights sum to zero divides by zero
-  (linear: every output value is +-inf or NaN); refuse it while planning."""
-  if method not in _NORMALIZING or not kwargs.get("normalize", _NORMALIZING[method]):
-    return
-  w = kwargs.get("weight", 1.0)
-  total = float(np.sum(np.asarray(w, np.float64))) * (n_models if np.ndim(w) == 0 else 1)
-  if abs(total) < 1e-8:
-    raise MergeError(f"{method} with normalize: the weights {list(np.ravel(w))} of {name!r} sum to "
-                     f"{total:g}, so the normalized merge divides by zero; use weights with a non-zero sum "
-                     f"or normalize: false")
-
-
-def _per_model(kwargs: Dict, key: str, fn, n: int) -> list:
-  """kwargs[key] (or fn's default) as one value per model."""
-  param = inspect.signature(fn).parameters.get(key)
-  v = kwargs.get(key, None if param is None else param.default)
-  return list(v) if isinstance(v, (list, tuple)) else [v] * n
-
-
-def _check_ranges(method: str, fn, kwargs: Dict, n_models: int, name: str):
-  """Knob ranges the kernels would only reject mid-merge (after bytes were written)."""
-  if method in ("breadcrumbs", "breadcrumbs_ties"):
-    for g in _per_model(kwargs, "gamma", fn, n_models):
-      if not (isinstance(g, (int, float)) and 0 <= g < 1):
-        raise MergeError(f"{method}: gamma (the fraction of largest task-vector entries dropped) must be "
-                         f"in [0, 1), got {g!r} for {name}")
-  if method in ("della", "della_linear"):
-    for d, e in zip(_per_model(kwargs, "density", fn, n_models), _per_model(kwargs, "epsilon", fn, n_models)):
-      if not (isinstance(e, (int, float)) and e >= 0 and 0 < d - e and d + e < 1):
-        raise MergeError(f"{method}: epsilon must be >= 0 with density +/- epsilon in (0, 1) (keep "
-                         f"probabilities), got density={d}, epsilon={e} for {name}")
-
-
-def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progress: bool = True,
+def run_merge(spec: MergeSpec, out_dir, *, overwrite: bool = False, progress: bool = True,
               max_shard_size: Optional[str] = None, log: Callable[[str], None] = print,
               devices: Optional[Sequence] = None, nonfinite: str = "error") -> dict:
   """Merge `spec`'s inputs into the HF folder `out_dir`; returns a small report dict.
@@ -199,7 +117,7 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
   if nonfinite not in NONFINITE_POLICIES:
     raise MergeError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
   if spec.slices:  # passthrough layer stacking: a renaming copy, no per-tensor kernel
-    from h3jax.merging import slices
+    from h3jax.merging.streaming import slices
     return slices.run_slices(spec, out_dir, overwrite=overwrite, max_shard_size=max_shard_size)
   devices = list(devices) if devices else jax.local_devices()[:1]
   out_dir = pathlib.Path(out_dir)
@@ -226,24 +144,8 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
   ref = inputs[0]
   out_tied = ref.tied if ref.config is not None else TIED_HEAD not in ref.reader
   names = plan_tensors(inputs, out_tied)
-  L = num_layers(inputs)
-  fn, accepted, randomized = _method_info(spec.method)
-
-  # Resolve everything first: a bad parameter fails before anything is written.
-  plan = []
-  for name in names:
-    rule = spec.rule_for(name)
-    action = rule.action if rule is not None else "merge"
-    if action == "merge" and not np.issubdtype(ref.dtype(name), np.floating) \
-        and ref.dtype(name) != ml_dtypes.bfloat16:
-      action = "base"  # integer buffers are copied
-    kwargs = _kwargs_for(spec, name, layer_position(name, L), accepted) if action == "merge" else {}
-    if action == "merge":
-      _check_ranges(spec.method, fn, kwargs, len(models), name)
-    if action == "merge" and spec.method == "model_stock" and accepted and "in_axis" in accepted \
-        and "in_axis" not in kwargs:
-      kwargs["in_axis"] = max(len(ref.shape(name)) - 1, 0)  # mergekit: filters along the last axis
-    plan.append((name, action, kwargs))
+  _, _, randomized = method_info(spec.method)
+  plan = resolve_plan(spec, names, ref, num_layers(inputs), len(models))
 
   if align is not None and needs_pre_pass(spec, plan, base):
     raise MergeError(f"{spec.method} with these parameters needs whole-model passes, which do not align "
@@ -258,7 +160,8 @@ def run_merge(spec: mcfg.MergeSpec, out_dir, *, overwrite: bool = False, progres
                                  metadata={"h3jax_merge_method": spec.method})
       stats, kept = {}, []
       largest, budget = _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats, log,
-                                        _progress(plan, progress), nonfinite, kept, align)
+                                        progress_lib.bar(plan, desc="merge", unit="tensor", enabled=progress),
+                                        nonfinite, kept, align)
       writer.close()
       write_sidecars(spec, ref, tmp, out_tied, stats, tok, align)
   finally:
@@ -281,14 +184,14 @@ def _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats
   and tensors are admitted while the sum fits in len(devices) x that of the largest: small
   tensors pipeline deeply, the largest runs alone, and host memory stays within the budget
   (XLA on CPU may alias numpy inputs until the kernel that reads them is done).
-  `align` (h3jax.merging.vocab.Alignment): vocabulary-indexed tensors are re-indexed as they are read.
+  `align` (h3jax.merging.streaming.vocab.Alignment): vocabulary-indexed tensors are re-indexed as they are read.
   """
   src = base if base is not None else models[0]
   srcs = ([base] if base is not None else []) + list(models)
   aligned = (lambda name: False) if align is None else align.applies
   shape = lambda name: align.shape(name, src.shape(name)) if aligned(name) else src.shape(name)  # noqa: E731
   cost = {name: (tensor_memory_bytes(spec.method, len(srcs), shape(name)) if action == "merge" else
-                 2 * _f32_bytes(shape(name)))  # a copied tensor: read + cast
+                 2 * f32_bytes(shape(name)))  # a copied tensor: read + cast
           for name, action, _ in plan if action != "skip"}
   budget = len(devices) * max(cost.values(), default=0)
   load_dt = None if spec.dtype is None else np.dtype(DTYPES[spec.dtype])
@@ -318,7 +221,7 @@ def _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats
     return [to(checked(i, name)) for i in srcs]
 
   def load(name, action, kwargs, dev):  # on a reader thread
-    out_dt = _out_dtype(spec, src.dtype(name), action, [i.dtype(name) for i in srcs])
+    out_dt = out_dtype(spec, src.dtype(name), action, [i.dtype(name) for i in srcs])
     try:
       if action == "base":
         x = read(name)[0] if aligned(name) else checked(src, name)
@@ -365,7 +268,7 @@ def _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats
         dispatch() if loading else retire()
       dev = devices[n_merged % len(devices)]
       if action != "base":
-        n_merged, largest = n_merged + 1, max(largest, _f32_bytes(shape(name)))
+        n_merged, largest = n_merged + 1, max(largest, f32_bytes(shape(name)))
       loading.append((name, readers.submit(load, name, action, kwargs, dev)))
       in_flight += cost[name]
       while loading and loading[0][1].done():
@@ -424,40 +327,37 @@ def _finish(writer, stats, log, spec, name, out_np_dtype, result, fallback=None)
   writer.add(name, out.astype(out_np_dtype, copy=False))
 
 
-def _f32_bytes(shape) -> int:
-  return 4 * int(np.prod(shape, dtype=np.int64))
 
 
-# mergekit 0.1.5 methods whose kernels promote a half-precision input to float32 (a float32
-# mask or ratio enters the arithmetic: arcee_fusion's `fusion_mask.float()`, ramplus_tl's rho);
-# mergekit writes the kernel's dtype when out_dtype is unset.
-MERGEKIT_FLOAT32_RESULT = ("arcee_fusion", "ramplus_tl")
+def local_devices(n: int) -> list:
+  """The first n local devices; on a CPU host asks XLA for n CPU devices first (before the
+  backend starts; a program that already started it keeps its count)."""
+  if n < 1:
+    raise MergeError(f"--devices must be >= 1, got {n}")
+  if n > 1:
+    try:
+      jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+      pass
+  devices = jax.local_devices()
+  if n > len(devices):
+    raise MergeError(f"--devices={n} but this process has {len(devices)} local devices")
+  return devices[:n]
 
 
-def _out_dtype(spec: mcfg.MergeSpec, src_dtype, action: str = "merge", in_dtypes=()) -> np.dtype:
-  """The written dtype: out_dtype, else (mergekit YAML) what mergekit 0.1.5 writes: its kernel's
-  result dtype for inputs cast to `dtype` or, unset, promoted to a common dtype (mixed half
-  dtypes -> float32); else (h3jax) dtype, else the base's (or first model's) dtype."""
-  if spec.out_dtype is not None:
-    return np.dtype(DTYPES[spec.out_dtype])
-  if spec.flavour == "mergekit" and action == "merge":
-    if spec.dtype is not None:
-      dt = np.dtype(DTYPES[spec.dtype])
-    else:
-      dts = {np.dtype(d) for d in in_dtypes} or {np.dtype(src_dtype)}
-      dt = dts.pop() if len(dts) == 1 else np.dtype(np.float32)
-    if spec.method in MERGEKIT_FLOAT32_RESULT and dt.itemsize < 4:
-      dt = np.dtype(np.float32)
-    return dt
-  if spec.dtype is not None:
-    return np.dtype(DTYPES[spec.dtype])
-  return np.dtype(src_dtype)
+def merge_from_config(config, out_dir, *, overwrite: bool = False, seed=None, max_shard_size=None,
+                      progress: bool = True, compilation_cache=None, devices: int = 1,
+                      nonfinite: str = "error", where: Optional[str] = None) -> dict:
+  """What `python -m h3jax.merge` runs: read the config (a mergekit YAML or `.py` path, or an
+  already-loaded `.py` config with its overrides applied, named `where` in errors), then stream
+  the merge onto `devices` local devices. `seed` / `max_shard_size` override the config's."""
+  import dataclasses
 
-
-def _progress(plan, enabled):
-  if not enabled:
-    return plan
-  from tqdm.auto import tqdm
-  return tqdm(plan, desc="merge", unit="tensor")
-
-
+  from h3jax.merging.streaming import config as mcfg
+  spec = mcfg.load_config(config, where=where)
+  if compilation_cache:
+    enable_compilation_cache(compilation_cache)
+  if seed is not None:
+    spec = dataclasses.replace(spec, seed=seed)
+  return run_merge(spec, out_dir, overwrite=overwrite, progress=progress, max_shard_size=max_shard_size,
+                   devices=local_devices(devices), nonfinite=nonfinite)

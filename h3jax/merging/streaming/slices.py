@@ -26,8 +26,8 @@ from typing import Mapping, Tuple
 import numpy as np
 
 from h3jax.hf.st_io import SafetensorsWriter
-from h3jax.merging.inputs import DTYPES, TIED_HEAD, Input, MergeError, write_sidecars
-from h3jax.merging.settings import MergeConfigError
+from h3jax.merging.streaming.inputs import DTYPES, TIED_HEAD, Input, MergeError, write_sidecars
+from h3jax.merging.streaming.settings import MergeConfigError
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 Slice = Tuple[str, int, int, object]  # (model, start, end, scale or None)

@@ -1,6 +1,6 @@
 """mergekit 0.1.5 parameter-setting syntax, resolved per tensor (scalars, gradients, filters).
 
-See `h3jax.merging.config` for the configuration files these settings come from.
+See `h3jax.merging.streaming.config` for the configuration files these settings come from.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ class MergeConfigError(ValueError):
   """A merge configuration that cannot be run; the message says which key and why."""
 
 
-def _is_scalar(x) -> bool:
+def is_scalar(x) -> bool:
   return isinstance(x, (bool, int, float, str))
 
 
@@ -22,12 +22,12 @@ def evaluate_setting(setting, tensor_name: str, t: float):
   """mergekit 0.1.5 `evaluate_setting`: scalars, gradient lists, filter lists."""
   if isinstance(setting, Mapping):
     setting = [setting]
-  if _is_scalar(setting) or isinstance(setting, tuple) or setting is None:
+  if is_scalar(setting) or isinstance(setting, tuple) or setting is None:
     return setting
   if isinstance(setting, list):
     if not setting:
       return None
-    if all(_is_scalar(e) for e in setting):
+    if all(is_scalar(e) for e in setting):
       if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
         return setting[int(t * (len(setting) - 1))]
       scaled = t * (len(setting) - 1)
@@ -46,7 +46,7 @@ def evaluate_setting(setting, tensor_name: str, t: float):
   raise MergeConfigError(f"cannot read parameter setting {setting!r}")
 
 
-def _validate_setting(where: str, setting):
+def validate_setting(where: str, setting):
   """Fail early on settings mergekit would reject at run time."""
   if isinstance(setting, Mapping):
     setting = [setting]
@@ -57,10 +57,10 @@ def _validate_setting(where: str, setting):
         if extra or "value" not in e:
           raise MergeConfigError(f"{where}: a conditional parameter takes keys 'filter' and 'value', "
                                  f"got {sorted(e)}")
-        _validate_setting(where, e["value"])
-      elif not _is_scalar(e):
+        validate_setting(where, e["value"])
+      elif not is_scalar(e):
         raise MergeConfigError(f"{where}: cannot read list entry {e!r}")
-  elif not (_is_scalar(setting) or isinstance(setting, tuple) or setting is None):
+  elif not (is_scalar(setting) or isinstance(setting, tuple) or setting is None):
     raise MergeConfigError(f"{where}: cannot read parameter value {setting!r}")
 
 

@@ -20,13 +20,13 @@ import numpy as np
 
 from h3jax.merging import rules as rules_lib
 from h3jax.merging import select
-from h3jax.merging.basic import _gta_array
+from h3jax.merging.basic import gta_array
 
 _TIES_KEYS = {"weight", "density", "lambda_", "normalize", "rescale", "mode"}
 
 
 def ties_hparams(method: str, kwargs: dict, n_models: int) -> Optional[tuple]:
-  """`_gta_array` hyper-parameters (sorted items) when `kwargs` is a plain mergekit TIES
+  """`gta_array` hyper-parameters (sorted items) when `kwargs` is a plain mergekit TIES
   tensor (per-model values already resolved for this tensor); None otherwise."""
   if method != "ties" or kwargs.get("mode", "mergekit") != "mergekit" or set(kwargs) - _TIES_KEYS:
     return None
@@ -82,6 +82,6 @@ def ties_kernel(hp_items: tuple, load_dtype: Optional[str]) -> Callable:
     return x.astype(jnp.float32)
 
   def run(base_X, models, thr_N, cut_N):
-    return _gta_array(cast(base_X), [cast(m) for m in models], None, cuts=(thr_N, cut_N), **hp)
+    return gta_array(cast(base_X), [cast(m) for m in models], None, cuts=(thr_N, cut_N), **hp)
 
   return jax.jit(run)

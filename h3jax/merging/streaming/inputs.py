@@ -3,7 +3,7 @@
 Inputs are Llama-family HF folders (config.json + model.safetensors or a sharded
 index), raw `.safetensors` files/folders without a config, or mergekit's
 `MODEL+ADAPTER` (a PEFT LoRA folder merged into MODEL as each tensor is read,
-see `h3jax.hf.adapters.MergedReader`). A tied `lm_head`
+see `MergedReader`). A tied `lm_head`
 (absent from the files) is neither read nor written; an input that lacks
 `lm_head.weight` while others have it contributes its `embed_tokens.weight`.
 """
@@ -50,6 +50,69 @@ def layer_position(name: str, num_layers: int) -> float:
   return int(m.group(1)) / (num_layers - 1)
 
 
+class MergedReader:
+  """A SafetensorsReader-like view of BASE with a PEFT adapter merged in, one tensor at a time.
+
+  Like mergekit (PeftModel.merge_and_unload), each adapted weight becomes
+  W + cast(scale * (B @ A)) in W's dtype (the product in float32), and
+  modules_to_save / bias tensors replace the base's. HF tensor names are the
+  adapter's module names + '.weight', so no model config is needed.
+  """
+
+  def __init__(self, base_reader, adapter: adapters.Adapter):
+    self._base, self.adapter = base_reader, adapter
+    self.metadata = dict(getattr(base_reader, "metadata", {}))
+    names = set(base_reader.keys())
+    for module, (a, b) in adapter.lora.items():
+      name = module + ".weight"
+      if name not in names:
+        raise adapters.AdapterError(f"{adapter.path}: LoRA on {module!r}, which is not a weight of the base "
+                                    f"model (unknown target module)")
+      if tuple(base_reader.shape(name)) != (b.shape[0], a.shape[1]):
+        raise adapters.AdapterError(f"{adapter.path}: {module}: adapter is for another base model (lora_B "
+                                    f"{b.shape} @ lora_A {a.shape} vs weight {tuple(base_reader.shape(name))})")
+    for name, t in adapter.full.items():
+      if name not in names:
+        raise adapters.AdapterError(f"{adapter.path}: saved module tensor {name!r} is not a tensor of the "
+                                    f"base model")
+      if tuple(base_reader.shape(name)) != tuple(t.shape):
+        raise adapters.AdapterError(f"{adapter.path}: {name} has shape {t.shape} but the base's is "
+                                    f"{tuple(base_reader.shape(name))}; adapter for another base model?")
+
+  def keys(self):
+    return self._base.keys()
+
+  def __contains__(self, name):
+    return name in self._base
+
+  def shape(self, name):
+    return self._base.shape(name)
+
+  def dtype(self, name):
+    return self._base.dtype(name)
+
+  def nbytes(self, name):
+    return self._base.nbytes(name)
+
+  def get(self, name):
+    if name in self.adapter.full:
+      return np.asarray(self.adapter.full[name]).astype(self._base.dtype(name))
+    w = self._base.get(name)
+    ab = self.adapter.lora.get(name[:-len(".weight")]) if name.endswith(".weight") else None
+    if ab is None:
+      return w
+    a, b = ab
+    delta = (b.astype(np.float32) @ a.astype(np.float32)) * np.float32(self.adapter.scale)
+    return (w.astype(np.float32) + delta.astype(w.dtype).astype(np.float32)).astype(w.dtype)
+
+  def items(self):
+    for name in self.keys():
+      yield name, self.get(name)
+
+  def close(self):
+    self._base.close()
+
+
 class Input:
   """One input checkpoint: a tensor reader and (for HF folders) its config.json."""
 
@@ -63,7 +126,7 @@ class Input:
       ad = adapters.read_adapter(adapter) if adapter is not None else None
       self.reader = SafetensorsReader(p)
       if ad is not None:
-        self.reader = adapters.MergedReader(self.reader, ad)
+        self.reader = MergedReader(self.reader, ad)
     except (adapters.AdapterError, SafetensorsError) as e:  # truncated, corrupt header, negative shape, ...
       raise MergeError(str(e)) from None
     self.folder = p if p.is_dir() else None
@@ -166,7 +229,7 @@ def tokenizer_input(inputs: List[Input]) -> Optional[Input]:
 def write_sidecars(spec, ref: Input, tmp: pathlib.Path, out_tied: bool, stats: dict,
                    tok: Optional[Input] = None, align=None):
   """config.json (dtype updated), the reference's generation config and `tok`'s tokenizer files, or the
-  aligned tokenizer and vocab_size of `align` (an h3jax.merging.vocab.Alignment)."""
+  aligned tokenizer and vocab_size of `align` (an h3jax.merging.streaming.vocab.Alignment)."""
   if ref.config is not None:
     cfg = dict(ref.config, **(align.config_updates if align is not None else {}))
     dt = spec.out_dtype or spec.dtype

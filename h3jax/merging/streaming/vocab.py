@@ -35,7 +35,7 @@ from typing import List, Mapping, Optional
 
 import numpy as np
 
-from h3jax.merging.settings import MergeConfigError
+from h3jax.merging.streaming.settings import MergeConfigError
 
 # Path -> vocabulary axis: the tensors indexed by token id (re-indexed by token string when aligning).
 VOCAB_AXES = {"model.embed_tokens.weight": 0, "lm_head.weight": 0, "lm_head.bias": 0}

@@ -1,6 +1,6 @@
 """Merge configurations: mergekit 0.1.5 YAML (read unchanged) and ml_collections `.py` files.
 
-Both become one `MergeSpec`. Parameter values keep mergekit's setting syntax and
+Both become one `MergeSpec` (h3jax.merging.streaming.spec). Parameter values keep mergekit's setting syntax and
 are resolved per tensor by `resolve_tensor_params` exactly as mergekit 0.1.5's
 `evaluate_setting` / `resolve_parameters` do:
   * a scalar;
@@ -19,61 +19,18 @@ a *list* is a mergekit gradient.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
-import inspect
 import pathlib
-from typing import Any, Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Optional
 
 import yaml
 
-from h3jax import rules as rules_lib
 from h3jax.hf import refs
-from h3jax.merging import vocab
-from h3jax.merging.settings import (REQUIRED, MergeConfigError, _is_scalar,  # noqa: F401
-                                    _validate_setting, evaluate_setting, resolve_tensor_params)
+from h3jax.merging.streaming import vocab
+from h3jax.merging.streaming.settings import MergeConfigError, validate_setting
+from h3jax.merging.streaming.spec import (BASE_FREE, BASE_OPTIONAL, DTYPES, MERGEKIT_METHODS, N_MODELS,
+                                          MergeSpec, Rule, accepted_kwargs)
 
-# mergekit 0.1.5 parameter tables for the methods h3jax shares with it:
-# name -> (shared {param: default}, per-model {param: default}); REQUIRED = no default.
-_TA_SHARED = {"int8_mask": False, "normalize": False, "rescale": False, "lambda": 1.0}
-_TA_MODEL = {"weight": REQUIRED, "density": 1.0}
-
-
-def _ta(normalize, rescale, **model_extra):
-  return ({**_TA_SHARED, "normalize": normalize, "rescale": rescale}, {**_TA_MODEL, **model_extra})
-
-
-MERGEKIT_METHODS = {
-    "linear": ({"normalize": True}, {"weight": REQUIRED}),
-    "task_arithmetic": _ta(False, False),
-    "ties": _ta(True, False),
-    "dare_ties": _ta(False, True),
-    "dare_linear": _ta(False, True),
-    "breadcrumbs": _ta(False, False, gamma=0.01),
-    "breadcrumbs_ties": _ta(False, False, gamma=0.01),
-    "della": _ta(True, True, epsilon=0.15),
-    "della_linear": _ta(False, True, epsilon=0.15),
-    "slerp": ({"t": REQUIRED}, {}),
-    "model_stock": ({"filter_wise": False}, {}),
-    "nuslerp": ({"nuslerp_row_wise": False, "nuslerp_flatten": True}, {"weight": REQUIRED}),
-    "multislerp": ({"normalize_weights": True, "eps": 1e-8}, {"weight": REQUIRED}),
-    "karcher": ({"max_iter": 10, "tol": 1e-5}, {}),
-    "nearswap": ({"t": REQUIRED}, {}),
-    "sce": ({"int8_mask": False, "select_topk": 1.0}, {}),
-    "passthrough": ({}, {"scale": None}),
-    "arcee_fusion": ({}, {}),
-    "ram": ({"epsilon": 1e-5}, {}),
-    "ramplus_tl": ({"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, {}),
-}
-# Methods that need no base model (everything else is base-relative).
-BASE_FREE = ("linear", "passthrough")
-# Methods that use a base_model when one is given (task vectors for the slerps; one more input
-# to average for karcher) and run without one too.
-BASE_OPTIONAL = ("nuslerp", "multislerp", "karcher")
-# Exact number of models besides the base that a mergekit method takes.
-_N_MODELS = {"slerp": 1, "nuslerp": 2, "nearswap": 1, "arcee_fusion": 1, "passthrough": 1}
-# Keyword names that are per-model sequences aligned with `models` in h3jax.
-PER_MODEL_KEYS = ("weight", "density", "gamma", "epsilon")
 # Top-level keys of a mergekit YAML that h3jax reads.
 _YAML_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
               "tokenizer_source", "tokenizer", "chat_template"}
@@ -81,63 +38,6 @@ _YAML_UNSUPPORTED = {"slices": "layer slices other than a mergekit YAML's passth
                      "modules": "multi-module merges"}
 # Top-level keys of an h3jax `.py` config.
 _PY_KEYS = _YAML_KEYS | {"seed", "max_shard_size", "rules", "embeddings", "out_shard_size"}
-_DTYPES = ("float32", "bfloat16", "float16")
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  """One row of the path -> rule table (first matching filter wins).
-
-  `filter` is a substring of the tensor name or a regex written `re:<pattern>`.
-  action: "merge" (with optional per-tensor `parameters` overriding the
-  global ones), "base" (copy the base tensor unchanged) or "skip" (leave out).
-  """
-  filter: str
-  action: str = "merge"
-  parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-  def matches(self, name: str) -> bool:  # mergekit's filter is a substring: `sub:` in h3jax.rules
-    f = self.filter
-    return f == "*" or rules_lib.matches(f if f.startswith("re:") else "sub:" + f, name)
-
-
-@dataclasses.dataclass(frozen=True)
-class MergeSpec:
-  """A parsed, validated merge: what to merge, how, and where the knobs are."""
-  method: str
-  models: Tuple[str, ...]
-  base_model: Optional[str] = None
-  model_parameters: Tuple[Mapping[str, Any], ...] = ()
-  parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  dtype: Optional[str] = None  # inputs are cast to this on load (mergekit `dtype`)
-  out_dtype: Optional[str] = None  # saved dtype; default: the base's (or first model's) dtype
-  # None: the inputs share a vocabulary and the base's tokenizer files are copied (mergekit's default);
-  # "base" | "union" | a model path: vocabularies aligned by token (h3jax.merging.vocab).
-  tokenizer_source: Optional[str] = None
-  tokens: Tuple[vocab.TokenRule, ...] = ()  # a `tokenizer: tokens:` block
-  pad_to_multiple_of: Optional[int] = None
-  tokenizer_base: Optional[str] = None  # a base-free method's base_model listed among its models (mergekit)
-  chat_template: Optional[str] = None  # "auto" | a Jinja template; written to the output tokenizer
-  seed: int = 0
-  max_shard_size: str = "5GB"
-  rules: Tuple[Rule, ...] = ()
-  flavour: str = "h3jax"  # "mergekit": mergekit 0.1.5 parameter table and defaults
-  slices: Tuple[Tuple[str, int, int, Any], ...] = ()  # passthrough layer stacking (h3jax.merging.slices)
-
-  @property
-  def inputs(self) -> Tuple[str, ...]:
-    """Every distinct folder read: base first, then the models."""
-    return ((self.base_model,) if self.base_model else ()) + self.models
-
-  def rule_for(self, name: str) -> Optional[Rule]:
-    for rule in self.rules:
-      if rule.matches(name):
-        return rule
-    return None
-
-
-# ---------------------------------------------------------------------------
-# Readers.
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -154,8 +54,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     return super().construct_mapping(node, deep=deep)
 
 
-def load_config(path) -> MergeSpec:
-  """A mergekit YAML (.yml/.yaml) or an ml_collections .py config -> MergeSpec."""
+def load_config(path, where: Optional[str] = None) -> MergeSpec:
+  """A mergekit YAML (.yml/.yaml) or an ml_collections .py config -> MergeSpec. `path` may also be the
+  config a `.py` file's get_config() returned (a ConfigDict or dict, e.g. with `--config.x` overrides
+  applied), named `where` in errors."""
+  if not isinstance(path, (str, pathlib.PurePath)):
+    return from_py_config(path, where=where or "config")
   path = pathlib.Path(path)
   if not path.is_file():
     raise MergeConfigError(f"config file not found: {path}")
@@ -188,11 +92,11 @@ def _model_path(ref, where) -> str:
 
 
 def _check_dtype(key, value, where):
-  if value is not None and value not in _DTYPES:
-    raise MergeConfigError(f"{where}: {key} must be one of {_DTYPES}, got {value!r}")
+  if value is not None and value not in DTYPES:
+    raise MergeConfigError(f"{where}: {key} must be one of {DTYPES}, got {value!r}")
 
 
-def _common(raw, where, allowed):
+def _read_common(raw, where, allowed):
   if not isinstance(raw, Mapping):
     raise MergeConfigError(f"{where}: a merge config must be a mapping, got {type(raw).__name__}")
   for key, what in _YAML_UNSUPPORTED.items():
@@ -253,7 +157,7 @@ def _drop_base(base, paths, params, where):
 def from_mergekit_dict(raw, where: str = "config") -> MergeSpec:
   """A mergekit 0.1.5 YAML document (as a dict) -> MergeSpec with mergekit semantics."""
   if isinstance(raw, Mapping) and "slices" in raw:
-    from h3jax.merging import slices as slices_lib
+    from h3jax.merging.streaming import slices as slices_lib
     sl = slices_lib.parse_slices(raw, where, _model_path)
     base = _model_path(raw["base_model"], f"{where}: base_model") if raw.get("base_model") else None
     for key in ("dtype", "out_dtype"):
@@ -265,7 +169,7 @@ def from_mergekit_dict(raw, where: str = "config") -> MergeSpec:
     return MergeSpec(method="passthrough", models=tuple(dict.fromkeys(s[0] for s in sl)), base_model=base,
                      dtype=raw.get("dtype"), out_dtype=raw.get("out_dtype"), chat_template=raw.get("chat_template"),
                      flavour="mergekit", slices=sl)
-  base, paths, params, global_params, tok = _common(raw, where, _YAML_KEYS)
+  base, paths, params, global_params, tok = _read_common(raw, where, _YAML_KEYS)
   method = raw["merge_method"]
   if method not in MERGEKIT_METHODS:
     raise MergeConfigError(f"{where}: unknown merge_method {method!r} for a mergekit YAML; h3jax reads "
@@ -275,13 +179,13 @@ def from_mergekit_dict(raw, where: str = "config") -> MergeSpec:
     if key not in shared and key not in per_model:
       raise MergeConfigError(f"{where}: unknown parameter {key!r} for {method}; expected some of "
                              f"{sorted(set(shared) | set(per_model))}")
-    _validate_setting(f"{where}: parameters.{key}", value)
+    validate_setting(f"{where}: parameters.{key}", value)
   for path, p in zip(paths, params):
     for key, value in p.items():
       if key not in per_model:
         hint = " (a global parameter; put it under the top-level 'parameters')" if key in shared else ""
         raise MergeConfigError(f"{where}: unknown parameter {key!r} for model {path} in {method}{hint}")
-      _validate_setting(f"{where}: {path}.parameters.{key}", value)
+      validate_setting(f"{where}: {path}.parameters.{key}", value)
   if method in BASE_OPTIONAL and base is not None:
     paths, params = _drop_base(base, paths, params, where)
   elif method in BASE_OPTIONAL:
@@ -298,7 +202,7 @@ def from_mergekit_dict(raw, where: str = "config") -> MergeSpec:
     tok = dict(tok, tokenizer_base=base)  # mergekit: the tokenizer base and preferred row donor
     base = None
     paths, params = tuple(paths), tuple(params)
-  n_want = _N_MODELS.get(method)
+  n_want = N_MODELS.get(method)
   if n_want is not None and len(paths) != n_want:
     count = {1: "one", 2: "two"}[n_want]
     if method in BASE_FREE:
@@ -318,15 +222,15 @@ def from_mergekit_dict(raw, where: str = "config") -> MergeSpec:
 def from_py_config(cfg, where: str = "config") -> MergeSpec:
   """An ml_collections ConfigDict (or plain dict) -> MergeSpec with h3jax keyword names."""
   raw = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-  base, paths, params, global_params, tok = _common(raw, where, _PY_KEYS)
+  base, paths, params, global_params, tok = _read_common(raw, where, _PY_KEYS)
   method = raw["merge_method"]
   method_fn = _h3jax_method(method, where)
-  accepted = _accepted_kwargs(method_fn)
+  accepted = accepted_kwargs(method_fn)
   for key, value in list(global_params.items()) + [(k, v) for p in params for k, v in p.items()]:
     if accepted is not None and key not in accepted:
       raise MergeConfigError(f"{where}: unknown parameter {key!r} for h3jax method {method}; it takes "
                              f"{sorted(accepted)}")
-    _validate_setting(f"{where}: parameter {key}", value)
+    validate_setting(f"{where}: parameter {key}", value)
   rules = []
   for i, r in enumerate(raw.get("rules") or ()):
     r = dict(r)
@@ -371,54 +275,8 @@ def _h3jax_method(name, where):
     raise MergeConfigError(f"{where}: unknown merge_method {name!r}; h3jax has {sorted(merging.METHODS)}") from e
 
 
-# Keywords every h3jax transform takes through **kw (see h3jax.merging.basic).
-_COMMON_KWARGS = {"rules", "lora_scale", "lambda"}
-
-
-def _accepted_kwargs(fn) -> Optional[set]:
-  """Keyword names a transform takes (its named knobs plus the common ones)."""
-  try:
-    sig = inspect.signature(fn)
-  except (TypeError, ValueError):
-    return None
-  params = list(sig.parameters.values())
-  names = {p.name for p in params[2:] if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-  if any(p.kind == p.VAR_KEYWORD for p in params):
-    names |= _COMMON_KWARGS
-  if "lambda_" in names:
-    names.add("lambda")
-  return names
-
-
 def _needs_base(fn, name) -> bool:
   from h3jax import merging
   return name not in getattr(merging, "BASE_FREE", BASE_FREE)
 
 
-def method_defaults(spec: MergeSpec) -> Tuple[dict, dict]:
-  """(shared, per-model) parameter defaults for resolving `spec` per tensor."""
-  if spec.flavour == "mergekit":
-    return MERGEKIT_METHODS[spec.method]
-  keys = set(spec.parameters) | {k for p in spec.model_parameters for k in p}
-  keys |= {k for r in spec.rules for k in r.parameters}
-  shared = {k: None for k in keys if k not in PER_MODEL_KEYS}
-  per_model = {k: None for k in keys if k in PER_MODEL_KEYS}
-  return shared, per_model
-
-
-def h3jax_kwargs(shared: Mapping[str, Any], per_model: Mapping[str, Sequence], spec: MergeSpec) -> dict:
-  """Resolved parameters -> keyword arguments of the h3jax transform."""
-  out = {}
-  for key, value in shared.items():
-    if value is None:
-      continue
-    if spec.flavour == "mergekit" and key == "int8_mask":
-      continue  # only the sign mask's storage dtype in mergekit; numerically identical
-    out["lambda_" if key == "lambda" else key] = value
-  for key, values in per_model.items():
-    if all(v is None for v in values):
-      continue
-    if any(v is None for v in values):
-      raise MergeConfigError(f"parameter {key!r} is set for some models but not all")
-    out[key] = tuple(values)
-  return out
