@@ -26,7 +26,7 @@ LAYERS = (
     {"base": ("h3jax.config", "h3jax.io_atomic", "h3jax.compile_cache", "h3jax.progress", "h3jax.rules")},
     {"model": ("h3jax.model",), "data": ("h3jax.data",)},
     {"hf": ("h3jax.hf", "h3jax.checkpoint"), "generation": ("h3jax.generation",)},
-    {"merging": ("h3jax.merging",), "fusion": ("h3jax.fusion", "h3jax.fusion_losses", "h3jax.moe_config")},
+    {"merging": ("h3jax.merging",), "fusion": ("h3jax.fusion",)},
     {"train": ("h3jax.train",)},
     {"evaluation": ("h3jax.evaluation",)},
     {"study": ("h3jax.study",)},
@@ -232,7 +232,7 @@ def test_main_block_imports_count_as_an_entry_point(tmp_path):
 
 
 @pytest.mark.parametrize("module, layer", [("h3jax.train.__main__", len(LAYERS) - 1), ("h3jax.train.loop", 4),
-                                           ("h3jax.fusion_losses", 3), ("h3jax.hf.refs", 2),
+                                           ("h3jax.fusion.losses", 3), ("h3jax.hf.refs", 2),
                                            ("h3jax.cli.merge", len(LAYERS) - 2),
                                            ("h3jax.study.__main__", len(LAYERS) - 2), ("h3jax.merge", len(LAYERS) - 1)])
 def test_longest_prefix_decides_the_layer(module, layer):

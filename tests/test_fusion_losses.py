@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from h3jax import fusion_losses as fl
+from h3jax.fusion import losses as fl
 
 # Router probabilities [L=2, B=2, T=3, E=3]; token 2 of example 0 is padding.
 PROBS = np.array([

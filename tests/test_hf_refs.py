@@ -2,7 +2,7 @@
 
 import pytest
 
-from h3jax import moe_config
+from h3jax.fusion import moe_config
 from h3jax.hf import refs
 from h3jax.merging.streaming.config import MergeConfigError, _model_path
 

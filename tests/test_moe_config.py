@@ -1,4 +1,4 @@
-"""mergekit-moe YAML reading (h3jax.moe_config): torch's RNG without torch, bad YAML, Stage B from a YAML
+"""mergekit-moe YAML reading (h3jax.fusion.moe_config): torch's RNG without torch, bad YAML, Stage B from a YAML
 of PEFT adapters (the docs/interop.md worked example). The mergekit-moe oracle is in test_interop_oracles.py."""
 
 import json
@@ -11,7 +11,7 @@ import torch
 import yaml
 
 import merge_fixtures as mf
-from h3jax import moe_config
+from h3jax.fusion import moe_config
 from h3jax.model.params import flatten_dict
 
 peft = pytest.importorskip("peft")

@@ -6,9 +6,9 @@ Same YAML as `mergekit-moe moe.yml DIR` (mergekit 0.1.5): base_model,
 gate_mode (hidden | cheap_embed | random | uniform_random | hidden_avg),
 experts[].source_model / positive_prompts / negative_prompts / residual_scale,
 experts_per_token, dtype. --seed plays mergekit's --random-seed for the random
-gate modes. Semantics and tolerances: h3jax/moe_config.py and docs/interop.md.
+gate modes. Semantics and tolerances: h3jax/fusion/moe_config.py and docs/interop.md.
 The result trains with Stage B (`fusion.moe_config=moe.yml` in a train config).
-The library function is `h3jax.moe_config.build_moe_folder`.
+The library function is `h3jax.fusion.moe_config.build_moe_folder`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def define_flags():
 
 def main(argv):
   common.reject_args(argv)
-  from h3jax import moe_config
+  from h3jax.fusion import moe_config
   # MoEConfigError, AdapterError and mismatches are ValueErrors.
   with common.one_line_errors(ValueError, FileExistsError, FileNotFoundError):
     path = moe_config.build_moe_folder(FLAGS.config, FLAGS.out, seed=FLAGS.seed, overwrite=FLAGS.overwrite,

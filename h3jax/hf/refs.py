@@ -2,7 +2,7 @@
 
 A reference is a path, 'MODEL+ADAPTER' (a PEFT adapter read onto MODEL), or
 one of mergekit's mapping forms `{model: REF, lora: REF}` and `{path: ...}`.
-Shared by `h3jax.merging.streaming.config` and `h3jax.moe_config`, each raising its own
+Shared by `h3jax.merging.streaming.config` and `h3jax.fusion.moe_config`, each raising its own
 config error class.
 """
 

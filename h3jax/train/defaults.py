@@ -47,7 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.fusion.attn_from = "base"  # base | average
   c.fusion.delta_scale = "lora"  # "one": reference defect #2
   c.fusion.alias_experts = False  # True: reference defect #1
-  # A mergekit-moe YAML (h3jax.moe_config): base, experts, gate init and top_k come from it instead of
+  # A mergekit-moe YAML (h3jax.fusion.moe_config): base, experts, gate init and top_k come from it instead of
   # base_dir / expert_dirs / router_init / top_k; dispatch and capacity_factor still apply.
   c.fusion.moe_config = ""
 

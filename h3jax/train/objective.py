@@ -8,7 +8,7 @@ tokens in the *global* batch, so gradient accumulation over microbatches gives
 the same loss as one big batch, and a packed batch the same loss as its
 examples unpacked. Batches with `positions_BT` / `segment_ids_BT` (packing)
 pass them to the forward; the gating loss uses `task_B` (one task per row).
-The MoE terms come from `h3jax.fusion_losses`; the router terms are averaged
+The MoE terms come from `h3jax.fusion.losses`; the router terms are averaged
 over microbatches; drift depends only on params and is added once per step.
 
 Faithful switches for the reference code (docs/h3fusion.md, defects #6, #7), all in the
@@ -24,7 +24,7 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 
-from h3jax import fusion_losses as fl
+from h3jax.fusion import losses as fl
 from h3jax.config import ModelConfig
 
 GATE_MODES = ("nll", "double_softmax")
@@ -36,7 +36,7 @@ class LossConfig:
   lm_weight: float = 1.0
   gate_weight: float = 0.0  # λ
   drift_weights: Tuple[float, ...] = ()  # γ_i, one per expert (empty: no drift term)
-  drift_mode: str = "lora_delta"  # fusion_losses.DRIFT_MODES
+  drift_mode: str = "lora_delta"  # fusion.losses.DRIFT_MODES
   drift_layer_divisor: float = 0.0  # 0: the number of layers
   gate_mode: str = "nll"
   gate_masked: bool = True  # False: average router probs over all T positions (#6)

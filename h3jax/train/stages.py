@@ -63,7 +63,7 @@ def load_base(config):
     from h3jax import fusion
     f = config.fusion
     if f.get("moe_config"):
-      from h3jax import moe_config
+      from h3jax.fusion import moe_config
       cfg, params, _, base_dir = moe_config.build_from_config(f.moe_config, seed=config.seed,
                                                               load_dtype=m.param_dtype)
       names = tuple(f.expert_names)[:cfg.num_experts]

@@ -221,7 +221,7 @@ def gate_vectors(mode: str, base_cfg: ModelConfig, base_params: dict, experts: S
 def build_from_config(config, *, seed: int = 0, dtype: Optional[str] = None, load_dtype: str = "float32",
                       tokenizer=None):
   """(moe_cfg, params, out_dtype, base_dir) from a mergekit-moe YAML (path or dict)."""
-  from h3jax import fusion
+  from h3jax.fusion import build as fusion
   from h3jax.hf import adapters, loader
   from h3jax.hf.load import read_hf_config
   c = read_config(config)  # idempotent on an already-read config
