@@ -22,6 +22,7 @@ from absl import flags
 
 from h3jax import io_atomic
 from h3jax.data import sources
+from h3jax.data.sources import sha256_file  # noqa: F401  (manifest.sha256_file)
 
 FORMAT = "h3jax-datasets-manifest/1"
 COMMAND = "python -m h3jax.data.manifest --data_root ../shared/data --out third_party/datasets.json"
@@ -55,14 +56,6 @@ SPLITS = {
     "advbench": "eval only, minus goals in refusal_direction_harmful_train",
     "strongreject": "eval only", "donotanswer": "eval only",
 }
-
-
-def sha256_file(path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def _provenance_line(text: str, label: str) -> str:

@@ -17,6 +17,7 @@ file is re-scanned here and the error names the file and 1-based line number.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -259,3 +260,11 @@ def load_source(name: str, data_root=None, *, cache_dir=None) -> datasets.Datase
     raise ConnectionError(f"could not load source {name!r} from the Hugging Face hub ({ids}): {e}; "
                           f"without network pass a data root instead; {_layout_hint()}") from e
   return src.from_hub(parts)
+
+
+def sha256_file(path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()

@@ -18,7 +18,6 @@ Every example carries its split key; `train` is bucket(key) < 50.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 from typing import Dict, Optional, Tuple
 
@@ -54,19 +53,11 @@ class JudgeData:
     return len(self.keys)
 
 
-def _sha256(path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def source_hashes(names, data_root) -> Dict[str, str]:
   root = sources.resolve_data_root(data_root)
   if root is None:
     return {n: "hub" for n in names}
-  return {n: _sha256(sources.source_path(n, data_root)) for n in names}
+  return {n: sources.sha256_file(sources.source_path(n, data_root)) for n in names}
 
 
 def refusal_data(data_root=None) -> JudgeData:
