@@ -196,6 +196,24 @@ def test_generate_and_evaluate_load_adapters(with_tokenizer):
   assert m["tokenizer"]("hi")["input_ids"] == tok("hi")["input_ids"]
 
 
+def test_generate_cli_on_an_adapter(with_tokenizer):
+  """`python -m h3jax.generate --model BASE+ADAPTER` prints the library's greedy completion."""
+  import pathlib
+  import subprocess
+  import sys
+  from h3jax import generation
+  from h3jax.hf import loader
+  _, base_dir, ad = with_tokenizer
+  cfg, params = loader.load_model(f"{base_dir}+{ad}", "float32")
+  want = generation.generate(params, cfg, loader.load_tokenizer(f"{base_dir}+{ad}"), ["The quick brown fox"],
+                             max_new_tokens=8)[0]
+  r = subprocess.run([sys.executable, "-m", "h3jax.generate", f"--model={base_dir}+{ad}",
+                      "--prompt=The quick brown fox", "--max_new_tokens=8"], capture_output=True, text=True,
+                     cwd=pathlib.Path(__file__).resolve().parents[1], timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout == f"### prompt\nThe quick brown fox\n### completion\n{want}\n\n"
+
+
 @pytest.mark.slow  # a short Stage A run + the export CLI in a subprocess
 def test_stage_a_run_exports_as_peft_adapter(tmp_path):
   """A real Stage A LoRA run (configs/tiny.py on an HF base), exported with
