@@ -198,7 +198,7 @@ def _train(config, workdir, run, cfg, labels, schedule, tx, mesh) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
       done = s + 1 == t.steps
-      if (s + 1) % t.checkpoint_every == 0 or done:
+      if done or (t.checkpoint_every > 0 and (s + 1) % t.checkpoint_every == 0):
         ckpt.save(s + 1, params=state["params"], opt_state=state["opt_state"],
                   extra={"data": run.train.state(), "seed": int(config.seed)}, config=cfg, force=True)
         last_saved = s + 1
