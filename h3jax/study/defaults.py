@@ -62,6 +62,7 @@ def default_study_config() -> ml_collections.ConfigDict:
   c.name = "study"
   c.base = ""  # HF folder of the base model ("" = a random tiny model, see configs/study_tiny.py)
   c.seed = 42
+  c.compile_cache = True  # <workdir>/jax_cache/<machine tag>: stages reuse each other's compiled executables
   c.rows = ROWS
   c.tokenizer = ""  # "" = the base folder's
   # Stage A (one LoRA expert per axis): merged into h3jax.train.defaults.default_config().

@@ -58,6 +58,9 @@ def _start(workdir, stage: plan.Stage) -> None:
 def run_stage(sc, workdir, stage: plan.Stage) -> dict:
   """Runs one stage in this process and marks it done (DONE.json with the stage's key)."""
   import resource
+  if sc.get("compile_cache", True):  # every stage process compiles the same decode / train / merge shapes
+    from h3jax import compile_cache
+    compile_cache.enable(pathlib.Path(workdir) / "jax_cache", min_compile_secs=0.5)
   t0 = time.time()
   r0 = resource.getrusage(resource.RUSAGE_SELF)
   if stage.kind != "analysis":
