@@ -190,7 +190,7 @@ def lora_vs_full_step(res: dict, cfg, params, args):
   t_lora = step_time(lcfg, lp, optim.param_labels(lp, optim.trainable_rules(lora=True, router=False)))
   del lp
   t_full = step_time(cfg, params, optim.param_labels(params, optim.trainable_rules(lora=False, router=False,
-                                                                                     extra=(".",))))
+                                                                                     extra=("*",))))
   res.update(lora_batch=B, lora_seq=T, lora_step_s=t_lora, full_step_s=t_full, lora_over_full_step=t_lora / t_full)
 
 

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from h3jax.config import ModelConfig
 from h3jax.model import moe_dispatch as dispatch
+from h3jax.model import layers
 
 _PROJ_IN_OUT = {"gate_proj": ("D", "F"), "up_proj": ("D", "F"), "down_proj": ("F", "D")}
 
@@ -101,7 +102,7 @@ def dropout_keeps(p_experts: dict, rng, N: int, k: int, cfg: ModelConfig):
   if not lora:
     return None
   rngs = dict(zip(_PROJ_IN_OUT, jax.random.split(rng, 3)))
-  return {n: jax.random.bernoulli(rngs[n], 1.0 - cfg.lora_dropout, (N, k, one[n]["kernel"].shape[0]))
+  return {n: layers.dropout_keep(rngs[n], cfg.lora_dropout, (N, k, one[n]["kernel"].shape[0]))
           for n in lora}
 
 
