@@ -31,6 +31,7 @@ def get_config():
   c.rows = ("base", "expert_helpful", "expert_harmless", "expert_honest", "mixture_sft", "ensemble_logits",
             "merge_ties", "merge_tsv_m", "moe_untrained", "moe_gate_drift", "moe_reference")
   c.merges.merge_ties.grid = [dict(density=0.5, lambda_=1.0), dict(density=0.2, lambda_=1.0)]
+  c.merges.merge_tsv_m.grid = [dict(alpha=1.0), dict(alpha=1.0, rank_cap="numerical", rank_rtol=1e-3)]
   c.expert_steps = ml_collections.ConfigDict(dict(helpful=3, harmless=3, honest=3))
   c.stage_b_steps = 2
   c.gamma_sweep = (1e-3, 1e-1)

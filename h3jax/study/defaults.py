@@ -27,7 +27,11 @@ def _merge_grids() -> dict:
       "merge_ties": dict(method="ties", grid=[dict(density=d, lambda_=1.0) for d in (0.2, 0.5)]
                          + [dict(density=0.5, lambda_=0.6)]),
       "merge_dare_ties": dict(method="dare_ties", grid=[dict(density=d, lambda_=1.0, seed=0) for d in (0.3, 0.6)]),
-      "merge_tsv_m": dict(method="tsv_m", grid=[dict(alpha=a) for a in (0.6, 1.0)]),
+      # The capped point drops the float32-rounding triples a LoRA expert's rank-8 task vector leaves
+      # beyond its 8 real ones, which the polar factors otherwise mix in (docs/merging.md, "TSV-M vs
+      # fusion-bench on FFN-only LoRA experts").
+      "merge_tsv_m": dict(method="tsv_m", grid=[dict(alpha=a) for a in (0.6, 1.0)]
+                          + [dict(alpha=1.0, rank_cap="numerical", rank_rtol=1e-3)]),
       "merge_iso_cts": dict(method="iso_cts", grid=[dict(alpha=a) for a in (0.6, 1.0)]),
       "merge_resm": dict(method="resm", grid=[dict()]),  # defaults = TSV-M (alpha 1)
       "merge_resm_tuned": dict(method="resm", grid=[
