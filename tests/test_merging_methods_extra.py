@@ -351,3 +351,23 @@ def test_yaml_through_the_driver(tmp_path):
   want = M.ram(b, ms, epsilon=0.03)
   for k in b:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("name,hp", [("tsv_m", {}), ("resm", dict(rank_mode="sparsity", outlier_mode="sv")),
+                                     ("iso_cts", {}), ("ties", dict(density=0.5))])
+def test_stacked_layers_on_cpu_merge_one_layer_at_a_time_as_vmapped(name, hp, monkeypatch):
+  """On CPU stacked layers are merged in a loop (batched LAPACK deadlocked jaxlib 0.10.2's pool); the
+  result equals the vmapped path's, which the other backends take."""
+  from h3jax.merging import tree
+  rs = np.random.RandomState(0)
+  base = {"layers": {"mlp": {"up_proj": {"kernel": jnp.asarray(rs.randn(3, 24, 40), jnp.float32)}}}}
+  models = [jax.tree.map(lambda x: x + 0.1 * jnp.asarray(rs.randn(*x.shape), jnp.float32), base) for _ in range(3)]
+  models[1]["layers"]["mlp"]["up_proj"]["kernel"] = models[1]["layers"]["mlp"]["up_proj"]["kernel"].at[1].set(
+      base["layers"]["mlp"]["up_proj"]["kernel"][1])  # a zero task vector on one layer
+  method = M.get_method(name)
+  looped = method(base, models, **hp)
+  monkeypatch.setattr(tree.jax, "default_backend", lambda: "gpu")
+  vmapped = method(base, models, **hp)
+  a, b = (np.asarray(x["layers"]["mlp"]["up_proj"]["kernel"]) for x in (looped, vmapped))
+  assert np.isfinite(a).all()
+  assert_close(a, b, rtol=1e-5, atol_rel=1e-5)

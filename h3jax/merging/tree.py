@@ -196,6 +196,16 @@ def merge_leaf(fn, base_X, models, path: str, hp: Mapping[str, Any], *, per_mode
         auxs.append(a)
       aux = jax.tree.map(lambda *xs: jnp.stack(xs), *auxs) if with_aux else None
       return jnp.stack(outs), aux
+  if bd and key is None and jax.default_backend() == "cpu":
+    # One layer at a time: vmapped over stacked layers, an SVD/eigh becomes a batched LAPACK call, which
+    # jaxlib 0.10.2 runs on XLA:CPU's intra-op pool and blocks in until its chunks have run on that same
+    # pool; with several such calls in flight (one per task / tensor) a 2-core machine deadlocked at 0 %
+    # CPU (gdb: every pool thread in ParallelBatchMap; the SmolLM2 study's TSV-M merge). Every method
+    # treats the stacked tensors independently, so the result is the same.
+    outs = [_apply(fn, None if base_X is None else base_X[i], models_NX[:, i], None, hp=_hashable(hp),
+                   batch_dims=bd - 1, with_aux=with_aux) for i in range(ref.shape[0])]
+    aux = jax.tree.map(lambda *xs: jnp.stack(xs), *[a for _, a in outs]) if with_aux else None
+    return jnp.stack([o for o, _ in outs]), aux
   return _apply(fn, base_X, models_NX, key, hp=_hashable(hp), batch_dims=bd, with_aux=with_aux)
 
 
