@@ -12,7 +12,9 @@ table (also --out/eval/results.md, radar.png). Expected: merges close to the bas
 on every axis, since the quickstart's experts train for a few steps only; use
 configs/smollm2.py experts for a real comparison. RESM rows: `resm` with defaults
 equals `tsv_m` (a reconstruction; see docs/merging.md), `resm_sparsity_sv` turns on
-sparsity-aware ranks and singular-value outlier reweighting. Inputs and every merged
+sparsity-aware ranks and singular-value outlier reweighting; `iso_cts` is Iso-CTS
+(FusionBench defaults). Prompts use the chat template the experts were trained with
+(--prompt_template; the evaluation's own default is Alpaca). Inputs and every merged
 model are checked for NaN/inf before anything is saved or evaluated: a non-finite
 tensor stops the run with one `error:` line naming the method and tensor.
 """
@@ -37,6 +39,7 @@ METHODS = {
     "tsv_m": dict(alpha=1.0),
     "resm": dict(),
     "resm_sparsity_sv": dict(rank_mode="sparsity", outlier_mode="sv"),
+    "iso_cts": dict(scaling_factor=1.0, common_space_fraction=0.8),
 }
 
 
@@ -45,7 +48,19 @@ def load_expert(workdir: pathlib.Path):
   return merge_lora(params, cfg.lora_scale)
 
 
-def run(run_dir, base_dir, out_dir, limit: int, methods=tuple(METHODS), evaluate: bool = True) -> dict:
+def eval_config(prompt_template: str = "chat", max_new_tokens=None):
+  """The 3H evaluation settings: the quickstart's experts are trained with the chat template
+  (configs/smollm2_quickstart.py), so every model is evaluated with it, as `make quickstart` does."""
+  from h3jax.evaluation import runner
+  c = runner.default_config()
+  c.prompt_template = prompt_template
+  if max_new_tokens:
+    c.generation.max_new_tokens = max_new_tokens
+  return c
+
+
+def run(run_dir, base_dir, out_dir, limit: int, methods=tuple(METHODS), evaluate: bool = True,
+        config=None) -> dict:
   run_dir, out_dir = pathlib.Path(run_dir), pathlib.Path(out_dir)
   cfg, base = h3jax.load_pretrained(base_dir)
   merging.check_finite(base, f"base model {base_dir}")
@@ -70,7 +85,7 @@ def run(run_dir, base_dir, out_dir, limit: int, methods=tuple(METHODS), evaluate
   if not evaluate:
     return {"models": models, "timings": timings}
   from h3jax.evaluation import runner
-  return runner.compare(models, out_dir / "eval", limit=limit)
+  return runner.compare(models, out_dir / "eval", limit=limit, config=config or eval_config())
 
 
 def main():
@@ -81,10 +96,13 @@ def main():
   ap.add_argument("--limit", type=int, default=2, help="items per eval set")
   ap.add_argument("--methods", default=",".join(METHODS))
   ap.add_argument("--skip_eval", action="store_true", help="only write the merged models")
+  ap.add_argument("--prompt_template", default="chat",
+                  help="evaluation prompt format (the quickstart's experts are trained with chat)")
+  ap.add_argument("--max_new_tokens", type=int, default=None, help="generation length (default 256)")
   args = ap.parse_args()
   try:
     run(args.run, args.base, args.out, args.limit, tuple(args.methods.split(",")),
-        evaluate=not args.skip_eval)
+        evaluate=not args.skip_eval, config=eval_config(args.prompt_template, args.max_new_tokens))
   except merging.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
