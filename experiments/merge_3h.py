@@ -6,9 +6,12 @@ r"""Weight-space fusion of the three 3H experts (the RESM comparison), evaluated
 
 Loads the quickstart's base (SmolLM2-135M-Instruct) and its three Stage-A experts
 (LoRA folded in), merges them with each method below, writes every merged model
-as an HF folder under --out, then runs the 3H evaluation on base, the MoE fusion
-of the same experts (runs/quickstart/fusion/hf) and every merge, and prints one
-table (also --out/eval/results.md, radar.png). Expected: merges close to the base
+as an HF folder under --out (the experts too, as they were merged), then runs the
+3H evaluation on base, the experts, the MoE fusion of the same experts
+(runs/quickstart/fusion/hf) and every merge, and prints one table (also
+--out/eval/results.md, radar.png). --out/merge_stats.json holds each model's
+distance from the base, ||x - base|| / ||base|| over all tensors, and how many
+tensors it leaves exactly equal to the base. Expected: merges close to the base
 on every axis, since the quickstart's experts train for a few steps only; use
 configs/smollm2.py experts for a real comparison. RESM rows: `resm` with defaults
 equals `tsv_m` (a reconstruction; see docs/merging.md), `resm_sparsity_sv` turns on
@@ -26,6 +29,9 @@ import json
 import pathlib
 import sys
 import time
+
+import jax
+import numpy as np
 
 import h3jax
 from h3jax import checkpoint, merging
@@ -48,6 +54,16 @@ def load_expert(workdir: pathlib.Path):
   return merge_lora(params, cfg.lora_scale)
 
 
+def weight_stats(base, params) -> dict:
+  """How far params are from base: ||x - base|| / ||base|| over every tensor (float64 sums), and
+  the number of tensors exactly equal to the base's (FFN-only LoRA experts leave most unchanged)."""
+  pairs = [(np.asarray(b), np.asarray(x)) for b, x in zip(jax.tree.leaves(base), jax.tree.leaves(params))]
+  d2 = sum(float(np.sum((x.astype(np.float64) - b) ** 2)) for b, x in pairs)
+  b2 = sum(float(np.sum(b.astype(np.float64) ** 2)) for b, _ in pairs)
+  return {"rel_dist": (d2 / b2) ** 0.5, "tensors_equal_base": sum(np.array_equal(b, x) for b, x in pairs),
+          "tensors": len(pairs)}
+
+
 def eval_config(prompt_template: str = "chat", max_new_tokens=None):
   """The 3H evaluation settings: the quickstart's experts are trained with the chat template
   (configs/smollm2_quickstart.py), so every model is evaluated with it, as `make quickstart` does."""
@@ -60,28 +76,42 @@ def eval_config(prompt_template: str = "chat", max_new_tokens=None):
 
 
 def run(run_dir, base_dir, out_dir, limit: int, methods=tuple(METHODS), evaluate: bool = True,
-        config=None) -> dict:
+        config=None, reuse: bool = False) -> dict:
   run_dir, out_dir = pathlib.Path(run_dir), pathlib.Path(out_dir)
   cfg, base = h3jax.load_pretrained(base_dir)
   merging.check_finite(base, f"base model {base_dir}")
   experts = [merging.check_finite(load_expert(run_dir / a), f"expert {run_dir / a}") for a in AXES]
-  models = {"base": str(base_dir)}
+  models, stats = {"base": str(base_dir)}, {}
+  for axis, params in zip(AXES, experts):  # evaluated as merged: LoRA folded, in the base's dtype
+    dest = out_dir / "models" / axis
+    if not (reuse and (dest / "config.json").exists()):
+      h3jax.save_pretrained(params, cfg.replace(lora_scale=1.0), dest, overwrite=True,
+                            tokenizer_source=models["base"])
+    models[axis], stats[axis] = str(dest), weight_stats(base, params)
   if (run_dir / "fusion" / "hf").exists():
     models["moe_fusion"] = str(run_dir / "fusion" / "hf")
   timings = {}
   for name in methods:
     hp = dict(METHODS[name])
     method = merging.get_method("resm" if name.startswith("resm") else name)
-    t0 = time.perf_counter()
-    merged = method(base, experts, **hp)
-    timings[name] = time.perf_counter() - t0
-    merging.check_finite(merged, f"merge {name} ({method.__name__} {hp}), not saved")
     dest = out_dir / "models" / name
-    h3jax.save_pretrained(merged, cfg.replace(lora_scale=1.0), dest, overwrite=True,
-                          tokenizer_source=models["base"])
-    models[name] = str(dest)
-    print(f"[merge_3h] {name}: merged in {timings[name]:.1f}s -> {dest}", flush=True)
-  (out_dir / "merge_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    if reuse and (dest / "config.json").exists():  # an earlier run's merge: re-evaluate, do not re-merge
+      merged = merging.check_finite(h3jax.load_pretrained(dest)[1], f"earlier merge {dest}")
+    else:
+      t0 = time.perf_counter()
+      merged = method(base, experts, **hp)
+      timings[name] = time.perf_counter() - t0
+      merging.check_finite(merged, f"merge {name} ({method.__name__} {hp}), not saved")
+      h3jax.save_pretrained(merged, cfg.replace(lora_scale=1.0), dest, overwrite=True,
+                            tokenizer_source=models["base"])
+      print(f"[merge_3h] {name}: merged in {timings[name]:.1f}s -> {dest}", flush=True)
+    models[name], stats[name] = str(dest), weight_stats(base, merged)
+  if timings:
+    (out_dir / "merge_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+  (out_dir / "merge_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+  for name, st in stats.items():
+    print(f"[merge_3h] {name}: ||x - base|| / ||base|| = {st['rel_dist']:.3g}, "
+          f"{st['tensors_equal_base']} of {st['tensors']} tensors equal to the base", flush=True)
   if not evaluate:
     return {"models": models, "timings": timings}
   from h3jax.evaluation import runner
@@ -96,13 +126,15 @@ def main():
   ap.add_argument("--limit", type=int, default=2, help="items per eval set")
   ap.add_argument("--methods", default=",".join(METHODS))
   ap.add_argument("--skip_eval", action="store_true", help="only write the merged models")
+  ap.add_argument("--reuse", action="store_true", help="evaluate the models an earlier run wrote to --out")
   ap.add_argument("--prompt_template", default="chat",
                   help="evaluation prompt format (the quickstart's experts are trained with chat)")
   ap.add_argument("--max_new_tokens", type=int, default=None, help="generation length (default 256)")
   args = ap.parse_args()
   try:
     run(args.run, args.base, args.out, args.limit, tuple(args.methods.split(",")),
-        evaluate=not args.skip_eval, config=eval_config(args.prompt_template, args.max_new_tokens))
+        evaluate=not args.skip_eval, config=eval_config(args.prompt_template, args.max_new_tokens),
+        reuse=args.reuse)
   except merging.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
