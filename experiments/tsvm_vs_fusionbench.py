@@ -282,9 +282,9 @@ def reference_stats(b, ms, outs: dict) -> dict:
   # How much the tasks' LoRA spans coincide: mean cos^2 of the principal angles per pair (1 = the same
   # span). TSV-M's polar step pushes overlapping task directions apart, into whatever else is kept.
   pairs = [(i, j) for i in range(len(svds)) for j in range(i + 1, len(svds))]
-  for side, vecs in (("left", [u[:, :r] for (u, _, _), r in zip(svds, ranks)]),
-                     ("right", [vt[:r].T for (_, _, vt), r in zip(svds, ranks)])):
-    st[f"{side} LoRA span overlap"] = [float(np.sum((vecs[i].T @ vecs[j]) ** 2) / min(ranks[i], ranks[j]))
+  for side, vecs in (("output side (U)", [u[:, :r] for (u, _, _), r in zip(svds, ranks)]),
+                     ("input side (V)", [vt[:r].T for (_, _, vt), r in zip(svds, ranks)])):
+    st[f"LoRA span overlap, {side}"] = [float(np.sum((vecs[i].T @ vecs[j]) ** 2) / min(ranks[i], ranks[j]))
                                        for i, j in pairs]
   st["triples_above_1e-5"] = [int(np.sum(s[:k] > RANK_RTOL * s[0])) for _, s, _ in svds]
   st["s_r / s_1"] = [float(s[r - 1] / s[0]) for (_, s, _), r in zip(svds, ranks)]
@@ -297,7 +297,7 @@ def reference_stats(b, ms, outs: dict) -> dict:
   # cannot order or orient directions whose gaps are below that.
   st["noise gap / s_1 (median)"] = [float(np.median(-np.diff(s[r:k + 1])) / s[0])
                                     for (_, s, _), r in zip(svds, ranks)]
-  st["|tau| / |base|"] = [float(np.linalg.norm(t) / np.linalg.norm(b)) for t in taus]
+  st["‖tau‖ / ‖base‖"] = [float(np.linalg.norm(t) / np.linalg.norm(b)) for t in taus]
   return st
 
 
@@ -371,18 +371,22 @@ def summarize(rows: dict) -> str:
     L.append(f"| {g} | " + " | ".join(_stat([r["vs_fb_tsv_m"][n] for r in rs])
                                       for n in ("tsv_m", "tsv_m_svd"))
              + f" | {_stat([r.get('iso_cts_vs_fb') for r in rs])} |")
-  ref = [r["ref"] for r in rows.values() if "ref" in r]
-  if ref:
-    L += ["", f"Against float64 re-computations ({len(ref)} tensors), ‖x − ref‖ / ‖ref − base‖, median / max:",
-          "", "| x | error |", "|---|---|"]
-    L += [f"| {n} | {_stat([s[n] for s in ref])} |" for n in ref[0] if " vs " in n]
-    L += ["", "signal_share: the part of each delta inside the span of the experts' LoRA directions "
-          "(triples above 1e-3 s_1), median / min:", ""]
-    L += [f"- {n}: {np.median([s['signal_share'][n] for s in ref]):.3g} / "
-          f"{np.min([s['signal_share'][n] for s in ref]):.3g}" for n in ref[0]["signal_share"]]
-    L += ["", "Task-vector spectra (every task of every tensor; r = cliff_rank), median / max:", ""]
-    L += [f"- {n}: {_stat([x for s in ref for x in s[n]])}" for n in ref[0]
-          if n not in ("signal_share",) and " vs " not in n]
+  ref_groups = sorted({r["group"] for r in rows.values() if "ref" in r})
+  by_group = {g: [r["ref"] for r in rows.values() if r["group"] == g and "ref" in r] for g in ref_groups}
+  if ref_groups:
+    def table(title, names, get):
+      return ["", title, "", "| | " + " | ".join(f"{g} ({len(by_group[g])})" for g in ref_groups) + " |",
+              "|---" * (len(ref_groups) + 1) + "|"] + [
+          f"| {n} | " + " | ".join(_stat([x for s in by_group[g] for x in np.atleast_1d(get(s, n))])
+                                   for g in ref_groups) + " |" for n in names]
+    first = by_group[ref_groups[0]][0]
+    L += table("Against float64 re-computations, ‖x − ref‖ / ‖ref − base‖, median / max:",
+               [n for n in first if " vs " in n], lambda s, n: s[n])
+    L += table("signal_share: the part of each delta inside the span of the experts' LoRA directions "
+               "(triples above 1e-3 s_1), median / max:", list(first["signal_share"]),
+               lambda s, n: s["signal_share"][n])
+    L += table("Task-vector spectra (every task; r = cliff_rank), median / max:",
+               [n for n in first if n != "signal_share" and " vs " not in n], lambda s, n: s[n])
   d = [r["delta_over_base"] for r in moved]
   if d:
     L += ["", "‖x − base‖ / ‖base‖ on the moved tensors, median: "
