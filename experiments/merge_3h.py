@@ -75,8 +75,19 @@ def eval_config(prompt_template: str = "chat", max_new_tokens=None):
   return c
 
 
+def same_as_base(eval_dir, names) -> dict:
+  """Per model, how many of its generations are the base's text exactly (greedy decoding): the
+  closeness check for merges of experts that barely moved, finer than win rates on a few items."""
+  def responses(name):
+    rows = [json.loads(l) for l in (eval_dir / f"samples_{name}.jsonl").read_text().splitlines()]
+    return {r["id"]: r["response"] for r in rows if "response" in r}
+  base = responses("base")
+  return {n: {"same": sum(base.get(i) == r for i, r in ours.items()), "n": len(ours)}
+          for n, ours in ((n, responses(n)) for n in names)}
+
+
 def run(run_dir, base_dir, out_dir, limit: int, methods=tuple(METHODS), evaluate: bool = True,
-        config=None, reuse: bool = False) -> dict:
+        config=None, reuse: bool = False, moe_fusion: bool = True) -> dict:
   run_dir, out_dir = pathlib.Path(run_dir), pathlib.Path(out_dir)
   cfg, base = h3jax.load_pretrained(base_dir)
   merging.check_finite(base, f"base model {base_dir}")
@@ -88,7 +99,7 @@ def run(run_dir, base_dir, out_dir, limit: int, methods=tuple(METHODS), evaluate
       h3jax.save_pretrained(params, cfg.replace(lora_scale=1.0), dest, overwrite=True,
                             tokenizer_source=models["base"])
     models[axis], stats[axis] = str(dest), weight_stats(base, params)
-  if (run_dir / "fusion" / "hf").exists():
+  if moe_fusion and (run_dir / "fusion" / "hf").exists():
     models["moe_fusion"] = str(run_dir / "fusion" / "hf")
   timings = {}
   for name in methods:
@@ -115,7 +126,12 @@ def run(run_dir, base_dir, out_dir, limit: int, methods=tuple(METHODS), evaluate
   if not evaluate:
     return {"models": models, "timings": timings}
   from h3jax.evaluation import runner
-  return runner.compare(models, out_dir / "eval", limit=limit, config=config or eval_config())
+  results = runner.compare(models, out_dir / "eval", limit=limit, config=config or eval_config())
+  same = same_as_base(out_dir / "eval", results["models"])
+  (out_dir / "eval" / "same_as_base.json").write_text(json.dumps(same, indent=2) + "\n")
+  print("[merge_3h] generations identical to the base's: "
+        + ", ".join(f"{n} {c['same']}/{c['n']}" for n, c in same.items()), flush=True)
+  return results
 
 
 def main():
@@ -127,6 +143,8 @@ def main():
   ap.add_argument("--methods", default=",".join(METHODS))
   ap.add_argument("--skip_eval", action="store_true", help="only write the merged models")
   ap.add_argument("--reuse", action="store_true", help="evaluate the models an earlier run wrote to --out")
+  ap.add_argument("--no_moe_fusion", action="store_true",
+                  help="leave out the MoE fusion row (the slowest model to evaluate on CPU)")
   ap.add_argument("--prompt_template", default="chat",
                   help="evaluation prompt format (the quickstart's experts are trained with chat)")
   ap.add_argument("--max_new_tokens", type=int, default=None, help="generation length (default 256)")
@@ -134,7 +152,7 @@ def main():
   try:
     run(args.run, args.base, args.out, args.limit, tuple(args.methods.split(",")),
         evaluate=not args.skip_eval, config=eval_config(args.prompt_template, args.max_new_tokens),
-        reuse=args.reuse)
+        reuse=args.reuse, moe_fusion=not args.no_moe_fusion)
   except merging.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

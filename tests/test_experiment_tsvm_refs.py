@@ -9,6 +9,7 @@ separated spectra, and the rank-capped TSV-M of low-rank ones. Tiny random matri
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 
 import numpy as np
@@ -105,3 +106,12 @@ def test_merge_3h_weight_stats():
   assert st["tensors"] == 2 and st["tensors_equal_base"] == 1
   assert st["rel_dist"] == pytest.approx(np.sqrt(0.5) / np.sqrt(6 + 16), rel=1e-12)
   assert stats(base, base) == {"rel_dist": 0.0, "tensors_equal_base": 2, "tensors": 2}
+
+
+def test_merge_3h_same_as_base(tmp_path):
+  same = _load("merge_3h").same_as_base
+  rows = {"base": [("a", "x"), ("b", "y"), ("mc", None)], "m": [("a", "x"), ("b", "z"), ("mc", None)]}
+  for name, items in rows.items():
+    (tmp_path / f"samples_{name}.jsonl").write_text("".join(
+        json.dumps({"id": i, **({"response": r} if r is not None else {})}) + "\n" for i, r in items))
+  assert same(tmp_path, ["base", "m"]) == {"base": {"same": 2, "n": 2}, "m": {"same": 1, "n": 2}}
