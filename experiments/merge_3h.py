@@ -6,13 +6,18 @@ r"""Weight-space fusion of the three 3H experts (the RESM comparison), evaluated
 
 Loads the quickstart's base (SmolLM2-135M-Instruct) and its three Stage-A experts
 (LoRA folded in), merges them with each method below, writes every merged model
-as an HF folder under --out, then runs the 3H evaluation on base, the MoE fusion
-of the same experts (runs/quickstart/fusion/hf) and every merge, and prints one
-table (also --out/eval/results.md, radar.png). Expected: merges close to the base
+as an HF folder under --out (the experts too, as they were merged), then runs the
+3H evaluation on base, the experts, the MoE fusion of the same experts
+(runs/quickstart/fusion/hf) and every merge, and prints one table (also
+--out/eval/results.md, radar.png). --out/merge_stats.json holds each model's
+distance from the base, ||x - base|| / ||base|| over all tensors, and how many
+tensors it leaves exactly equal to the base. Expected: merges close to the base
 on every axis, since the quickstart's experts train for a few steps only; use
 configs/smollm2.py experts for a real comparison. RESM rows: `resm` with defaults
 equals `tsv_m` (a reconstruction; see docs/merging.md), `resm_sparsity_sv` turns on
-sparsity-aware ranks and singular-value outlier reweighting. Inputs and every merged
+sparsity-aware ranks and singular-value outlier reweighting; `iso_cts` is Iso-CTS
+(FusionBench defaults). Prompts use the chat template the experts were trained with
+(--prompt_template; the evaluation's own default is Alpaca). Inputs and every merged
 model are checked for NaN/inf before anything is saved or evaluated: a non-finite
 tensor stops the run with one `error:` line naming the method and tensor.
 """
@@ -25,9 +30,14 @@ import pathlib
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 import h3jax
 from h3jax import checkpoint, merging
 from h3jax.fusion import merge_lora
+from h3jax.merging.resm import sparsity_range
 
 AXES = ("helpful", "harmless", "honest")
 METHODS = {
@@ -37,7 +47,12 @@ METHODS = {
     "tsv_m": dict(alpha=1.0),
     "resm": dict(),
     "resm_sparsity_sv": dict(rank_mode="sparsity", outlier_mode="sv"),
+    "iso_cts": dict(scaling_factor=1.0, common_space_fraction=0.8),
 }
+
+
+# Merged one decoder layer at a time (`merge_by_layer`).
+SVD_METHODS = ("tsv_m", "resm", "iso_c", "iso_cts")
 
 
 def load_expert(workdir: pathlib.Path):
@@ -45,32 +60,106 @@ def load_expert(workdir: pathlib.Path):
   return merge_lora(params, cfg.lora_scale)
 
 
-def run(run_dir, base_dir, out_dir, limit: int, methods=tuple(METHODS), evaluate: bool = True) -> dict:
+def weight_stats(base, params) -> dict:
+  """How far params are from base: ||x - base|| / ||base|| over every tensor (float64 sums), and
+  the number of tensors exactly equal to the base's (FFN-only LoRA experts leave most unchanged)."""
+  pairs = [(np.asarray(b), np.asarray(x)) for b, x in zip(jax.tree.leaves(base), jax.tree.leaves(params))]
+  d2 = sum(float(np.sum((x.astype(np.float64) - b) ** 2)) for b, x in pairs)
+  b2 = sum(float(np.sum(b.astype(np.float64) ** 2)) for b, _ in pairs)
+  return {"rel_dist": (d2 / b2) ** 0.5, "tensors_equal_base": sum(np.array_equal(b, x) for b, x in pairs),
+          "tensors": len(pairs)}
+
+
+def merge_by_layer(method, base, experts, **hp):
+  """method(base, experts, **hp) with the stacked layers merged one layer at a time.
+
+  Why: jaxlib 0.10.2 runs each batched LAPACK call (SVD, eigh) on XLA:CPU's intra-op pool and
+  blocks there until its batch chunks have run on the same pool; an SVD merge of the stacked layers
+  issues several at once (one per task), and on a 2-core machine that left no thread free: the
+  whole-tree tsv_m hung at 0 CPU (gdb: both pool threads in jax::ParallelBatchMap). Unstacked, no
+  LAPACK call is batched. These methods treat every tensor independently, so the result is the
+  same; RESM's sparsity range is taken over the whole model first, as the streaming driver does."""
+  if hp.get("rank_mode") == "sparsity" and hp.get("sp_range") is None:
+    hp["sp_range"] = sparsity_range(base, experts, hp.get("eps_sp", 1e-3))
+  merged = method(base, experts, rules=[("layers/*", {"keep_base": True})], **hp)
+  n_layers = jax.tree.leaves(base["layers"])[0].shape[0]
+  per_layer = [method({"layers": jax.tree.map(lambda x: x[i], base["layers"])},
+                      [{"layers": jax.tree.map(lambda x: x[i], e["layers"])} for e in experts],
+                      rules=[("*", {"batch_dims": 0})], **hp)["layers"] for i in range(n_layers)]
+  return {**merged, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)}
+
+
+def eval_config(prompt_template: str = "chat", max_new_tokens=None):
+  """The 3H evaluation settings: the quickstart's experts are trained with the chat template
+  (configs/smollm2_quickstart.py), so every model is evaluated with it, as `make quickstart` does."""
+  from h3jax.evaluation import runner
+  c = runner.default_config()
+  c.prompt_template = prompt_template
+  if max_new_tokens:
+    c.generation.max_new_tokens = max_new_tokens
+  return c
+
+
+def same_as_base(eval_dir, names) -> dict:
+  """Per model, how many of its generations are the base's text exactly (greedy decoding): the
+  closeness check for merges of experts that barely moved, finer than win rates on a few items."""
+  def responses(name):
+    rows = [json.loads(l) for l in (eval_dir / f"samples_{name}.jsonl").read_text().splitlines()]
+    return {r["id"]: r["response"] for r in rows if "response" in r}
+  base = responses("base")
+  return {n: {"same": sum(base.get(i) == r for i, r in ours.items()), "n": len(ours)}
+          for n, ours in ((n, responses(n)) for n in names)}
+
+
+def run(run_dir, base_dir, out_dir, limit: int, methods=tuple(METHODS), evaluate: bool = True,
+        config=None, reuse: bool = False, moe_fusion: bool = True) -> dict:
   run_dir, out_dir = pathlib.Path(run_dir), pathlib.Path(out_dir)
   cfg, base = h3jax.load_pretrained(base_dir)
   merging.check_finite(base, f"base model {base_dir}")
   experts = [merging.check_finite(load_expert(run_dir / a), f"expert {run_dir / a}") for a in AXES]
-  models = {"base": str(base_dir)}
-  if (run_dir / "fusion" / "hf").exists():
+  models, stats = {"base": str(base_dir)}, {}
+  for axis, params in zip(AXES, experts):  # evaluated as merged: LoRA folded, in the base's dtype
+    dest = out_dir / "models" / axis
+    if not (reuse and (dest / "config.json").exists()):
+      h3jax.save_pretrained(params, cfg.replace(lora_scale=1.0), dest, overwrite=True,
+                            tokenizer_source=models["base"])
+    models[axis], stats[axis] = str(dest), weight_stats(base, params)
+  if moe_fusion and (run_dir / "fusion" / "hf").exists():
     models["moe_fusion"] = str(run_dir / "fusion" / "hf")
   timings = {}
   for name in methods:
     hp = dict(METHODS[name])
     method = merging.get_method("resm" if name.startswith("resm") else name)
-    t0 = time.perf_counter()
-    merged = method(base, experts, **hp)
-    timings[name] = time.perf_counter() - t0
-    merging.check_finite(merged, f"merge {name} ({method.__name__} {hp}), not saved")
     dest = out_dir / "models" / name
-    h3jax.save_pretrained(merged, cfg.replace(lora_scale=1.0), dest, overwrite=True,
-                          tokenizer_source=models["base"])
-    models[name] = str(dest)
-    print(f"[merge_3h] {name}: merged in {timings[name]:.1f}s -> {dest}", flush=True)
-  (out_dir / "merge_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    if reuse and (dest / "config.json").exists():  # an earlier run's merge: re-evaluate, do not re-merge
+      merged = merging.check_finite(h3jax.load_pretrained(dest)[1], f"earlier merge {dest}")
+    else:
+      t0 = time.perf_counter()
+      if method.__name__ in SVD_METHODS:
+        merged = merge_by_layer(method, base, experts, **hp)
+      else:
+        merged = method(base, experts, **hp)
+      timings[name] = time.perf_counter() - t0
+      merging.check_finite(merged, f"merge {name} ({method.__name__} {hp}), not saved")
+      h3jax.save_pretrained(merged, cfg.replace(lora_scale=1.0), dest, overwrite=True,
+                            tokenizer_source=models["base"])
+      print(f"[merge_3h] {name}: merged in {timings[name]:.1f}s -> {dest}", flush=True)
+    models[name], stats[name] = str(dest), weight_stats(base, merged)
+  if timings:
+    (out_dir / "merge_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+  (out_dir / "merge_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+  for name, st in stats.items():
+    print(f"[merge_3h] {name}: ||x - base|| / ||base|| = {st['rel_dist']:.3g}, "
+          f"{st['tensors_equal_base']} of {st['tensors']} tensors equal to the base", flush=True)
   if not evaluate:
     return {"models": models, "timings": timings}
   from h3jax.evaluation import runner
-  return runner.compare(models, out_dir / "eval", limit=limit)
+  results = runner.compare(models, out_dir / "eval", limit=limit, config=config or eval_config())
+  same = same_as_base(out_dir / "eval", results["models"])
+  (out_dir / "eval" / "same_as_base.json").write_text(json.dumps(same, indent=2) + "\n")
+  print("[merge_3h] generations identical to the base's: "
+        + ", ".join(f"{n} {c['same']}/{c['n']}" for n, c in same.items()), flush=True)
+  return results
 
 
 def main():
@@ -81,10 +170,17 @@ def main():
   ap.add_argument("--limit", type=int, default=2, help="items per eval set")
   ap.add_argument("--methods", default=",".join(METHODS))
   ap.add_argument("--skip_eval", action="store_true", help="only write the merged models")
+  ap.add_argument("--reuse", action="store_true", help="evaluate the models an earlier run wrote to --out")
+  ap.add_argument("--no_moe_fusion", action="store_true",
+                  help="leave out the MoE fusion row (the slowest model to evaluate on CPU)")
+  ap.add_argument("--prompt_template", default="chat",
+                  help="evaluation prompt format (the quickstart's experts are trained with chat)")
+  ap.add_argument("--max_new_tokens", type=int, default=None, help="generation length (default 256)")
   args = ap.parse_args()
   try:
     run(args.run, args.base, args.out, args.limit, tuple(args.methods.split(",")),
-        evaluate=not args.skip_eval)
+        evaluate=not args.skip_eval, config=eval_config(args.prompt_template, args.max_new_tokens),
+        reuse=args.reuse, moe_fusion=not args.no_moe_fusion)
   except merging.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
