@@ -9,9 +9,13 @@ Prints a table and writes benchmarks/results/model_speed.json:
       weight-streaming limit (weight bytes per step / measured memory bandwidth);
   (c) load time (h3jax.load_pretrained vs from_pretrained);
   (d) greedy decode tokens/s at batch 1 and 8 of a fused 3-expert top-2 MoE of the
-      model (`--moe DIR`, a Mixtral folder read with load_pretrained, whose default
-      dispatch is `sparse`; else the model fused with itself, random router), with
-      the sparse and the dense dispatch, each ÷ the dense model's decode tokens/s;
+      model (`--moe DIR`, else the model fused with itself with a random router,
+      written as a Mixtral folder; either read with load_pretrained, whose default
+      dispatch is `sparse`), with the sparse and the dense dispatch, each ÷ the dense
+      model's decode tokens/s measured beside it; also as CPU-time ratios (less
+      disturbed by other jobs) and the ratio at the weight-streaming limit (the dense
+      model's weight bytes per step ÷ the MoE's, reading k experts per layer at batch
+      1 and min(E, 8k) at batch 8);
   (e) a LoRA SFT step (frozen base, configs/smollm2.py's LoRA: r=8, alpha=4,
       dropout 0.1 on gate/up/down) ÷ a full fine-tune step, both AdamW, on the same
       --lora_batch x --lora_seq batch.
@@ -25,6 +29,8 @@ import argparse
 import json
 import os
 import pathlib
+import platform
+import tempfile
 import time
 
 import jax
@@ -38,7 +44,14 @@ import h3jax
 from h3jax import fusion, generation
 from h3jax.model import llama, params as params_lib
 from h3jax.train import lora, objective, optim, step as step_lib
-from timing import best_of
+from timing import best_of, best_wall_and_cpu
+
+
+def cpu_model() -> str:
+  cpuinfo = pathlib.Path("/proc/cpuinfo")
+  names = [l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines()
+           if l.startswith("model name")] if cpuinfo.exists() else []
+  return names[0] if names else platform.processor()
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -68,7 +81,8 @@ def jax_train_step(params, cfg, ids):
 
 def bench(args) -> dict:
   torch.set_num_threads(os.cpu_count())
-  res = {"device": str(jax.devices()[0]), "cpu_count": os.cpu_count(), "jax": jax.__version__,
+  res = {"device": str(jax.devices()[0]), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+         "load_average": os.getloadavg()[0], "jax": jax.__version__,
          "torch": torch.__version__, "B": args.batch, "T": args.seq}
   t0 = time.perf_counter()
   cfg, params = h3jax.load_pretrained(args.model, dtype="float32")
@@ -117,9 +131,7 @@ def train_rows(res: dict, cfg, params, hf, args):
 
 
 def decode_rows(res: dict, cfg, params, hf, args):
-  # Weight bytes streamed per decode step: every matrix (the tied embedding once, as lm_head).
-  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params["layers"])) + params["embed"]["embedding"].nbytes
-  res["decode_weight_streaming_limit_tok_s_b1"] = res["read_bandwidth_gbs"] * 1e9 / weight_bytes
+  res["decode_weight_streaming_limit_tok_s_b1"] = res["read_bandwidth_gbs"] * 1e9 / decode_weight_bytes(params)
   for B in (1, 8):
     prompt = np.random.RandomState(B).randint(3, cfg.vocab_size, (B, args.prompt_len))
     n = args.new_tokens
@@ -143,32 +155,52 @@ def decode_rows(res: dict, cfg, params, hf, args):
   res["decode_frac_of_streaming_limit_b1"] = res["decode_tok_s_h3jax_b1"] / res["decode_weight_streaming_limit_tok_s_b1"]
 
 
-def decode_tok_s(params, cfg, B: int, prompt_len: int, new_tokens: int, repeats: int) -> float:
-  """Greedy decode tokens/s at batch B (a 1-token run is subtracted: prefill excluded)."""
+def decode_weight_bytes(params, experts_read: int = 1, num_experts: int = 1) -> float:
+  """Weight bytes a decode step streams: the layers and the head (a tied embedding once, as the head;
+  the embedding lookup reads rows only); of an MoE's experts, `experts_read` of `num_experts`."""
+  head = params["lm_head"]["kernel"] if "lm_head" in params else params["embed"]["embedding"]
+  n = float(head.nbytes)
+  for path, x in jax.tree_util.tree_leaves_with_path(params["layers"]):
+    n += x.nbytes * (experts_read / num_experts if "experts" in jax.tree_util.keystr(path) else 1.0)
+  return n
+
+
+def decode_tok_s(params, cfg, B: int, prompt_len: int, new_tokens: int, repeats: int) -> tuple:
+  """Greedy decode (wall, CPU-time) tokens/s at batch B (a 1-token run is subtracted: prefill excluded)."""
   prompt = np.random.RandomState(B).randint(3, cfg.vocab_size, (B, prompt_len))
   run = lambda n: generation.generate_tokens(params, cfg, prompt, np.ones_like(prompt), max_new_tokens=n)
-  t = best_of(lambda: run(new_tokens), repeats) - best_of(lambda: run(1), repeats)
-  return B * (new_tokens - 1) / t
+  long, short = best_wall_and_cpu(lambda: run(new_tokens), repeats), best_wall_and_cpu(lambda: run(1), repeats)
+  return tuple(B * (new_tokens - 1) / (a - b) for a, b in zip(long, short))
+
+
+def load_moe(cfg, params, args, tmp: str):
+  """The MoE as load_pretrained reads it: --moe, else the model fused with itself (3 experts,
+  top-2, random router: near-balanced routing) written as a Mixtral folder."""
+  if args.moe:
+    return args.moe, h3jax.load_pretrained(args.moe, dtype="float32")
+  mcfg, mparams = fusion.fuse_params(cfg, params, [cfg] * 3, [params] * 3, top_k=2)
+  h3jax.save_pretrained(mparams, mcfg, pathlib.Path(tmp) / "moe")
+  del mparams
+  loaded = jax.block_until_ready(h3jax.load_pretrained(pathlib.Path(tmp) / "moe", dtype="float32"))
+  return "model fused with itself (3 experts, top-2, random router)", loaded
 
 
 def moe_decode(res: dict, cfg, params, args):
   """(d): the fused MoE's decode tokens/s with the sparse and the dense dispatch ÷ the dense model's."""
-  if args.moe:
-    mcfg, mparams = h3jax.load_pretrained(args.moe, dtype="float32")
-    res["moe_source"] = args.moe
-  else:  # three copies of the model, random router: near-balanced top-2 routing
-    mcfg, mparams = fusion.fuse_params(cfg, params, [cfg] * 3, [params] * 3, top_k=2)
-    mcfg = mcfg.replace(moe_dispatch="sparse")  # what load_pretrained picks for a Mixtral
-    res["moe_source"] = "model fused with itself (3 experts, top-2, random router)"
+  with tempfile.TemporaryDirectory() as tmp:
+    res["moe_source"], (mcfg, mparams) = load_moe(cfg, params, args, tmp)
+  res["moe_load_pretrained_dispatch"] = mcfg.moe_dispatch
+  E, k = mcfg.num_experts, mcfg.num_experts_per_tok
   for B in (1, 8):
-    dense_model = res.get(f"decode_tok_s_h3jax_b{B}") or decode_tok_s(params, cfg, B, args.prompt_len,
-                                                                       args.new_tokens, args.repeats)
-    res[f"decode_tok_s_h3jax_b{B}"] = dense_model
+    res[f"moe_streaming_ratio_b{B}"] = decode_weight_bytes(params) / decode_weight_bytes(mparams, min(E, k * B), E)
+    speed = lambda p, c: decode_tok_s(p, c, B, args.prompt_len, args.new_tokens, args.repeats)
+    wall, cpu = speed(params, cfg)  # measured beside the MoE runs: the same load on the machine
+    res[f"moe_baseline_tok_s_b{B}"], res[f"moe_baseline_tok_s_cpu_b{B}"] = wall, cpu
     for dispatch in ("sparse", "dense"):
-      tok_s = decode_tok_s(mparams, mcfg.replace(moe_dispatch=dispatch), B, args.prompt_len, args.new_tokens,
-                           args.repeats)
+      tok_s, tok_s_cpu = speed(mparams, mcfg.replace(moe_dispatch=dispatch))
       res[f"moe_decode_tok_s_{dispatch}_b{B}"] = tok_s
-      res[f"moe_decode_ratio_{dispatch}_b{B}"] = tok_s / dense_model
+      res[f"moe_decode_ratio_{dispatch}_b{B}"] = tok_s / wall
+      res[f"moe_decode_ratio_{dispatch}_cpu_b{B}"] = tok_s_cpu / cpu
 
 
 def lora_vs_full_step(res: dict, cfg, params, args):
@@ -203,7 +235,8 @@ def table(res: dict) -> str:
       rows.append((f"decode tokens/s, batch {B}", res[f"decode_tok_s_h3jax_b{B}"], res[f"decode_tok_s_torch_b{B}"],
                    res[f"decode_speedup_b{B}"]))
   rows.append(("load time (s)", res["load_s_h3jax"], res["load_s_torch"], res["load_s_torch"] / res["load_s_h3jax"]))
-  lines = ["| measure | h3jax | transformers | ratio |", "|---|---:|---:|---:|"]
+  lines = [f"{res['cpu_model']}, {res['cpu_count']} cores, load average {res['load_average']:.1f} at the start", "",
+           "| measure | h3jax | transformers | ratio |", "|---|---:|---:|---:|"]
   lines += [f"| {name} | {a:.1f} | {b:.1f} | {r:.2f}x |" for name, a, b, r in rows]
   if "train_frac_of_matmul_peak" in res and "decode_frac_of_streaming_limit_b1" in res:
     lines += ["",
@@ -212,11 +245,16 @@ def table(res: dict) -> str:
               f"{100 * res['decode_frac_of_streaming_limit_b1']:.0f}% of the weight-streaming limit "
               f"({res['decode_weight_streaming_limit_tok_s_b1']:.0f} tok/s at {res['read_bandwidth_gbs']:.1f} GB/s)."]
   if "moe_decode_ratio_sparse_b1" in res:
-    lines += ["", f"MoE ({res['moe_source']}) greedy decode tokens/s ÷ the dense model's:",
-              "| dispatch | batch 1 | batch 8 |", "|---|---:|---:|"]
+    lines += ["", f"MoE ({res['moe_source']}; load_pretrained picks `{res['moe_load_pretrained_dispatch']}`) "
+              "greedy decode tokens/s ÷ the dense model's, wall (CPU time):",
+              "| model | batch 1 | batch 8 |", "|---|---:|---:|",
+              "| dense model | " + " | ".join(f"{res[f'moe_baseline_tok_s_b{B}']:.1f} tok/s" for B in (1, 8)) + " |"]
     for d in ("sparse", "dense"):
-      lines.append(f"| {d} | {res[f'moe_decode_tok_s_{d}_b1']:.1f} tok/s = {res[f'moe_decode_ratio_{d}_b1']:.2f}x | "
-                   f"{res[f'moe_decode_tok_s_{d}_b8']:.1f} tok/s = {res[f'moe_decode_ratio_{d}_b8']:.2f}x |")
+      lines.append(f"| MoE, `{d}` dispatch | " + " | ".join(
+          f"{res[f'moe_decode_tok_s_{d}_b{B}']:.1f} tok/s = {res[f'moe_decode_ratio_{d}_b{B}']:.2f}x "
+          f"({res[f'moe_decode_ratio_{d}_cpu_b{B}']:.2f}x)" for B in (1, 8)) + " |")
+    lines.append("| MoE at the weight-streaming limit | " + " | ".join(
+        f"{res[f'moe_streaming_ratio_b{B}']:.2f}x" for B in (1, 8)) + " |")
   if "lora_over_full_step" in res:
     lines += ["", f"LoRA SFT step {res['lora_step_s']:.2f} s ÷ full fine-tune step {res['full_step_s']:.2f} s "
               f"(batch {res['lora_batch']} x {res['lora_seq']}) = {res['lora_over_full_step']:.2f}x"]

@@ -1,4 +1,4 @@
-"""Wall-clock timing shared by the benchmark scripts (imported as `timing` when a script runs)."""
+"""Timing shared by the benchmark scripts (imported as `timing` when a script runs)."""
 
 from __future__ import annotations
 
@@ -20,3 +20,16 @@ def time_steps(step, n: int, warmup: int = 1) -> list:
 def best_of(fn, repeats: int) -> float:
   """Best wall time of `repeats` calls (after one warm-up call)."""
   return min(time_steps(fn, repeats, warmup=1))
+
+
+def best_wall_and_cpu(fn, repeats: int) -> tuple:
+  """(best wall seconds, best CPU seconds of this process, all threads) of `repeats` calls after a
+  warm-up. CPU time is far less disturbed by other jobs on a busy machine: a cross-check of wall time."""
+  fn()
+  wall, cpu = [], []
+  for _ in range(repeats):
+    t, c = time.perf_counter(), time.process_time()
+    fn()
+    wall.append(time.perf_counter() - t)
+    cpu.append(time.process_time() - c)
+  return min(wall), min(cpu)
