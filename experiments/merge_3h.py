@@ -31,13 +31,11 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import h3jax
 from h3jax import checkpoint, merging
 from h3jax.fusion import merge_lora
-from h3jax.merging.resm import sparsity_range
 
 AXES = ("helpful", "harmless", "honest")
 METHODS = {
@@ -51,8 +49,6 @@ METHODS = {
 }
 
 
-# Merged one decoder layer at a time (`merge_by_layer`).
-SVD_METHODS = ("tsv_m", "resm", "iso_c", "iso_cts")
 
 
 def load_expert(workdir: pathlib.Path):
@@ -68,25 +64,6 @@ def weight_stats(base, params) -> dict:
   b2 = sum(float(np.sum(b.astype(np.float64) ** 2)) for b, _ in pairs)
   return {"rel_dist": (d2 / b2) ** 0.5, "tensors_equal_base": sum(np.array_equal(b, x) for b, x in pairs),
           "tensors": len(pairs)}
-
-
-def merge_by_layer(method, base, experts, **hp):
-  """method(base, experts, **hp) with the stacked layers merged one layer at a time.
-
-  Why: jaxlib 0.10.2 runs each batched LAPACK call (SVD, eigh) on XLA:CPU's intra-op pool and
-  blocks there until its batch chunks have run on the same pool; an SVD merge of the stacked layers
-  issues several at once (one per task), and on a 2-core machine that left no thread free: the
-  whole-tree tsv_m hung at 0 CPU (gdb: both pool threads in jax::ParallelBatchMap). Unstacked, no
-  LAPACK call is batched. These methods treat every tensor independently, so the result is the
-  same; RESM's sparsity range is taken over the whole model first, as the streaming driver does."""
-  if hp.get("rank_mode") == "sparsity" and hp.get("sp_range") is None:
-    hp["sp_range"] = sparsity_range(base, experts, hp.get("eps_sp", 1e-3))
-  merged = method(base, experts, rules=[("layers/*", {"keep_base": True})], **hp)
-  n_layers = jax.tree.leaves(base["layers"])[0].shape[0]
-  per_layer = [method({"layers": jax.tree.map(lambda x: x[i], base["layers"])},
-                      [{"layers": jax.tree.map(lambda x: x[i], e["layers"])} for e in experts],
-                      rules=[("*", {"batch_dims": 0})], **hp)["layers"] for i in range(n_layers)]
-  return {**merged, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)}
 
 
 def eval_config(prompt_template: str = "chat", max_new_tokens=None):
@@ -135,10 +112,7 @@ def run(run_dir, base_dir, out_dir, limit: int, methods=tuple(METHODS), evaluate
       merged = merging.check_finite(h3jax.load_pretrained(dest)[1], f"earlier merge {dest}")
     else:
       t0 = time.perf_counter()
-      if method.__name__ in SVD_METHODS:
-        merged = merge_by_layer(method, base, experts, **hp)
-      else:
-        merged = method(base, experts, **hp)
+      merged = method(base, experts, **hp)  # stacked layers one at a time on CPU (h3jax.merging.tree)
       timings[name] = time.perf_counter() - t0
       merging.check_finite(merged, f"merge {name} ({method.__name__} {hp}), not saved")
       h3jax.save_pretrained(merged, cfg.replace(lora_scale=1.0), dest, overwrite=True,

@@ -116,23 +116,3 @@ def test_merge_3h_same_as_base(tmp_path):
     (tmp_path / f"samples_{name}.jsonl").write_text("".join(
         json.dumps({"id": i, **({"response": r} if r is not None else {})}) + "\n" for i, r in items))
   assert same(tmp_path, ["base", "m"]) == {"base": {"same": 2, "n": 2}, "m": {"same": 1, "n": 2}}
-
-
-@pytest.mark.parametrize("name,hp", [("tsv_m", {}), ("iso_cts", {}),
-                                     ("resm", dict(rank_mode="sparsity", outlier_mode="sv"))])
-def test_merge_3h_by_layer_is_the_whole_tree_merge(name, hp):
-  """Layer by layer (the jaxlib 0.10.2 LAPACK-pool workaround) = the stacked merge, zero task vectors
-  on some tensors included; RESM's sparsity ranks need the whole model's range."""
-  by_layer = _load("merge_3h").merge_by_layer
-  rng = np.random.default_rng(4)
-  f32 = lambda *s: rng.standard_normal(s).astype(np.float32)
-  base = {"embed": {"embedding": f32(10, 6)}, "final_norm": {"scale": f32(6)},
-          "layers": {"attn": {"kernel": f32(3, 6, 6)}, "mlp": {"kernel": f32(3, 6, 12)}}}
-  experts = [{**base, "layers": {"attn": base["layers"]["attn"],  # attention unchanged: zero tau
-                                 "mlp": {"kernel": base["layers"]["mlp"]["kernel"] + 0.1 * f32(3, 6, 12)}}}
-             for _ in range(3)]
-  method = merging.get_method(name)
-  whole, ours = method(base, experts, **hp), by_layer(method, base, experts, **hp)
-  for (path, w), (_, o) in zip(jax.tree_util.tree_flatten_with_path(whole)[0],
-                               jax.tree_util.tree_flatten_with_path(ours)[0]):
-    np.testing.assert_allclose(np.asarray(o), np.asarray(w), rtol=1e-5, atol=1e-6, err_msg=str(path))
