@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 ARTIFACTS ?= artifacts
 SMOLLM2 := $(ARTIFACTS)/smollm2-135m-instruct
 
-.PHONY: quickstart test test-optin venv smollm2 oracles bench
+.PHONY: quickstart test test-portable test-optin venv smollm2 oracles bench
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -47,6 +47,17 @@ oracles:
 
 test: smollm2 oracles
 	H3JAX_STRICT_SKIPS=1 $(PY) -m pytest -n 2 -m "not optin" tests
+
+# The default suite with every numeric library forced onto other kernels than this CPU picks: XLA:CPU
+# code generated for SSE4.2 and single-threaded Eigen contractions (other vector widths, blockings and
+# summation orders), torch / MKL / oneDNN limited to AVX2, numpy's OpenBLAS on its Haswell kernels and
+# numpy without AVX-512 loops. A stand-in for "another x86-64 CPU" (docs/testing.md): it does not
+# reproduce an AMD machine's cache-size-dependent blocking, but a comparison with no real margin fails here.
+PORTABLE_ENV := XLA_FLAGS="--xla_cpu_max_isa=SSE4_2 --xla_cpu_multi_thread_eigen=false" \
+  ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 OPENBLAS_CORETYPE=Haswell \
+  NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR"
+test-portable: smollm2 oracles
+	$(PORTABLE_ENV) H3JAX_STRICT_SKIPS=1 $(PY) -m pytest -n 2 -m "not optin" tests
 
 test-optin: smollm2
 	$(PY) -m pytest -m optin tests
