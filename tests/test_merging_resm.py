@@ -56,6 +56,14 @@ def test_defaults_equal_tsv_m_on_trees_and_disabled_knobs_too():
   assert_tree_close(out, ref, rtol=1e-5, atol_rel=1e-5)
 
 
+def test_uniform_rank_mode_is_tsvm():
+  base, models = _tree(1)
+  for outlier_mode in ("none", "sv"):
+    jax.tree.map(np.testing.assert_array_equal,
+                 M.resm(base, models, rank_mode="uniform", outlier_mode=outlier_mode),
+                 M.resm(base, models, rank_mode="tsvm", outlier_mode=outlier_mode))
+
+
 def test_single_task_full_rank_returns_the_task_vector():
   b, (m,) = _arrays(1, n=1)
   assert_close(M.resm(b, [m], outlier_mode="sv", kappa=1e9), m, rtol=1e-5, atol_rel=1e-5)
@@ -116,10 +124,18 @@ def test_rank_cap_on_lora_deltas_equals_factored_path():
 
 def test_bad_knobs():
   b, ms = _arrays(0)
-  with pytest.raises(ValueError, match="rank_mode must be 'tsvm' or 'sparsity'"):
+  with pytest.raises(ValueError, match="rank_mode must be one of \\['sparsity', 'tsvm', 'uniform'\\]"):
     M.resm(b, ms, rank_mode="nope", outlier_mode="sv")
-  with pytest.raises(ValueError, match="outlier_mode must be none\\|sv\\|param"):
+  with pytest.raises(ValueError, match="outlier_mode must be one of \\['none', 'sv', 'param'\\]"):
     M.resm(b, ms, outlier_mode="nope")
+  with pytest.raises(ValueError, match="rank_cap must be None or 'numerical'"):
+    M.resm(b, ms, rank_cap="full")
+  # The modes are checked before any tensor is read (a planner's dry run on empty trees sees them).
+  with pytest.raises(ValueError, match="rank_mode must be one of"):
+    M.check_hparams("resm", dict(rank_mode="nope"))
+  with pytest.raises(ValueError, match="unknown hyper-parameter"):
+    M.check_hparams("tsv_m", dict(alfa=1.0))
+  M.check_hparams("resm", dict(rank_mode="uniform", outlier_mode="sv"))
   with pytest.raises(ValueError, match="lambda_r must be in \\[0, 1\\)"):
     M.resm(b, ms, lambda_r=1.0)
   with pytest.raises(ValueError, match="resm is base-relative"):

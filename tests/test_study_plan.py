@@ -54,6 +54,18 @@ def test_bad_configs_fail_before_any_work():
   sc.merges.merge_ties.grid = []
   with pytest.raises(ValueError, match="grid is empty"):
     plan.build(sc)
+  sc = _config()  # a hyper-parameter a method does not take, a mode it does not have: at plan time
+  sc.merges.merge_iso_cts.grid = [dict(scaling_factor=1.0), dict(alpha=0.6)]
+  with pytest.raises(ValueError, match=r"merge_iso_cts.*g1.*unknown hyper-parameter\(s\) \['alpha'\]"):
+    plan.build(sc)
+  sc = _config()
+  sc.merges.merge_resm_tuned.grid = [dict(rank_mode="greedy", outlier_mode="sv")]
+  with pytest.raises(ValueError, match="merge_resm_tuned.*g0.*rank_mode must be one of"):
+    plan.build(sc)
+  sc = _config()
+  sc.merges.merge_ties.grid = [dict(density=1.5, lambda_=1.0)]
+  with pytest.raises(ValueError, match="merge_ties.*density must be in"):
+    plan.build(sc)
   sc = _config()
   sc.axis_data.harmless = "harmless+refusal"
   with pytest.raises(ValueError, match="unknown data spec 'refusal'"):

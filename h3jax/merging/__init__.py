@@ -68,3 +68,14 @@ def get_method(name: str):
   if name not in METHODS:
     raise ValueError(f"unknown merge method {name!r}; known methods: {', '.join(sorted(METHODS))}")
   return METHODS[name]
+
+
+def check_hparams(name: str, hparams: dict, n_models: int = 3) -> None:
+  """ValueError for hyper-parameters `name` rejects (unknown names, values out of range or not one of
+  a mode's choices), found without reading a tensor: the method runs on empty trees, where only its
+  argument checks do work. For planners (the study) that must fail before hours of merging."""
+  fn = get_method(name)
+  try:
+    fn({}, [{} for _ in range(n_models)], **hparams)
+  except TypeError as e:
+    raise ValueError(f"{name}: {e}") from None

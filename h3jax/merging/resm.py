@@ -6,7 +6,8 @@ the DEFAULTS (rank_mode='tsvm', outlier_mode='none') REDUCE EXACTLY TO TSV-M
 (`h3jax.merging.tsv_m`, same code path, bit-identical).
 
 Per 2-D tensor l (m x n, r = min(m, n)), tau_t = theta_t - theta_0:
-A. rank_mode='sparsity': sp_l = mean_t frac(|tau_t| <= eps_sp * max|tau_t|);
+A. rank_mode='tsvm' (alias 'uniform'): every task keeps floor(r / T) triples, as TSV-M.
+   rank_mode='sparsity': sp_l = mean_t frac(|tau_t| <= eps_sp * max|tau_t|);
    z_l = sp_l min-max normalised over all 2-D tensors of the model; per-task rank
    k_l = clip(round(r * (1 - lambda_r * z_l) / T), 1, floor(r / T)) (sparser -> fewer).
 B. outlier_mode='sv': robust z-score of the concatenated kept singular values,
@@ -32,6 +33,10 @@ from h3jax.merging import rules as rules_lib
 from h3jax.merging import svd as svd_lib
 from h3jax.merging import tree as tree_lib
 from h3jax.merging.tree import common_kwargs, pop_lambda
+
+# 'uniform' is the RESM paper's word for TSV-M's equal per-task rank.
+RANK_MODES = {"tsvm": "tsvm", "uniform": "tsvm", "sparsity": "sparsity"}
+OUTLIER_MODES = ("none", "sv", "param")
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +96,8 @@ def _resm_array(base_X, models_NX, key, *, alpha=1.0, rank_mode="tsvm", eps_sp=1
     lo, hi = sp_range
     z = jnp.clip(jnp.where(hi > lo, (sp - lo) / (hi - lo if hi > lo else 1.0), 0.0), 0.0, 1.0)
     k = jnp.clip(jnp.round(r * (1 - lambda_r * z) / n), 1, kmax).astype(jnp.int32)
-  elif rank_mode == "tsvm":
+  else:  # 'tsvm' (resm() checked the modes before any tensor)
     k = jnp.int32(kmax)
-  else:
-    raise ValueError(f"resm: rank_mode must be 'tsvm' or 'sparsity', got {rank_mode!r}")
   keep_TK = jnp.broadcast_to(jnp.arange(kmax) < k, (n, kmax))
   if rank_cap == "numerical":
     keep_TK = keep_TK & jnp.stack(
@@ -106,8 +109,6 @@ def _resm_array(base_X, models_NX, key, *, alpha=1.0, rank_mode="tsvm", eps_sp=1
   if outlier_mode == "sv":
     w_K = sv_outlier_weights(s_K, keep_K, kappa, gamma)
     outlier_frac = jnp.sum((w_K < 1) & keep_K) / jnp.maximum(jnp.sum(keep_K), 1)
-  elif outlier_mode not in ("none", "param"):
-    raise ValueError(f"resm: outlier_mode must be none|sv|param, got {outlier_mode!r}")
   out = base_X + scale * svd_lib.tsv_combine(u_MK, w_K * s_K, v_NK, method)
   mean_w = jnp.sum(jnp.where(keep_K, w_K, 0.0)) / jnp.maximum(jnp.sum(keep_K), 1)
   return out, {"rank": k, "sparsity": sp, "outlier_fraction": outlier_frac, "mean_weight": mean_w}
@@ -146,6 +147,12 @@ def resm(base, models, *, alpha=1.0, rank_mode="tsvm", eps_sp=1e-3, lambda_r=0.3
   (arrays over stacked layers).
   """
   pop_lambda("resm", None, dict(kw))
+  rank_mode = RANK_MODES.get(rank_mode, rank_mode)
+  if rank_mode not in RANK_MODES.values():
+    raise ValueError(f"resm: rank_mode must be one of {sorted(RANK_MODES)}, got {rank_mode!r}")
+  svd_lib._check_rank_cap("resm", rank_cap)
+  if outlier_mode not in OUTLIER_MODES:
+    raise ValueError(f"resm: outlier_mode must be one of {list(OUTLIER_MODES)}, got {outlier_mode!r}")
   if not 0.0 <= lambda_r < 1.0:
     raise ValueError(f"resm: lambda_r must be in [0, 1), got {lambda_r}")
   if rank_mode == "sparsity" and sp_range is None:

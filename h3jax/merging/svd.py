@@ -186,6 +186,11 @@ def tsv_combine(u_MK, s_K, v_NK, method: str = "auto"):
 SOLVERS = ("auto", "svd", "gram")
 
 
+def _check_rank_cap(name, rank_cap):
+  if rank_cap not in (None, "numerical"):
+    raise ValueError(f"{name}: rank_cap must be None or 'numerical', got {rank_cap!r}")
+
+
 def _check_solver(name, solver):
   if solver not in SOLVERS:
     raise ValueError(f"{name}: solver must be one of {SOLVERS}, got {solver!r}")
@@ -205,8 +210,8 @@ def _tsvm_array(base_X, models_NX, key, *, alpha=1.0, rank_ratio=None, rank_cap=
   keep = None
   if rank_cap == "numerical":
     keep = jnp.stack([blocks.numerical_rank_mask(blocks.svd(d)[1], rank_rtol)[:k] for d in deltas_NMN])
-  elif rank_cap is not None:
-    raise ValueError(f"tsv_m: rank_cap must be None or 'numerical', got {rank_cap!r}")
+  else:
+    _check_rank_cap("tsv_m", rank_cap)
   method = _check_solver("tsv_m", solver)
   if solver == "gram" and keep is None and k + max(32, k // 2) < r:  # Rayleigh-Ritz top-k
     u_MK, s_K, v_NK = tsv_factors_fast(deltas_NMN, k)
@@ -230,6 +235,7 @@ def tsv_m(base, models, *, alpha=1.0, rank_ratio=None, rank_cap=None, rank_rtol=
   'svd' (FusionBench's algorithm: SVDs throughout) | 'gram' (per-task top-k by `top_singular`)."""
   pop_lambda("tsv_m", None, dict(kw))
   _check_solver("tsv_m", solver)
+  _check_rank_cap("tsv_m", rank_cap)
   hp = dict(alpha=_alpha(alpha), rank_ratio=rank_ratio, rank_cap=rank_cap,
             rank_rtol=float(rank_rtol), solver=solver)
   return tree_lib.merge_tree(_tsvm_array, base, models, name="tsv_m", hparams=hp,

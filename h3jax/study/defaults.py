@@ -32,7 +32,7 @@ def _merge_grids() -> dict:
       # fusion-bench on FFN-only LoRA experts").
       "merge_tsv_m": dict(method="tsv_m", grid=[dict(alpha=a) for a in (0.6, 1.0)]
                           + [dict(alpha=1.0, rank_cap="numerical", rank_rtol=1e-3)]),
-      "merge_iso_cts": dict(method="iso_cts", grid=[dict(alpha=a) for a in (0.6, 1.0)]),
+      "merge_iso_cts": dict(method="iso_cts", grid=[dict(scaling_factor=a) for a in (0.6, 1.0)]),
       "merge_resm": dict(method="resm", grid=[dict()]),  # defaults = TSV-M (alpha 1)
       "merge_resm_tuned": dict(method="resm", grid=[
           dict(rank_mode="sparsity", outlier_mode="none"),

@@ -92,6 +92,11 @@ def validate(sc) -> None:
       merging.get_method(sc.merges[r].method)  # raises on an unknown method
       if not sc.merges[r].grid:
         raise ValueError(f"row {r!r}: merges.{r}.grid is empty")
+      for i, point in enumerate(sc.merges[r].grid):  # names and values, before hours of merging
+        try:
+          merging.check_hparams(sc.merges[r].method, _plain(point), n_models=len(AXES))
+        except ValueError as e:
+          raise ValueError(f"row {r!r}, grid point g{i} {_plain(point)}: {e}") from None
     if r in MOE_ROWS and r not in sc.moe:
       raise ValueError(f"row {r!r} has no entry in config.moe")
   from h3jax.data import pipeline
