@@ -230,3 +230,30 @@ def test_stage_keys_make_changed_stages_and_their_dependants_stale(tmp_path):
   sc.expert_steps.helpful = 82  # killed, then the settings changed: emptied
   runner._start(w, {s.name: s for s in plan.build(sc)}["train/expert_helpful"])
   assert not (w / "train" / "expert_helpful" / "checkpoints").exists()
+
+
+def test_estimates_are_calibrated_by_finished_stages_of_the_same_family(tmp_path):
+  import json
+  from h3jax.study import runner
+  sc = _config()
+  plan.resolve_base(sc, tmp_path)
+  st = {s.name: s for s in plan.build(sc)}
+
+  def finish(name, cpu_s):
+    (tmp_path / name).mkdir(parents=True, exist_ok=True)
+    (tmp_path / name / "DONE.json").write_text(json.dumps(
+        {"stage": name, "key": st[name].key, "result": {}, "seconds": cpu_s, "cpu_seconds": cpu_s}))
+
+  moe_gen = st["gen/moe_gate_drift/0of2"].est_s
+  finish("gen/moe_gate_drift/0of2", 0.2 * moe_gen)  # MoE decoding 5x cheaper than budgeted
+  finish("gen/moe_gate_drift/1of2", 0.2 * moe_gen)
+  finish("gen/base/0of2", 2.0 * st["gen/base/0of2"].est_s)  # dense decoding twice the budget
+  cal = {s.name: s for s in plan.calibrated(tmp_path, list(st.values()))}
+  assert cal["gen/moe_lm/0of2"].est_s == pytest.approx(0.2 * st["gen/moe_lm/0of2"].est_s)  # own family
+  assert cal["gen/expert_honest/1of2"].est_s == pytest.approx(2.0 * st["gen/expert_honest/1of2"].est_s)
+  # no gen of the merge family has run: the median over every finished gen stage (0.2, 0.2, 2.0)
+  assert cal["gen/merge_linear/0of2"].est_s == pytest.approx(0.2 * st["gen/merge_linear/0of2"].est_s)
+  assert cal["train/moe_lm"].est_s == st["train/moe_lm"].est_s  # no train stage measured: as configured
+  assert [s.key for s in cal.values()] == [s.key for s in st.values()]  # estimates are not settings
+  line = [l for l in runner.listing(sc, tmp_path, ["gen/moe_lm/0of2"]).splitlines() if "moe_lm" in l][0]
+  assert f"~{0.2 * st['gen/moe_lm/0of2'].est_s / 60:6.1f} CPU-min" in line

@@ -23,6 +23,8 @@ import json
 import pathlib
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
+
 from h3jax.study import recipes
 from h3jax.study.defaults import AXES, MERGE_ROWS, MOE_ROWS
 
@@ -259,6 +261,32 @@ def _build(sc) -> List[Stage]:
   # finished or failed, and again on every run (it is never "done").
   stages.append(Stage("analysis", "analysis", (), 60.0))
   return stages
+
+
+def family(s: Stage) -> Tuple[str, str]:
+  """Stages whose cost scales alike: the kind and the kind of model (MoE, merge, ensemble, dense)."""
+  row = s.arg.get("row", "")
+  group = ("moe" if row.startswith("moe_") else "merge" if row.startswith("merge_")
+           else "ensemble" if row == "ensemble_logits" else "dense")
+  return s.kind, group
+
+
+def calibrated(workdir, stages: List[Stage]) -> List[Stage]:
+  """The stages with the estimates of pending ones scaled by what finished stages measured: per family
+  (`family`) the median of measured / estimated CPU seconds, else per kind, else the config's cost model.
+  The config's costs were guessed before anything ran (MoE decoding, e.g., was budgeted at 5x dense)."""
+  ratios, by_kind = {}, {}
+  for s in stages:
+    rec = done_record(workdir, s)
+    if rec is not None and s.est_s > 0 and rec.get("cpu_seconds"):
+      r = float(rec["cpu_seconds"]) / s.est_s
+      ratios.setdefault(family(s), []).append(r)
+      by_kind.setdefault(s.kind, []).append(r)
+  out = []
+  for s in stages:
+    r = ratios.get(family(s)) or by_kind.get(s.kind)
+    out.append(dataclasses.replace(s, est_s=s.est_s * float(np.median(r))) if r else s)
+  return out
 
 
 def select(stages: List[Stage], patterns) -> List[Stage]:

@@ -80,10 +80,11 @@ def run_stage(sc, workdir, stage: plan.Stage) -> dict:
 
 def listing(sc, workdir, patterns=()) -> str:
   """One line per stage: done / ready / waiting, with measured or estimated CPU time."""
-  stages = plan.select(plan.build(sc), patterns)
+  all_stages = plan.calibrated(workdir, plan.build(sc))
+  stages = plan.select(all_stages, patterns)
   lines, left = [], 0.0
-  names = {s.name for s in plan.build(sc)}
-  by_name = {s.name: s for s in plan.build(sc)}
+  names = {s.name for s in all_stages}
+  by_name = {s.name: s for s in all_stages}
   for s in stages:
     rec = plan.done_record(workdir, s)
     if rec is not None:
@@ -117,7 +118,7 @@ def run(sc, workdir, *, config_path: str, overrides=(), patterns=(), workers: in
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError:
     raise ValueError(f"another `h3jax.study` run is using {workdir} (it holds {workdir / '.study.lock'})") from None
-  all_stages = plan.build(sc)
+  all_stages = plan.calibrated(workdir, plan.build(sc))
   by_name = {s.name: s for s in all_stages}
   wanted = {s.name for s in plan.select(all_stages, patterns)}
   todo = set()
@@ -136,6 +137,7 @@ def run(sc, workdir, *, config_path: str, overrides=(), patterns=(), workers: in
   log_dir = log_dir or workdir / "logs"
   log_dir.mkdir(parents=True, exist_ok=True)
   running, failed, finished = {}, [], []
+  est = {s.name: s.est_s for s in all_stages}
   t_start = time.time()
   _log(f"{len(order)} stages to run with {workers} worker(s); ~{sum(s.est_s for s in order) / 3600:.1f} "
        f"CPU-hours estimated")
@@ -147,6 +149,7 @@ def run(sc, workdir, *, config_path: str, overrides=(), patterns=(), workers: in
       del running[name]
       if proc.returncode == 0 and is_done(workdir, by_name[name]):
         finished.append(name)
+        est = {s.name: s.est_s for s in plan.calibrated(workdir, all_stages)}  # with this measurement
         rec = json.loads(done_path(workdir, name).read_text())
         _log(f"done {name} in {rec['seconds'] / 60:.1f} min ({rec['cpu_seconds'] / 60:.1f} CPU-min)")
       else:
@@ -179,7 +182,7 @@ def run(sc, workdir, *, config_path: str, overrides=(), patterns=(), workers: in
       proc = subprocess.Popen(_stage_cmd(config_path, workdir, s.name, overrides), stdout=log,
                               stderr=subprocess.STDOUT, env=env)
       running[s.name] = (proc, log)
-      left = sum(x.est_s for x in order) + sum(by_name[n].est_s for n in running)
+      left = sum(est[x.name] for x in order) + sum(est[n] for n in running)
       _log(f"start {s.name} (~{s.est_s / 60:.1f} CPU-min); {len(finished)} done, {len(order)} queued, "
            f"ETA ~{left / max(workers, 1) / 3600:.1f} h")
     if not running and order and not any(all(is_done(workdir, by_name[d]) for d in s.deps) for s in order):
