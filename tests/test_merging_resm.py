@@ -100,6 +100,31 @@ def test_singular_value_outlier_weights_hand():
   assert not np.allclose(out, M.tsv_m(b, ms))
 
 
+def test_sv_outliers_on_lora_task_vectors_ignore_the_rounding_triples():
+  """Rank-2 task vectors stored in float32 (theta = fl(theta_0 + B A)): 2 real singular values per task
+  and rounding noise (~1e-7 relative) in the other 14 of the 16 TSV-M keeps. The outlier statistics
+  must come from the real ones; with the noise in the median every real value was an outlier and the
+  merge collapsed onto the base."""
+  rng = np.random.default_rng(7)
+  base = rng.normal(size=(48, 40)).astype(np.float32)
+  models = [base + (0.02 * rng.normal(size=(48, 2)) @ rng.normal(size=(2, 40))).astype(np.float32)
+            for _ in range(3)]
+  tsv = M.tsv_m(base, models)
+  # inert: no real value is an outlier among 6 of similar size at kappa = 3 -> TSV-M
+  out = M.resm(base, models, outlier_mode="sv")
+  assert_close(out - base, tsv - base, rtol=1e-4, atol_rel=1e-5)
+  old = M.resm(base, models, outlier_mode="sv", sv_rtol=0.0)  # the first version's statistics
+  assert np.linalg.norm(old - base) < 1e-2 * np.linalg.norm(tsv - base)
+  # a real outlier among the real values is still down-weighted
+  big = list(models)
+  big[0] = base + 40 * (models[0] - base)
+  w, stats = M.resm(base, big, outlier_mode="sv", kappa=1.0, return_stats=True)
+  assert 0 < float(stats[""]["outlier_fraction"]) < 1
+  assert np.linalg.norm(w - base) < np.linalg.norm(M.tsv_m(base, big) - base)
+  with pytest.raises(ValueError, match="sv_rtol must be in"):
+    M.resm(base, models, outlier_mode="sv", sv_rtol=1.0)
+
+
 def test_parameter_outlier_shrinking_hand():
   tau = jnp.array([1.0] * 9 + [20.0])
   out, frac = resm_lib.shrink_outliers(tau, M=5.0, beta=0.5)  # thr = 5 * 2.9 = 14.5

@@ -12,6 +12,10 @@ A. rank_mode='tsvm' (alias 'uniform'): every task keeps floor(r / T) triples, as
    k_l = clip(round(r * (1 - lambda_r * z_l) / T), 1, floor(r / T)) (sparser -> fewer).
 B. outlier_mode='sv': robust z-score of the concatenated kept singular values,
    z_i = (s_i - median) / (1.4826 MAD); weight 1 if z_i <= kappa else (kappa / z_i)^gamma.
+   The median and MAD are taken over the numerically significant values only, s_i > sv_rtol * max s
+   (default 1e-3): a LoRA expert's rank-r task vector has r real singular values and float32
+   rounding (~1e-5 s_max) in the rest, which would set the median and make every real one an
+   "outlier" (on the quickstart's r=8 experts that scaled the merge to 1e-4 of TSV-M's).
    outlier_mode='param': before the SVD, entries with |tau_t| > M mean|tau_t| are
    shrunk to sign * (M mean|tau_t| + beta (|tau_t| - M mean|tau_t|)).
 C. Delta = polar(U_hat) diag(w * s_hat) polar(V_hat)^T; theta = theta_0 + alpha Delta.
@@ -56,8 +60,10 @@ def shrink_outliers(tau_X, M: float, beta: float):
   return jnp.where(out_X, jnp.sign(tau_X) * (thr + beta * (a_X - thr)), tau_X), jnp.mean(out_X)
 
 
-def sv_outlier_weights(s_K, keep_K, kappa: float, gamma: float):
-  """Robust z-score weights over the kept singular values (others get weight 1)."""
+def sv_outlier_weights(s_K, keep_K, kappa: float, gamma: float, sv_rtol: float = 0.0):
+  """Robust z-score weights over the kept singular values above sv_rtol * their max (others get
+  weight 1)."""
+  keep_K = keep_K & (s_K > sv_rtol * jnp.max(jnp.where(keep_K, s_K, 0.0)))
   vals_K = jnp.where(keep_K, s_K, jnp.nan)
   med = jnp.nanmedian(vals_K)
   mad = jnp.nanmedian(jnp.abs(vals_K - med))
@@ -67,7 +73,7 @@ def sv_outlier_weights(s_K, keep_K, kappa: float, gamma: float):
 
 
 def _resm_array(base_X, models_NX, key, *, alpha=1.0, rank_mode="tsvm", eps_sp=1e-3,
-                lambda_r=0.3, sp_range=(0.0, 0.0), outlier_mode="none", kappa=3.0, gamma=1.0,
+                lambda_r=0.3, sp_range=(0.0, 0.0), outlier_mode="none", kappa=3.0, gamma=1.0, sv_rtol=1e-3,
                 M=5.0, beta=0.5, rank_cap=None, rank_rtol=1e-5, solver="auto"):
   n = models_NX.shape[0]
   if base_X.ndim != 2:
@@ -107,7 +113,7 @@ def _resm_array(base_X, models_NX, key, *, alpha=1.0, rank_mode="tsvm", eps_sp=1
   keep_K = keep_TK.reshape(-1) & (s_K > 0)  # dropped triples (zero tasks, rank caps) have no weight
   w_K = jnp.ones_like(s_K)
   if outlier_mode == "sv":
-    w_K = sv_outlier_weights(s_K, keep_K, kappa, gamma)
+    w_K = sv_outlier_weights(s_K, keep_K, kappa, gamma, sv_rtol)
     outlier_frac = jnp.sum((w_K < 1) & keep_K) / jnp.maximum(jnp.sum(keep_K), 1)
   out = base_X + scale * svd_lib.tsv_combine(u_MK, w_K * s_K, v_NK, method)
   mean_w = jnp.sum(jnp.where(keep_K, w_K, 0.0)) / jnp.maximum(jnp.sum(keep_K), 1)
@@ -136,7 +142,7 @@ def sparsity_range(base, models, eps_sp: float, rules=None, lora_scale: float = 
 
 
 def resm(base, models, *, alpha=1.0, rank_mode="tsvm", eps_sp=1e-3, lambda_r=0.3,
-         outlier_mode="none", kappa=3.0, gamma=1.0, M=5.0, beta=0.5, rank_cap=None,
+         outlier_mode="none", kappa=3.0, gamma=1.0, sv_rtol=1e-3, M=5.0, beta=0.5, rank_cap=None,
          rank_rtol=1e-5, sp_range=None, solver="auto", return_stats=False, **kw):
   """RESM (reconstruction; defaults == TSV-M). See the module docstring for every knob.
 
@@ -155,11 +161,14 @@ def resm(base, models, *, alpha=1.0, rank_mode="tsvm", eps_sp=1e-3, lambda_r=0.3
     raise ValueError(f"resm: outlier_mode must be one of {list(OUTLIER_MODES)}, got {outlier_mode!r}")
   if not 0.0 <= lambda_r < 1.0:
     raise ValueError(f"resm: lambda_r must be in [0, 1), got {lambda_r}")
+  if not 0.0 <= sv_rtol < 1.0:
+    raise ValueError(f"resm: sv_rtol must be in [0, 1), got {sv_rtol}")
   if rank_mode == "sparsity" and sp_range is None:
     sp_range = sparsity_range(base, models, eps_sp, kw.get("rules"), kw.get("lora_scale", 1.0))
   hp = dict(alpha=svd_lib._alpha(alpha), rank_mode=rank_mode, eps_sp=float(eps_sp),
             lambda_r=float(lambda_r), sp_range=tuple(float(x) for x in (sp_range or (0.0, 0.0))),
-            outlier_mode=outlier_mode, kappa=float(kappa), gamma=float(gamma), M=float(M),
+            outlier_mode=outlier_mode, kappa=float(kappa), gamma=float(gamma), sv_rtol=float(sv_rtol),
+            M=float(M),
             beta=float(beta), rank_cap=rank_cap, rank_rtol=float(rank_rtol), solver=solver)
   merged, stats = tree_lib.merge_tree(_resm_array, base, models, name="resm", hparams=hp,
                                       exclude_fn=svd_lib.mean_delta_array, with_aux=True,
