@@ -168,8 +168,7 @@ def resm(base, models, *, alpha=1.0, rank_mode="tsvm", eps_sp=1e-3, lambda_r=0.3
   hp = dict(alpha=svd_lib._alpha(alpha), rank_mode=rank_mode, eps_sp=float(eps_sp),
             lambda_r=float(lambda_r), sp_range=tuple(float(x) for x in (sp_range or (0.0, 0.0))),
             outlier_mode=outlier_mode, kappa=float(kappa), gamma=float(gamma), sv_rtol=float(sv_rtol),
-            M=float(M),
-            beta=float(beta), rank_cap=rank_cap, rank_rtol=float(rank_rtol), solver=solver)
+            M=float(M), beta=float(beta), rank_cap=rank_cap, rank_rtol=float(rank_rtol), solver=solver)
   merged, stats = tree_lib.merge_tree(_resm_array, base, models, name="resm", hparams=hp,
                                       exclude_fn=svd_lib.mean_delta_array, with_aux=True,
                                       **common_kwargs(kw))

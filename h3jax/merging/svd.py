@@ -210,8 +210,6 @@ def _tsvm_array(base_X, models_NX, key, *, alpha=1.0, rank_ratio=None, rank_cap=
   keep = None
   if rank_cap == "numerical":
     keep = jnp.stack([blocks.numerical_rank_mask(blocks.svd(d)[1], rank_rtol)[:k] for d in deltas_NMN])
-  else:
-    _check_rank_cap("tsv_m", rank_cap)
   method = _check_solver("tsv_m", solver)
   if solver == "gram" and keep is None and k + max(32, k // 2) < r:  # Rayleigh-Ritz top-k
     u_MK, s_K, v_NK = tsv_factors_fast(deltas_NMN, k)

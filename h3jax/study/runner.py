@@ -118,7 +118,8 @@ def run(sc, workdir, *, config_path: str, overrides=(), patterns=(), workers: in
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError:
     raise ValueError(f"another `h3jax.study` run is using {workdir} (it holds {workdir / '.study.lock'})") from None
-  all_stages = plan.calibrated(workdir, plan.build(sc))
+  planned = plan.build(sc)  # the config's estimates: calibrated against measurements, never twice
+  all_stages = plan.calibrated(workdir, planned)
   by_name = {s.name: s for s in all_stages}
   wanted = {s.name for s in plan.select(all_stages, patterns)}
   todo = set()
@@ -149,7 +150,7 @@ def run(sc, workdir, *, config_path: str, overrides=(), patterns=(), workers: in
       del running[name]
       if proc.returncode == 0 and is_done(workdir, by_name[name]):
         finished.append(name)
-        est = {s.name: s.est_s for s in plan.calibrated(workdir, all_stages)}  # with this measurement
+        est = {s.name: s.est_s for s in plan.calibrated(workdir, planned)}  # with this measurement
         rec = json.loads(done_path(workdir, name).read_text())
         _log(f"done {name} in {rec['seconds'] / 60:.1f} min ({rec['cpu_seconds'] / 60:.1f} CPU-min)")
       else:
@@ -183,7 +184,7 @@ def run(sc, workdir, *, config_path: str, overrides=(), patterns=(), workers: in
                               stderr=subprocess.STDOUT, env=env)
       running[s.name] = (proc, log)
       left = sum(est[x.name] for x in order) + sum(est[n] for n in running)
-      _log(f"start {s.name} (~{s.est_s / 60:.1f} CPU-min); {len(finished)} done, {len(order)} queued, "
+      _log(f"start {s.name} (~{est[s.name] / 60:.1f} CPU-min); {len(finished)} done, {len(order)} queued, "
            f"ETA ~{left / max(workers, 1) / 3600:.1f} h")
     if not running and order and not any(all(is_done(workdir, by_name[d]) for d in s.deps) for s in order):
       break  # nothing can start (dependencies outside the selection failed)
