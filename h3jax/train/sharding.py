@@ -59,7 +59,7 @@ PARAM_RULES: Tuple[Tuple[str, P], ...] = (
     ("layers/mlp/down_proj/kernel", P(None, _T, _F)),  # [L, F, D]
     ("re:^layers/moe/experts/(gate|up)_proj/kernel$", P(None, _E, _F, _T)),  # [L, E, D, F]
     ("layers/moe/experts/down_proj/kernel", P(None, _E, _T, _F)),  # [L, E, F, D]
-    ("re:^layers/moe/experts/\w+/lora_[ab]$", P(None, _E)),  # [L, E, in, r] / [L, E, r, out]
+    (r"re:^layers/moe/experts/\w+/lora_[ab]$", P(None, _E)),  # [L, E, in, r] / [L, E, r, out]
     ("layers/moe/router/kernel", P()),  # [L, D, E]
     ("re:/lora_[ab]$", P()),  # dense LoRA factors are small: replicated
     ("*", P()),  # norms, biases
