@@ -192,10 +192,12 @@ def fusion_bench_merges(base_dir, experts: list, keys: list, out: pathlib.Path) 
 
 def polar64(x, partial: bool = False):
   """U V^T of the thin SVD: FusionBench's (torch's U_u @ Vh_u); partial: only the directions with
-  s > 1e-5 s_1 (h3jax's blocks.polar, which the capped stacks [A | 0] need to be well defined)."""
+  s > blocks.POLAR_RANK_RTOL s_1 (h3jax's blocks.polar, which the capped stacks [A | 0] need to be
+  well defined)."""
+  from h3jax.merging import blocks
   u, s, vt = np.linalg.svd(x, full_matrices=False)
   if partial:
-    u = u * (s > 1e-5 * s[0]) if s.size and s[0] > 0 else u * 0
+    u = u * (s > blocks.POLAR_RANK_RTOL * s[0]) if s.size and s[0] > 0 else u * 0
   return u @ vt
 
 

@@ -97,6 +97,32 @@ def test_polar_and_low_rank():
   assert int(blocks.numerical_rank_mask(blocks.svd(a)[1]).sum()) == 2
 
 
+@pytest.mark.parametrize("m,k", [(8, 4), (96, 48), (576, 576)])
+def test_polar_keeps_a_small_well_separated_direction_and_drops_exact_zeros(m, k):
+  """A real singular value of 8e-6 s_1 (one of a SmolLM2 TSV-M's V stacks had it) is well
+  separated from the rest, so float32 resolves its direction (to ~1e-2 of it: the polar factor's
+  condition number is 1/s_k) and the polar factor must keep it; a fixed 1e-5 cut dropped it
+  (relative error 1/sqrt(k)). The exact zeros of [A | A] are rounding
+  (<= 7.9e-7 s_1) and stay out: the partial isometry [A | A] / sqrt(2)."""
+  rng = np.random.default_rng(m)
+  u = np.linalg.qr(rng.standard_normal((m, k)))[0]
+  v = np.linalg.qr(rng.standard_normal((k, k)))[0]
+  s = np.linspace(1.0, 0.5, k)
+  s[-1] = 8e-6
+  x = (u * s) @ v.T
+  x32 = x.astype(np.float32)
+  got = np.asarray(blocks.polar(jnp.asarray(x32), "svd"), np.float64)
+  u64, _, vt64 = np.linalg.svd(x32.astype(np.float64), full_matrices=False)
+  want = u64 @ vt64
+  # Dropping the direction is an error of exactly 1/sqrt(k); float32 resolves it to ~1e-2 of itself.
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.1 / np.sqrt(k)
+  a = u[:, : max(1, k // 2)]
+  aa = np.concatenate([a, a], 1)
+  got = np.asarray(blocks.polar(jnp.asarray(aa, jnp.float32), "svd"), np.float64)
+  assert np.linalg.norm(got - aa / np.sqrt(2)) / np.linalg.norm(aa / np.sqrt(2)) < 1e-5
+  assert blocks.POLAR_RANK_RTOL < 8e-6
+
+
 def test_rules_first_match_wins_and_kinds():
   table = [("layers/attn/*", {"density": 0.3}), ("re:q_proj", {"density": 0.9, "gamma": 0.2}),
            ("sub:mlp", {"keep_base": True})]

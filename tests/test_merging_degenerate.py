@@ -158,7 +158,7 @@ def tsv_reference(base, models, alpha=1.0, zero="drop"):
 
   def polar(x):  # partial isometry: numerically zero singular values dropped
     u, s, vt = np.linalg.svd(x, full_matrices=False)
-    return (u * (s > 1e-5 * s[0])) @ vt if s[0] > 0 else 0 * x
+    return (u * (s > blocks.POLAR_RANK_RTOL * s[0])) @ vt if s[0] > 0 else 0 * x
 
   u, s, v = np.concatenate(us, 1), np.concatenate(ss), np.concatenate(vs, 1)
   return np.asarray(base, np.float64) + alpha * (polar(u) * s) @ polar(v).T

@@ -249,9 +249,13 @@ def svd(x_MN):
 # `polar(method='auto')` takes the Gram route only where kappa(x)^2 <= 100, so its float32 error
 # (~eps kappa^2) stays ~1e-5, the size of an SVD's own float32 differences.
 POLAR_GRAM_MIN_RATIO = 1e-2
-# Singular values of x below this fraction of the largest are numerically zero: their singular
-# vectors are arbitrary (rounding decides them), so the polar factor leaves them out.
-POLAR_RANK_RTOL = 1e-5
+# Singular values of x below POLAR_RANK_RTOL * s_1 are numerically zero: their singular vectors are
+# arbitrary (rounding decides them), so the polar factor leaves them out. Measured in float32: the
+# exact zeros of a duplicated stack [A | A] come out <= 7.9e-7 s_1 (shapes 8 x 4 to 2048 x 2048), those
+# of TSV-M's stacks for antipodal experts (tau, -tau: two SVDs' rounding) <= 1e-6 s_1; a real direction
+# sat at 8e-6 s_1 (TSV-M of SmolLM2 variants, layer 5 q_proj, which fusion-bench resolves to 8e-6 of
+# float64): the earlier 1e-5 cut dropped it, a 4 % error.
+POLAR_RANK_RTOL = 4e-6
 
 
 def polar(x_MK, method: str = "auto"):
