@@ -20,8 +20,9 @@ from h3jax.merging.streaming.spec import MergeSpec
 # Host memory of one tensor's merge, in units of (inputs + 1) float32 copies of it: the inputs, the
 # output, and what the kernel and the loader add (a numpy read while it is copied to jax; TIES's host
 # top-k deltas; DARE's random bits and rescaling sums). Measured as the peak anonymous RSS growth of a
-# merge of one 128 MiB tensor with 4 inputs (README "Merging"; tests/test_merge_driver.py checks it per method at 48 MiB); methods
-# not measured are assumed to need twice the inputs. The scheduler admits tensors by this cost.
+# merge of one 128 MiB tensor with 4 inputs (README "Merging"; tests/test_merge_driver.py checks it per
+# method at 48 MiB); methods not measured are assumed to need twice the inputs. The scheduler admits
+# tensors by this cost.
 # Measured (this CPU, 4 inputs of 128 MiB; budgeted): linear 782 (1152), TIES 1174 (1408), DARE-TIES
 # 1985 (2240) MiB; the AMD host measured 888 / 1155 / 1926. Linear is budgeted at 8 copies
 # plus one: a CI host's XLA materialized the stacked models (4 inputs + 3 stacked + output; measured
