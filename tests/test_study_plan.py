@@ -232,6 +232,23 @@ def test_stage_keys_make_changed_stages_and_their_dependants_stale(tmp_path):
   assert not (w / "train" / "expert_helpful" / "checkpoints").exists()
 
 
+def test_stage_keys_do_not_depend_on_where_the_workdir_or_checkout_is(tmp_path):
+  """A published study is restored into another workdir (another machine, another checkout): the keys
+  must be the same there, also for the tiny study whose base model lives in the workdir."""
+  for name in ("study_tiny", "study_smollm2"):
+    keys = []
+    for w in (tmp_path / "a", tmp_path / "elsewhere" / "b"):
+      sc = _config(name)
+      plan.resolve_base(sc, w)
+      keys.append([(s.name, s.key) for s in plan.build(sc)])
+    assert keys[0] == keys[1], name
+  sc = _config("study_smollm2")
+  with sc.unlocked():
+    sc.base = "/elsewhere/smollm2"  # a model outside the checkout is part of the key
+  plan.resolve_base(sc, tmp_path)
+  assert [s.key for s in plan.build(sc)] != [k for _, k in keys[1]]
+
+
 def test_estimates_are_calibrated_by_finished_stages_of_the_same_family(tmp_path):
   import json
   from h3jax.study import runner

@@ -4,6 +4,7 @@ kill-and-resume during a training stage and during an evaluation stage."""
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,6 +90,70 @@ def test_tiny_study_end_to_end(tmp_path, data_root, judges_dir):
   assert rescored.returncode == 0, rescored.stdout[-2000:] + rescored.stderr[-2000:]
   rep = json.loads(rescored.stdout[rescored.stdout.index("{"):])
   assert rep["max_abs_diff"] <= 1e-9 and not any(v["not_rescored"] for v in rep["rows"].values())
+  _check_restore(tmp_path, w, out, judges_dir, data_root, sc)
+
+
+def _check_restore(tmp_path, w, published, judges_dir, data_root, sc):
+  """A fresh workdir restored from the published folder (another machine): every stage done, the
+  experts' checkpoints equal the trained ones, the analysis and a re-publish reproduce the published
+  results; a stage needing outputs that were not restored, another config, other judges are refused."""
+  import numpy as np
+  from h3jax import checkpoint
+  from h3jax.model.params import flatten_dict
+  assert sorted(p.name for p in (published / "experts").iterdir()) == ["harmless", "helpful", "honest"]
+  w2 = tmp_path / "restored"
+  env = _env(data_root)
+  proc = subprocess.run(_cmd(w2, judges_dir, f"--restore={published}"), capture_output=True, text=True, env=env,
+                        cwd=REPO, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  listing = subprocess.run(_cmd(w2, judges_dir, "--list"), capture_output=True, text=True, env=env, cwd=REPO,
+                           timeout=300).stdout
+  lines = listing.strip().splitlines()[:-1]
+  assert all(l.startswith("done") for l in lines if l.split()[1] != "analysis"), listing  # analysis is run below
+  for a in ("helpful", "harmless", "honest"):
+    (c1, p1), (c2, p2) = (checkpoint.load_params(d / "train" / f"expert_{a}" / "checkpoints") for d in (w, w2))
+    assert c1 == c2
+    f1, f2 = flatten_dict(p1), flatten_dict(p2)
+    assert f1.keys() == f2.keys() and all(np.array_equal(f1[k], f2[k]) for k in f1), a
+  subprocess.run(_cmd(w2, judges_dir, "--only=analysis"), check=True, capture_output=True, env=env, cwd=REPO,
+                 timeout=600)
+  res1 = json.loads((published / "results.json").read_text())
+  res2 = json.loads((w2 / "analysis" / "results.json").read_text())
+  assert res2["models"] == res1["models"] and res2["comparisons"] == res1["comparisons"]
+  assert res2["gamma_sweep"] == res1["gamma_sweep"] and not res2["pending_rows"]
+  assert res2["plots"] == res1["plots"] and "training_curves.png" in res2["plots"]
+  out2 = tmp_path / "republished"
+  subprocess.run(_cmd(w2, judges_dir, f"--publish={out2}"), check=True, capture_output=True, env=env, cwd=REPO,
+                 timeout=300)
+  assert json.loads((out2 / "timings.json").read_text()).keys() == json.loads(
+      (published / "timings.json").read_text()).keys()
+  for f in sorted(published.glob("samples_*.jsonl.gz")) + sorted(published.glob("experts/*/*.safetensors")):
+    assert (out2 / f.relative_to(published)).read_bytes() == f.read_bytes(), f
+  for f in sorted(published.glob("experts/*/adapter_config.json")):  # the tiny base lives in the workdir
+    c1, c2 = (json.loads(x.read_text()) for x in (f, out2 / f.relative_to(published)))
+    assert c1.pop("base_model_name_or_path").startswith(str(w)) and c2.pop("base_model_name_or_path")
+    assert c1 == c2, f
+  # the MoE row's model was not restored: redoing its evaluation is refused, naming the record to delete
+  for d in [w2 / "score" / "moe_gate_drift"] + sorted((w2 / "gen" / "moe_gate_drift").iterdir()):
+    (d / "DONE.json").unlink()
+  proc = subprocess.run(_cmd(w2, judges_dir, "--only=score/moe_gate_drift"), capture_output=True, text=True,
+                        env=env, cwd=REPO, timeout=300)
+  assert proc.returncode == 2 and "train/moe_gate_drift/DONE.json" in proc.stderr.strip().splitlines()[-1]
+  # refused before anything is written: another study config, other judges
+  w3 = tmp_path / "w3"
+  proc = subprocess.run(_cmd(w3, judges_dir, f"--restore={published}", "--config.stage_b_steps=3"),
+                        capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+  assert proc.returncode == 2 and "another study config" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+  assert not w3.exists()
+  from h3jax.study import restore
+  other = tmp_path / "other_judges"
+  shutil.copytree(judges_dir, other)
+  jf = sorted(other.glob("*.json"))[0]
+  jf.write_text(jf.read_text() + " ")
+  with sc.unlocked():
+    sc.judges.dir = str(other)
+  with pytest.raises(ValueError, match="differ from"):
+    restore._check_judges(sc, published)
 
 
 def _resolved(sc, w):

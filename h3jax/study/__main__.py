@@ -6,7 +6,9 @@ r"""`python -m h3jax.study`: the 3H study as one resumable command.
 
 --only takes comma-separated globs over stage names (their pending dependencies run too); --list
 prints every stage as done / ready / waiting with CPU time; --publish=DIR copies the results, plots,
-recipes, timings and per-item samples into DIR (e.g. experiments/results/study_smollm2). A bad config
+recipes, timings, per-item samples, judges and expert adapters into DIR (e.g.
+experiments/results/study_smollm2); --restore=DIR brings such a folder back into a fresh workdir (on
+another machine), so the study goes on with the rows it lacks. A bad config
 (unknown row, a merge without its experts, ...) is one `error:` line before any work.
 """
 
@@ -27,6 +29,8 @@ flags.DEFINE_integer("workers", 1, "Independent stages run at once, each in its 
                      "another in this process, which saves the start-up of a process per stage).")
 flags.DEFINE_string("stage", None, "Internal: run exactly this stage in this process.")
 flags.DEFINE_string("publish", None, "Copy results, plots, recipes, timings, samples and judges into this folder.")
+flags.DEFINE_string("restore", None, "Restore the workdir from a published folder (its experts, scored rows and "
+                    "stage records) to go on with the study on another machine; see h3jax/study/restore.py.")
 flags.DEFINE_string("rescore", None, "Re-score a published folder's samples with its judges; print the largest "
                     "difference from its results.json.")
 
@@ -54,6 +58,10 @@ def main(argv):
       out = rescore.rescore(sc, FLAGS.rescore)
       print(json.dumps(out, indent=1))
       return 0 if out["max_abs_diff"] <= 1e-9 else 1
+    if FLAGS.restore:
+      from h3jax.study import restore
+      print(json.dumps(restore.restore(sc, FLAGS.workdir, FLAGS.restore), indent=1))
+      return 0
     if FLAGS.publish:
       print(publish.publish(sc, FLAGS.workdir, FLAGS.publish))
       return 0

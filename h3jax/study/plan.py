@@ -177,6 +177,8 @@ def with_keys(sc, stages: List[Stage]) -> List[Stage]:
   for s in stages:  # dependencies come first
     blob = json.dumps([stage_settings(sc, s), [keys.get(d, d) for d in s.deps]], sort_keys=True, default=str)
     blob = blob.replace(_REPO, "<repo>")
+    if sc.get("tiny_base"):  # the tiny base lives in the workdir; the `base` stage's key stands for it
+      blob = blob.replace(str(sc.base), "<tiny base>")
     keys[s.name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
     out.append(dataclasses.replace(s, key=keys[s.name]))
   return out

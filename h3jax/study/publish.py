@@ -1,7 +1,8 @@
 """Copy a study's results into a folder meant for the repository (e.g. experiments/results/study_smollm2):
-results.json, results.md, the plots, every stage's recipe and timing, the per-item samples of every
-row (gzip) and the judges that scored them, so anyone can re-score them (`--rescore`). The folder is
-replaced as a whole (io_atomic.output_dir)."""
+results.json, results.md, the plots, every stage's recipe, timing and key, every training run's metrics,
+the per-item samples of every row (gzip), the judges that scored them, so anyone can re-score them (`--rescore`), and the Stage A
+experts as PEFT adapters (`experts/<axis>/`, ~6 MB each), so the study can go on from this folder on
+another machine (`--restore`). The folder is replaced as a whole (io_atomic.output_dir)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def publish(sc, workdir, dest) -> str:
     raise FileNotFoundError(f"{src / 'results.json'} not found: run the analysis stage first "
                             f"(python -m h3jax.study ... --only=analysis)")
   # replaces the whole folder (its judges/ too) only when complete; never a folder holding the workdir
-  with io_atomic.output_dir(dest, overwrite=True, inputs=[w], own_subdirs=("judges",),
+  with io_atomic.output_dir(dest, overwrite=True, inputs=[w], own_subdirs=("judges", "experts"),
                             own_patterns=("*.gz",)) as tmp:
     for f in src.iterdir():
       if f.suffix in (".json", ".md", ".png") and f.name != "DONE.json":
@@ -28,7 +29,7 @@ def publish(sc, workdir, dest) -> str:
     stage_recipes, timings = {}, {}
     for p in sorted(w.glob("**/DONE.json")):
       rec = json.loads(p.read_text())
-      timings[rec["stage"]] = {k: rec.get(k) for k in ("seconds", "cpu_seconds", "finished", "result")}
+      timings[rec["stage"]] = {k: rec.get(k) for k in ("seconds", "cpu_seconds", "finished", "result", "key")}
       recipe = p.parent / "recipe.json"
       if recipe.is_file():
         stage_recipes[rec["stage"]] = json.loads(recipe.read_text())
@@ -43,7 +44,33 @@ def publish(sc, workdir, dest) -> str:
       for f in jdir.iterdir():
         if f.suffix in (".json", ".npz"):
           shutil.copy2(f, tmp / "judges" / f.name)
+    _write_experts(sc, w, tmp / "experts")
+    for m in sorted((w / "train").glob("*/metrics.jsonl")):  # the training curves (~10 kB a run)
+      with open(m, "rb") as fin, gzip.GzipFile(tmp / f"metrics_{m.parent.name}.jsonl.gz", "wb", mtime=0) as fout:
+        shutil.copyfileobj(fin, fout)
     for s in sorted((w / "eval").glob("*/samples_*.jsonl")):
       with open(s, "rb") as fin, gzip.GzipFile(tmp / (s.name + ".gz"), "wb", mtime=0) as fout:
         shutil.copyfileobj(fin, fout)
   return str(dest)
+
+
+def _write_experts(sc, w: pathlib.Path, out: pathlib.Path) -> None:
+  """Each trained Stage A expert as a PEFT adapter (LoRA factors only, checked: every other tensor equals
+  the base's), named relative to the checkout when the base lives in it."""
+  from h3jax import checkpoint
+  from h3jax.hf import adapters
+  from h3jax.hf.load import load_pretrained
+  from h3jax.study.defaults import AXES
+  ckpts = {a: w / "train" / f"expert_{a}" / "checkpoints" for a in AXES}
+  ckpts = {a: d for a, d in ckpts.items() if (w / "train" / f"expert_{a}" / "DONE.json").is_file() and d.is_dir()}
+  if not ckpts:
+    return
+  _, base_params = load_pretrained(sc.base)
+  repo = pathlib.Path(__file__).absolute().parents[2]
+  base = pathlib.Path(sc.base).absolute()
+  base_name = str(base.relative_to(repo)) if base.is_relative_to(repo) else str(sc.base)
+  out.mkdir()
+  for a, d in ckpts.items():
+    cfg, params = checkpoint.load_params(d)
+    adapters.check_only_lora_trained(params, base_params, base_name)
+    adapters.save_adapter(cfg, params, out / a, base_model_name_or_path=base_name)

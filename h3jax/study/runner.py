@@ -55,6 +55,32 @@ def _start(workdir, stage: plan.Stage) -> None:
   io_atomic.write_text(marker, stage.key + "\n")
 
 
+def lock_workdir(workdir):
+  """An exclusive lock on the workdir (held while the returned file is open): one runner per workdir, two
+  would start the same stages."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  lock = open(workdir / ".study.lock", "w")
+  try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    lock.close()
+    raise ValueError(f"another `h3jax.study` run is using {workdir} (it holds {workdir / '.study.lock'})") from None
+  return lock
+
+
+def check_restored_deps(workdir, stages: List[plan.Stage], by_name: dict) -> None:
+  """Refuses stages whose dependency was restored from a published folder without its outputs (its
+  model or merge folder): the stage would fail hours later on a missing folder."""
+  from h3jax.study.restore import NOT_RESTORED
+  for s in stages:
+    for d in s.deps:
+      rec = plan.done_record(workdir, by_name[d]) if d in by_name else None
+      if rec is not None and rec.get("outputs") == NOT_RESTORED:
+        raise ValueError(f"{s.name} needs the outputs of {d}, which was restored from {rec.get('restored_from')} "
+                         f"without them; delete {pathlib.Path(workdir) / d / 'DONE.json'} to redo {d}")
+
+
 def run_stage(sc, workdir, stage: plan.Stage) -> dict:
   """Runs one stage in this process and marks it done (DONE.json with the stage's key)."""
   import resource
@@ -112,12 +138,7 @@ def run(sc, workdir, *, config_path: str, overrides=(), patterns=(), workers: in
   independent stages go on.
   """
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  lock = open(workdir / ".study.lock", "w")
-  try:  # one runner per workdir: two would start the same stages
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError:
-    raise ValueError(f"another `h3jax.study` run is using {workdir} (it holds {workdir / '.study.lock'})") from None
+  lock = lock_workdir(workdir)  # noqa: F841 (held until the run returns)
   planned = plan.build(sc)  # the config's estimates: calibrated against measurements, never twice
   all_stages = plan.calibrated(workdir, planned)
   by_name = {s.name: s for s in all_stages}
@@ -134,6 +155,7 @@ def run(sc, workdir, *, config_path: str, overrides=(), patterns=(), workers: in
   for n in wanted:
     need(n)
   order = [s for s in all_stages if s.name in todo and s.kind != "analysis"]
+  check_restored_deps(workdir, order, by_name)
   analysis = [s for s in all_stages if s.kind == "analysis" and s.name in wanted]
   log_dir = log_dir or workdir / "logs"
   log_dir.mkdir(parents=True, exist_ok=True)
