@@ -18,7 +18,8 @@ Prints a table and writes benchmarks/results/model_speed.json:
       1 and min(E, 8k) at batch 8);
   (e) a LoRA SFT step (frozen base, configs/smollm2.py's LoRA: r=8, alpha=4,
       dropout 0.1 on gate/up/down) ÷ a full fine-tune step, both AdamW, on the same
-      --lora_batch x --lora_seq batch.
+      --lora_batch x --lora_seq batch, and the backprop floor (a step training only the
+      norm scales: forward + activation gradients, no weight-gradient dot) ÷ the full step.
 `--sections` runs a subset (train,decode,load,moe,lora). Run it on an otherwise idle
 machine: every number is a ratio taken in the same run.
 """
@@ -237,7 +238,12 @@ def lora_vs_full_step(res: dict, cfg, params, args):
   del lp
   t_full = step_time(cfg, params, optim.param_labels(params, optim.trainable_rules(lora=False, router=False,
                                                                                      extra=("*",))))
-  res.update(lora_batch=B, lora_seq=T, lora_step_s=t_lora, full_step_s=t_full, lora_over_full_step=t_lora / t_full)
+  # The floor of any step that trains something in the first layer: the forward and the activation
+  # gradients through every layer, no weight-gradient dot (only the per-layer norm scales are trained).
+  t_floor = step_time(cfg, params, optim.param_labels(params, optim.trainable_rules(
+      lora=False, router=False, extra=("layers/attn_norm/*",))))
+  res.update(lora_batch=B, lora_seq=T, lora_step_s=t_lora, full_step_s=t_full, lora_over_full_step=t_lora / t_full,
+             backprop_floor_step_s=t_floor, backprop_floor_over_full_step=t_floor / t_full)
 
 
 def table(res: dict) -> str:
@@ -271,7 +277,9 @@ def table(res: dict) -> str:
         f"{res[f'moe_streaming_ratio_b{B}']:.2f}x" for B in (1, 8)) + " |")
   if "lora_over_full_step" in res:
     lines += ["", f"LoRA SFT step {res['lora_step_s']:.2f} s ÷ full fine-tune step {res['full_step_s']:.2f} s "
-              f"(batch {res['lora_batch']} x {res['lora_seq']}) = {res['lora_over_full_step']:.2f}x"]
+              f"(batch {res['lora_batch']} x {res['lora_seq']}) = {res['lora_over_full_step']:.2f}x; the backprop floor "
+              f"(forward + activation gradients, no weight-gradient dot: only the norm scales trained) "
+              f"{res['backprop_floor_step_s']:.2f} s = {res['backprop_floor_over_full_step']:.2f}x"]
   return "\n".join(lines)
 
 

@@ -106,18 +106,21 @@ def dropout_keep(rng, rate: float, shape) -> jax.Array:
 def linear(p: dict, x_BTI, cfg: ModelConfig, rng=None):
   """y = x @ kernel (+ bias) (+ lora_scale * dropout(x) @ lora_a @ lora_b)."""
   dt = cfg.compute_dtype
-  x_BTI = x_BTI.astype(dt)
-  y_BTO = jnp.einsum("...i,io->...o", x_BTI, p["kernel"].astype(dt))
+  # Every dot on one [tokens, in] matrix: with the token axes apart ([B, T, in]) the backward's weight
+  # gradients (kernel, lora_a) contract two axes, which XLA:CPU runs several times slower. Measured
+  # (SmolLM2, B=4 x 256): a full fine-tune step 9.07 -> 7.52 s, a LoRA step 0.92x -> 0.75x a full step.
+  x_NI = x_BTI.reshape(-1, x_BTI.shape[-1]).astype(dt)
+  y_NO = x_NI @ p["kernel"].astype(dt)
   if "bias" in p:
-    y_BTO = y_BTO + p["bias"].astype(dt)
+    y_NO = y_NO + p["bias"].astype(dt)
   if "lora_a" in p:
-    xl_BTI = x_BTI
+    xl_NI = x_NI
     if rng is not None and cfg.lora_dropout > 0:
-      keep = dropout_keep(rng, cfg.lora_dropout, x_BTI.shape)
-      xl_BTI = jnp.where(keep, x_BTI / (1.0 - cfg.lora_dropout), 0).astype(dt)
-    h_BTR = jnp.einsum("...i,ir->...r", xl_BTI, p["lora_a"].astype(dt))
-    y_BTO = y_BTO + cfg.lora_scale * jnp.einsum("...r,ro->...o", h_BTR, p["lora_b"].astype(dt))
-  return y_BTO
+      keep = dropout_keep(rng, cfg.lora_dropout, x_NI.shape)
+      xl_NI = jnp.where(keep, x_NI / (1.0 - cfg.lora_dropout), 0).astype(dt)
+    h_NR = xl_NI @ p["lora_a"].astype(dt)
+    y_NO = y_NO + cfg.lora_scale * (h_NR @ p["lora_b"].astype(dt))
+  return y_NO.reshape(*x_BTI.shape[:-1], y_NO.shape[-1])
 
 
 def swiglu_mlp(p: dict, x_BTD, cfg: ModelConfig, rng=None, taps=None):

@@ -152,11 +152,14 @@ def embed(params, input_ids_BT, cfg: ModelConfig):
 def logits_from_hidden(params, hidden_BTD, cfg: ModelConfig):
   """Vocabulary projection (tied or untied) with float32 logits."""
   dt = cfg.compute_dtype
+  h_ND = hidden_BTD.reshape(-1, hidden_BTD.shape[-1]).astype(dt)  # one matrix: see layers.linear
   if cfg.tie_word_embeddings:
-    return jnp.einsum("btd,vd->btv", hidden_BTD.astype(dt), params["embed"]["embedding"].astype(dt),
-                      preferred_element_type=jnp.float32)
-  return jnp.einsum("btd,dv->btv", hidden_BTD.astype(dt), params["lm_head"]["kernel"].astype(dt),
-                    preferred_element_type=jnp.float32)
+    logits_NV = jnp.einsum("nd,vd->nv", h_ND, params["embed"]["embedding"].astype(dt),
+                           preferred_element_type=jnp.float32)
+  else:
+    logits_NV = jnp.einsum("nd,dv->nv", h_ND, params["lm_head"]["kernel"].astype(dt),
+                           preferred_element_type=jnp.float32)
+  return logits_NV.reshape(*hidden_BTD.shape[:-1], logits_NV.shape[-1])
 
 
 def causal_mask(token_mask_BT, segment_ids_BT=None):
