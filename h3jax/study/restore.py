@@ -11,12 +11,16 @@ What a published folder (`--publish`) holds comes back as finished stages under 
   * every scored row: its per-item samples and metrics (`eval/<row>/`) and done `gen/<row>/*`,
     `score/<row>` records, so the analysis and the next `--publish` include it;
   * a random tiny base (configs/study_tiny.py) is rebuilt by its stage (seeded, seconds);
-  * every other published stage (merges, validation, selection, other training runs): its DONE record
-    only, marked `"outputs": "not restored"`; a stage that would need such outputs is refused with the
-    record to delete (runner.check_restored_deps); training runs keep their metrics (the curves plot).
+  * every other published stage a published result rests on (the merges, selections and training runs
+    behind the published rows, and every validation score): its DONE record only, marked
+    `"outputs": "not restored"`; a finished stage no published row rests on (a Stage B run or generation
+    shard whose row was not scored yet) is left pending, to be redone. A stage that would need the
+    outputs of a record is refused, naming the record to delete (runner.check_restored_deps). Training
+    runs keep their metrics (the curves plot).
 Refused before anything is written: a published study config that differs from this one (model paths
 aside), published stage keys that differ from this config's, or local judges other than the published
-ones (new rows would be scored by other judges). Stages the workdir already has (done or started) are left alone; a runner must not be using it.
+ones (new rows would be scored by other judges). Stages the workdir already has (done or started) are
+left alone; a runner must not be using it.
 """
 
 from __future__ import annotations
@@ -183,9 +187,22 @@ def restore(sc, workdir, published) -> dict:
     out["rows"].append(r)
   owned = {n for r in out["rows"] for n in stages if n.startswith((f"gen/{r}/", f"score/{r}"))}
   owned |= {f"train/expert_{a}" for a in experts} | {"base"}
+  # Records (no outputs) only where a published result rests on them: what the published rows were built
+  # from, and validation scores (merge grids, the γ sweep). A run that finished without its row being
+  # published (a Stage B run, a generation shard) is left to be redone: its outputs are lost anyway.
+  needed, todo = set(), [n for r in rows for n in stages if n.startswith((f"gen/{r}/", f"score/{r}"))]
+  while todo:
+    n = todo.pop()
+    if n not in needed:
+      needed.add(n)
+      todo.extend(stages[n].deps)
+  out["left"] = []
   for n, t in sorted(timings.items()):
     s = stages[n]
     if n in owned or s.kind == "analysis" or (w / n).exists():
+      continue
+    if n not in needed and s.kind != "val":
+      out["left"].append(n)
       continue
     _done(w, s, t, src, False, recipes_pub["stages"].get(n))
     out["records"].append(n)
