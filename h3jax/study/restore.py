@@ -190,7 +190,9 @@ def restore(sc, workdir, published) -> dict:
   # Records (no outputs) only where a published result rests on them: what the published rows were built
   # from, and validation scores (merge grids, the γ sweep). A run that finished without its row being
   # published (a Stage B run, a generation shard) is left to be redone: its outputs are lost anyway.
-  needed, todo = set(), [n for r in rows for n in stages if n.startswith((f"gen/{r}/", f"score/{r}"))]
+  needed = set()
+  todo = [n for r in rows for n in stages if n.startswith((f"gen/{r}/", f"score/{r}"))]
+  todo += [n for n in timings if stages[n].kind == "val"]
   while todo:
     n = todo.pop()
     if n not in needed:
@@ -201,7 +203,7 @@ def restore(sc, workdir, published) -> dict:
     s = stages[n]
     if n in owned or s.kind == "analysis" or (w / n).exists():
       continue
-    if n not in needed and s.kind != "val":
+    if n not in needed:
       out["left"].append(n)
       continue
     _done(w, s, t, src, False, recipes_pub["stages"].get(n))
