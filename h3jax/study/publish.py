@@ -1,8 +1,9 @@
 """Copy a study's results into a folder meant for the repository (e.g. experiments/results/study_smollm2):
 results.json, results.md, the plots, every stage's recipe, timing and key, every training run's metrics,
-the per-item samples of every row (gzip), the judges that scored them, so anyone can re-score them (`--rescore`), and the Stage A
-experts as PEFT adapters (`experts/<axis>/`, ~6 MB each), so the study can go on from this folder on
-another machine (`--restore`). The folder is replaced as a whole (io_atomic.output_dir)."""
+the per-item samples of every row (gzip), the judges that scored them, so anyone can re-score them
+(`--rescore`), and the Stage A experts as PEFT adapters (`experts/<axis>/`, ~6 MB each), so the study can
+go on from this folder on another machine (`--restore`). The folder is replaced as a whole
+(io_atomic.output_dir)."""
 
 from __future__ import annotations
 
