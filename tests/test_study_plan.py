@@ -249,6 +249,17 @@ def test_stage_keys_do_not_depend_on_where_the_workdir_or_checkout_is(tmp_path):
   assert [s.key for s in plan.build(sc)] != [k for _, k in keys[1]]
 
 
+def test_restore_takes_a_rows_stages_by_exact_name():
+  """merge_resm's stages are not merge_resm_tuned's, nor moe_gate's moe_gate_drift's (a prefix match
+  would restore or record the other row's stages)."""
+  from h3jax.study import restore
+  sc = _config()
+  stages = {s.name: s for s in plan.build(sc)}
+  assert restore.row_stages(stages, "merge_resm") == ["gen/merge_resm/0of2", "gen/merge_resm/1of2",
+                                                      "score/merge_resm"]
+  assert restore.row_stages(stages, "moe_gate") == ["gen/moe_gate/0of2", "gen/moe_gate/1of2", "score/moe_gate"]
+
+
 def test_estimates_are_calibrated_by_finished_stages_of_the_same_family(tmp_path):
   import json
   from h3jax.study import runner

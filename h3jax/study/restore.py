@@ -81,6 +81,12 @@ def _check_judges(sc, src: pathlib.Path) -> bool:
   return False
 
 
+def row_stages(stages, row: str) -> list:
+  """The generation shards and the score stage of one row (by exact name: `score/merge_resm` is not a
+  prefix match for `score/merge_resm_tuned`)."""
+  return [n for n in stages if n.startswith(f"gen/{row}/")] + [f"score/{row}"]
+
+
 def _done(w: pathlib.Path, stage: plan.Stage, timing: dict, src: pathlib.Path, outputs: bool,
           recipe=None) -> None:
   from h3jax.study.stages import _write_json
@@ -177,7 +183,7 @@ def restore(sc, workdir, published) -> dict:
     _restore_expert(sc, w, s, adapter, timings.get(s.name, {}), src, recipes_pub["stages"].get(s.name))
     out["experts"].append(a)
   for r in rows:
-    names = [n for n in stages if n.startswith(f"gen/{r}/")] + [f"score/{r}"]
+    names = row_stages(stages, r)
     if (w / "eval" / r).exists() or any((w / n).exists() for n in names):  # evaluated (or running) here
       out["skipped"].append(f"score/{r}")
       continue
@@ -185,13 +191,13 @@ def restore(sc, workdir, published) -> dict:
     for n in names:
       _done(w, stages[n], timings.get(n, {}), src, True)
     out["rows"].append(r)
-  owned = {n for r in out["rows"] for n in stages if n.startswith((f"gen/{r}/", f"score/{r}"))}
+  owned = {n for r in out["rows"] for n in row_stages(stages, r)}
   owned |= {f"train/expert_{a}" for a in experts} | {"base"}
   # Records (no outputs) only where a published result rests on them: what the published rows were built
   # from, and validation scores (merge grids, the γ sweep). A run that finished without its row being
   # published (a Stage B run, a generation shard) is left to be redone: its outputs are lost anyway.
   needed = set()
-  todo = [n for r in rows for n in stages if n.startswith((f"gen/{r}/", f"score/{r}"))]
+  todo = [n for r in rows for n in row_stages(stages, r)]
   todo += [n for n in timings if stages[n].kind == "val"]
   while todo:
     n = todo.pop()
