@@ -37,22 +37,34 @@ def publish(sc, workdir, dest) -> str:
     study = json.loads(sc.to_json_best_effort())
     (tmp / "recipes.json").write_text(json.dumps({"study": study, "stages": stage_recipes}, indent=1) + "\n")
     (tmp / "timings.json").write_text(json.dumps(timings, indent=1, default=str) + "\n")
-    from h3jax.evaluation.judges import default_dir
-    from h3jax.study import recipes
-    jdir = pathlib.Path(recipes.eval_config(sc).judges.dir or default_dir())
+    jdir = judges_dir(sc)
     if jdir.is_dir():  # the judges that scored the samples (~4 MB), so the table can be re-scored
       (tmp / "judges").mkdir()
-      for f in jdir.iterdir():
-        if f.suffix in (".json", ".npz"):
-          shutil.copy2(f, tmp / "judges" / f.name)
+      for name, f in judge_files(jdir).items():
+        shutil.copy2(f, tmp / "judges" / name)
     _write_experts(sc, w, tmp / "experts")
     for m in sorted((w / "train").glob("*/metrics.jsonl")):  # the training curves (~10 kB a run)
-      with open(m, "rb") as fin, gzip.GzipFile(tmp / f"metrics_{m.parent.name}.jsonl.gz", "wb", mtime=0) as fout:
-        shutil.copyfileobj(fin, fout)
+      _gzip(m, tmp / f"metrics_{m.parent.name}.jsonl.gz")
     for s in sorted((w / "eval").glob("*/samples_*.jsonl")):
-      with open(s, "rb") as fin, gzip.GzipFile(tmp / (s.name + ".gz"), "wb", mtime=0) as fout:
-        shutil.copyfileobj(fin, fout)
+      _gzip(s, tmp / (s.name + ".gz"))
   return str(dest)
+
+
+def judges_dir(sc) -> pathlib.Path:
+  """The judges the study scores with (config, else $H3JAX_JUDGES_DIR / artifacts/judges)."""
+  from h3jax.evaluation.judges import default_dir
+  from h3jax.study import recipes
+  return pathlib.Path(recipes.eval_config(sc).judges.dir or default_dir())
+
+
+def judge_files(d: pathlib.Path) -> dict:
+  """{file name: path} of the judge files in d (what a published judges/ holds); {} without d."""
+  return {f.name: f for f in sorted(d.iterdir()) if f.suffix in (".json", ".npz")} if d.is_dir() else {}
+
+
+def _gzip(src: pathlib.Path, dst: pathlib.Path) -> None:
+  with open(src, "rb") as fin, gzip.GzipFile(dst, "wb", mtime=0) as fout:  # mtime 0: same bytes every run
+    shutil.copyfileobj(fin, fout)
 
 
 def _write_experts(sc, w: pathlib.Path, out: pathlib.Path) -> None:

@@ -31,7 +31,8 @@ import pathlib
 import shutil
 
 from h3jax import io_atomic
-from h3jax.study import plan, recipes
+from h3jax.study import plan
+from h3jax.study.publish import judge_files, judges_dir
 from h3jax.study.defaults import AXES
 
 NOT_RESTORED = "not restored"
@@ -57,18 +58,14 @@ def _check_config(sc, published_study: dict, src: pathlib.Path) -> None:
                      f"mix results of other settings into this study")
 
 
-def judges_dir(sc) -> pathlib.Path:
-  from h3jax.evaluation.judges import default_dir
-  return pathlib.Path(recipes.eval_config(sc).judges.dir or default_dir())
-
-
-def _judge_files(d: pathlib.Path) -> dict:
-  return {f.name: f for f in sorted(d.iterdir()) if f.suffix in (".json", ".npz")} if d.is_dir() else {}
+def _gunzip_text(path: pathlib.Path) -> str:
+  with gzip.open(path, "rt", encoding="utf-8", newline="") as f:  # bytes as published
+    return f.read()
 
 
 def _check_judges(sc, src: pathlib.Path) -> bool:
   """True when the local judges must be copied from the published folder (there are none yet)."""
-  pub, local = _judge_files(src / "judges"), _judge_files(judges_dir(sc))
+  pub, local = judge_files(src / "judges"), judge_files(judges_dir(sc))
   if not pub:
     raise ValueError(f"{src}: no judges/ folder; its rows cannot be extended with comparable scores")
   if not local:
@@ -102,9 +99,7 @@ def _done(w: pathlib.Path, stage: plan.Stage, timing: dict, src: pathlib.Path, o
     rec["outputs"] = NOT_RESTORED
   metrics = src / f"metrics_{stage.name.split('/', 1)[1]}.jsonl.gz"
   if stage.kind == "train" and metrics.is_file():  # the training curves plot reads them
-    with gzip.open(metrics, "rb") as fin, open(d / ".metrics.jsonl.tmp", "wb") as f:
-      shutil.copyfileobj(fin, f)
-    (d / ".metrics.jsonl.tmp").replace(d / "metrics.jsonl")
+    io_atomic.write_text(d / "metrics.jsonl", _gunzip_text(metrics))
   _write_json(d / "DONE.json", rec)  # last: the stage counts as done only when everything is in place
 
 
@@ -118,8 +113,7 @@ def _restore_expert(sc, w: pathlib.Path, stage: plan.Stage, adapter: pathlib.Pat
   if recipe:  # the training run's dropout setting, as its own checkpoint recorded it
     cfg = cfg.replace(lora_dropout=float(recipe.get("lora", {}).get("dropout", cfg.lora_dropout)))
   d = w / stage.name
-  shutil.rmtree(d, ignore_errors=True)
-  d.mkdir(parents=True)
+  d.mkdir(parents=True)  # restore() skips stages the workdir already has
   step = int((timing.get("result") or {}).get("steps") or (recipe or {}).get("train", {}).get("steps") or 0)
   with checkpoint.Checkpointer(d / "checkpoints", max_to_keep=None) as ckpt:
     ckpt.save(step, params=params, config=cfg, extra={"restored_from": str(adapter)}, force=True)
@@ -134,9 +128,7 @@ def _restore_row(w: pathlib.Path, row: str, results: dict, src: pathlib.Path) ->
   entry = {k: v for k, v in results["models"][row].items() if k not in ("study_axes", "cut")}
   d = w / "eval" / row
   d.mkdir(parents=True, exist_ok=True)
-  with gzip.open(src / f"samples_{row}.jsonl.gz", "rb") as fin, open(d / f".samples_{row}.jsonl.tmp", "wb") as f:
-    shutil.copyfileobj(fin, f)
-  (d / f".samples_{row}.jsonl.tmp").replace(d / f"samples_{row}.jsonl")
+  io_atomic.write_text(d / f"samples_{row}.jsonl", _gunzip_text(src / f"samples_{row}.jsonl.gz"))
   res = {"models": {row: entry}, "timing": {row: (results.get("timing") or {}).get(row)},
          "settings": results.get("settings"), "judges": results.get("judges"), "restored_from": str(src)}
   io_atomic.write_text(d / "results.json", json.dumps(res, indent=1) + "\n")
@@ -170,7 +162,7 @@ def restore(sc, workdir, published) -> dict:
   if copy_judges:
     jd = judges_dir(sc)
     with io_atomic.output_dir(jd, overwrite=False) as tmp:
-      for name, f in _judge_files(src / "judges").items():
+      for name, f in judge_files(src / "judges").items():
         shutil.copy2(f, tmp / name)
   out = {"experts": [], "rows": [], "records": [], "skipped": []}
   if "base" in stages and not (w / "base").exists():  # a random tiny base (study_tiny): rebuilt, seconds
