@@ -101,25 +101,29 @@ def step_hlo(root, name) -> str:
   return (root / name / loop.HLO_FILE).read_text()  # train.save_hlo=True: the compiled step
 
 
+def _cli_run(root, name, base, experts, data, env, mesh):
+  """One Stage B run of configs/tiny.py:fusion from the CLI, in its own process: a run that crashes
+  XLA fails this test with the run's stderr instead of taking the pytest worker down with it."""
+  cmd = [sys.executable, "-m", "h3jax.train", "--config=configs/tiny.py:fusion", f"--workdir={root / name}",
+         *sf.fusion_overrides(base, experts, data, STEPS, EVERY), "--config.train.save_hlo=True",
+         f"--config.train.eval_every={STEPS}",  # the eval step under the mesh too
+         *(f"--config.mesh.{a}={v}" for a, v in mesh.items())]
+  r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, f"{name}: exit {r.returncode}\n{r.stderr[-4000:]}"
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """One-device run and fsdp x expert = 2x4 (in-process), data x expert = 2x4 from the CLI on 8 host devices."""
+  """One-device, data x expert = 2x4 and fsdp x expert = 2x4 runs from the CLI on 8 host devices."""
   root = tmp_path_factory.mktemp("scale")
   base, experts = sf.write_models(root)
   data = sf.write_data(root / "d.jsonl")
-  one = loop.train_and_evaluate(sf.fusion_config(base, experts, data, STEPS, EVERY), root / "one")
   env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}  # XLA_FLAGS gives the devices
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), PYTHONFAULTHANDLER="1",
              XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {COLLECTIVE_TIMEOUTS}")
-  cmd = [sys.executable, "-m", "h3jax.train", "--config=configs/tiny.py:fusion", f"--workdir={root / 'dxe'}",
-         *sf.fusion_overrides(base, experts, data, STEPS, EVERY), "--config.train.save_hlo=True",
-         f"--config.train.eval_every={STEPS}",  # the eval step under the mesh too
-         *(f"--config.mesh.{a}={v}" for a, v in MESHES["dxe"].items())]
-  r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-  assert r.returncode == 0, r.stderr[-4000:]
-  c = sf.fusion_config(base, experts, data, STEPS, EVERY, **MESHES["fxe"])
-  c.train.save_hlo = True
-  loop.train_and_evaluate(c, root / "fxe")
+  for name, mesh in {"one": {}, **MESHES}.items():
+    _cli_run(root, name, base, experts, data, env, mesh)
+  _, one = load_params(root / "one" / "checkpoints")
   return dict(root=root, base=base, experts=experts, data=data, one=one, env=env)
 
 
@@ -133,11 +137,14 @@ def test_cli_data_x_expert_and_fsdp_x_expert_equal_one_device(runs):
         np.testing.assert_allclose(got[s][k], ref[s][k], rtol=2e-5, err_msg=f"{name} step {s} {k}")
       assert got[s]["train/dropped_tokens"] == 0.0  # dropless (capacity_factor=0)
     _, p = load_params(runs["root"] / name / "checkpoints")
-    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(runs["one"]["params"])):
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(runs["one"])):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
   assert ref[STEPS]["train/loss"] < ref[1]["train/loss"]
-  ev = [json.loads(l) for l in (runs["root"] / "dxe" / "metrics.jsonl").read_text().splitlines() if "eval/lm_loss" in l]
-  assert len(ev) == 1 and np.isfinite(ev[0]["eval/lm_loss"])
+  ev = {n: [json.loads(l)["eval/lm_loss"] for l in (runs["root"] / n / "metrics.jsonl").read_text().splitlines()
+            if "eval/lm_loss" in l] for n in ("one", *MESHES)}
+  assert len(ev["one"]) == 1 and np.isfinite(ev["one"][0])
+  for name in MESHES:  # the eval step under the mesh
+    np.testing.assert_allclose(ev[name], ev["one"], rtol=2e-5, err_msg=name)
 
 
 def test_capacity_plan_comm_model_matches_compiled_hlo(runs):
