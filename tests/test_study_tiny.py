@@ -154,6 +154,11 @@ def _check_restore(tmp_path, w, published, judges_dir, data_root, sc):
     sc.judges.dir = str(other)
   with pytest.raises(ValueError, match="differ from"):
     restore._check_judges(sc, published)
+  shutil.rmtree(other)  # a folder of something else: refused by the checks, not failed on half-way
+  other.mkdir()
+  (other / "notes.txt").write_text("mine")
+  with pytest.raises(ValueError, match="holds files but no judges"):
+    restore._check_judges(sc, published)
 
 
 def _resolved(sc, w):

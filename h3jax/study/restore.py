@@ -69,6 +69,10 @@ def _check_judges(sc, src: pathlib.Path) -> bool:
   if not pub:
     raise ValueError(f"{src}: no judges/ folder; its rows cannot be extended with comparable scores")
   if not local:
+    d = judges_dir(sc)
+    if d.exists() and any(d.iterdir()):  # copying there would fail half-way, after the checks
+      raise ValueError(f"{d} holds files but no judges; point the judges dir (H3JAX_JUDGES_DIR or "
+                       f"--config.judges.dir) at an empty folder or at a copy of {src / 'judges'}")
     return True
   differ = sorted(n for n in pub if n not in local or pub[n].read_bytes() != local[n].read_bytes())
   if differ:
@@ -158,53 +162,55 @@ def restore(sc, workdir, published) -> dict:
   copy_judges = _check_judges(sc, src)
   from h3jax.study import runner
   lock = runner.lock_workdir(w)  # not while a runner starts stages in it
-  # ---- checks done; writes from here on
-  if copy_judges:
-    jd = judges_dir(sc)
-    with io_atomic.output_dir(jd, overwrite=False) as tmp:
-      for name, f in judge_files(src / "judges").items():
-        shutil.copy2(f, tmp / name)
-  out = {"experts": [], "rows": [], "records": [], "skipped": []}
-  if "base" in stages and not (w / "base").exists():  # a random tiny base (study_tiny): rebuilt, seconds
-    runner.run_stage(sc, w, stages["base"])
-  for a, adapter in experts.items():
-    s = stages[f"train/expert_{a}"]
-    if (w / s.name).exists():  # trained (or training) here: left alone
-      out["skipped"].append(s.name)
-      continue
-    _restore_expert(sc, w, s, adapter, timings.get(s.name, {}), src, recipes_pub["stages"].get(s.name))
-    out["experts"].append(a)
-  for r in rows:
-    names = row_stages(stages, r)
-    if (w / "eval" / r).exists() or any((w / n).exists() for n in names):  # evaluated (or running) here
-      out["skipped"].append(f"score/{r}")
-      continue
-    _restore_row(w, r, results, src)
-    for n in names:
-      _done(w, stages[n], timings.get(n, {}), src, True)
-    out["rows"].append(r)
-  owned = {n for r in out["rows"] for n in row_stages(stages, r)}
-  owned |= {f"train/expert_{a}" for a in experts} | {"base"}
-  # Records (no outputs) only where a published result rests on them: what the published rows were built
-  # from, and validation scores (merge grids, the γ sweep). A run that finished without its row being
-  # published (a Stage B run, a generation shard) is left to be redone: its outputs are lost anyway.
-  needed = set()
-  todo = [n for r in rows for n in row_stages(stages, r)]
-  todo += [n for n in timings if stages[n].kind == "val"]
-  while todo:
-    n = todo.pop()
-    if n not in needed:
-      needed.add(n)
-      todo.extend(stages[n].deps)
-  out["left"] = []
-  for n, t in sorted(timings.items()):
-    s = stages[n]
-    if n in owned or s.kind == "analysis" or (w / n).exists():
-      continue
-    if n not in needed:
-      out["left"].append(n)
-      continue
-    _done(w, s, t, src, False, recipes_pub["stages"].get(n))
-    out["records"].append(n)
-  lock.close()
+  try:
+    # ---- checks done; writes from here on
+    if copy_judges:
+      jd = judges_dir(sc)
+      with io_atomic.output_dir(jd, overwrite=False) as tmp:
+        for name, f in judge_files(src / "judges").items():
+          shutil.copy2(f, tmp / name)
+    out = {"experts": [], "rows": [], "records": [], "skipped": []}
+    if "base" in stages and not (w / "base").exists():  # a random tiny base (study_tiny): rebuilt, seconds
+      runner.run_stage(sc, w, stages["base"])
+    for a, adapter in experts.items():
+      s = stages[f"train/expert_{a}"]
+      if (w / s.name).exists():  # trained (or training) here: left alone
+        out["skipped"].append(s.name)
+        continue
+      _restore_expert(sc, w, s, adapter, timings.get(s.name, {}), src, recipes_pub["stages"].get(s.name))
+      out["experts"].append(a)
+    for r in rows:
+      names = row_stages(stages, r)
+      if (w / "eval" / r).exists() or any((w / n).exists() for n in names):  # evaluated (or running) here
+        out["skipped"].append(f"score/{r}")
+        continue
+      _restore_row(w, r, results, src)
+      for n in names:
+        _done(w, stages[n], timings.get(n, {}), src, True)
+      out["rows"].append(r)
+    owned = {n for r in out["rows"] for n in row_stages(stages, r)}
+    owned |= {f"train/expert_{a}" for a in experts} | {"base"}
+    # Records (no outputs) only where a published result rests on them: what the published rows were built
+    # from, and validation scores (merge grids, the γ sweep). A run that finished without its row being
+    # published (a Stage B run, a generation shard) is left to be redone: its outputs are lost anyway.
+    needed = set()
+    todo = [n for r in rows for n in row_stages(stages, r)]
+    todo += [n for n in timings if stages[n].kind == "val"]
+    while todo:
+      n = todo.pop()
+      if n not in needed:
+        needed.add(n)
+        todo.extend(stages[n].deps)
+    out["left"] = []
+    for n, t in sorted(timings.items()):
+      s = stages[n]
+      if n in owned or s.kind == "analysis" or (w / n).exists():
+        continue
+      if n not in needed:
+        out["left"].append(n)
+        continue
+      _done(w, s, t, src, False, recipes_pub["stages"].get(n))
+      out["records"].append(n)
+  finally:
+    lock.close()
   return out
