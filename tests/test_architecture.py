@@ -23,7 +23,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 ENTRY_POINTS = ("h3jax.train.__main__", "h3jax.prepare", "h3jax.generate", "h3jax.export", "h3jax.merge",
                 "h3jax.moe", "h3jax.extract_lora", "h3jax.pipeline", "h3jax.evaluate")
 LAYERS = (
-    {"base": ("h3jax.config", "h3jax.io_atomic", "h3jax.compile_cache", "h3jax.progress", "h3jax.rules")},
+    {"base": ("h3jax.config", "h3jax.io_atomic", "h3jax.compile_cache", "h3jax.progress", "h3jax.rules",
+              "h3jax.hostmem")},
     {"model": ("h3jax.model",), "data": ("h3jax.data",)},
     {"hf": ("h3jax.hf", "h3jax.checkpoint"), "generation": ("h3jax.generation",)},
     {"merging": ("h3jax.merging",), "fusion": ("h3jax.fusion",)},

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from h3jax import generation
+from h3jax import generation, hostmem
 from h3jax.config import ModelConfig
 from h3jax.data import format as data_format
 from h3jax.evaluation import cache as cache_lib
@@ -145,7 +145,7 @@ def generate_cached(model: dict, items: List[dict], settings: dict, store: cache
       lengths[k] = (len(_encode(tok, inputs[i], settings)), i)
   todo = [i for _, i in sorted(lengths.values())]
   bar = Progress(desc, len(todo), progress)
-  s = 0
+  s, bucket = 0, None
   while s < len(todo):
     rows = batch_size
     while True:  # shrink the batch until its longest prompt's bucket allows that many rows
@@ -153,6 +153,9 @@ def generate_cached(model: dict, items: List[dict], settings: dict, store: cache
       rows = _rows(_prompt_bucket(lengths[keys[b[-1]]][0]), batch_size)
       if len(b) <= rows:
         break
+    if bucket not in (None, _prompt_bucket(lengths[keys[b[-1]]][0])):
+      generation.clear_compiled()  # shortest first: the shorter buckets' programs are not needed again
+    bucket = _prompt_bucket(lengths[keys[b[-1]]][0])
     t0, c0 = time.time(), time.process_time()
     texts, cut = generate_texts(model, [inputs[i] for i in b], settings, batch_size=rows,
                                 seed=settings["seed"], row_seeds=[int(pkeys[i][:8], 16) for i in b],
@@ -163,6 +166,7 @@ def generate_cached(model: dict, items: List[dict], settings: dict, store: cache
                                                 "cut": c})
                     for i, t, c in zip(b, texts, cut)] + [cache_lib.time_row("generate", dt, len(b), dc)])
     bar.update(len(b), dt, dc)
+    hostmem.trim()  # the batch's freed temporaries, or the process grows by ~1 GB a batch (hostmem)
   texts = [store.get(k) for k in keys]
   return (texts, [store.cut(k) for k in keys]) if return_cut else texts
 
@@ -199,6 +203,7 @@ def mc_cached(model: dict, items: List[dict], fmt: str, template: str, store: ca
     store.put_many([(k, "mc", float(v), {"model": fp}) for k, v in zip(chunk, lp)]
                    + [cache_lib.time_row("mc", dt, len(chunk), dc)])
     bar.update(len(chunk), dt, dc)
+    hostmem.trim()
   return tuple([[store.get(k) for k in ks] for ks in keys[t]] for t in ("mc1_targets", "mc2_targets"))
 
 
