@@ -166,7 +166,7 @@ def generate_cached(model: dict, items: List[dict], settings: dict, store: cache
                                                 "cut": c})
                     for i, t, c in zip(b, texts, cut)] + [cache_lib.time_row("generate", dt, len(b), dc)])
     bar.update(len(b), dt, dc)
-    hostmem.trim()  # the batch's freed temporaries, or the process grows by ~1 GB a batch (hostmem)
+    hostmem.trim()  # the batch's freed temporaries stay resident otherwise (h3jax/hostmem.py)
   texts = [store.get(k) for k in keys]
   return (texts, [store.cut(k) for k in keys]) if return_cut else texts
 
