@@ -71,7 +71,7 @@ def test_tiny_study_end_to_end(tmp_path, data_root, judges_dir):
   assert {c["what"].split(" (")[0] for c in res["comparisons"]} >= {
       "H3Fusion vs the best individual expert", "H3Fusion vs the output ensemble", "H3Fusion vs the best merge",
       "best merge vs data-mixture SFT", "intended H3Fusion vs the reference code's defects",
-      "Stage B (the full method) vs no Stage B"}
+      "Stage B training vs none"}
   assert set(res["expert_bar"]) == {"helpful", "harmless", "honest"}
   assert res["models"]["moe_gate_drift"]["router_usage"] and "router_moe_gate_drift.png" in res["plots"]
   for f in ("results.md", "radar_families.png", "tradeoff.png", "gamma_sweep.png", "training_curves.png"):

@@ -143,8 +143,8 @@ def comparisons(sc, rows: Dict[str, dict]) -> list:
            (best_merge, "mixture_sft", "best merge vs data-mixture SFT"),
            ("merge_resm_tuned", "merge_tsv_m", "RESM (tuned on validation) vs TSV-M"),
            ("moe_gate_drift", "moe_reference", "intended H3Fusion vs the reference code's defects"),
-           ("moe_lm", "moe_untrained", "Stage B with the LM loss only vs no Stage B (hidden-state router)"),
-           ("moe_gate_drift", "moe_untrained", "Stage B (the full method) vs no Stage B"),
+           ("moe_lm", "moe_untrained", "Stage B with the LM loss only vs none (the untrained fused model)"),
+           ("moe_gate_drift", "moe_untrained", "Stage B training vs none (full method vs the untrained fused model)"),
            ("moe_gate", "moe_lm", "gating loss vs LM loss only"),
            ("moe_gate_drift", "moe_gate", "drift regulariser vs none")]
   pairs += [(f"expert_{a}", "base", f"{a} expert vs base (own axis: {a})") for a in AXES]
