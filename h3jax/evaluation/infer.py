@@ -150,12 +150,13 @@ def generate_cached(model: dict, items: List[dict], settings: dict, store: cache
     rows = batch_size
     while True:  # shrink the batch until its longest prompt's bucket allows that many rows
       b = todo[s:s + rows]
-      rows = _rows(_prompt_bucket(lengths[keys[b[-1]]][0]), batch_size)
+      P = _prompt_bucket(lengths[keys[b[-1]]][0])
+      rows = _rows(P, batch_size)
       if len(b) <= rows:
         break
-    if bucket not in (None, _prompt_bucket(lengths[keys[b[-1]]][0])):
+    if bucket not in (None, P):
       generation.clear_compiled()  # shortest first: the shorter buckets' programs are not needed again
-    bucket = _prompt_bucket(lengths[keys[b[-1]]][0])
+    bucket = P
     t0, c0 = time.time(), time.process_time()
     texts, cut = generate_texts(model, [inputs[i] for i in b], settings, batch_size=rows,
                                 seed=settings["seed"], row_seeds=[int(pkeys[i][:8], 16) for i in b],

@@ -65,18 +65,18 @@ def _gunzip_text(path: pathlib.Path) -> str:
 
 def _check_judges(sc, src: pathlib.Path) -> bool:
   """True when the local judges must be copied from the published folder (there are none yet)."""
-  pub, local = judge_files(src / "judges"), judge_files(judges_dir(sc))
+  d = judges_dir(sc)
+  pub, local = judge_files(src / "judges"), judge_files(d)
   if not pub:
     raise ValueError(f"{src}: no judges/ folder; its rows cannot be extended with comparable scores")
   if not local:
-    d = judges_dir(sc)
     if d.exists() and any(d.iterdir()):  # copying there would fail half-way, after the checks
       raise ValueError(f"{d} holds files but no judges; point the judges dir (H3JAX_JUDGES_DIR or "
                        f"--config.judges.dir) at an empty folder or at a copy of {src / 'judges'}")
     return True
   differ = sorted(n for n in pub if n not in local or pub[n].read_bytes() != local[n].read_bytes())
   if differ:
-    raise ValueError(f"the judges in {judges_dir(sc)} differ from {src / 'judges'} ({differ}): new rows would "
+    raise ValueError(f"the judges in {d} differ from {src / 'judges'} ({differ}): new rows would "
                      f"be scored by other judges than the published ones; point the judges dir "
                      f"(H3JAX_JUDGES_DIR or --config.judges.dir) at an empty folder or at a copy of them")
   return False
