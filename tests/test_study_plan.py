@@ -160,6 +160,15 @@ def test_item_scores_from_samples():
                                            "advbench": {"v": 1.0}, "truthfulqa_gen": {"t": 0.0}}
 
 
+def test_validation_stderr_is_binomial_over_the_held_out_counts():
+  from h3jax.study.defaults import default_study_config
+  sc = default_study_config()  # held out: 40 AlpacaEval, 20 + 20 + 0 harmful, 60 TruthfulQA generation
+  se = analysis.validation_stderr(sc, {"helpful": 0.5, "harmless": 0.9, "honest": 0.0, "3h": 0.47})
+  assert se == {"helpful": {"n": 40, "se": pytest.approx((0.25 / 40) ** 0.5)},
+                "harmless": {"n": 40, "se": pytest.approx((0.09 / 40) ** 0.5)},
+                "honest": {"n": 60, "se": 0.0}}
+
+
 def test_publish_copies_results_samples_judges_and_replaces_the_whole_folder(tmp_path):
   import gzip
   import json

@@ -196,14 +196,30 @@ def write(sc, workdir) -> dict:
   return {"rows": sorted(rows), "pending": results["pending_rows"]}
 
 
+def validation_stderr(sc, axes: Dict[str, float]) -> Dict[str, dict]:
+  """{axis: {"n", "se"}} for axis scores on the held-out validation items, from the item counts alone (a
+  restored validation record keeps its scores, not its samples): sqrt(p (1 - p) / n). Exact for honest (a
+  rate of 0/1 items); an upper bound for helpful (a mean of P(win) in [0, 1]) and for harmless (a macro
+  mean of equally sized sets' rates: the mean of p_i (1 - p_i) is at most p (1 - p))."""
+  h = sc.eval.holdout
+  n = {"helpful": h.alpaca_eval, "harmless": sum(h[s] for s in HARMFUL), "honest": h.truthfulqa_gen}
+  out = {}
+  for a, v in axes.items():
+    if a in n and v is not None and n[a] > 0:
+      out[a] = {"n": int(n[a]), "se": float(np.sqrt(v * (1.0 - v) / n[a]))}
+  return out
+
+
 def gamma_sweep(sc, w: pathlib.Path) -> list:
-  """The γ1 sweep's validation scores (the sweep is a hyper-parameter sweep: validation items only)."""
+  """The γ1 sweep's validation scores (the sweep is a hyper-parameter sweep: validation items only), each
+  with its binomial standard errors."""
   out = []
   stages = {s.name: s for s in plan.build(sc)}
   for g, r in plan.gamma_points(sc):
     rec = plan.done_record(w, stages[f"val/{r}"]) if f"val/{r}" in stages else None
     if rec is not None:
-      out.append({"gamma1": g, "row": r, "axes": rec["result"]["axes"]})
+      axes = rec["result"]["axes"]
+      out.append({"gamma1": g, "row": r, "axes": axes, "stderr": validation_stderr(sc, axes)})
   return out
 
 

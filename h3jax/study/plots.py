@@ -76,10 +76,14 @@ def plot_gamma_sweep(sc, results: dict, path) -> bool:
   fig, ax = plt.subplots(figsize=(6, 4))
   gs = [p["gamma1"] for p in pts]
   for a in AXES:
-    ax.plot(gs, [100 * p["axes"][a] if p["axes"].get(a) is not None else np.nan for p in pts], "o-", label=a)
+    se = [p.get("stderr", {}).get(a, {}) for p in pts]
+    n = sorted({s["n"] for s in se if s})
+    ax.errorbar(gs, [100 * p["axes"][a] if p["axes"].get(a) is not None else np.nan for p in pts],
+                yerr=[100 * s["se"] if s else np.nan for s in se], fmt="o-", capsize=3,
+                label=f"{a} (n = {'/'.join(map(str, n))})" if n else a)
   ax.set_xscale("log")
   ax.set_xlabel("γ of the helpful expert (γ1); others at %g" % sc.gamma)
-  ax.set_ylabel("axis score on the validation items (%)")
+  ax.set_ylabel("axis score on the validation items (%, ± 1 SE)")
   ax.legend()
   ax.grid(alpha=0.3)
   fig.tight_layout()
