@@ -13,13 +13,6 @@ COLLECTIVE_TIMEOUTS = ("--xla_cpu_collective_call_terminate_timeout_seconds=1800
                        "--xla_cpu_collective_timeout_seconds=1800")
 if "collective_call_terminate" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {COLLECTIVE_TIMEOUTS}".strip()
-# The suite compiles hundreds of small programs and runs each for milliseconds: compiling dominates (a warm
-# compilation cache runs tests/test_train_step.py in 18 instead of 124 CPU-s). LLVM at -O0 compiles them
-# ~2x faster; the HLO (every fusion, dot and collective) is the same, results differ only by rounding,
-# which the tests' relative tolerances absorb. H3JAX_TEST_XLA_OPT=1 runs the suite at XLA's default level.
-TEST_OPT_LEVEL = "" if os.environ.get("H3JAX_TEST_XLA_OPT") == "1" else "--xla_backend_optimization_level=0"
-if TEST_OPT_LEVEL and "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += f" {TEST_OPT_LEVEL}"
 
 import pathlib
 
