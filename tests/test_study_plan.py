@@ -182,6 +182,9 @@ def test_publish_copies_results_samples_judges_and_replaces_the_whole_folder(tmp
   (w / "train" / "expert_helpful" / "DONE.json").write_text(json.dumps({"stage": "train/expert_helpful",
                                                                       "seconds": 3.0}))
   (w / "train" / "expert_helpful" / "recipe.json").write_text('{"stage": "sft"}')
+  (w / "train" / "expert_helpful" / "metrics.jsonl").write_text('{"step": 1}\n')
+  (w / "train" / "moe_gamma_1e-1").mkdir()  # still training: its partial curve is not published
+  (w / "train" / "moe_gamma_1e-1" / "metrics.jsonl").write_text('{"step": 1}\n')
   (w / "eval" / "base").mkdir(parents=True)
   (w / "eval" / "base" / "samples_base.jsonl").write_text('{"id": "a"}\n')
   judges.mkdir()
@@ -192,8 +195,9 @@ def test_publish_copies_results_samples_judges_and_replaces_the_whole_folder(tmp
   dest = tmp_path / "pub"
   for _ in range(2):  # the second run replaces the first (judges/ and *.gz are the writer's own)
     publish.publish(sc, w, dest)
-  assert sorted(p.name for p in dest.iterdir()) == ["judges", "radar.png", "recipes.json", "results.json",
-                                                     "samples_base.jsonl.gz", "timings.json"]
+  assert sorted(p.name for p in dest.iterdir()) == ["judges", "metrics_expert_helpful.jsonl.gz", "radar.png",
+                                                     "recipes.json", "results.json", "samples_base.jsonl.gz",
+                                                     "timings.json"]
   assert gzip.decompress((dest / "samples_base.jsonl.gz").read_bytes()) == b'{"id": "a"}\n'
   assert json.loads((dest / "recipes.json").read_text())["stages"] == {"train/expert_helpful": {"stage": "sft"}}
   assert (dest / "judges" / "truth.json").is_file()

@@ -43,8 +43,9 @@ def publish(sc, workdir, dest) -> str:
       for name, f in judge_files(jdir).items():
         shutil.copy2(f, tmp / "judges" / name)
     _write_experts(sc, w, tmp / "experts")
-    for m in sorted((w / "train").glob("*/metrics.jsonl")):  # the training curves (~10 kB a run)
-      _gzip(m, tmp / f"metrics_{m.parent.name}.jsonl.gz")
+    for m in sorted((w / "train").glob("*/metrics.jsonl")):  # the finished runs' curves (~10 kB a run)
+      if (m.parent / "DONE.json").is_file():  # not a run still training beside the publish
+        _gzip(m, tmp / f"metrics_{m.parent.name}.jsonl.gz")
     for s in sorted((w / "eval").glob("*/samples_*.jsonl")):
       _gzip(s, tmp / (s.name + ".gz"))
   return str(dest)
