@@ -223,6 +223,44 @@ def test_gram_routes_fall_back_instead_of_dividing_by_zero():
   np.testing.assert_allclose(np.asarray(blocks.polar(x)), x, atol=1e-6)
 
 
+def _decomposition_primitives(jaxpr) -> set:
+  """Names of the SVD / eigh / QR primitives anywhere in a (closed) jaxpr, sub-jaxprs included."""
+  found = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("svd", "eigh", "eig", "qr", "householder_product", "geqrf"):
+      found.add(eqn.primitive.name)
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (list, tuple)) else (v,)):
+        if hasattr(sub, "jaxpr"):
+          found |= _decomposition_primitives(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub)
+  return found
+
+
+@pytest.mark.parametrize("method", ["auto", "svd"])
+def test_zero_task_vector_takes_no_decomposition(method):
+  """tau = 0 (the attention and embedding tensors of LoRA-on-FFN experts) gives zero triples from the
+  branch of a `cond` that holds no SVD / eigh; TSV-M of all-zero task vectors returns the base exactly."""
+  import jax
+  closed = jax.make_jaxpr(lambda t: svd_lib.top_k_triples(t, 4, method))(np.zeros((40, 12), np.float32))
+  conds = [e for e in closed.jaxpr.eqns if e.primitive.name == "cond"]
+  assert conds, "top_k_triples has no cond around its decomposition"
+  branches = conds[-1].params["branches"]  # (false: tau = 0, true: decompose)
+  assert _decomposition_primitives(branches[0].jaxpr) == set()
+  assert _decomposition_primitives(branches[1].jaxpr) >= {"svd"}
+  u, s, v = svd_lib.top_k_triples(np.zeros((40, 12), np.float32), 4, method)
+  assert not np.asarray(u).any() and not np.asarray(s).any() and not np.asarray(v).any()
+  base, models = family("all_zero", 3, shape=(40, 12))
+  for solver in ("auto", "svd", "gram"):
+    out = np.asarray(svd_lib._tsvm_array(np.asarray(base), np.stack(models), None, solver=solver))
+    np.testing.assert_array_equal(out, base)
+  # one zero task among non-zero ones: the same merge as before the skip (a float64 reference in
+  # which the zero task adds no triples, as in test_tsv_m_zero_task_vector_contributes_nothing)
+  base, models = family("some_zero", 5, shape=(40, 12))
+  ref = tsv_reference(base, models)
+  out = _f32(M.tsv_m(base, models, solver=method))
+  assert np.linalg.norm(out - ref) <= 1e-4 * np.linalg.norm(ref - base)
+
+
 @pytest.mark.parametrize("mode", ["mergekit", "fusion_bench"])
 def test_ties_propagates_a_nan_input_instead_of_writing_the_base(mode):
   base, models = family("some_zero", 1)

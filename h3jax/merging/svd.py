@@ -72,31 +72,46 @@ def top_k_triples(tau_MN, k: int, method: str = "auto"):
   method 'svd': slices of a full thin SVD (FusionBench's way). 'auto': the eigendecomposition
   of the Gram matrix of the short side gives s and those singular vectors, tau times them the
   others (on CPU ~3x cheaper than the SVD); where s_k < 0.1 s_1 (a fast-decaying or low-rank
-  spectrum, whose small triples the Gram matrix resolves poorly) or s_k = 0 (tau = 0) the SVD
-  runs instead, so the route never divides by a zero singular value. The Gram matrix is formed
-  from tau / 2^e (exact) so that tiny task vectors do not underflow.
+  spectrum, whose small triples the Gram matrix resolves poorly) or s_k = 0 the SVD runs
+  instead, so the route never divides by a zero singular value. The Gram matrix is formed
+  from tau / 2^e (exact) so that tiny task vectors do not underflow. Either method returns
+  zeros for tau = 0 without decomposing it (`_unless_zero`).
   """
   def by_svd():
     u_MR, s_R, vt_RN = blocks.svd(tau_MN)
     return u_MR[:, :k], s_R[:k], vt_RN[:k].T
 
   if method == "svd":
-    return by_svd()
+    return _unless_zero(tau_MN, (k,), by_svd)
   if method != "auto":
     raise ValueError(f"top_k_triples: method must be 'auto' or 'svd', got {method!r}")
   m, n = tau_MN.shape
-  t_mn = tau_MN.astype(jnp.float32) if m >= n else tau_MN.astype(jnp.float32).T  # m >= n
-  scale = _pow2_scale(t_mn)
-  t_mn = t_mn / scale
-  lam_n, w_nn = jnp.linalg.eigh(jnp.matmul(t_mn.T, t_mn, precision=_HI))  # ascending
-  w_nk, s_k = w_nn[:, ::-1][:, :k], jnp.sqrt(jnp.maximum(lam_n[::-1][:k], 0.0))
 
-  def by_gram():
-    u_mk = jnp.matmul(t_mn, w_nk, precision=_HI) / s_k
-    return (u_mk, s_k * scale, w_nk) if m >= n else (w_nk, s_k * scale, u_mk)
+  def auto():
+    t_mn = tau_MN.astype(jnp.float32) if m >= n else tau_MN.astype(jnp.float32).T  # m >= n
+    scale = _pow2_scale(t_mn)
+    t_mn = t_mn / scale
+    lam_n, w_nn = jnp.linalg.eigh(jnp.matmul(t_mn.T, t_mn, precision=_HI))  # ascending
+    w_nk, s_k = w_nn[:, ::-1][:, :k], jnp.sqrt(jnp.maximum(lam_n[::-1][:k], 0.0))
 
-  ok = (s_k[-1] >= GRAM_MIN_SV_RATIO * s_k[0]) & (s_k[-1] > 0)
-  return jax.lax.cond(ok, by_gram, by_svd)
+    def by_gram():
+      u_mk = jnp.matmul(t_mn, w_nk, precision=_HI) / s_k
+      return (u_mk, s_k * scale, w_nk) if m >= n else (w_nk, s_k * scale, u_mk)
+
+    ok = (s_k[-1] >= GRAM_MIN_SV_RATIO * s_k[0]) & (s_k[-1] > 0)
+    return jax.lax.cond(ok, by_gram, by_svd)
+
+  return _unless_zero(tau_MN, (k,), auto)
+
+
+def _unless_zero(tau_MN, k_shape, triples):
+  """triples() unless tau = 0 (a tensor LoRA never touched), which has no singular triples: zeros
+  then, as `drop_zero_triples` would leave them, without the SVD of a zero matrix (`lax.cond`: one
+  branch runs)."""
+  m, n = tau_MN.shape
+  zeros = lambda: (jnp.zeros((m,) + k_shape, jnp.float32), jnp.zeros(k_shape, jnp.float32),
+                   jnp.zeros((n,) + k_shape, jnp.float32))
+  return jax.lax.cond(jnp.any(tau_MN != 0), triples, zeros)
 
 
 def tsv_factors(deltas_NMN, k: int, keep_TK=None, method: str = "auto"):
@@ -150,7 +165,7 @@ def top_singular(tau_MN, k: int):
     return u_mk, s_R[:k] / scale, v_nk
 
   ok = (lam_n[n_short - k] > TOP_SINGULAR_MIN_EIG_RATIO * lam_n[-1]) & (lam_n[-1] > 0)
-  u_mk, s_k, v_nk = jax.lax.cond(ok, by_rr, by_svd)
+  u_mk, s_k, v_nk = _unless_zero(t_mn, (k,), lambda: jax.lax.cond(ok, by_rr, by_svd))
   s_k = s_k * scale
   return (u_mk, s_k, v_nk) if m >= n else (v_nk, s_k, u_mk)
 
@@ -207,16 +222,23 @@ def _tsvm_array(base_X, models_NX, key, *, alpha=1.0, rank_ratio=None, rank_cap=
   k = int(r * (rank_ratio if rank_ratio is not None else 1 / n_tasks))
   if k == 0:
     return base_X
-  keep = None
-  if rank_cap == "numerical":
-    keep = jnp.stack([blocks.numerical_rank_mask(blocks.svd(d)[1], rank_rtol)[:k] for d in deltas_NMN])
   method = _check_solver("tsv_m", solver)
-  if solver == "gram" and keep is None and k + max(32, k // 2) < r:  # Rayleigh-Ritz top-k
-    u_MK, s_K, v_NK = tsv_factors_fast(deltas_NMN, k)
-  else:
-    # A numerical rank cap is for low-rank (LoRA) deltas, where the Gram route would only fall back.
-    u_MK, s_K, v_NK = tsv_factors(deltas_NMN, k, keep, "svd" if keep is not None else method)
-  return base_X + scale * tsv_combine(u_MK, s_K, v_NK, method)
+
+  def delta():
+    keep = None
+    if rank_cap == "numerical":
+      keep = jnp.stack([blocks.numerical_rank_mask(blocks.svd(d)[1], rank_rtol)[:k] for d in deltas_NMN])
+    if solver == "gram" and keep is None and k + max(32, k // 2) < r:  # Rayleigh-Ritz top-k
+      u_MK, s_K, v_NK = tsv_factors_fast(deltas_NMN, k)
+    else:
+      # A numerical rank cap is for low-rank (LoRA) deltas, where the Gram route would only fall back.
+      u_MK, s_K, v_NK = tsv_factors(deltas_NMN, k, keep, "svd" if keep is not None else method)
+    return tsv_combine(u_MK, s_K, v_NK, method)
+
+  # Every task vector zero (the attention and embeddings of LoRA-on-FFN experts): Delta = 0 exactly,
+  # with no decomposition run.
+  zero = lambda: jnp.zeros(base_X.shape, jnp.float32)
+  return base_X + scale * jax.lax.cond(jnp.any(deltas_NMN != 0), delta, zero)
 
 
 def _alpha(alpha):
