@@ -146,7 +146,8 @@ def comparisons(sc, rows: Dict[str, dict]) -> list:
            ("moe_lm", "moe_untrained", "Stage B with the LM loss only vs none (the untrained fused model)"),
            ("moe_gate_drift", "moe_untrained", "Stage B training vs none (full method vs the untrained fused model)"),
            ("moe_gate", "moe_lm", "gating loss vs LM loss only"),
-           ("moe_gate_drift", "moe_gate", "drift regulariser vs none")]
+           ("moe_gate_drift", "moe_gate", "drift regulariser vs none"),
+           ("moe_gate_drift_top1", "moe_gate_drift", "top-1 vs top-2 routing")]
   pairs += [(f"expert_{a}", "base", f"{a} expert vs base (own axis: {a})") for a in AXES]
   out = []
   for a, b, what in pairs:
