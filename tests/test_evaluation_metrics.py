@@ -116,12 +116,3 @@ def test_lc_win_rate_is_na_when_too_few_items_to_fit():
   lc = metrics.length_controlled_win_rate(rs.uniform(0.2, 0.8, n), lm, lr)
   assert 0 < lc["value"] < 1 and 0 < lc["stderr"] < 0.5
 
-
-def test_wilson_interval_hand_computed():
-  from h3jax.evaluation.metrics import wilson
-  # k = 5, n = 10, z = 1.96: centre (0.5 + 0.19208) / 1.38416 = 0.5, half-width 0.263410
-  lo, hi = wilson(5, 10)
-  assert lo == pytest.approx(0.236590, abs=1e-6) and hi == pytest.approx(0.763410, abs=1e-6)
-  lo, hi = wilson(0, 20)  # no successes: the interval starts at 0 and is not empty
-  assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(0.161130, abs=1e-6)
-  assert all(math.isnan(v) for v in wilson(0, 0))

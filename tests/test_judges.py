@@ -353,3 +353,13 @@ def test_clear_errors(tmp_path, data_root):
     J.HttpJudge("http://127.0.0.1:9", "m").score(["a", "b"], ["c"])
   with pytest.raises(ValueError, match="judges.url"):
     J.load_judges({"kind": "http"})
+
+
+def test_wilson_interval_hand_computed():
+  from h3jax.evaluation.judges.train import wilson
+  # k = 5, n = 10, z = 1.96: centre (0.5 + 0.19208) / 1.38416 = 0.5, half-width 0.263410
+  lo, hi = wilson(5, 10)
+  assert lo == pytest.approx(0.236590, abs=1e-6) and hi == pytest.approx(0.763410, abs=1e-6)
+  lo, hi = wilson(0, 20)  # no successes: the interval starts at 0 and is not empty
+  assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(0.161130, abs=1e-6)
+  assert all(math.isnan(v) for v in wilson(0, 0))

@@ -25,7 +25,6 @@ then NaN, shown as "n/a", and only the raw win rate is reported.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -45,16 +44,6 @@ def summary(values, n=None) -> dict:
 def rate(flags) -> dict:
   """Fraction of True among per-item booleans."""
   return summary(np.asarray(flags, bool).astype(np.float64))
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple:
-  """Wilson score interval (lo, hi) of a binomial proportion k / n; (nan, nan) for n = 0."""
-  if n == 0:
-    return (float("nan"), float("nan"))
-  p, d = k / n, 1 + z * z / n
-  c = (p + z * z / (2 * n)) / d
-  h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-  return (c - h, c + h)
 
 
 def win_rate(prob_model_better) -> dict:

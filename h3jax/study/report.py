@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from h3jax.evaluation import metrics
+from h3jax.evaluation.judges.train import wilson
 from h3jax.study.analysis import TABLE
 from h3jax.study.defaults import AXES
 
@@ -86,7 +86,7 @@ def judge_length_check(sc) -> dict:
   p = judge.prefer(instr, [d.rows[a_idx[i]][1] for i in keep], [d.rows[b_idx[i]][1] for i in keep])
   agree = (p > 0.5) == d.label[keep]
   n, k = len(keep), int(agree.sum())
-  lo, hi = metrics.wilson(k, n)
+  lo, hi = wilson(k, n)
   concl = ("Clearly above chance: the judge does more than prefer length." if lo > 0.5 else
            "Not clearly above chance: helpfulness conclusions are length-driven.")
   return {"n": n, "agreement": k / max(n, 1), "ci95": [lo, hi], "conclusion": concl}

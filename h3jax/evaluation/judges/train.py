@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import pathlib
 import time
@@ -38,7 +39,6 @@ from h3jax.evaluation.judges import JUDGE_CLASSES, JUDGE_NAMES
 from h3jax.evaluation.judges import data as data_lib
 from h3jax.evaluation.judges import features as features_lib
 from h3jax.evaluation.judges import heads
-from h3jax.evaluation.metrics import wilson
 
 # Hyperparameter grid searched on the inner validation split (same for every judge).
 GRID = tuple(heads.HeadConfig(l2=l2, steps=300, lr=0.05) for l2 in (3e-6, 3e-5, 3e-4))
@@ -90,6 +90,16 @@ def _fit(x, data, sel: np.ndarray, fcfg, hp):
     p, _ = heads.train_pairwise(x, a[sel], b[sel], data.y[sel], fcfg.dim, hp,
                                 length_idx=heads.length_rows(features_lib.DENSE_NAMES))
   return p
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple:
+  """Wilson score interval (lo, hi) of a binomial proportion k / n; (nan, nan) for n = 0."""
+  if n == 0:
+    return (float("nan"), float("nan"))
+  p, d = k / n, 1 + z * z / n
+  c = (p + z * z / (2 * n)) / d
+  h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+  return (c - h, c + h)
 
 
 def length_subsets(pred: np.ndarray, label: np.ndarray, longer_wins: np.ndarray) -> dict:
