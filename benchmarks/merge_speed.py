@@ -5,7 +5,7 @@
 
 Inputs: SmolLM2-135M-Instruct and three deterministic "fine-tuned" variants of it
 (base + seeded sparse Gaussian deltas on 5% of every tensor, written once to
---work). Every tool runs in its own subprocess on the same files in this run;
+--work), or real fine-tunes of it given with --experts. Every tool runs in its own subprocess on the same files in this run;
 the wall time is the whole process (imports, reading, merging, writing) and the
 peak RSS is the child's ru_maxrss. TIES: density 0.2, weights 1, normalize,
 lambda 1 (the same mergekit YAML for both). TSV-M: alpha 1 over all 2-D tensors
@@ -218,6 +218,10 @@ def main():
   p.add_argument("--repeats", type=int, default=2,
                  help="h3jax runs per method (the first is cold: empty compilation cache); best reported")
   p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "merge_speed.json"))
+  p.add_argument("--experts", default="",
+                 help="comma-separated HF folders of real fine-tunes of --smollm2 to merge instead of the "
+                      "synthetic variants (e.g. the study's LoRA experts, whose task vectors are zero outside "
+                      "the FFN)")
   p.add_argument("--synthetic_from", default=None,
                  help="folder with SmolLM2's config/tokenizer files: use seeded random weights of its shapes")
   p.add_argument("--h3jax_python", default=str(H3JAX_PY))
@@ -236,13 +240,17 @@ def main():
   h3jax_py, mk_yaml, fb_py = pathlib.Path(args.h3jax_python), pathlib.Path(args.mergekit_yaml), \
       pathlib.Path(args.fusionbench_python)
   t0 = time.perf_counter()
-  variants = make_variants(base, work)
+  variants = ([pathlib.Path(e) for e in args.experts.split(",")] if args.experts
+              else make_variants(base, work))
   print(f"variants ready in {time.perf_counter() - t0:.1f}s: {[str(v) for v in variants]}", flush=True)
   env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", JAX_PLATFORMS=os.environ.get(
       "JAX_PLATFORMS", "cpu"))
-  rows, results = [], {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  from timing import cpu_model
+  rows, results = [], {"machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform()},
                        "h3jax_devices": args.h3jax_devices,
-                       "model": str(base), "variants": [str(v) for v in variants], "runs": {}}
+                       "model": str(base), "variants": [str(v) for v in variants],
+                       "real_experts": bool(args.experts), "runs": {}}
 
   def run(tag, cmd, out_dir, repeats=1):
     """Best wall time of `repeats` runs; all runs are recorded (h3jax: run 1 is cold, with an

@@ -31,7 +31,6 @@ import json
 import multiprocessing
 import os
 import pathlib
-import platform
 import tempfile
 import time
 
@@ -46,14 +45,7 @@ import h3jax
 from h3jax import fusion, generation
 from h3jax.model import llama, params as params_lib
 from h3jax.train import lora, objective, optim, step as step_lib
-from timing import best_of, best_wall_and_cpu
-
-
-def cpu_model() -> str:
-  cpuinfo = pathlib.Path("/proc/cpuinfo")
-  names = [l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines()
-           if l.startswith("model name")] if cpuinfo.exists() else []
-  return names[0] if names else platform.processor()
+from timing import best_of, best_wall_and_cpu, cpu_model
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:

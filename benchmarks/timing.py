@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+import platform
 import time
 
 
@@ -33,3 +35,11 @@ def best_wall_and_cpu(fn, repeats: int) -> tuple:
     wall.append(time.perf_counter() - t)
     cpu.append(time.process_time() - c)
   return min(wall), min(cpu)
+
+
+def cpu_model() -> str:
+  """The host CPU's model name (the Numbers tables name the machine each result is from)."""
+  cpuinfo = pathlib.Path("/proc/cpuinfo")
+  names = [l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines()
+           if l.startswith("model name")] if cpuinfo.exists() else []
+  return names[0] if names else platform.processor()
