@@ -115,4 +115,3 @@ def test_lc_win_rate_is_na_when_too_few_items_to_fit():
   lm, lr = rs.randint(50, 2000, n), rs.randint(50, 2000, n)
   lc = metrics.length_controlled_win_rate(rs.uniform(0.2, 0.8, n), lm, lr)
   assert 0 < lc["value"] < 1 and 0 < lc["stderr"] < 0.5
-
