@@ -31,6 +31,8 @@ import time
 
 import numpy as np
 
+from timing import cpu_model
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 H3JAX_PY = REPO / ".venv" / "bin" / "python"
 MERGEKIT_YAML = REPO / ".venv-mergekit" / "bin" / "mergekit-yaml"
@@ -245,8 +247,6 @@ def main():
   print(f"variants ready in {time.perf_counter() - t0:.1f}s: {[str(v) for v in variants]}", flush=True)
   env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", JAX_PLATFORMS=os.environ.get(
       "JAX_PLATFORMS", "cpu"))
-  sys.path.insert(0, str(REPO / "benchmarks"))
-  from timing import cpu_model
   rows, results = [], {"machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform()},
                        "h3jax_devices": args.h3jax_devices,
                        "model": str(base), "variants": [str(v) for v in variants],

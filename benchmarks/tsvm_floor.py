@@ -30,9 +30,10 @@ import time
 
 import numpy as np
 
+from timing import best_of, cpu_model
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 NS_ITERS = (10, 15, 20, 25, 30, 40, 50, 60, 80)
 
@@ -75,7 +76,6 @@ def profile_shape(base_X, models_NX, repeats: int) -> dict:
   """Kernel time, LAPACK time and the polar alternatives for one tensor."""
   import jax
   import jax.numpy as jnp
-  from timing import best_of
   from h3jax.merging import blocks
   from h3jax.merging import svd as svd_lib
 
@@ -107,10 +107,10 @@ def profile_shape(base_X, models_NX, repeats: int) -> dict:
   for tag, x in (("U", u), ("V", v)):
     gram_route = x.shape[0] >= 2 * x.shape[1]
     if gram_route:
-      lam = np.asarray(eigh(jnp.matmul(x.T, x, precision=hi))[0])
+      gx = jnp.matmul(x.T, x, precision=hi)
+      lam = np.asarray(eigh(gx)[0])
       gram_route = lam[0] >= blocks.POLAR_GRAM_MIN_RATIO * lam[-1] and lam[-1] > 0
     if gram_route:
-      gx = jnp.matmul(x.T, x, precision=hi)
       t_lapack += best_of(lambda: jax.block_until_ready(eigh(gx)), repeats)
       routes.append(f"polar {tag}: eigh")
       continue
@@ -146,7 +146,6 @@ def main():
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
   from h3jax.hf.st_io import SafetensorsReader
-  from timing import cpu_model
 
   base_dir = pathlib.Path(args.base)
   if args.variants:
