@@ -1,6 +1,7 @@
 """Tokenization on the real SmolLM2 tokenizer: loss only on response tokens,
 exact prompt/target boundary, truncation policy (hand-computed cases)."""
 
+import json
 import math
 
 import hypothesis
@@ -112,6 +113,24 @@ def test_tokenize_errors(smol_tok, tmp_path):
   with pytest.raises(FileNotFoundError, match="has no tokenizer \\(expected tokenizer.json"):
     tk.load_tokenizer(tmp_path)
   assert tk.pad_id(smol_tok) == smol_tok.pad_token_id == 2 and tk.pad_id(tk.ByteTokenizer()) == 0
+
+
+def test_tokenizer_is_loaded_once_per_folder_until_its_files_change(tmp_path):
+  import shutil
+  from h3jax.hf import loader
+  d = tmp_path / "tok"
+  d.mkdir()
+  for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    if (SMOLLM2_DIR / f).is_file():
+      shutil.copy2(SMOLLM2_DIR / f, d / f)
+  a = tk.load_tokenizer(d)
+  assert loader.tokenizer_from_dir(d) is a and tk.load_tokenizer(str(d) + "/") is a  # one object per folder
+  assert a.encode("hi there") == tk.load_tokenizer(SMOLLM2_DIR).encode("hi there")
+  cfg = json.loads((d / "tokenizer_config.json").read_text())
+  cfg["model_max_length"] = 77  # an edited tokenizer file is read again
+  (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+  b = tk.load_tokenizer(d)
+  assert b is not a and b.model_max_length == 77 and a.model_max_length != 77
 
 
 @hypothesis.settings(max_examples=200, deadline=None)

@@ -105,10 +105,12 @@ def test_prompt_buckets_and_rows():
   assert [infer._rows(P, 32) for P in (48, 256, 384, 1024, 5120)] == [32, 32, 21, 8, 1]
 
 
-def test_generate_cached_drops_shorter_buckets_programs_and_trims(tmp_path, monkeypatch):
+@pytest.mark.parametrize("large", [True, False])
+def test_generate_cached_drops_shorter_buckets_programs_and_trims(tmp_path, monkeypatch, large):
   """Shortest prompts first: once the batches move to a longer prompt bucket, the shorter ones'
-  compiled programs are dropped (each holds ~0.15 GB for a 30-layer MoE); the host heap is trimmed after
-  every batch. The answers are those of `generation.generate`, prompt by prompt."""
+  compiled programs are dropped if the model's are large (each holds ~0.15 GB for a 30-layer MoE) and kept
+  otherwise; the host heap is trimmed after every batch. The answers are those of `generation.generate`,
+  prompt by prompt."""
   from h3jax import hostmem
   from h3jax.evaluation import cache as cache_lib
   m = tiny_model(seed=2)
@@ -125,10 +127,17 @@ def test_generate_cached_drops_shorter_buckets_programs_and_trims(tmp_path, monk
       ("clear", generation._decode_chunk._cache_size())), clear(), events.append(
       ("cleared", generation._decode_chunk._cache_size()))))
   monkeypatch.setattr(hostmem, "trim", lambda: (events.append(("trim", None)), trim()))
+  assert not generation.programs_are_large(m["cfg"])  # 2 layers
+  if large:
+    monkeypatch.setattr(generation, "SMALL_PROGRAM_LAYERS", 1)
+  clear()  # none of another test's programs
   got = infer.generate_cached(m, items, settings, cache_lib.Cache(tmp_path / "c.jsonl"), batch_size=2,
                               progress=False)
-  assert [e for e, _ in events] == ["trim", "clear", "cleared", "trim"]  # batch 1, longer bucket, batch 2
-  assert events[1][1] >= 1 and events[2][1] == 0  # batch 1's programs dropped before batch 2 compiles its own
+  if large:
+    assert [e for e, _ in events] == ["trim", "clear", "cleared", "trim"]  # batch 1, longer bucket, batch 2
+    assert events[1][1] >= 1 and events[2][1] == 0  # batch 1's programs dropped before batch 2 compiles its own
+  else:  # both buckets' programs stay
+    assert [e for e, _ in events] == ["trim", "trim"] and generation._decode_chunk._cache_size() >= 2
   want = generation.generate(m["params"], m["cfg"], m["tokenizer"], inputs, max_new_tokens=6,
                              stop_strings=("###",), batch_size=1)
   assert got == want

@@ -21,6 +21,7 @@ add_special_tokens=...), bos/eos/pad_token_id and the chat-template API.
 
 from __future__ import annotations
 
+import functools
 import math
 import pathlib
 from typing import List, Optional, Sequence
@@ -60,8 +61,31 @@ def load_tokenizer(spec):
   if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
     raise FileNotFoundError(f"model folder {str(path)!r} has no tokenizer (expected tokenizer.json, "
                             "tokenizer.model or vocab.json next to tokenizer_config.json)")
+  return auto_tokenizer(path)
+
+
+# What AutoTokenizer.from_pretrained reads from a folder (config.json names the tokenizer class).
+_TOKENIZER_INPUTS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                     "config.json")
+
+
+def auto_tokenizer(folder):
+  """transformers.AutoTokenizer of `folder`, one object per process while the folder's tokenizer files
+  are unchanged (keyed by their sizes and modification times). Loading SmolLM2's takes ~0.4 s and an
+  in-process study stage loads it several times (each model it evaluates, the base, the data); callers
+  must not modify the returned tokenizer (h3jax.merging.streaming.vocab, which adds tokens, loads its own)."""
+  path = pathlib.Path(folder).resolve()
+  stamp = tuple((n, s.st_size, s.st_mtime_ns) for n in _TOKENIZER_INPUTS
+                if (f := path / n).is_file() and (s := f.stat()))
+  return _auto_tokenizer(str(path), stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _auto_tokenizer(path: str, stamp: tuple):
+  del stamp  # part of the cache key only
   from transformers import AutoTokenizer  # lazy: tiny runs never import transformers
-  return AutoTokenizer.from_pretrained(str(path))
+  return AutoTokenizer.from_pretrained(path)
 
 
 def pad_id(tokenizer) -> int:

@@ -154,7 +154,7 @@ def generate_cached(model: dict, items: List[dict], settings: dict, store: cache
       rows = _rows(P, batch_size)
       if len(b) <= rows:
         break
-    if bucket not in (None, P):
+    if bucket not in (None, P) and generation.programs_are_large(model["cfg"]):
       generation.clear_compiled()  # shortest first: the shorter buckets' programs are not needed again
     bucket = P
     t0, c0 = time.time(), time.process_time()

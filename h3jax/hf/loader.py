@@ -91,8 +91,8 @@ def load_tokenizer(ref):
 
 def tokenizer_from_dir(tok_dir):
   """AutoTokenizer of a folder that holds tokenizer files, with one clear error."""
-  import transformers
+  from h3jax.data.tokenize import auto_tokenizer
   try:
-    return transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+    return auto_tokenizer(tok_dir)
   except Exception as e:  # transformers raises many types here
     raise ValueError(f"{tok_dir}: tokenizer files could not be loaded ({type(e).__name__}: {e})") from e
