@@ -14,6 +14,11 @@ COLLECTIVE_TIMEOUTS = ("--xla_cpu_collective_call_terminate_timeout_seconds=1800
 if "collective_call_terminate" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {COLLECTIVE_TIMEOUTS}".strip()
 
+# For the command-line runs of tiny random models (the tiny study, the mesh CLI runs): their many small
+# programs compile faster with LLVM at -O0 and run for milliseconds either way (the tiny study: 243 against
+# 282 CPU-s; docs/testing.md). Not for the real SmolLM2, whose programs run slower unoptimised.
+TINY_MODEL_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
 import pathlib
 
 import pytest

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import REPO, SMOLLM2_DIR
+from conftest import REPO, SMOLLM2_DIR, TINY_MODEL_XLA_FLAGS
 
 CONFIG = REPO / "configs" / "study_tiny.py"
 
@@ -33,7 +33,7 @@ def _cmd(workdir, judges_dir, *extra):
 
 def _env(data_root):
   return dict(os.environ, JAX_PLATFORMS="cpu", H3JAX_DATA_ROOT=str(data_root), HF_HUB_OFFLINE="1",
-              JAX_NUM_CPU_DEVICES="1")
+              JAX_NUM_CPU_DEVICES="1", XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {TINY_MODEL_XLA_FLAGS}")
 
 
 def _require_smollm2():

@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import scale_fixtures as sf
-from conftest import COLLECTIVE_TIMEOUTS
+from conftest import COLLECTIVE_TIMEOUTS, TINY_MODEL_XLA_FLAGS
 from h3jax.checkpoint import load_params
 from h3jax.model.params import flatten_dict
 from h3jax.train import hlo_comm, loop, lora, optim, sharding
@@ -120,7 +120,7 @@ def runs(tmp_path_factory):
   data = sf.write_data(root / "d.jsonl")
   env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}  # XLA_FLAGS gives the devices
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), PYTHONFAULTHANDLER="1",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {COLLECTIVE_TIMEOUTS}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {COLLECTIVE_TIMEOUTS} {TINY_MODEL_XLA_FLAGS}")
   for name, mesh in {"one": {}, **MESHES}.items():
     _cli_run(root, name, base, experts, data, env, mesh)
   _, one = load_params(root / "one" / "checkpoints")
