@@ -44,3 +44,9 @@ def pytest_runtest_makereport(item, call):
   if os.environ.get("H3JAX_STRICT_SKIPS") == "1" and rep.skipped and not hasattr(rep, "wasxfail"):
     rep.outcome = "failed"
     rep.longrepr = f"skipped under H3JAX_STRICT_SKIPS=1 (a prerequisite is missing): {rep.longrepr}"
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `slow` run first: under `-n 2` the longest (the tiny study, ~4 min) then overlaps the
+  rest of the suite on the other worker instead of starting late and running alone at the end."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
