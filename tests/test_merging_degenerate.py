@@ -249,6 +249,14 @@ def test_zero_task_vector_takes_no_decomposition(method):
   assert _decomposition_primitives(branches[1].jaxpr) >= {"svd"}
   u, s, v = svd_lib.top_k_triples(np.zeros((40, 12), np.float32), 4, method)
   assert not np.asarray(u).any() and not np.asarray(s).any() and not np.asarray(v).any()
+  # solver "gram": no decomposition outside the cond either (its Gram eigh sits in the tau != 0 branch)
+  closed = jax.make_jaxpr(lambda t: svd_lib.top_singular(t, 4))(np.zeros((40, 12), np.float32))
+  outside = [e for e in closed.jaxpr.eqns if e.primitive.name != "cond"]
+  assert not {e.primitive.name for e in outside} & {"svd", "eigh", "eig", "qr", "householder_product", "geqrf"}
+  assert all(_decomposition_primitives(sub.jaxpr) == set() for e in outside for sub in e.params.values()
+             if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"))  # nor in a nested jit
+  u, s, v = svd_lib.top_singular(np.zeros((40, 12), np.float32), 4)
+  assert not np.asarray(u).any() and not np.asarray(s).any() and not np.asarray(v).any()
   base, models = family("all_zero", 3, shape=(40, 12))
   for solver in ("auto", "svd", "gram"):
     out = np.asarray(svd_lib._tsvm_array(np.asarray(base), np.stack(models), None, solver=solver))

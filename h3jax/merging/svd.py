@@ -151,21 +151,25 @@ def top_singular(tau_MN, k: int):
   t_mn = t_mn / scale
   n_short = t_mn.shape[1]
   q = min(n_short, k + max(32, k // 2))
-  g_nn = jnp.matmul(t_mn.T, t_mn, precision=_HI)
-  lam_n, w_nn = jnp.linalg.eigh(g_nn)  # ascending
-
-  def by_rr():
-    w_nq, _ = jnp.linalg.qr(jnp.matmul(g_nn, w_nn[:, ::-1][:, :q], precision=_HI))
-    ub_mq, s_q, vbt_qq = jnp.linalg.svd(jnp.matmul(t_mn, w_nq, precision=_HI), full_matrices=False)
-    return ub_mq[:, :k], s_q[:k], jnp.matmul(w_nq, vbt_qq[:k].T, precision=_HI)
 
   def by_svd():  # the same call as solver='svd' (the null-space vectors are the SVD's rounding)
     u_MR, s_R, vt_RN = blocks.svd(tau_MN)
     u_mk, v_nk = (u_MR[:, :k], vt_RN[:k].T) if m >= n else (vt_RN[:k].T, u_MR[:, :k])
     return u_mk, s_R[:k] / scale, v_nk
 
-  ok = (lam_n[n_short - k] > TOP_SINGULAR_MIN_EIG_RATIO * lam_n[-1]) & (lam_n[-1] > 0)
-  u_mk, s_k, v_nk = _unless_zero(t_mn, (k,), lambda: jax.lax.cond(ok, by_rr, by_svd))
+  def nonzero():  # the Gram eigh too runs only for tau != 0
+    g_nn = jnp.matmul(t_mn.T, t_mn, precision=_HI)
+    lam_n, w_nn = jnp.linalg.eigh(g_nn)  # ascending
+
+    def by_rr():
+      w_nq, _ = jnp.linalg.qr(jnp.matmul(g_nn, w_nn[:, ::-1][:, :q], precision=_HI))
+      ub_mq, s_q, vbt_qq = jnp.linalg.svd(jnp.matmul(t_mn, w_nq, precision=_HI), full_matrices=False)
+      return ub_mq[:, :k], s_q[:k], jnp.matmul(w_nq, vbt_qq[:k].T, precision=_HI)
+
+    ok = (lam_n[n_short - k] > TOP_SINGULAR_MIN_EIG_RATIO * lam_n[-1]) & (lam_n[-1] > 0)
+    return jax.lax.cond(ok, by_rr, by_svd)
+
+  u_mk, s_k, v_nk = _unless_zero(t_mn, (k,), nonzero)
   s_k = s_k * scale
   return (u_mk, s_k, v_nk) if m >= n else (v_nk, s_k, u_mk)
 
