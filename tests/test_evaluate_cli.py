@@ -20,7 +20,7 @@ def _run_main(argv):
   if "model" not in FLAGS:  # the CLI defines its flags only when run as a program
     evaluate.define_flags()
   FLAGS.unparse_flags()
-  FLAGS(["evaluate"] + argv)
+  FLAGS(["evaluate", "--compilation_cache="] + argv)  # no persistent cache: it would stay on in this worker
   FLAGS.config.judges.kind = "none"  # no judge needed to reach these errors
   return evaluate.main(["evaluate"])
 
@@ -58,7 +58,7 @@ def test_smollm2_limit_run_and_rerun(tmp_path, data_root):
   out = tmp_path / "eval"
   cmd = [sys.executable, "-m", "h3jax.evaluate", f"--config={REPO}/configs/eval_quick.py",
          f"--model=smollm2={SMOLLM2_DIR}", "--limit=1", "--config.generation.max_new_tokens=16",
-         f"--data_root={data_root}", f"--out={out}"]
+         f"--data_root={data_root}", f"--out={out}", f"--compilation_cache={tmp_path / 'xla'}"]
   if _judges_available():
     cmd.append("--config.judges.build_if_missing=False")
   else:
