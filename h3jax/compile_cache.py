@@ -24,21 +24,12 @@ def machine_tag() -> str:
   return "cpu-" + hashlib.sha256(info.encode()).hexdigest()[:12]
 
 
-# jax's cache without a size limit writes an entry in place and reads it without a lock, so a process that
-# reads an entry another process is still writing can hand XLA a truncated executable. Seen once: a test
-# worker that had the shared ~/.cache/h3jax/xla on aborted inside jax's cache read while other processes
-# wrote there. With a limit, jax takes a file lock around every read and write (and evicts the least
-# recently used entries beyond it).
-MAX_BYTES = 4 << 30
-
-
 def enable(path=DEFAULT_DIR, min_compile_secs: float = 0.2) -> pathlib.Path:
   """Persist compiled executables under `path`/<machine tag> so a re-run (or another process) skips
   compiling the same shapes: per-tensor merge kernels, decode chunks per batch and cache bucket, train
-  steps. Safe to share between concurrent processes (MAX_BYTES). Returns the folder used."""
+  steps. Returns the folder used."""
   path = pathlib.Path(path).expanduser() / machine_tag()
   path.mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
-  jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
   return path
