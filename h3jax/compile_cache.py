@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import pathlib
 import platform
+import tempfile
 
 import jax
 
@@ -30,6 +33,47 @@ def enable(path=DEFAULT_DIR, min_compile_secs: float = 0.2) -> pathlib.Path:
   steps. Returns the folder used."""
   path = pathlib.Path(path).expanduser() / machine_tag()
   path.mkdir(parents=True, exist_ok=True)
+  _install_atomic_put()
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
   return path
+
+
+def _atomic_put(self, key: str, value: bytes) -> None:
+  """jax's unlimited file cache (`max_size=-1`, no lock) writes an entry in place, so another process
+  sharing the folder (the study's parallel stages, test workers) can read it half-written and abort
+  in the executable's deserialisation. Written to a temporary file and renamed instead: a reader finds
+  no entry or a whole one."""
+  from jax._src import lru_cache
+  if not key:
+    raise ValueError("key cannot be empty")
+  final = pathlib.Path(str(self.path).removeprefix("file://")) / f"{key}{lru_cache._CACHE_SUFFIX}"
+  if final.exists():
+    return
+  fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{key}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(value)
+    os.replace(tmp, final)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    raise
+
+
+def _install_atomic_put() -> None:
+  """Routes jax's unlimited local file cache through `_atomic_put`; a size-limited cache (`max_size`
+  set, which jax guards with a file lock) and remote paths keep jax's own `put`."""
+  from jax._src import lru_cache
+  cls = lru_cache.LRUCache
+  if getattr(cls.put, "_h3jax_atomic", False):
+    return
+  own = cls.put
+
+  def put(self, key, value):
+    if self.eviction_enabled or not lru_cache._is_local_filesystem(str(self.path)):
+      return own(self, key, value)
+    return _atomic_put(self, key, value)
+
+  put._h3jax_atomic = True
+  cls.put = put

@@ -46,3 +46,35 @@ def test_second_process_reuses_the_first_ones_executable(tmp_path):
   assert first, "nothing was cached"
   assert run() == str(d)
   assert {p.name: p.stat().st_mtime_ns for p in d.iterdir()} == first  # a hit: nothing compiled or rewritten
+
+
+def test_entries_appear_whole_via_a_renamed_temporary_file(tmp_path, monkeypatch):
+  """Another process sharing the folder must find no entry or a whole one (jax's own unlimited cache
+  writes in place, and a half-written executable aborts the reader)."""
+  from jax._src import lru_cache
+  compile_cache._install_atomic_put()
+  cache = lru_cache.LRUCache(str(tmp_path), max_size=-1)
+  final = tmp_path / f"k1{lru_cache._CACHE_SUFFIX}"
+  seen = []
+  real_replace = os.replace
+
+  def replace(src, dst):
+    seen.append((pathlib.Path(dst) == final, final.exists(), pathlib.Path(src).read_bytes()))
+    return real_replace(src, dst)
+
+  monkeypatch.setattr(os, "replace", replace)
+  value = bytes(range(256)) * 1000
+  cache.put("k1", value)
+  assert seen == [(True, False, value)]  # the whole value, renamed onto a name no reader had seen
+  assert cache.get("k1") == value and sorted(p.name for p in tmp_path.iterdir()) == [final.name]
+  cache.put("k1", b"other")  # an existing entry is kept, as jax's put does
+  assert cache.get("k1") == value and len(seen) == 1
+
+
+def test_size_limited_cache_keeps_jax_locked_put(tmp_path, monkeypatch):
+  from jax._src import lru_cache
+  compile_cache._install_atomic_put()
+  cache = lru_cache.LRUCache(str(tmp_path), max_size=1 << 20)
+  monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(AssertionError("renamed")))
+  cache.put("k2", b"abc")
+  assert cache.get("k2") == b"abc" and (tmp_path / f"k2{lru_cache._ATIME_SUFFIX}").is_file()
