@@ -12,17 +12,19 @@ import time
 
 import pytest
 
-from conftest import REPO, SMOLLM2_DIR, TINY_MODEL_XLA_FLAGS
+from conftest import REPO, SMOLLM2_DIR, optimized_env
 
 CONFIG = REPO / "configs" / "study_tiny.py"
 
 
 @pytest.fixture(scope="module")
 def judges_dir(tmp_path_factory, data_root):
-  """Small local judges (10% of the judge data): the study needs every judge to compute its axes."""
-  from h3jax.evaluation.judges import train
+  """Small local judges (10% of the judge data): the study needs every judge to compute its axes. Built
+  by the judges CLI at XLA's default optimisation (conftest.optimized_env), with no feature cache."""
   d = tmp_path_factory.mktemp("judges")
-  train.build_judges(d, data_root=str(data_root), fraction=0.1)
+  subprocess.run([sys.executable, "-m", "h3jax.evaluation.judges.train", "--out", str(d), "--data_root",
+                  str(data_root), "--fraction", "0.1", "--cache_dir", ""], check=True, capture_output=True,
+                 env=optimized_env(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1"), cwd=REPO, timeout=900)
   return d
 
 
@@ -33,7 +35,7 @@ def _cmd(workdir, judges_dir, *extra):
 
 def _env(data_root):
   return dict(os.environ, JAX_PLATFORMS="cpu", H3JAX_DATA_ROOT=str(data_root), HF_HUB_OFFLINE="1",
-              JAX_NUM_CPU_DEVICES="1", XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {TINY_MODEL_XLA_FLAGS}")
+              JAX_NUM_CPU_DEVICES="1")  # XLA_FLAGS (-O0, conftest) inherited
 
 
 def _require_smollm2():

@@ -14,7 +14,6 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import TINY_MODEL_XLA_FLAGS
 from h3jax.checkpoint import load_params
 from h3jax.train import loop
 
@@ -41,8 +40,7 @@ def train_cmd(workdir, args):
 
 
 def _env(cache_dir=None):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1",
-             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {TINY_MODEL_XLA_FLAGS}")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")  # XLA_FLAGS (-O0, conftest) inherited
   if cache_dir is not None:  # later runs of the same config load the first run's executables
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return env

@@ -15,12 +15,15 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import scale_fixtures as sf
-from conftest import COLLECTIVE_TIMEOUTS, TINY_MODEL_XLA_FLAGS
+from conftest import COLLECTIVE_TIMEOUTS, FAST_COMPILE_XLA_FLAGS
 from h3jax.checkpoint import load_params
 from h3jax.model.params import flatten_dict
 from h3jax.train import hlo_comm, loop, lora, optim, sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# The module's CLI tests share one fixture (three training runs, ~70 s): under `make test`'s
+# `--dist loadgroup` they stay on one worker instead of both workers repeating the runs.
+pytestmark = pytest.mark.xdist_group("train_scale")
 STEPS, EVERY = 3, 2  # checkpoints at steps 2 and 3: step 3 is the "next step" after a restore
 
 
@@ -120,7 +123,7 @@ def runs(tmp_path_factory):
   data = sf.write_data(root / "d.jsonl")
   env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}  # XLA_FLAGS gives the devices
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), PYTHONFAULTHANDLER="1",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {COLLECTIVE_TIMEOUTS} {TINY_MODEL_XLA_FLAGS}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {COLLECTIVE_TIMEOUTS} {FAST_COMPILE_XLA_FLAGS}")
   for name, mesh in {"one": {}, **MESHES}.items():
     _cli_run(root, name, base, experts, data, env, mesh)
   _, one = load_params(root / "one" / "checkpoints")
