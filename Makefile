@@ -45,11 +45,8 @@ quickstart: smollm2
 oracles:
 	scripts/setup_oracles.sh
 
-# loadgroup keeps an xdist_group's tests (sharing an expensive module fixture) on one worker; no reorder
-# keeps conftest's slow-first order instead of sorting groups by size.
-PYTEST_DIST := -n 2 --dist loadgroup --no-loadscope-reorder
 test: smollm2 oracles
-	H3JAX_STRICT_SKIPS=1 $(PY) -m pytest $(PYTEST_DIST) -m "not optin" tests
+	H3JAX_STRICT_SKIPS=1 $(PY) -m pytest -n 2 -m "not optin" tests
 
 # The default suite with every numeric library forced onto other kernels than this CPU picks: XLA:CPU
 # code generated for SSE4.2 and single-threaded Eigen contractions (other vector widths, blockings and
@@ -60,7 +57,7 @@ PORTABLE_ENV := XLA_FLAGS="--xla_cpu_max_isa=SSE4_2 --xla_cpu_multi_thread_eigen
   ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 OPENBLAS_CORETYPE=Haswell \
   NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR"
 test-portable: smollm2 oracles
-	$(PORTABLE_ENV) H3JAX_STRICT_SKIPS=1 $(PY) -m pytest $(PYTEST_DIST) -m "not optin" tests
+	$(PORTABLE_ENV) H3JAX_STRICT_SKIPS=1 $(PY) -m pytest -n 2 -m "not optin" tests
 
 test-optin: smollm2
 	$(PY) -m pytest -m optin tests

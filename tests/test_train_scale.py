@@ -21,9 +21,6 @@ from h3jax.model.params import flatten_dict
 from h3jax.train import hlo_comm, loop, lora, optim, sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# The module's CLI tests share one fixture (three training runs, ~70 s): under `make test`'s
-# `--dist loadgroup` they stay on one worker instead of both workers repeating the runs.
-pytestmark = pytest.mark.xdist_group("train_scale")
 STEPS, EVERY = 3, 2  # checkpoints at steps 2 and 3: step 3 is the "next step" after a restore
 
 
@@ -117,17 +114,30 @@ def _cli_run(root, name, base, experts, data, env, mesh):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """One-device, data x expert = 2x4 and fsdp x expert = 2x4 runs from the CLI on 8 host devices."""
-  root = tmp_path_factory.mktemp("scale")
-  base, experts = sf.write_models(root)
-  data = sf.write_data(root / "d.jsonl")
+  """One-device, data x expert = 2x4 and fsdp x expert = 2x4 runs from the CLI on 8 host devices. Made
+  once per pytest run (~70 s): under xdist the first worker to need them makes them in the run's common
+  temporary folder, and a worker that gets this module's other tests waits on the lock and reads them."""
+  import filelock
+  shared = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    shared = shared.parent  # pytest-of-<user>/pytest-<N>/, above every worker's popen-gw<i>
+  root = shared / "train_scale_runs"
   env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}  # XLA_FLAGS gives the devices
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), PYTHONFAULTHANDLER="1",
              XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {COLLECTIVE_TIMEOUTS} {FAST_COMPILE_XLA_FLAGS}")
-  for name, mesh in {"one": {}, **MESHES}.items():
-    _cli_run(root, name, base, experts, data, env, mesh)
+  with filelock.FileLock(str(shared / "train_scale_runs.lock")):
+    if not (root / "paths.json").is_file():
+      shutil.rmtree(root, ignore_errors=True)
+      root.mkdir()
+      base, experts = sf.write_models(root)
+      data = sf.write_data(root / "d.jsonl")
+      for name, mesh in {"one": {}, **MESHES}.items():
+        _cli_run(root, name, base, experts, data, env, mesh)
+      (root / "paths.json").write_text(json.dumps(dict(base=str(base), experts=[str(e) for e in experts],
+                                                       data=str(data))))
+  paths = json.loads((root / "paths.json").read_text())
   _, one = load_params(root / "one" / "checkpoints")
-  return dict(root=root, base=base, experts=experts, data=data, one=one, env=env)
+  return dict(root=root, one=one, env=env, **paths)
 
 
 def test_cli_data_x_expert_and_fsdp_x_expert_equal_one_device(runs):
