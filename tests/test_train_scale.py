@@ -21,6 +21,9 @@ from h3jax.model.params import flatten_dict
 from h3jax.train import hlo_comm, loop, lora, optim, sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# Slow-first (conftest): under xdist's default distribution the module then lands in one worker's first
+# batch, so the other worker never sits waiting on the lock of the shared `runs` fixture (51 s idle once).
+pytestmark = pytest.mark.slow
 STEPS, EVERY = 3, 2  # checkpoints at steps 2 and 3: step 3 is the "next step" after a restore
 
 
