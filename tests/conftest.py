@@ -19,8 +19,8 @@ if "collective_call_terminate" not in os.environ.get("XLA_FLAGS", ""):
 # halves that (test_llama + test_moe: 191 -> 113 s, 145 -> 70 s of it compiling; the whole default suite
 # 1295 -> 956 s; docs/testing.md). Dots still run in XLA's library kernels. Also tried: XLA:CPU's older
 # fusion emitter (--xla_cpu_use_fusion_emitters=false) cut compiling by half again, but a suite run with it
-# segfaulted inside XLA's compiler once (never
-# seen without it), so it is not used. A flag already in XLA_FLAGS is left as set.
+# segfaulted inside XLA's compiler once (never seen without it), so it is not used. A flag already in
+# XLA_FLAGS is left as set.
 FAST_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0"
 for _flag in FAST_COMPILE_XLA_FLAGS.split():
   if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
