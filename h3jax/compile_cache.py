@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import pathlib
 import platform
-import tempfile
 
 import jax
+
+from h3jax import io_atomic
 
 DEFAULT_DIR = "~/.cache/h3jax/xla"
 
@@ -48,17 +47,8 @@ def _atomic_put(self, key: str, value: bytes) -> None:
   if not key:
     raise ValueError("key cannot be empty")
   final = pathlib.Path(str(self.path).removeprefix("file://")) / f"{key}{lru_cache._CACHE_SUFFIX}"
-  if final.exists():
-    return
-  fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{key}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(value)
-    os.replace(tmp, final)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise
+  if not final.exists():  # an existing entry is kept, as jax's put does
+    io_atomic.write_bytes(final, value)
 
 
 def _install_atomic_put() -> None:

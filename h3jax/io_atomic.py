@@ -185,14 +185,15 @@ def output_dir(out, *, overwrite: bool = False, inputs: Iterable = (), own_subdi
     raise
 
 
-def write_text(path, text: str, encoding: str = "utf-8") -> pathlib.Path:
-  """Writes a file atomically (temp file + rename) with the umask's mode, not mkstemp's 0600."""
+def write_bytes(path, data: bytes) -> pathlib.Path:
+  """Writes a file atomically (temp file + rename) with the umask's mode, not mkstemp's 0600: a reader
+  sees no file (or the old one) or the whole new one."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
   try:
-    with os.fdopen(fd, "w", encoding=encoding) as f:
-      f.write(text)
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
     apply_umask(tmp, is_dir=False)
     os.replace(tmp, path)
   except BaseException:
@@ -200,3 +201,8 @@ def write_text(path, text: str, encoding: str = "utf-8") -> pathlib.Path:
       os.unlink(tmp)
     raise
   return path
+
+
+def write_text(path, text: str, encoding: str = "utf-8") -> pathlib.Path:
+  """`write_bytes` of the encoded text."""
+  return write_bytes(path, text.encode(encoding))
