@@ -43,6 +43,7 @@ import transformers
 
 import h3jax
 from h3jax import fusion, generation
+from h3jax.kernels import cpu_matmul
 from h3jax.model import llama, params as params_lib
 from h3jax.train import lora, objective, optim, step as step_lib
 from timing import best_of, best_wall_and_cpu, cpu_model
@@ -127,17 +128,28 @@ def train_rows(res: dict, cfg, params, hf, args):
 
 
 def decode_rows(res: dict, cfg, params, hf, args):
+  """(b), with the CPU decode kernel (h3jax.kernels.cpu_matmul, what `generate` uses on CPU) and without it
+  (H3JAX_CPU_KERNELS=0: XLA's dots) in the same run."""
+  n_matmul_params = params_lib.num_params(params) - params["embed"]["embedding"].size * (not cfg.tie_word_embeddings)
   res["decode_weight_streaming_limit_tok_s_b1"] = res["read_bandwidth_gbs"] * 1e9 / decode_weight_bytes(params)
+  # at batch 8 a step also cannot beat the matmul peak: 2 FLOP per weight (the head included) per token
+  res["decode_limit_tok_s_b8"] = min(8 * res["decode_weight_streaming_limit_tok_s_b1"],
+                                     res["matmul_peak_gflops"] * 1e9 / (2 * n_matmul_params))
+  res["decode_cpu_kernel"] = cpu_matmul.available()
+  packed = llama.unstack_layers(params, cfg)  # once, as `generate` does for all its batches
+  os.environ[cpu_matmul.ENABLE_ENV] = "0"
+  plain = llama.unstack_layers(params, cfg)
+  del os.environ[cpu_matmul.ENABLE_ENV]
   for B in (1, 8):
     prompt = np.random.RandomState(B).randint(3, cfg.vocab_size, (B, args.prompt_len))
     n = args.new_tokens
 
-    def ours():
-      generation.generate_tokens(params, cfg, prompt, np.ones_like(prompt), max_new_tokens=n)
+    def ours(p, k):
+      generation.generate_tokens(p, cfg, prompt, np.ones_like(prompt), max_new_tokens=k)
     # Timing includes prefill; subtract a 1-token run to isolate decode steps.
-    def ours1():
-      generation.generate_tokens(params, cfg, prompt, np.ones_like(prompt), max_new_tokens=1)
-    t_ours = best_of(ours, args.repeats) - best_of(ours1, args.repeats)
+    for name, p in (("h3jax", packed), ("h3jax_xla", plain)):
+      t = best_of(lambda: ours(p, n), args.repeats) - best_of(lambda: ours(p, 1), args.repeats)
+      res[f"decode_tok_s_{name}_b{B}"] = B * (n - 1) / t
     tp = torch.as_tensor(prompt)
 
     def theirs(k):
@@ -145,10 +157,11 @@ def decode_rows(res: dict, cfg, params, hf, args):
         hf.generate(tp, attention_mask=torch.ones_like(tp), do_sample=False, max_new_tokens=k, min_new_tokens=k,
                     pad_token_id=0)
     t_theirs = best_of(lambda: theirs(n), args.repeats) - best_of(lambda: theirs(1), args.repeats)
-    res[f"decode_tok_s_h3jax_b{B}"] = B * (n - 1) / t_ours
     res[f"decode_tok_s_torch_b{B}"] = B * (n - 1) / t_theirs
-    res[f"decode_speedup_b{B}"] = t_theirs / t_ours
+    res[f"decode_speedup_b{B}"] = res[f"decode_tok_s_h3jax_b{B}"] / res[f"decode_tok_s_torch_b{B}"]
+    res[f"decode_kernel_speedup_b{B}"] = res[f"decode_tok_s_h3jax_b{B}"] / res[f"decode_tok_s_h3jax_xla_b{B}"]
   res["decode_frac_of_streaming_limit_b1"] = res["decode_tok_s_h3jax_b1"] / res["decode_weight_streaming_limit_tok_s_b1"]
+  res["decode_frac_of_limit_b8"] = res["decode_tok_s_h3jax_b8"] / res["decode_limit_tok_s_b8"]
 
 
 def decode_weight_bytes(params, experts_read: int = 1, num_experts: int = 1) -> float:
@@ -250,12 +263,17 @@ def table(res: dict) -> str:
   lines = [f"{res['cpu_model']}, {res['cpu_count']} cores, load average {res['load_average']:.1f} at the start", "",
            "| measure | h3jax | transformers | ratio |", "|---|---:|---:|---:|"]
   lines += [f"| {name} | {a:.1f} | {b:.1f} | {r:.2f}x |" for name, a, b, r in rows]
-  if "train_frac_of_matmul_peak" in res and "decode_frac_of_streaming_limit_b1" in res:
-    lines += ["",
-              f"fwd+bwd at {100 * res['train_frac_of_matmul_peak']:.0f}% of the measured fp32 matmul peak "
-              f"({res['matmul_peak_gflops']:.0f} GFLOP/s); decode batch 1 at "
-              f"{100 * res['decode_frac_of_streaming_limit_b1']:.0f}% of the weight-streaming limit "
-              f"({res['decode_weight_streaming_limit_tok_s_b1']:.0f} tok/s at {res['read_bandwidth_gbs']:.1f} GB/s)."]
+  if "train_frac_of_matmul_peak" in res:
+    lines += ["", f"fwd+bwd at {100 * res['train_frac_of_matmul_peak']:.0f}% of the measured fp32 matmul peak "
+              f"({res['matmul_peak_gflops']:.0f} GFLOP/s)."]
+  if "decode_frac_of_streaming_limit_b1" in res:
+    lines += ["", f"Decode batch 1 at {100 * res['decode_frac_of_streaming_limit_b1']:.0f}% of the weight-streaming "
+              f"limit ({res['decode_weight_streaming_limit_tok_s_b1']:.1f} tok/s at {res['read_bandwidth_gbs']:.1f} GB/s); "
+              f"batch 8 at {100 * res['decode_frac_of_limit_b8']:.0f}% of min(8 x that, the matmul peak's "
+              f"{res['matmul_peak_gflops']:.0f} GFLOP/s ÷ 2 FLOP per weight) = {res['decode_limit_tok_s_b8']:.0f} tok/s. "
+              f"CPU decode kernel {'on' if res['decode_cpu_kernel'] else 'unavailable'}; XLA's dots alone: " + ", ".join(
+                  f"batch {B} {res[f'decode_tok_s_h3jax_xla_b{B}']:.1f} tok/s (kernel {res[f'decode_kernel_speedup_b{B}']:.2f}x)"
+                  for B in (1, 8)) + "."]
   if "moe_decode_ratio_sparse_b1" in res:
     lines += ["", f"MoE ({res['moe_source']}; load_pretrained picks `{res['moe_load_pretrained_dispatch']}`) "
               "greedy decode tokens/s ÷ the dense model's, wall (CPU time):",

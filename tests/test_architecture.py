@@ -24,7 +24,7 @@ ENTRY_POINTS = ("h3jax.train.__main__", "h3jax.prepare", "h3jax.generate", "h3ja
                 "h3jax.moe", "h3jax.extract_lora", "h3jax.pipeline", "h3jax.evaluate")
 LAYERS = (
     {"base": ("h3jax.config", "h3jax.io_atomic", "h3jax.compile_cache", "h3jax.progress", "h3jax.rules",
-              "h3jax.hostmem")},
+              "h3jax.hostmem", "h3jax.kernels")},
     {"model": ("h3jax.model",), "data": ("h3jax.data",)},
     {"hf": ("h3jax.hf", "h3jax.checkpoint"), "generation": ("h3jax.generation",)},
     {"merging": ("h3jax.merging",), "fusion": ("h3jax.fusion",)},

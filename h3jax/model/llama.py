@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from h3jax.config import ModelConfig
-from h3jax.model import layers
+from h3jax.model import layers, panels
 
 
 def positions_from_mask(attention_mask_BT):
@@ -127,7 +127,9 @@ def unstack_layers(params, cfg: ModelConfig = None) -> dict:
   reads it, which triples the bytes moved per token; one buffer per layer halves
   the decode step time of SmolLM2-135M on CPU. With an MoE cfg whose dispatch is
   `sparse`, each layer's experts are split the same way into a tuple of E trees,
-  so a decode step reads just the chosen experts. `forward_cached` accepts any form.
+  so a decode step reads just the chosen experts. On one CPU device with float32 compute the kernels and
+  the head are also packed in column panels for the CPU decode kernel (model/panels.py; H3JAX_CPU_KERNELS=0
+  turns it off). `forward_cached` accepts any form.
   """
   if cfg is not None and cfg.ensemble_size:
     from h3jax.model import ensemble
@@ -135,9 +137,11 @@ def unstack_layers(params, cfg: ModelConfig = None) -> dict:
   split = cfg is not None and cfg.is_moe and cfg.moe_dispatch == "sparse"
   layers_p = params["layers"]
   unstacked = isinstance(layers_p, (list, tuple))
-  if unstacked and (not split or isinstance(layers_p[0]["moe"]["experts"], (list, tuple))):
-    return params
-  return dict(params, layers=_unstack(layers_p, split))
+  if not unstacked or (split and not isinstance(layers_p[0]["moe"]["experts"], (list, tuple))):
+    params = dict(params, layers=_unstack(layers_p, split))
+  if cfg is not None and panels.should_pack(params, cfg):
+    params = panels.pack(params, cfg)
+  return params
 
 
 def embed(params, input_ids_BT, cfg: ModelConfig):
@@ -153,7 +157,9 @@ def logits_from_hidden(params, hidden_BTD, cfg: ModelConfig):
   """Vocabulary projection (tied or untied) with float32 logits."""
   dt = cfg.compute_dtype
   h_ND = hidden_BTD.reshape(-1, hidden_BTD.shape[-1]).astype(dt)  # one matrix: see layers.linear
-  if cfg.tie_word_embeddings:
+  if "kernel_panels" in params.get("lm_head", {}):  # decode params packed for the CPU kernel, tied or not
+    logits_NV = panels.matmul(params["lm_head"], h_ND, dt).astype(jnp.float32)
+  elif cfg.tie_word_embeddings:
     logits_NV = jnp.einsum("nd,vd->nv", h_ND, params["embed"]["embedding"].astype(dt),
                            preferred_element_type=jnp.float32)
   else:

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 from h3jax.config import ModelConfig
 from h3jax.model import moe_dispatch as dispatch
-from h3jax.model import layers
+from h3jax.model import layers, panels
 
 _PROJ_IN_OUT = {"gate_proj": ("D", "F"), "up_proj": ("D", "F"), "down_proj": ("F", "D")}
 
@@ -69,8 +69,8 @@ def check_moe_params(p: dict, x_BTD, cfg: ModelConfig, mask_BT=None):
   for name, (i, o) in _PROJ_IN_OUT.items():
     leaf = experts[name]
     want = (E, dims[i], dims[o])
-    if tuple(leaf["kernel"].shape) != want:
-      raise ValueError(f"experts/{name}/kernel must be [E, {i}, {o}] = {want}, got {tuple(leaf['kernel'].shape)}")
+    if panels.kernel_shape(leaf) != want:
+      raise ValueError(f"experts/{name}/kernel must be [E, {i}, {o}] = {want}, got {panels.kernel_shape(leaf)}")
     if ("lora_a" in leaf) != ("lora_b" in leaf):
       raise ValueError(f"experts/{name} has only one of lora_a / lora_b")
     if "lora_a" in leaf:
@@ -102,7 +102,7 @@ def dropout_keeps(p_experts: dict, rng, N: int, k: int, cfg: ModelConfig):
   if not lora:
     return None
   rngs = dict(zip(_PROJ_IN_OUT, jax.random.split(rng, 3)))
-  return {n: layers.dropout_keep(rngs[n], cfg.lora_dropout, (N, k, one[n]["kernel"].shape[0]))
+  return {n: layers.dropout_keep(rngs[n], cfg.lora_dropout, (N, k, panels.kernel_shape(one[n])[0]))
           for n in lora}
 
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from h3jax.config import ModelConfig
+from h3jax.model import panels
 
 BACKENDS = ("dense", "capacity", "ragged", "expert_parallel", "sparse")
 EXPERT_AXIS = "expert"
@@ -278,7 +279,7 @@ def _linear_2d(p: dict, x_MI, keep_MI, cfg: ModelConfig):
   far slower at decode sizes)."""
   dt = cfg.compute_dtype
   x_MI = x_MI.astype(dt)
-  y_MO = x_MI @ p["kernel"].astype(dt)
+  y_MO = panels.matmul(p, x_MI, dt)
   if "lora_a" in p:
     h_MR = _lora_input(x_MI, keep_MI, cfg) @ p["lora_a"].astype(dt)
     y_MO = y_MO + cfg.lora_scale * (h_MR @ p["lora_b"].astype(dt))

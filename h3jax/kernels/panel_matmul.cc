@@ -1,0 +1,140 @@
+// y[N, O] = x[N, I] @ W for few rows N (decoding), with W packed in panels [P, I, 8] (P = ceil(O / 8),
+// panel p holds columns 8p..8p+7, zero-padded): every panel is one contiguous stream, and each loaded
+// weight vector is used for all rows of a row block, whose accumulators stay in registers.
+//
+// Why: XLA:CPU runs these skinny products on one thread at 10-17 GB/s; two threads streaming panels reach
+// the machine's memory bandwidth (h3jax/kernels/cpu_matmul.py, benchmarks/model_speed.py).
+// Panels are shared out in chunks through an atomic counter: the calling thread works too, and helpers
+// scheduled on XLA's intra-op pool that start after every chunk is claimed return at once, so the call
+// never waits on a helper that has not started.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kLanes = 8;
+constexpr int64_t kPrefetch = 256;  // floats ahead in each panel stream: ~10% at 8 rows, none at 1 (measured)
+typedef float v8 __attribute__((vector_size(32)));
+
+inline v8 Load(const float* p) { v8 v; std::memcpy(&v, p, sizeof v); return v; }
+
+inline v8 Splat(float s) {
+#if defined(__AVX__)
+  return (v8)_mm256_set1_ps(s);  // one vbroadcastss (a lane-by-lane fill compiles to 7 vinsertps)
+#else
+  return (v8){s, s, s, s, s, s, s, s};
+#endif
+}
+
+// acc + a * b with one rounding order in every block shape: a fused multiply-add where the CPU has one,
+// else a multiply and an add (the build passes -ffp-contract=off, so the compiler never fuses some of them
+// and not others), which keeps each row's result independent of the rows it is batched with.
+inline v8 MulAdd(v8 a, v8 b, v8 acc) {
+#if defined(__FMA__)
+  return (v8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)acc);
+#else
+  return acc + a * b;
+#endif
+}
+
+inline void Store(float* p, v8 v, int64_t cols) {
+  if (cols == kLanes) { std::memcpy(p, &v, sizeof v); return; }
+  float t[kLanes];
+  std::memcpy(t, &v, sizeof v);
+  std::memcpy(p, t, cols * sizeof(float));
+}
+
+// NB rows of x times PB consecutive panels; acc: NB * PB vector registers.
+template <int NB, int PB>
+inline void Block(const float* x, int64_t I, const float* w, float* y, int64_t O, int64_t col0) {
+  v8 acc[NB][PB] = {};
+  for (int64_t i = 0; i < I; ++i) {
+    v8 wv[PB];
+    for (int b = 0; b < PB; ++b) {
+      wv[b] = Load(w + (b * I + i) * kLanes);
+      __builtin_prefetch(w + (b * I + i) * kLanes + kPrefetch);
+    }
+    for (int n = 0; n < NB; ++n) {
+      const v8 xs = Splat(x[n * I + i]);
+      for (int b = 0; b < PB; ++b) acc[n][b] = MulAdd(xs, wv[b], acc[n][b]);
+    }
+  }
+  for (int n = 0; n < NB; ++n)
+    for (int b = 0; b < PB; ++b) {
+      const int64_t c = col0 + b * kLanes;
+      Store(y + n * O + c, acc[n][b], std::min(kLanes, O - c));
+    }
+}
+
+// Rows in blocks of 8 / 4 / 2 / 1 with 1 / 2 / 4 / 4 panels at a time (at most 13 registers live).
+template <int NB, int PB>
+void Rows(const float* x, int64_t I, const float* w, float* y, int64_t O, int64_t p0, int64_t p1) {
+  int64_t p = p0;
+  for (; p + PB <= p1; p += PB) Block<NB, PB>(x, I, w + p * I * kLanes, y, O, p * kLanes);
+  for (; p < p1; ++p) Block<NB, 1>(x, I, w + p * I * kLanes, y, O, p * kLanes);
+}
+
+void Panels(const float* x, int64_t N, int64_t I, const float* w, float* y, int64_t O, int64_t p0, int64_t p1) {
+  int64_t n = 0;
+  for (; n + 8 <= N; n += 8) Rows<8, 1>(x + n * I, I, w, y + n * O, O, p0, p1);
+  if (N - n >= 4) { Rows<4, 2>(x + n * I, I, w, y + n * O, O, p0, p1); n += 4; }
+  if (N - n >= 2) { Rows<2, 4>(x + n * I, I, w, y + n * O, O, p0, p1); n += 2; }
+  if (N - n >= 1) Rows<1, 4>(x + n * I, I, w, y + n * O, O, p0, p1);
+}
+
+struct Job {
+  const float* x; const float* w; float* y;
+  int64_t N, I, O, P, chunk, chunks;
+  std::atomic<int64_t> next{0}, done{0};
+  void Work() {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      Panels(x, N, I, w, y, O, c * chunk, std::min(P, (c + 1) * chunk));
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error PanelMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kLanes)
+    return ffi::Error::InvalidArgument("panel_matmul: want x [N, I], w [P, I, 8], y [N, O]");
+  const int64_t N = xd[0], I = xd[1], P = wd[0], O = yd[1];
+  if (wd[1] != I || yd[0] != N || P != (O + kLanes - 1) / kLanes)
+    return ffi::Error::InvalidArgument("panel_matmul: shapes do not agree");
+  if (N == 0 || O == 0) return ffi::Error::Success();
+  if (I == 0) { std::memset(y->typed_data(), 0, N * O * sizeof(float)); return ffi::Error::Success(); }
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // ~4 chunks per thread for balance, none under 4 panels or 32 KiB of weights.
+  const int64_t min_chunk = std::max<int64_t>(4, 32768 / (I * kLanes * 4) + 1);
+  const int64_t chunk = std::max(min_chunk, (P + 4 * threads - 1) / (4 * threads));
+  auto job = std::make_shared<Job>();
+  job->x = x.typed_data(); job->w = w.typed_data(); job->y = y->typed_data();
+  job->N = N; job->I = I; job->O = O; job->P = P; job->chunk = chunk; job->chunks = (P + chunk - 1) / chunk;
+  const int64_t helpers = std::min(threads - 1, job->chunks - 1);
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { job->Work(); });
+  job->Work();
+  while (job->done.load(std::memory_order_acquire) < job->chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(H3jaxPanelMatmulF32, PanelMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
