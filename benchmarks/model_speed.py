@@ -136,20 +136,18 @@ def decode_rows(res: dict, cfg, params, hf, args):
   res["decode_limit_tok_s_b8"] = min(8 * res["decode_weight_streaming_limit_tok_s_b1"],
                                      res["matmul_peak_gflops"] * 1e9 / (2 * n_matmul_params))
   res["decode_cpu_kernel"] = cpu_matmul.available()
-  packed = llama.unstack_layers(params, cfg)  # once, as `generate` does for all its batches
-  os.environ[cpu_matmul.ENABLE_ENV] = "0"
-  plain = llama.unstack_layers(params, cfg)
-  del os.environ[cpu_matmul.ENABLE_ENV]
   for B in (1, 8):
     prompt = np.random.RandomState(B).randint(3, cfg.vocab_size, (B, args.prompt_len))
     n = args.new_tokens
-
-    def ours(p, k):
-      generation.generate_tokens(p, cfg, prompt, np.ones_like(prompt), max_new_tokens=k)
-    # Timing includes prefill; subtract a 1-token run to isolate decode steps.
-    for name, p in (("h3jax", packed), ("h3jax_xla", plain)):
-      t = best_of(lambda: ours(p, n), args.repeats) - best_of(lambda: ours(p, 1), args.repeats)
+    for name, kernel in (("h3jax", "1"), ("h3jax_xla", "0")):
+      os.environ[cpu_matmul.ENABLE_ENV] = kernel  # read when generation unstacks (and packs) the params
+      p = llama.unstack_layers(params, cfg)  # once, as `generate` does for all its batches
+      ours = lambda k: generation.generate_tokens(p, cfg, prompt, np.ones_like(prompt), max_new_tokens=k)
+      # Timing includes prefill; subtract a 1-token run to isolate decode steps.
+      t = best_of(lambda: ours(n), args.repeats) - best_of(lambda: ours(1), args.repeats)
       res[f"decode_tok_s_{name}_b{B}"] = B * (n - 1) / t
+      del p
+    del os.environ[cpu_matmul.ENABLE_ENV]
     tp = torch.as_tensor(prompt)
 
     def theirs(k):

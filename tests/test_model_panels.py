@@ -94,7 +94,8 @@ def _decode_logits(params, cfg, ids, mask, toks):
   return np.asarray(jnp.concatenate(out, axis=1))
 
 
-@pytest.mark.parametrize("model", ["llama_gqa_tied_llama3", "qwen2_bias", "llama_attn_bias", "moe", "lora"])
+# (test_generation's transformers oracles decode every tiny variant through the kernel as well)
+@pytest.mark.parametrize("model", ["qwen2_bias", "moe", "lora"])
 def test_packed_decoding_equals_plain(model, monkeypatch, tmp_path):
   """Prefill (XLA over the panels: B*P > MAX_ROWS) and decode steps (the kernel) give the plain params'
   logits, and greedy generation their tokens, on left-padded rows and a one-token answer."""
