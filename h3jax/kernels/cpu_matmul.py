@@ -26,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -110,6 +111,7 @@ def build(cache_root: Path | None = None) -> Path:
     os.close(fd)
     try:
       cmd = [cxx, *CXXFLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+      log.info("building the h3jax CPU kernels into %s (once per machine)", out_dir)
       done = subprocess.run(cmd, capture_output=True, text=True)
       if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
@@ -121,6 +123,7 @@ def build(cache_root: Path | None = None) -> Path:
 
 
 _state: dict = {}  # "ok": whether the kernel was built and registered in this process (decided once)
+_state_lock = threading.Lock()  # threads of one process (the merge driver's, a server's) register it once
 
 
 def _load() -> bool:
@@ -137,9 +140,10 @@ def available() -> bool:
   """Whether the kernel is built and registered (and not disabled by H3JAX_CPU_KERNELS=0)."""
   if not enabled():
     return False
-  if "ok" not in _state:
-    _state["ok"] = _load()
-  return _state["ok"]
+  with _state_lock:
+    if "ok" not in _state:
+      _state["ok"] = _load()
+    return _state["ok"]
 
 
 def packable(kernel_IO) -> bool:
