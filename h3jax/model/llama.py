@@ -137,10 +137,12 @@ def unstack_layers(params, cfg: ModelConfig = None) -> dict:
   split = cfg is not None and cfg.is_moe and cfg.moe_dispatch == "sparse"
   layers_p = params["layers"]
   unstacked = isinstance(layers_p, (list, tuple))
-  if not unstacked or (split and not isinstance(layers_p[0]["moe"]["experts"], (list, tuple))):
+  own = not unstacked or (split and not isinstance(layers_p[0]["moe"]["experts"], (list, tuple)))
+  if own:
     params = dict(params, layers=_unstack(layers_p, split))
+  del layers_p
   if cfg is not None and panels.should_pack(params, cfg):
-    params = panels.pack(params, cfg)
+    params = panels.pack(params, cfg, consume=own)
   return params
 
 

@@ -75,7 +75,7 @@ def _pack_tree(tree, path: str = ""):
   return tree
 
 
-_pack_layers = jax.jit(_pack_tree)
+_pack_layer = jax.jit(_pack_tree)  # one layer per call: one small program serves every layer of a model
 
 
 @functools.partial(jax.jit, static_argnames=("tied",))
@@ -83,11 +83,20 @@ def _pack_head(head, tied: bool):
   return cpu_matmul.pack_panels(head.T if tied else head)  # tied: the embedding [V, D] is the head's [D, V]
 
 
-def pack(params, cfg: ModelConfig) -> dict:
-  """params (layers unstacked) with the layer kernels and the head in panels; idempotent."""
+def pack(params, cfg: ModelConfig, consume: bool = False) -> dict:
+  """params (layers unstacked) with the layer kernels and the head in panels; idempotent.
+
+  consume: `params` is the caller's own copy (unstack_layers' fresh one): its layers are taken out of it
+  and each is dropped once packed, so the peak is the model plus one layer rather than two models."""
   if "kernel_panels" in params.get("lm_head", {}):
     return params
-  out = dict(params, layers=_pack_layers(params["layers"]))
+  todo = list(params["layers"])
+  if consume:
+    params["layers"] = None
+  packed = []
+  while todo:
+    packed.append(_pack_layer(todo.pop(0)))
+  out = dict(params, layers=tuple(packed))
   tied = cfg.tie_word_embeddings
   head = params["embed"]["embedding"] if tied else params["lm_head"]["kernel"]
   if head.dtype == jnp.float32 and head.shape[0 if tied else 1] % cpu_matmul.LANES == 0:
