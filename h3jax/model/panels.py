@@ -87,7 +87,8 @@ def pack(params, cfg: ModelConfig, consume: bool = False) -> dict:
   """params (layers unstacked) with the layer kernels and the head in panels; idempotent.
 
   consume: `params` is the caller's own copy (unstack_layers' fresh one): its layers are taken out of it
-  and each is dropped once packed, so the peak is the model plus one layer rather than two models."""
+  and each is dropped once packed. Host memory growth of SmolLM2's unstack and pack (one process each):
+  0.91-0.94 GB so, 1.17 GB packing per layer without dropping, 1.25 GB in one whole-model program."""
   if "kernel_panels" in params.get("lm_head", {}):
     return params
   todo = list(params["layers"])
