@@ -64,6 +64,20 @@ def test_every_layer_kernel_and_the_head_are_packed_but_not_the_router(monkeypat
   assert "kernel" in unstacked["layers"][0]["attn"]["q_proj"] and "kernel_panels" in again["layers"][0]["attn"]["q_proj"]
 
 
+def test_a_head_that_cannot_be_packed_is_left_and_nothing_is_packed_twice(monkeypatch, tmp_path):
+  """Vocabulary 100 is no multiple of 8: the head stays a kernel, the layers are packed once, and unstacking
+  the packed params again (generation does at every call) returns them as they are, decoding as plain."""
+  cfg, params = _load("llama_mha_untied", tmp_path, vocab_size=100)
+  packed = llama.unstack_layers(params, cfg)
+  assert "kernel" in packed["lm_head"] and "kernel_panels" in packed["layers"][0]["mlp"]["up_proj"]
+  assert llama.unstack_layers(packed, cfg) is packed
+  rs = np.random.RandomState(1)
+  ids, toks = rs.randint(3, 100, (2, 7)).astype(np.int32), rs.randint(3, 100, (2, 3)).astype(np.int32)
+  mask = np.ones_like(ids)
+  assert_close(_decode_logits(packed, cfg, ids, mask, toks),
+               _decode_logits(_plain(monkeypatch, params, cfg), cfg, ids, mask, toks), rtol=1e-5, atol_rel=1e-5)
+
+
 def test_tied_head_is_the_embedding_transposed(tmp_path):
   cfg, params = _load("qwen2_bias", tmp_path)
   assert cfg.tie_word_embeddings

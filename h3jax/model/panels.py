@@ -83,23 +83,36 @@ def _pack_head(head, tied: bool):
   return cpu_matmul.pack_panels(head.T if tied else head)  # tied: the embedding [V, D] is the head's [D, V]
 
 
+def _needs_packing(layer) -> bool:
+  """Whether a layer tree still holds a kernel that PANEL_RULES packs (layers share one structure)."""
+  return any(rules.first_match(rules.path_str(path), PANEL_RULES, False) and cpu_matmul.packable(x)
+             for path, x in jax.tree_util.tree_flatten_with_path(layer)[0])
+
+
 def pack(params, cfg: ModelConfig, consume: bool = False) -> dict:
-  """params (layers unstacked) with the layer kernels and the head in panels; idempotent.
+  """params (layers unstacked) with the layer kernels and the head in panels. Idempotent, and returns
+  `params` itself when nothing is left to pack (generation unstacks again at every call).
 
   consume: `params` is the caller's own copy (unstack_layers' fresh one): its layers are taken out of it
   and each is dropped once packed. Host memory growth of SmolLM2's unstack and pack (one process each):
   0.91-0.94 GB so, 1.17 GB packing per layer without dropping, 1.25 GB in one whole-model program."""
-  if "kernel_panels" in params.get("lm_head", {}):
-    return params
-  todo = list(params["layers"])
-  if consume:
-    params["layers"] = None
-  packed = []
-  while todo:
-    packed.append(_pack_layer(todo.pop(0)))
-  out = dict(params, layers=tuple(packed))
   tied = cfg.tie_word_embeddings
-  head = params["embed"]["embedding"] if tied else params["lm_head"]["kernel"]
-  if head.dtype == jnp.float32 and head.shape[0 if tied else 1] % cpu_matmul.LANES == 0:
+  head_p = params.get("lm_head", {})
+  head = params["embed"]["embedding"] if tied else head_p.get("kernel")
+  pack_head = ("kernel_panels" not in head_p and head is not None and head.dtype == jnp.float32
+               and head.shape[0 if tied else 1] % cpu_matmul.LANES == 0)
+  pack_layers = bool(params["layers"]) and _needs_packing(params["layers"][0])
+  if not (pack_head or pack_layers):
+    return params
+  out = dict(params)
+  if pack_layers:
+    todo = list(params["layers"])
+    if consume:
+      params["layers"] = out["layers"] = None
+    packed = []
+    while todo:
+      packed.append(_pack_layer(todo.pop(0)))
+    out["layers"] = tuple(packed)
+  if pack_head:
     out["lm_head"] = {"kernel_panels": _pack_head(head, tied)}
   return out
