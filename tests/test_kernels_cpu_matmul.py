@@ -64,6 +64,26 @@ def test_rows_are_computed_alone_bit_for_bit():
   np.testing.assert_array_equal(np.asarray(fn(x[3:7], panels)), full[3:7])
 
 
+def test_a_group_of_weights_is_one_call_equal_to_each_alone():
+  """q / k / v and gate / up share their input: one kernel call, each result bit-identical to its own call;
+  more weights than one call takes are split into calls of MAX_WEIGHTS; an empty or 8-column one too."""
+  rs = np.random.RandomState(6)
+  x = rs.standard_normal((5, 96)).astype(np.float32)
+  ws = [rs.standard_normal((96, o)).astype(np.float32) for o in (64, 8, 24, 136, 8, 16, 40, 8, 32, 0, 48)]
+  panels = [jnp.asarray(w.reshape(96, -1, 8).transpose(1, 0, 2)) for w in ws]  # the 0-column one too
+  group = lambda x, *ps: cpu_matmul.panel_matmuls(x, ps)
+  hlo = jax.jit(group).lower(x, *panels[:3]).as_text()
+  assert hlo.count(cpu_matmul.TARGET) == 1
+  ys = jax.jit(group)(x, *panels)
+  assert len(ys) == len(ws) and jax.jit(group).lower(x, *panels).as_text().count(cpu_matmul.TARGET) == 2
+  one = jax.jit(cpu_matmul.panel_matmul)
+  for y, w, p in zip(ys, ws, panels):
+    assert y.shape == (5, w.shape[1])
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(one(x, p)))
+    _assert_product(y, x, w)
+  assert cpu_matmul.panel_matmuls(x, ()) == ()
+
+
 def test_zeros_and_non_finite_rows():
   x, w = _data(4, 64, 32, seed=2)
   x[1] = 0.0

@@ -133,3 +133,16 @@ def test_packed_decoding_equals_plain(model, monkeypatch, tmp_path):
     b, lb = generation.generate_tokens(params, cfg, ids, mask, max_new_tokens=1)
   np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(la, lb)
+
+
+@pytest.mark.parametrize("model", ["qwen2_bias", "lora"])
+def test_a_decode_step_makes_four_kernel_calls_per_layer(model, tmp_path):
+  """q / k / v in one call and gate / up in one (they share their input), o and down alone, then the head:
+  with biases and with LoRA pairs beside the packed kernels."""
+  cfg, params = {"lora": _with_lora}.get(model, lambda p: _load(model, p))(tmp_path)
+  packed = llama.unstack_layers(params, cfg)
+  B, S = 2, 16
+  ids, pos = jnp.ones((B, 1), jnp.int32), jnp.full((B, 1), 3, jnp.int32)
+  step = jax.jit(llama.forward_cached, static_argnames=("cfg",))
+  text = step.lower(packed, ids, pos, llama.init_cache(cfg, B, S), 3, jnp.ones((B, S), bool), cfg=cfg).as_text()
+  assert text.count(f"@{cpu_matmul.TARGET}(") == 4 * cfg.num_layers + 1

@@ -165,21 +165,41 @@ def unpack_panels(panels_PIL):
   return panels_PIL.transpose(1, 0, 2).reshape(I, P * L)
 
 
-def _xla_matmul(x_NI, panels_PIL):
-  y_NPL = jnp.einsum("ni,pil->npl", x_NI, panels_PIL, preferred_element_type=jnp.float32)
-  return y_NPL.reshape(x_NI.shape[0], -1).astype(x_NI.dtype)
+MAX_WEIGHTS = 8  # weights one kernel call multiplies the same rows by (panel_matmul.cc's kMaxWeights)
 
 
-def _kernel_matmul(x_NI, panels_PIL):
-  out = jax.ShapeDtypeStruct((x_NI.shape[0], panels_PIL.shape[0] * LANES), jnp.float32)
-  return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x_NI, panels_PIL)
+def _xla_matmuls(x_NI, *panels):
+  outs = []
+  for panels_PIL in panels:
+    y_NPL = jnp.einsum("ni,pil->npl", x_NI, panels_PIL, preferred_element_type=jnp.float32)
+    outs.append(y_NPL.reshape(x_NI.shape[0], -1).astype(x_NI.dtype))
+  return tuple(outs)
+
+
+def _kernel_matmuls(x_NI, *panels):
+  outs = tuple(jax.ShapeDtypeStruct((x_NI.shape[0], p.shape[0] * LANES), jnp.float32) for p in panels)
+  return tuple(jax.ffi.ffi_call(TARGET, outs, vmap_method="sequential")(x_NI, *panels))
+
+
+def panel_matmuls(x_NI, panels: tuple | list) -> tuple:
+  """x [N, in] @ each weight packed in `panels` -> a tuple of [N, out_j]. The native kernel on CPU for
+  float32 and N <= MAX_ROWS, one call for the group (its threads are woken and waited for once); else an
+  XLA dot over each weight's panels (prefill, other platforms, other dtypes). Each result equals
+  panel_matmul(x, panels[j]) bit for bit."""
+  panels = tuple(panels)
+  if not panels:
+    return ()
+  fits = (x_NI.ndim == 2 and x_NI.shape[0] <= MAX_ROWS and x_NI.dtype == jnp.float32
+          and all(p.dtype == jnp.float32 for p in panels) and available())
+  if not fits:
+    return _xla_matmuls(x_NI, *panels)
+  outs = []
+  for i in range(0, len(panels), MAX_WEIGHTS):
+    group = panels[i:i + MAX_WEIGHTS]
+    outs += jax.lax.platform_dependent(x_NI, *group, cpu=_kernel_matmuls, default=_xla_matmuls)
+  return tuple(outs)
 
 
 def panel_matmul(x_NI, panels_PIL):
-  """x [N, in] @ the weight packed in `panels_PIL` -> [N, out]: the native kernel on CPU for float32 and
-  N <= MAX_ROWS, else an XLA dot over the panels (prefill, other platforms, other dtypes)."""
-  fits = (x_NI.ndim == 2 and x_NI.shape[0] <= MAX_ROWS and x_NI.dtype == jnp.float32
-          and panels_PIL.dtype == jnp.float32 and available())
-  if not fits:
-    return _xla_matmul(x_NI, panels_PIL)
-  return jax.lax.platform_dependent(x_NI, panels_PIL, cpu=_kernel_matmul, default=_xla_matmul)
+  """x [N, in] @ the weight packed in `panels_PIL` -> [N, out] (panel_matmuls of one weight)."""
+  return panel_matmuls(x_NI, (panels_PIL,))[0]

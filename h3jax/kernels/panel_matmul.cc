@@ -94,35 +94,63 @@ void Panels(const float* x, int64_t N, int64_t I, const float* w, float* y, int6
   if (N - n >= 1) Rows<1, 4>(x + n * I, I, w, y + n * O, O, p0, p1);
 }
 
+constexpr int kMaxWeights = 8;
+
+// One call multiplies the same rows by up to kMaxWeights packed weights (q / k / v, gate / up): their panels
+// form one list of chunks, so the pool is woken and waited for once per group instead of once per weight.
 struct Job {
-  const float* x; const float* w; float* y;
-  int64_t N, I, O, P, chunk, chunks;
+  const float* x;
+  int64_t N, I, chunk, chunks = 0;
+  int count = 0;
+  const float* w[kMaxWeights];
+  float* y[kMaxWeights];
+  int64_t O[kMaxWeights], P[kMaxWeights], first[kMaxWeights + 1];  // first: weight j's first chunk
   std::atomic<int64_t> next{0}, done{0};
   void Work() {
     for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      Panels(x, N, I, w, y, O, c * chunk, std::min(P, (c + 1) * chunk));
+      int j = 0;
+      while (c >= first[j + 1]) ++j;
+      const int64_t p0 = (c - first[j]) * chunk;
+      Panels(x, N, I, w[j], y[j], O[j], p0, std::min(P[j], p0 + chunk));
       done.fetch_add(1, std::memory_order_release);
     }
   }
 };
 
-ffi::Error PanelMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                       ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kLanes)
-    return ffi::Error::InvalidArgument("panel_matmul: want x [N, I], w [P, I, 8], y [N, O]");
-  const int64_t N = xd[0], I = xd[1], P = wd[0], O = yd[1];
-  if (wd[1] != I || yd[0] != N || P != (O + kLanes - 1) / kLanes)
-    return ffi::Error::InvalidArgument("panel_matmul: shapes do not agree");
-  if (N == 0 || O == 0) return ffi::Error::Success();
-  if (I == 0) { std::memset(y->typed_data(), 0, N * O * sizeof(float)); return ffi::Error::Success(); }
+ffi::Error PanelMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws,
+                       ffi::RemainingRets ys) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("panel_matmul: want x [N, I]");
+  const int64_t N = xd[0], I = xd[1];
+  if (ws.size() != ys.size() || ws.size() < 1 || ws.size() > kMaxWeights)
+    return ffi::Error::InvalidArgument("panel_matmul: want 1-8 weights and as many results");
+  auto job = std::make_shared<Job>();
+  job->x = x.typed_data(); job->N = N; job->I = I; job->count = static_cast<int>(ws.size());
+  int64_t total = 0;
+  for (int j = 0; j < job->count; ++j) {
+    auto w = ws.get<ffi::Buffer<ffi::F32>>(j);
+    auto y = ys.get<ffi::Buffer<ffi::F32>>(j);
+    if (!w.has_value() || !y.has_value()) return ffi::Error::InvalidArgument("panel_matmul: want float32");
+    auto wd = w->dimensions(), yd = (*y)->dimensions();
+    if (wd.size() != 3 || yd.size() != 2 || wd[2] != kLanes)
+      return ffi::Error::InvalidArgument("panel_matmul: want w [P, I, 8], y [N, O]");
+    const int64_t P = wd[0], O = yd[1];
+    if (wd[1] != I || yd[0] != N || P != (O + kLanes - 1) / kLanes)
+      return ffi::Error::InvalidArgument("panel_matmul: shapes do not agree");
+    job->w[j] = w->typed_data(); job->y[j] = (*y)->typed_data(); job->O[j] = O; job->P[j] = P;
+    if (I == 0 && N * O) std::memset(job->y[j], 0, N * O * sizeof(float));
+    total += P;
+  }
+  if (N == 0 || I == 0 || total == 0) return ffi::Error::Success();
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // ~4 chunks per thread for balance, none under 4 panels or 32 KiB of weights.
   const int64_t min_chunk = std::max<int64_t>(4, 32768 / (I * kLanes * 4) + 1);
-  const int64_t chunk = std::max(min_chunk, (P + 4 * threads - 1) / (4 * threads));
-  auto job = std::make_shared<Job>();
-  job->x = x.typed_data(); job->w = w.typed_data(); job->y = y->typed_data();
-  job->N = N; job->I = I; job->O = O; job->P = P; job->chunk = chunk; job->chunks = (P + chunk - 1) / chunk;
+  job->chunk = std::max(min_chunk, (total + 4 * threads - 1) / (4 * threads));
+  for (int j = 0; j < job->count; ++j) {
+    job->first[j] = job->chunks;
+    job->chunks += (job->P[j] + job->chunk - 1) / job->chunk;
+  }
+  job->first[job->count] = job->chunks;
   const int64_t helpers = std::min(threads - 1, job->chunks - 1);
   for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { job->Work(); });
   job->Work();
@@ -136,5 +164,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(H3jaxPanelMatmulF32, PanelMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .RemainingArgs()
+                                  .RemainingRets());

@@ -104,32 +104,40 @@ def dropout_keep(rng, rate: float, shape) -> jax.Array:
   return (x >= jnp.uint32(min(int(rate * 2.0 ** 32), 2 ** 32 - 1))).reshape(shape)
 
 
-def linear(p: dict, x_BTI, cfg: ModelConfig, rng=None):
-  """y = x @ kernel (+ bias) (+ lora_scale * dropout(x) @ lora_a @ lora_b); `kernel_panels` for kernel in
-  decode params (model/panels.py)."""
+def linears(ps, x_BTI, cfg: ModelConfig, rngs=None) -> list:
+  """[linear(p, x_BTI, cfg, rng) for p, rng in zip(ps, rngs)], the base matmuls of packed decode params in one
+  kernel call (model/panels.py): the weights that share an input (q / k / v, gate / up) go together."""
   dt = cfg.compute_dtype
+  rngs = rngs if rngs is not None else (None,) * len(ps)
   # Every dot on one [tokens, in] matrix: with the token axes apart ([B, T, in]) the backward's weight
   # gradients (kernel, lora_a) contract two axes, which XLA:CPU runs several times slower. Measured
   # (SmolLM2, B=4 x 256): a full fine-tune step 9.07 -> 7.52 s, a LoRA step 0.92x -> 0.75x a full step.
   x_NI = x_BTI.reshape(-1, x_BTI.shape[-1]).astype(dt)
-  y_NO = panels.matmul(p, x_NI, dt)
-  if "bias" in p:
-    y_NO = y_NO + p["bias"].astype(dt)
-  if "lora_a" in p:
-    xl_NI = x_NI
-    if rng is not None and cfg.lora_dropout > 0:
-      keep = dropout_keep(rng, cfg.lora_dropout, x_NI.shape)
-      xl_NI = jnp.where(keep, x_NI / (1.0 - cfg.lora_dropout), 0).astype(dt)
-    h_NR = xl_NI @ p["lora_a"].astype(dt)
-    y_NO = y_NO + cfg.lora_scale * (h_NR @ p["lora_b"].astype(dt))
-  return y_NO.reshape(*x_BTI.shape[:-1], y_NO.shape[-1])
+  outs = []
+  for p, rng, y_NO in zip(ps, rngs, panels.matmuls(ps, x_NI, dt)):
+    if "bias" in p:
+      y_NO = y_NO + p["bias"].astype(dt)
+    if "lora_a" in p:
+      xl_NI = x_NI
+      if rng is not None and cfg.lora_dropout > 0:
+        keep = dropout_keep(rng, cfg.lora_dropout, x_NI.shape)
+        xl_NI = jnp.where(keep, x_NI / (1.0 - cfg.lora_dropout), 0).astype(dt)
+      h_NR = xl_NI @ p["lora_a"].astype(dt)
+      y_NO = y_NO + cfg.lora_scale * (h_NR @ p["lora_b"].astype(dt))
+    outs.append(y_NO.reshape(*x_BTI.shape[:-1], y_NO.shape[-1]))
+  return outs
+
+
+def linear(p: dict, x_BTI, cfg: ModelConfig, rng=None):
+  """y = x @ kernel (+ bias) (+ lora_scale * dropout(x) @ lora_a @ lora_b); `kernel_panels` for kernel in
+  decode params (model/panels.py)."""
+  return linears((p,), x_BTI, cfg, (rng,))[0]
 
 
 def swiglu_mlp(p: dict, x_BTD, cfg: ModelConfig, rng=None, taps=None):
   """SwiGLU FFN; `taps` (a dict, filled while tracing) receives down_proj's input as "down_in"."""
   rngs = jax.random.split(rng, 3) if rng is not None else (None,) * 3
-  gate_BTF = linear(p["gate_proj"], x_BTD, cfg, rngs[0])
-  up_BTF = linear(p["up_proj"], x_BTD, cfg, rngs[1])
+  gate_BTF, up_BTF = linears((p["gate_proj"], p["up_proj"]), x_BTD, cfg, rngs[:2])
   act_BTF = jax.nn.silu(gate_BTF) * up_BTF
   if taps is not None:
     taps["down_in"] = act_BTF
@@ -150,9 +158,10 @@ def attention(p: dict, x_BTD, cos_BTH, sin_BTH, mask_BTS, cfg: ModelConfig, *,
   B, T, _ = x_BTD.shape
   H, K, Dh, R = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.q_per_kv
   rngs = jax.random.split(rng, 4) if rng is not None else (None,) * 4
-  q_BTNH = linear(p["q_proj"], x_BTD, cfg, rngs[0]).reshape(B, T, H, Dh)
-  k_BTKH = linear(p["k_proj"], x_BTD, cfg, rngs[1]).reshape(B, T, K, Dh)
-  v_BTKH = linear(p["v_proj"], x_BTD, cfg, rngs[2]).reshape(B, T, K, Dh)
+  q_BTE, k_BTE, v_BTE = linears((p["q_proj"], p["k_proj"], p["v_proj"]), x_BTD, cfg, rngs[:3])
+  q_BTNH = q_BTE.reshape(B, T, H, Dh)
+  k_BTKH = k_BTE.reshape(B, T, K, Dh)
+  v_BTKH = v_BTE.reshape(B, T, K, Dh)
   q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
   k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
   new_cache = None

@@ -26,6 +26,15 @@ PANEL_RULES = (
 )
 
 
+def matmuls(ps, x_NI, dt) -> tuple:
+  """x [N, in] @ each p's weight (`kernel` [in, out] or `kernel_panels`), in dtype dt. Weights that are all
+  packed go to the kernel in one call (q / k / v, gate / up share their input)."""
+  x_NI = x_NI.astype(dt)
+  if ps and all("kernel_panels" in p for p in ps):
+    return cpu_matmul.panel_matmuls(x_NI, [p["kernel_panels"].astype(dt) for p in ps])
+  return tuple(matmul(p, x_NI, dt) for p in ps)
+
+
 def matmul(p: dict, x_NI, dt):
   """x [N, in] @ p's weight, `kernel` [in, out] or `kernel_panels`, in dtype dt."""
   if "kernel_panels" in p:
