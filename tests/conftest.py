@@ -64,3 +64,50 @@ def pytest_collection_modifyitems(config, items):
   """Tests marked `slow` run first: under `-n 2` the longest (the tiny study, ~4 min) then overlaps the
   rest of the suite on the other worker instead of starting late and running alone at the end."""
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
+
+
+def shared_tmp(tmp_path_factory) -> pathlib.Path:
+  """The run's temporary folder common to every xdist worker (pytest-of-<user>/pytest-<N>/), for outputs
+  made once per pytest run under a file lock."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+# Quick local judges: 40% of the judge data, one head setting (the full build is test_judges' opt-in test).
+QUICK_JUDGES = dict(fraction=0.4, l2=3e-5)
+_BUILD_JUDGES = """import pathlib, sys
+from h3jax.evaluation.judges import heads, train
+out, root, fraction, l2, only = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), sys.argv[5:]
+train.build_judges(pathlib.Path(out), root, only=only or None, fraction=fraction, cache_dir=None,
+                   grid=(heads.HeadConfig(l2=l2),), log=lambda *a: None)
+"""
+
+
+def build_quick_judges(out, data_root, only=()) -> None:
+  """QUICK_JUDGES into `out`, in a process at XLA's default optimisation (optimized_env: the judges' training
+  loops take 21 s there against 57 s at -O0). Judges built at another optimisation level differ in the last
+  bits, so a test comparing with these rebuilds through here too."""
+  import subprocess
+  import sys
+  cmd = [sys.executable, "-c", _BUILD_JUDGES, str(out), str(data_root), str(QUICK_JUDGES["fraction"]),
+         str(QUICK_JUDGES["l2"]), *only]
+  subprocess.run(cmd, check=True, capture_output=True, cwd=REPO, timeout=900,
+                 env=optimized_env(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1"))
+
+
+@pytest.fixture(scope="session")
+def quick_judges(tmp_path_factory, data_root):
+  """(folder, {task: metrics}) of QUICK_JUDGES, built once per pytest run by the first worker that needs
+  them (test_judges checks them; the tiny study scores with them); other workers wait on the lock."""
+  import filelock
+  import json
+  import shutil
+  shared = shared_tmp(tmp_path_factory)
+  out = shared / "quick_judges"
+  with filelock.FileLock(str(shared / "quick_judges.lock")):
+    if not (out / "judges.json").is_file():
+      tmp = shared / "quick_judges.tmp"
+      shutil.rmtree(tmp, ignore_errors=True)
+      build_quick_judges(tmp, data_root)
+      tmp.rename(out)
+  return out, json.loads((out / "judges.json").read_text())

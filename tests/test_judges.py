@@ -13,6 +13,7 @@ import zlib
 import numpy as np
 import pytest
 
+from conftest import QUICK_JUDGES, build_quick_judges
 from h3jax.evaluation import judges as J
 from h3jax.evaluation.judges import data as data_lib
 from h3jax.evaluation.judges import features as F
@@ -29,7 +30,7 @@ FULL_MARGINS = {"refusal": {"majority_class": 0.30, "string_match": 0.04},
 MARGINS = {"refusal": {"majority_class": 0.30, "string_match": 0.02},
            "truth": {"majority_class": 0.08}, "info": {"majority_class": 0.03},
            "pairwise": {"majority_class": 0.30, "longer_wins": 0.0}}
-QUICK = dict(fraction=0.4, grid=(heads.HeadConfig(l2=3e-5),))
+QUICK = dict(fraction=QUICK_JUDGES["fraction"], grid=(heads.HeadConfig(l2=QUICK_JUDGES["l2"]),))
 
 
 # ----------------------------------------------------------------------------- features / heads
@@ -74,10 +75,9 @@ def test_heads_learn_a_token_rule_and_bradley_terry_is_antisymmetric():
 # ----------------------------------------------------------------------------- trained judges
 
 @pytest.fixture(scope="module")
-def built(data_root, tmp_path_factory):
-  out = tmp_path_factory.mktemp("judges")
-  metrics = train_lib.build_judges(out, data_root, cache_dir=out / "cache", log=lambda *a: None, **QUICK)
-  return out, metrics
+def built(quick_judges):
+  """(folder, {task: metrics}) of the run's quick judges (conftest.QUICK_JUDGES, built once per run)."""
+  return quick_judges
 
 
 def _assert_beats_baselines(metrics, margins_by_task):
@@ -136,11 +136,11 @@ def test_loaded_judge_reproduces_held_out_agreement(built, data_root):
 
 def test_rebuild_is_deterministic_and_cli_writes_table(built, data_root, tmp_path):
   out, _ = built
-  judge, _ = train_lib.build_judge("refusal", data_root, fraction=QUICK["fraction"], grid=QUICK["grid"],
-                                   cache_dir=None, log=lambda *a: None)  # no cache: from scratch
-  with np.load(out / "refusal.npz") as z:
+  build_quick_judges(tmp_path / "again", data_root, only=["refusal"])  # from scratch, as `built` was made
+  with np.load(out / "refusal.npz") as z, np.load(tmp_path / "again" / "refusal.npz") as again:
+    assert sorted(z.files) == sorted(again.files)
     for k in z.files:
-      np.testing.assert_array_equal(judge.params[k], z[k])
+      np.testing.assert_array_equal(again[k], z[k])
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-m", "h3jax.evaluation.judges.train", "--out", str(tmp_path / "cli"),
                       "--data_root", str(data_root), "--only", "refusal", "--fraction", "0.2", "--cache_dir", ""],

@@ -12,20 +12,15 @@ import time
 
 import pytest
 
-from conftest import REPO, SMOLLM2_DIR, optimized_env
+from conftest import REPO, SMOLLM2_DIR
 
 CONFIG = REPO / "configs" / "study_tiny.py"
 
 
 @pytest.fixture(scope="module")
-def judges_dir(tmp_path_factory, data_root):
-  """Small local judges (10% of the judge data): the study needs every judge to compute its axes. Built
-  by the judges CLI at XLA's default optimisation (conftest.optimized_env), with no feature cache."""
-  d = tmp_path_factory.mktemp("judges")
-  subprocess.run([sys.executable, "-m", "h3jax.evaluation.judges.train", "--out", str(d), "--data_root",
-                  str(data_root), "--fraction", "0.1", "--cache_dir", ""], check=True, capture_output=True,
-                 env=optimized_env(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1"), cwd=REPO, timeout=900)
-  return d
+def judges_dir(quick_judges):
+  """The study needs every judge to compute its axes: the run's quick judges (conftest), built once."""
+  return quick_judges[0]
 
 
 def _cmd(workdir, judges_dir, *extra):

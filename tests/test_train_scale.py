@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import scale_fixtures as sf
-from conftest import COLLECTIVE_TIMEOUTS, FAST_COMPILE_XLA_FLAGS
+from conftest import COLLECTIVE_TIMEOUTS, FAST_COMPILE_XLA_FLAGS, shared_tmp
 from h3jax.checkpoint import load_params
 from h3jax.model.params import flatten_dict
 from h3jax.train import hlo_comm, loop, lora, optim, sharding
@@ -121,9 +121,7 @@ def runs(tmp_path_factory):
   once per pytest run (~70 s): under xdist the first worker to need them makes them in the run's common
   temporary folder, and a worker that gets this module's other tests waits on the lock and reads them."""
   import filelock
-  shared = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    shared = shared.parent  # pytest-of-<user>/pytest-<N>/, above every worker's popen-gw<i>
+  shared = shared_tmp(tmp_path_factory)
   root = shared / "train_scale_runs"
   env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}  # XLA_FLAGS gives the devices
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), PYTHONFAULTHANDLER="1",
