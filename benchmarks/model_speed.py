@@ -46,7 +46,7 @@ from h3jax import fusion, generation
 from h3jax.kernels import cpu_matmul
 from h3jax.model import llama, params as params_lib
 from h3jax.train import lora, objective, optim, step as step_lib
-from timing import best_of, best_wall_and_cpu, cpu_model
+from timing import best_of, best_wall_and_cpu, cpu_model, train_flops
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -59,12 +59,6 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
   x = jnp.ones((nbytes // 4,), jnp.float32)
   f = jax.jit(jnp.sum)
   return nbytes / best_of(lambda: f(x).block_until_ready(), repeats)
-
-
-def train_flops(cfg, n_params: int, B: int, T: int) -> float:
-  """6 N per token for the weights + causal attention scores and values (fwd+bwd)."""
-  attn = 6 * cfg.num_layers * cfg.num_heads * cfg.head_dim * T * T * B  # 2 matmuls x 2 FLOP x 3 (fwd+bwd) / 2 causal
-  return 6 * n_params * B * T + attn
 
 
 def jax_train_step(params, cfg, ids):

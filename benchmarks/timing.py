@@ -37,6 +37,12 @@ def best_wall_and_cpu(fn, repeats: int) -> tuple:
   return min(wall), min(cpu)
 
 
+def train_flops(cfg, n_params: int, B: int, T: int) -> float:
+  """6 N per token for the weights + causal attention scores and values (fwd+bwd)."""
+  attn = 6 * cfg.num_layers * cfg.num_heads * cfg.head_dim * T * T * B  # 2 matmuls x 2 FLOP x 3 (fwd+bwd) / 2 causal
+  return 6 * n_params * B * T + attn
+
+
 def cpu_model() -> str:
   """The host CPU's model name (the Numbers tables name the machine each result is from)."""
   cpuinfo = pathlib.Path("/proc/cpuinfo")
