@@ -19,7 +19,8 @@ Prints a table and writes benchmarks/results/model_speed.json:
   (e) a LoRA SFT step (frozen base, configs/smollm2.py's LoRA: r=8, alpha=4,
       dropout 0.1 on gate/up/down) ÷ a full fine-tune step, both AdamW, on the same
       --lora_batch x --lora_seq batch, and the backprop floor (a step training only the
-      norm scales: forward + activation gradients, no weight-gradient dot) ÷ the full step.
+      norm scales: forward + activation gradients, no weight-gradient dot) ÷ the full step, the three
+      timed in interleaved rounds (best of --repeats each).
 `--sections` runs a subset (train,decode,load,moe,lora). Run it on an otherwise idle
 machine: every number is a ratio taken in the same run.
 """
@@ -223,22 +224,36 @@ def lora_vs_full_step(res: dict, cfg, params, args):
            "attention_mask_BT": np.ones((B, T), np.int32), "task_B": np.zeros((B,), np.int32),
            "loss_mask_BT": (np.arange(T)[None] >= T // 4).repeat(B, 0).astype(np.int32)}
 
-  def step_time(c, p, labels):
+  def step_fn(c, p, labels):
+    """A compiled step on its own state, warmed up: call it to time one step."""
     tx = optim.make_optimizer(labels, optax.constant_schedule(1e-5))
     state = step_lib.init_state(p, tx)
     fn = jax.jit(step_lib.make_step(c, objective.LossConfig(), labels, tx, seed=0))  # no donation
-    return best_of(lambda: jax.block_until_ready(fn(state, batch)), args.repeats)
+    run = lambda: jax.block_until_ready(fn(state, batch))
+    run()
+    return run
 
   lp = lora.add_lora(params, lora.FFN_TARGETS, 8, jax.random.key(1))
   lcfg = lora.lora_model_config(cfg, 8, 4.0, 0.1)
-  t_lora = step_time(lcfg, lp, optim.param_labels(lp, optim.trainable_rules(lora=True, router=False)))
-  del lp
-  t_full = step_time(cfg, params, optim.param_labels(params, optim.trainable_rules(lora=False, router=False,
-                                                                                     extra=("*",))))
-  # The floor of any step that trains something in the first layer: the forward and the activation
-  # gradients through every layer, no weight-gradient dot (only the per-layer norm scales are trained).
-  t_floor = step_time(cfg, params, optim.param_labels(params, optim.trainable_rules(
-      lora=False, router=False, extra=("layers/attn_norm/*",))))
+  runs = {
+      "lora": step_fn(lcfg, lp, optim.param_labels(lp, optim.trainable_rules(lora=True, router=False))),
+      "full": step_fn(cfg, params, optim.param_labels(params, optim.trainable_rules(
+          lora=False, router=False, extra=("*",)))),
+      # The floor of any step that trains something in the first layer: the forward and the activation
+      # gradients through every layer, no weight-gradient dot (only the per-layer norm scales are trained).
+      "floor": step_fn(cfg, params, optim.param_labels(params, optim.trainable_rules(
+          lora=False, router=False, extra=("layers/attn_norm/*",)))),
+  }
+  # Rounds of one step each, interleaved: this machine's speed drifts by ~10% over minutes, which one
+  # configuration timed after another turns into a ratio error (0.68x and 0.76x in two such runs).
+  times = {k: [] for k in runs}
+  for _ in range(args.repeats):
+    for k, run in runs.items():
+      t = time.perf_counter()
+      run()
+      times[k].append(time.perf_counter() - t)
+  t_lora, t_full, t_floor = (min(times[k]) for k in ("lora", "full", "floor"))
+  res["lora_step_times_s"] = times
   res.update(lora_batch=B, lora_seq=T, lora_step_s=t_lora, full_step_s=t_full, lora_over_full_step=t_lora / t_full,
              backprop_floor_step_s=t_floor, backprop_floor_over_full_step=t_floor / t_full)
 
