@@ -112,14 +112,3 @@ def quick_judges(tmp_path_factory, data_root):
       tmp.rename(out)
   return out, json.loads((out / "judges.json").read_text())
 
-
-@pytest.fixture(scope="session", autouse=True)
-def _shared_compilation_cache(tmp_path_factory):
-  """The test processes of one pytest run share a persistent XLA cache of every executable (no minimum
-  compile time) in the run's common folder: the two workers compile many of the same small programs
-  (test_llama, test_moe, test_ensemble, test_generation, test_train_step under -n 2: 178.6 -> 163.3 s).
-  Entries are written whole (compile_cache's atomic put), and the folder is new each run, so no run
-  reads an earlier run's executables (a warm cache would hide the compile time a clean CI run pays).
-  Command lines the tests start keep their own settings."""
-  from h3jax import compile_cache
-  compile_cache.enable(shared_tmp(tmp_path_factory) / "xla_cache", min_compile_secs=0.0)
