@@ -111,4 +111,3 @@ def quick_judges(tmp_path_factory, data_root):
       build_quick_judges(tmp, data_root)
       tmp.rename(out)
   return out, json.loads((out / "judges.json").read_text())
-
