@@ -8,7 +8,7 @@ import pytest
 import h3jax
 from h3jax import fusion, generation
 from h3jax.kernels import cpu_matmul
-from h3jax.model import ensemble, llama, panels
+from h3jax.model import ensemble, llama, moe_dispatch, panels
 from h3jax.rules import path_str
 from h3jax.train import lora as train_lora
 from numerics import assert_close
@@ -135,14 +135,19 @@ def test_packed_decoding_equals_plain(model, monkeypatch, tmp_path):
   np.testing.assert_array_equal(la, lb)
 
 
-@pytest.mark.parametrize("model", ["qwen2_bias", "lora"])
+@pytest.mark.parametrize("model", ["qwen2_bias", "lora", "moe"])
 def test_a_decode_step_makes_four_kernel_calls_per_layer(model, tmp_path):
   """q / k / v in one call and gate / up in one (they share their input), o and down alone, then the head:
-  with biases and with LoRA pairs beside the packed kernels."""
-  cfg, params = {"lora": _with_lora}.get(model, lambda p: _load(model, p))(tmp_path)
+  with biases, with LoRA pairs beside the packed kernels, and in each sparse MoE expert (every tile's
+  switch holds a gate / up call and a down call per expert)."""
+  cfg, params = {"lora": _with_lora, "moe": _moe}.get(model, lambda p: _load(model, p))(tmp_path)
   packed = llama.unstack_layers(params, cfg)
   B, S = 2, 16
   ids, pos = jnp.ones((B, 1), jnp.int32), jnp.full((B, 1), 3, jnp.int32)
   step = jax.jit(llama.forward_cached, static_argnames=("cfg",))
   text = step.lower(packed, ids, pos, llama.init_cache(cfg, B, S), 3, jnp.ones((B, S), bool), cfg=cfg).as_text()
-  assert text.count(f"@{cpu_matmul.TARGET}(") == 4 * cfg.num_layers + 1
+  ffn_calls = 2
+  if cfg.num_experts:
+    assert cfg.moe_dispatch == "sparse"
+    ffn_calls *= moe_dispatch.sparse_tiles(B, cfg.num_experts_per_tok, cfg.num_experts)[1] * cfg.num_experts
+  assert text.count(f"@{cpu_matmul.TARGET}(") == (2 + ffn_calls) * cfg.num_layers + 1

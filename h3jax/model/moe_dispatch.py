@@ -274,22 +274,24 @@ def _one_expert(p_experts, e: int) -> dict:
   return jax.tree.map(lambda a: a[e], p_experts)  # inside the branch: only a chosen expert is copied
 
 
-def _linear_2d(p: dict, x_MI, keep_MI, cfg: ModelConfig):
-  """x @ kernel (+ LoRA) with 2-D operands: XLA:CPU runs these as GEMMs (its batched dots are
-  far slower at decode sizes)."""
+def _linears_2d(ps, x_MI, keeps_MI, cfg: ModelConfig) -> list:
+  """[x @ kernel (+ LoRA) for each p] with 2-D operands: XLA:CPU runs these as GEMMs (its batched dots are
+  far slower at decode sizes); packed weights that share x go to the CPU kernel in one call."""
   dt = cfg.compute_dtype
   x_MI = x_MI.astype(dt)
-  y_MO = panels.matmul(p, x_MI, dt)
-  if "lora_a" in p:
-    h_MR = _lora_input(x_MI, keep_MI, cfg) @ p["lora_a"].astype(dt)
-    y_MO = y_MO + cfg.lora_scale * (h_MR @ p["lora_b"].astype(dt))
-  return y_MO
+  outs = []
+  for p, keep_MI, y_MO in zip(ps, keeps_MI, panels.matmuls(ps, x_MI, dt)):
+    if "lora_a" in p:
+      h_MR = _lora_input(x_MI, keep_MI, cfg) @ p["lora_a"].astype(dt)
+      y_MO = y_MO + cfg.lora_scale * (h_MR @ p["lora_b"].astype(dt))
+    outs.append(y_MO)
+  return outs
 
 
 def _swiglu_2d(pe: dict, x_MD, keeps_M: dict, cfg: ModelConfig):
-  gate_MF = _linear_2d(pe["gate_proj"], x_MD, keeps_M.get("gate_proj"), cfg)
-  up_MF = _linear_2d(pe["up_proj"], x_MD, keeps_M.get("up_proj"), cfg)
-  return _linear_2d(pe["down_proj"], jax.nn.silu(gate_MF) * up_MF, keeps_M.get("down_proj"), cfg)
+  gate_MF, up_MF = _linears_2d((pe["gate_proj"], pe["up_proj"]), x_MD,
+                               (keeps_M.get("gate_proj"), keeps_M.get("up_proj")), cfg)
+  return _linears_2d((pe["down_proj"],), jax.nn.silu(gate_MF) * up_MF, (keeps_M.get("down_proj"),), cfg)[0]
 
 
 def sparse_tiles(num_tokens: int, k: int, num_experts: int) -> tuple:
