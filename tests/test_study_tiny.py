@@ -48,9 +48,21 @@ def test_bad_config_is_one_error_line_before_any_work(tmp_path, data_root):
   assert not w.exists()
 
 
+def _cli_config(w, judges_dir):
+  """The config `_cmd(w, judges_dir, ...)` gives the CLI, resolved against workdir w as main() does: the
+  listing, publishing, re-scoring and restoring below call the library in this process (a CLI process
+  would spend its few seconds importing), the study itself and the refusals run the CLI."""
+  from h3jax.train.defaults import load_config_file
+  sc = load_config_file(CONFIG)
+  with sc.unlocked():
+    sc.judges.dir, sc.judges.build_if_missing = str(judges_dir), False
+  return _resolved(sc, w)
+
+
 @pytest.mark.slow
-def test_tiny_study_end_to_end(tmp_path, data_root, judges_dir):
+def test_tiny_study_end_to_end(tmp_path, data_root, judges_dir, monkeypatch):
   _require_smollm2()
+  monkeypatch.setenv("H3JAX_DATA_ROOT", str(data_root))
   w = tmp_path / "study"
   proc = subprocess.run(_cmd(w, judges_dir, "--workers=0"), capture_output=True, text=True, env=_env(data_root),
                         cwd=REPO, timeout=1500)
@@ -75,18 +87,16 @@ def test_tiny_study_end_to_end(tmp_path, data_root, judges_dir):
     assert (w / "analysis" / f).is_file(), f
   sel = json.loads((w / "select" / "merge_ties" / "DONE.json").read_text())["result"]
   assert sel["choice"] in ("g0", "g1") and len(sel["grid"]) == 2
-  listing = subprocess.run(_cmd(w, judges_dir, "--list"), capture_output=True, text=True, env=_env(data_root),
-                           cwd=REPO, timeout=300).stdout
+  from h3jax.study import publish, rescore, runner
+  scw = _cli_config(w, judges_dir)
+  listing = runner.listing(scw, w)
   assert listing.strip().splitlines()[-1].startswith(f"{len(plan.build(_resolved(sc, w)))}/")
   assert "ready" not in listing and "waiting" not in listing
   out = tmp_path / "published"
-  subprocess.run(_cmd(w, judges_dir, f"--publish={out}"), check=True, env=_env(data_root), cwd=REPO, timeout=300)
+  publish.publish(scw, w, out)
   assert (out / "results.json").is_file() and (out / "samples_moe_gate_drift.jsonl.gz").is_file()
   assert "stages" in json.loads((out / "recipes.json").read_text())
-  rescored = subprocess.run(_cmd(w, judges_dir, f"--rescore={out}"), capture_output=True, text=True,
-                            env=_env(data_root), cwd=REPO, timeout=600)
-  assert rescored.returncode == 0, rescored.stdout[-2000:] + rescored.stderr[-2000:]
-  rep = json.loads(rescored.stdout[rescored.stdout.index("{"):])
+  rep = rescore.rescore(scw, out)
   assert rep["max_abs_diff"] <= 1e-9 and not any(v["not_rescored"] for v in rep["rows"].values())
   _check_restore(tmp_path, w, out, judges_dir, data_root, sc)
 
@@ -98,16 +108,14 @@ def _check_restore(tmp_path, w, published, judges_dir, data_root, sc):
   import numpy as np
   from h3jax import checkpoint
   from h3jax.model.params import flatten_dict
+  from h3jax.study import publish, restore, runner
   assert sorted(p.name for p in (published / "experts").iterdir()) == ["harmless", "helpful", "honest"]
   w2 = tmp_path / "restored"
   env = _env(data_root)
-  proc = subprocess.run(_cmd(w2, judges_dir, f"--restore={published}"), capture_output=True, text=True, env=env,
-                        cwd=REPO, timeout=600)
-  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-  listing = subprocess.run(_cmd(w2, judges_dir, "--list"), capture_output=True, text=True, env=env, cwd=REPO,
-                           timeout=300).stdout
-  lines = listing.strip().splitlines()[:-1]
-  assert all(l.startswith("done") for l in lines if l.split()[1] != "analysis"), listing  # analysis is run below
+  sc2 = _cli_config(w2, judges_dir)
+  restore.restore(sc2, w2, published)
+  lines = runner.listing(sc2, w2).strip().splitlines()[:-1]
+  assert all(l.startswith("done") for l in lines if l.split()[1] != "analysis"), lines  # analysis is run below
   for a in ("helpful", "harmless", "honest"):
     (c1, p1), (c2, p2) = (checkpoint.load_params(d / "train" / f"expert_{a}" / "checkpoints") for d in (w, w2))
     assert c1 == c2
@@ -121,8 +129,7 @@ def _check_restore(tmp_path, w, published, judges_dir, data_root, sc):
   assert res2["gamma_sweep"] == res1["gamma_sweep"] and not res2["pending_rows"]
   assert res2["plots"] == res1["plots"] and "training_curves.png" in res2["plots"]
   out2 = tmp_path / "republished"
-  subprocess.run(_cmd(w2, judges_dir, f"--publish={out2}"), check=True, capture_output=True, env=env, cwd=REPO,
-                 timeout=300)
+  publish.publish(sc2, w2, out2)
   assert json.loads((out2 / "timings.json").read_text()).keys() == json.loads(
       (published / "timings.json").read_text()).keys()
   for f in sorted(published.glob("samples_*.jsonl.gz")) + sorted(published.glob("experts/*/*.safetensors")):
@@ -143,7 +150,6 @@ def _check_restore(tmp_path, w, published, judges_dir, data_root, sc):
                         capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
   assert proc.returncode == 2 and "another study config" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
   assert not w3.exists()
-  from h3jax.study import restore
   other = tmp_path / "other_judges"
   shutil.copytree(judges_dir, other)
   jf = sorted(other.glob("*.json"))[0]
