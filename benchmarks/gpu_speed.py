@@ -26,11 +26,11 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from h3jax import fusion, generation  # noqa: E402
+from h3jax import fusion  # noqa: E402
 from h3jax.hf.config_io import hf_config_to_model_config  # noqa: E402
-from h3jax.model import llama, params as params_lib  # noqa: E402
+from h3jax.model import params as params_lib  # noqa: E402
 from h3jax.train import objective, optim, step as step_lib  # noqa: E402
-from timing import best_of, train_flops  # noqa: E402
+from timing import best_of, decode_tok_s, train_flops  # noqa: E402
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by device_kind substring.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
@@ -76,15 +76,6 @@ def step_seconds(cfg, params, B: int, T: int, accum: int, repeats: int) -> float
     jax.block_until_ready(holder["state"])
   run()  # compile
   return best_of(run, repeats)
-
-
-def decode_tok_s(cfg, params, B: int, prompt_len: int, new_tokens: int, repeats: int) -> float:
-  """Greedy decode tokens/s at batch B; a 1-token run is subtracted (prefill excluded)."""
-  params = llama.unstack_layers(params, cfg)
-  prompt = np.random.RandomState(B).randint(3, cfg.vocab_size, (B, prompt_len))
-  run = lambda n: generation.generate_tokens(params, cfg, prompt, np.ones_like(prompt), max_new_tokens=n)
-  run(new_tokens), run(1)
-  return B * (new_tokens - 1) / (best_of(lambda: run(new_tokens), repeats) - best_of(lambda: run(1), repeats))
 
 
 def main():
@@ -135,8 +126,8 @@ def main():
             "moe_dispatch": c.moe_dispatch if c.is_moe else None})
   if "decode" in sections:
     for b in map(int, args.decode_batches.split(",")):
-      record({"what": f"greedy decode, batch {b}", "tok_s": decode_tok_s(cfg, params, b, 32, args.new_tokens,
-                                                                          args.repeats)})
+      record({"what": f"greedy decode, batch {b}", "tok_s": decode_tok_s(params, cfg, b, 32, args.new_tokens,
+                                                                          args.repeats)[0]})
   print(f"wrote {out}")
 
 

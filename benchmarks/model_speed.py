@@ -47,7 +47,7 @@ from h3jax import fusion, generation
 from h3jax.kernels import cpu_matmul
 from h3jax.model import llama, params as params_lib
 from h3jax.train import lora, objective, optim, step as step_lib
-from timing import best_of, best_wall_and_cpu, cpu_model, train_flops
+from timing import best_of, best_wall_and_cpu, cpu_model, decode_tok_s, train_flops
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -165,15 +165,6 @@ def decode_weight_bytes(params, experts_read: int = 1, num_experts: int = 1) -> 
   for path, x in jax.tree_util.tree_leaves_with_path(params["layers"]):
     n += x.nbytes * (experts_read / num_experts if "experts" in jax.tree_util.keystr(path) else 1.0)
   return n
-
-
-def decode_tok_s(params, cfg, B: int, prompt_len: int, new_tokens: int, repeats: int) -> tuple:
-  """Greedy decode (wall, CPU-time) tokens/s at batch B (a 1-token run is subtracted: prefill excluded)."""
-  params = llama.unstack_layers(params, cfg)  # once, as `generate` does for all its batches
-  prompt = np.random.RandomState(B).randint(3, cfg.vocab_size, (B, prompt_len))
-  run = lambda n: generation.generate_tokens(params, cfg, prompt, np.ones_like(prompt), max_new_tokens=n)
-  long, short = best_wall_and_cpu(lambda: run(new_tokens), repeats), best_wall_and_cpu(lambda: run(1), repeats)
-  return tuple(B * (new_tokens - 1) / (a - b) for a, b in zip(long, short))
 
 
 def write_self_fused(model: str, out: str):

@@ -49,3 +49,15 @@ def cpu_model() -> str:
   names = [l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines()
            if l.startswith("model name")] if cpuinfo.exists() else []
   return names[0] if names else platform.processor()
+
+
+def decode_tok_s(params, cfg, B: int, prompt_len: int, new_tokens: int, repeats: int) -> tuple:
+  """Greedy decode (wall, CPU-time) tokens/s at batch B (a 1-token run is subtracted: prefill excluded)."""
+  import numpy as np
+  from h3jax import generation
+  from h3jax.model import llama
+  params = llama.unstack_layers(params, cfg)  # once, as `generate` does for all its batches
+  prompt = np.random.RandomState(B).randint(3, cfg.vocab_size, (B, prompt_len))
+  run = lambda n: generation.generate_tokens(params, cfg, prompt, np.ones_like(prompt), max_new_tokens=n)
+  long, short = best_wall_and_cpu(lambda: run(new_tokens), repeats), best_wall_and_cpu(lambda: run(1), repeats)
+  return tuple(B * (new_tokens - 1) / (a - b) for a, b in zip(long, short))
