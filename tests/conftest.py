@@ -95,19 +95,27 @@ def build_quick_judges(out, data_root, only=()) -> None:
                  env=optimized_env(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1"))
 
 
+def made_once(tmp_path_factory, name: str, make) -> pathlib.Path:
+  """The folder `name` in the run's common temporary folder, made by `make(folder)` once per pytest run:
+  the first worker to need it makes it under a file lock (in place: what it writes may hold its own
+  path) and then writes `name.done`; the others wait on the lock and reuse it. A folder left without its
+  marker (a worker killed half-way) is made again."""
+  import filelock
+  import shutil
+  shared = shared_tmp(tmp_path_factory)
+  out, done = shared / name, shared / f"{name}.done"
+  with filelock.FileLock(str(shared / f"{name}.lock")):
+    if not done.is_file():
+      shutil.rmtree(out, ignore_errors=True)
+      make(out)
+      done.write_text("")
+  return out
+
+
 @pytest.fixture(scope="session")
 def quick_judges(tmp_path_factory, data_root):
   """(folder, {task: metrics}) of QUICK_JUDGES, built once per pytest run by the first worker that needs
   them (test_judges checks them; the tiny study scores with them); other workers wait on the lock."""
-  import filelock
   import json
-  import shutil
-  shared = shared_tmp(tmp_path_factory)
-  out = shared / "quick_judges"
-  with filelock.FileLock(str(shared / "quick_judges.lock")):
-    if not (out / "judges.json").is_file():
-      tmp = shared / "quick_judges.tmp"
-      shutil.rmtree(tmp, ignore_errors=True)
-      build_quick_judges(tmp, data_root)
-      tmp.rename(out)
+  out = made_once(tmp_path_factory, "quick_judges", lambda d: build_quick_judges(d, data_root))
   return out, json.loads((out / "judges.json").read_text())

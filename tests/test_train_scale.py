@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import scale_fixtures as sf
-from conftest import COLLECTIVE_TIMEOUTS, FAST_COMPILE_XLA_FLAGS, shared_tmp
+from conftest import COLLECTIVE_TIMEOUTS, FAST_COMPILE_XLA_FLAGS, made_once
 from h3jax.checkpoint import load_params
 from h3jax.model.params import flatten_dict
 from h3jax.train import hlo_comm, loop, lora, optim, sharding
@@ -120,22 +120,19 @@ def runs(tmp_path_factory):
   """One-device, data x expert = 2x4 and fsdp x expert = 2x4 runs from the CLI on 8 host devices. Made
   once per pytest run (~70 s): under xdist the first worker to need them makes them in the run's common
   temporary folder, and a worker that gets this module's other tests waits on the lock and reads them."""
-  import filelock
-  shared = shared_tmp(tmp_path_factory)
-  root = shared / "train_scale_runs"
   env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}  # XLA_FLAGS gives the devices
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), PYTHONFAULTHANDLER="1",
              XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {COLLECTIVE_TIMEOUTS} {FAST_COMPILE_XLA_FLAGS}")
-  with filelock.FileLock(str(shared / "train_scale_runs.lock")):
-    if not (root / "paths.json").is_file():
-      shutil.rmtree(root, ignore_errors=True)
-      root.mkdir()
-      base, experts = sf.write_models(root)
-      data = sf.write_data(root / "d.jsonl")
-      for name, mesh in {"one": {}, **MESHES}.items():
-        _cli_run(root, name, base, experts, data, env, mesh)
-      (root / "paths.json").write_text(json.dumps(dict(base=str(base), experts=[str(e) for e in experts],
-                                                       data=str(data))))
+
+  def make(root):
+    root.mkdir()
+    base, experts = sf.write_models(root)
+    data = sf.write_data(root / "d.jsonl")
+    for name, mesh in {"one": {}, **MESHES}.items():
+      _cli_run(root, name, base, experts, data, env, mesh)
+    (root / "paths.json").write_text(json.dumps(dict(base=str(base), experts=[str(e) for e in experts],
+                                                     data=str(data))))
+  root = made_once(tmp_path_factory, "train_scale_runs", make)
   paths = json.loads((root / "paths.json").read_text())
   _, one = load_params(root / "one" / "checkpoints")
   return dict(root=root, one=one, env=env, **paths)
