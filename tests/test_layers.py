@@ -53,3 +53,35 @@ def test_linear_lora_dropout_scales_kept_inputs():
   want = np.asarray(x) @ np.asarray(p["kernel"]) + 0.5 * xl @ np.asarray(p["lora_a"]) @ np.asarray(p["lora_b"])
   got = np.asarray(layers.linear(p, x, cfg, rng))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def _attention_reference(q_BTKRH, k_BSKH, v_BSKH, mask_BTS):
+  """GQA softmax attention in float64 numpy, masked scores at float32's min as the model sets them (a row
+  with every key masked then attends uniformly)."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q_BTKRH, k_BSKH, v_BSKH))
+  B, T, K, R, Dh = q.shape
+  s = np.einsum("btkrh,bskh->bkrts", q, k) / np.sqrt(Dh)
+  s = np.where(np.asarray(mask_BTS)[:, None, None], s, np.finfo(np.float32).min)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum("bkrts,bskh->btkrh", p, v).reshape(B, T, K * R * Dh)
+
+
+@pytest.mark.parametrize("attend", ["attend_heads_first", "attend_in_place"])
+def test_attention_equals_the_reference_with_padding_and_gqa(attend):
+  """Both attention layouts (heads first: training and uncached forwards; in place: decoding) against
+  float64 attention: causal, a left-padded row whose first query attends to no key, GQA."""
+  from h3jax.config import ModelConfig
+  B, T, K, R, Dh = 2, 6, 2, 3, 4
+  ks = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(ks[0], (B, T, K, R, Dh))
+  k = jax.random.normal(ks[1], (B, T, K, Dh))
+  v = jax.random.normal(ks[2], (B, T, K, Dh))
+  token_mask = jnp.array([[1] * T, [0, 0] + [1] * (T - 2)], bool)
+  mask = jnp.tril(jnp.ones((T, T), bool))[None] & token_mask[:, None, :]
+  assert not mask[1, 0].any()  # a padding query with nothing to attend to
+  cfg = ModelConfig(vocab_size=8, hidden_size=K * R * Dh, intermediate_size=8, num_layers=1, num_heads=K * R,
+                    num_kv_heads=K, head_dim=Dh)
+  got = jax.jit(getattr(layers, attend), static_argnums=4)(q, k, v, mask, cfg)
+  want = _attention_reference(q, k, v, mask)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
