@@ -69,6 +69,16 @@ def jax_train_step(params, cfg, ids):
   return jax.jit(jax.value_and_grad(loss_fn))
 
 
+def torch_train_step(hf, ids):
+  """transformers' forward+backward on ids[:, :-1] (labels shifted inside the model), gradients reset."""
+  tids = torch.as_tensor(ids)
+
+  def step():
+    hf.zero_grad(set_to_none=True)
+    hf(tids[:, :-1], labels=tids[:, :-1]).loss.backward()
+  return step
+
+
 def bench(args) -> dict:
   torch.set_num_threads(os.cpu_count())
   res = {"device": str(jax.devices()[0]), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
@@ -102,18 +112,10 @@ def bench(args) -> dict:
 def train_rows(res: dict, cfg, params, hf, args):
   ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
   step = jax_train_step(params, cfg, jnp.asarray(ids))
-  jids = jnp.asarray(ids)
   t_jax = best_of(lambda: jax.block_until_ready(step(params)), args.repeats)
-  tids = torch.as_tensor(ids)
-
-  def torch_step():
-    hf.zero_grad(set_to_none=True)
-    out = hf(tids[:, :-1], labels=tids[:, :-1])
-    out.loss.backward()
   hf.train()
-  t_torch = best_of(torch_step, args.repeats)
+  t_torch = best_of(torch_train_step(hf, ids), args.repeats)
   hf.eval()
-  del jids
   n_params = params_lib.num_params(params)
   tokens = args.batch * args.seq
   res.update(train_tok_s_h3jax=tokens / t_jax, train_tok_s_torch=tokens / t_torch,

@@ -30,7 +30,7 @@ import transformers
 
 import h3jax
 from h3jax.model import layers
-from model_speed import jax_train_step
+from model_speed import jax_train_step, torch_train_step
 from timing import best_of, cpu_model
 
 # How each product reads its operands: "nn" x[M,K] @ w[K,N]; "nt" x[M,K] @ w[N,K]^T; "tn" x[K,M]^T @ w[K,N].
@@ -154,12 +154,7 @@ def bench(args) -> dict:
   res["step_s_h3jax"] = best_of(lambda: jax.block_until_ready(step(params)), args.repeats)
   del step
   hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).train()
-  tids = torch.as_tensor(ids)
-
-  def torch_step():
-    hf.zero_grad(set_to_none=True)
-    hf(tids[:, :-1], labels=tids[:, :-1]).loss.backward()
-  res["step_s_torch"] = best_of(torch_step, args.repeats)
+  res["step_s_torch"] = best_of(torch_train_step(hf, ids), args.repeats)
   return res
 
 

@@ -144,14 +144,19 @@ def swiglu_mlp(p: dict, x_BTD, cfg: ModelConfig, rng=None, taps=None):
   return linear(p["down_proj"], act_BTF, cfg, rngs[2])
 
 
+def _masked_softmax(scores_BKRTS, mask_BTS, dt):
+  """Softmax over the keys, masked scores set to float32's min (a query with no key attends uniformly)."""
+  scores_BKRTS = jnp.where(mask_BTS[:, None, None], scores_BKRTS, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(scores_BKRTS, axis=-1).astype(dt)
+
+
 def attend_in_place(q_BTKRH, k_BSKH, v_BSKH, mask_BTS, cfg: ModelConfig):
   """Softmax attention as einsums over the arrays as they are laid out ([B, T, K, R, Dh] queries, [B, S, K, Dh]
   keys and values from the cache); the cached path (prefill and decode). Returns [B, T, H * Dh]."""
   B, T, K, R, Dh = q_BTKRH.shape
   scores_BKRTS = jnp.einsum("btkrh,bskh->bkrts", q_BTKRH, k_BSKH.astype(q_BTKRH.dtype),
                             preferred_element_type=jnp.float32) / math.sqrt(Dh)
-  scores_BKRTS = jnp.where(mask_BTS[:, None, None], scores_BKRTS, jnp.finfo(jnp.float32).min)
-  probs_BKRTS = jax.nn.softmax(scores_BKRTS, axis=-1).astype(cfg.compute_dtype)
+  probs_BKRTS = _masked_softmax(scores_BKRTS, mask_BTS, cfg.compute_dtype)
   out_BTKRH = jnp.einsum("bkrts,bskh->btkrh", probs_BKRTS, v_BSKH.astype(cfg.compute_dtype))
   return out_BTKRH.reshape(B, T, K * R * Dh)
 
@@ -169,9 +174,8 @@ def attend_heads_first(q_BTKRH, k_BSKH, v_BSKH, mask_BTS, cfg: ModelConfig):
   v_BKSH = v_BSKH.astype(cfg.compute_dtype).transpose(0, 2, 1, 3)
   scores_BKMS = jnp.einsum("bkmh,bksh->bkms", q_BKMH, k_BKSH,
                            preferred_element_type=jnp.float32) / math.sqrt(Dh)
-  scores_BKRTS = jnp.where(mask_BTS[:, None, None], scores_BKMS.reshape(B, K, R, T, S),
-                           jnp.finfo(jnp.float32).min)
-  probs_BKMS = jax.nn.softmax(scores_BKRTS, axis=-1).astype(cfg.compute_dtype).reshape(B, K, R * T, S)
+  probs_BKMS = _masked_softmax(scores_BKMS.reshape(B, K, R, T, S), mask_BTS, cfg.compute_dtype).reshape(
+      B, K, R * T, S)
   out_BKMH = jnp.einsum("bkms,bksh->bkmh", probs_BKMS, v_BKSH)
   return out_BKMH.reshape(B, K, R, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, K * R * Dh)
 
