@@ -47,19 +47,13 @@ from h3jax import fusion, generation
 from h3jax.kernels import cpu_matmul
 from h3jax.model import llama, params as params_lib
 from h3jax.train import lora, objective, optim, step as step_lib
-from timing import best_of, best_wall_and_cpu, cpu_model, decode_tok_s, train_flops
+from timing import best_of, best_wall_and_cpu, cpu_model, decode_tok_s, read_bandwidth, train_flops
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
   return 2 * n**3 / best_of(lambda: f(a).block_until_ready(), repeats)
-
-
-def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-  x = jnp.ones((nbytes // 4,), jnp.float32)
-  f = jax.jit(jnp.sum)
-  return nbytes / best_of(lambda: f(x).block_until_ready(), repeats)
 
 
 def jax_train_step(params, cfg, ids):

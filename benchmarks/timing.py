@@ -24,6 +24,15 @@ def best_of(fn, repeats: int) -> float:
   return min(time_steps(fn, repeats, warmup=1))
 
 
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+  """Bytes/s of a jitted float32 sum over `nbytes` (a streaming read: the decode rows' limit)."""
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones((nbytes // 4,), jnp.float32)
+  f = jax.jit(jnp.sum)
+  return nbytes / best_of(lambda: f(x).block_until_ready(), repeats)
+
+
 def best_wall_and_cpu(fn, repeats: int) -> tuple:
   """(best wall seconds, best CPU seconds of this process, all threads) of `repeats` calls after a
   warm-up. CPU time is far less disturbed by other jobs on a busy machine: a cross-check of wall time."""

@@ -78,7 +78,7 @@ inline void Block(const float* x, int64_t I, const float* w, float* y, int64_t O
     }
 }
 
-// Rows in blocks of 8 / 4 / 2 / 1 with 1 / 2 / 4 / 4 panels at a time (at most 13 registers live).
+// Rows in blocks of 8 / 4 / 2 / 1 with kPanels8 / kPanels4 / 4 / 4 panels at a time.
 template <int NB, int PB>
 void Rows(const float* x, int64_t I, const float* w, float* y, int64_t O, int64_t p0, int64_t p1) {
   int64_t p = p0;
@@ -86,10 +86,19 @@ void Rows(const float* x, int64_t I, const float* w, float* y, int64_t O, int64_
   for (; p < p1; ++p) Block<NB, 1>(x, I, w + p * I * kLanes, y, O, p * kLanes);
 }
 
+// Panels per block at 8 and 4 rows: 1 and 2 fill AVX2's 16 vector registers (8 + 1 + 1, 8 + 2 + 1); with
+// AVX-512VL's 32, 2 and 4 panels (16 + 2 + 1, 16 + 4 + 1) halve the row broadcasts per multiply-add, which
+// bound the 8-row product: SmolLM2's layers at 8 rows took 23.0 / 25.4 ms with 1 panel and 18.5 / 20.5 ms
+// with 2 on 2 Xeon cores (benchmarks/decode_kernel.py). Each row's sums run in the same order either way.
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+constexpr int kPanels8 = 2, kPanels4 = 4;
+#else
+constexpr int kPanels8 = 1, kPanels4 = 2;
+#endif
 void Panels(const float* x, int64_t N, int64_t I, const float* w, float* y, int64_t O, int64_t p0, int64_t p1) {
   int64_t n = 0;
-  for (; n + 8 <= N; n += 8) Rows<8, 1>(x + n * I, I, w, y + n * O, O, p0, p1);
-  if (N - n >= 4) { Rows<4, 2>(x + n * I, I, w, y + n * O, O, p0, p1); n += 4; }
+  for (; n + 8 <= N; n += 8) Rows<8, kPanels8>(x + n * I, I, w, y + n * O, O, p0, p1);
+  if (N - n >= 4) { Rows<4, kPanels4>(x + n * I, I, w, y + n * O, O, p0, p1); n += 4; }
   if (N - n >= 2) { Rows<2, 4>(x + n * I, I, w, y + n * O, O, p0, p1); n += 2; }
   if (N - n >= 1) Rows<1, 4>(x + n * I, I, w, y + n * O, O, p0, p1);
 }
