@@ -78,7 +78,7 @@ inline void Block(const float* x, int64_t I, const float* w, float* y, int64_t O
     }
 }
 
-// Rows in blocks of 8 / 4 / 2 / 1 with kPanels8 / kPanels4 / 4 / 4 panels at a time.
+// NB rows times every panel in [p0, p1), PB panels at a time (the last p1 - p0 mod PB one by one).
 template <int NB, int PB>
 void Rows(const float* x, int64_t I, const float* w, float* y, int64_t O, int64_t p0, int64_t p1) {
   int64_t p = p0;
@@ -86,21 +86,39 @@ void Rows(const float* x, int64_t I, const float* w, float* y, int64_t O, int64_
   for (; p < p1; ++p) Block<NB, 1>(x, I, w + p * I * kLanes, y, O, p * kLanes);
 }
 
-// Panels per block at 8 and 4 rows: 1 and 2 fill AVX2's 16 vector registers (8 + 1 + 1, 8 + 2 + 1); with
-// AVX-512VL's 32, 2 and 4 panels (16 + 2 + 1, 16 + 4 + 1) halve the row broadcasts per multiply-add, which
-// bound the 8-row product: SmolLM2's layers at 8 rows took 23.0 / 25.4 ms with 1 panel and 18.5 / 20.5 ms
-// with 2 on 2 Xeon cores (benchmarks/decode_kernel.py). Each row's sums run in the same order either way.
+// Panels per block for NB = 1..8 rows: as many as keep NB * PB accumulators, PB weight vectors and a row
+// broadcast in registers (AVX2: 16; AVX-512VL: 32, where 8 rows take 3 panels instead of 1, which cuts the
+// row broadcasts per multiply-add that bound the 8-row product). Measured with benchmarks/decode_kernel.py on
+// 2 Xeon cores, SmolLM2's layers: 8 rows 23.8 / 25.8 ms -> 16.7 / 16.2 ms (the streaming limit ~14 ms).
 #if defined(__AVX512F__) && defined(__AVX512VL__)
-constexpr int kPanels8 = 2, kPanels4 = 4;
+constexpr int kPanelsFor[9] = {0, 4, 4, 4, 4, 4, 4, 3, 3};
 #else
-constexpr int kPanels8 = 1, kPanels4 = 2;
+constexpr int kPanelsFor[9] = {0, 4, 4, 3, 2, 2, 2, 1, 1};
 #endif
+
+template <int NB>
+void RowBlock(const float* x, int64_t I, const float* w, float* y, int64_t O, int64_t p0, int64_t p1) {
+  Rows<NB, kPanelsFor[NB]>(x, I, w, y, O, p0, p1);
+}
+
+// Rows in blocks of 8, the rest (1-7) in one more block: every block streams the panels once, so 5-7 rows
+// (a batch after finished rows left it) cost one pass, not the 2-3 of blocks of 4 / 2 / 1. Each row's sums
+// run in the same order in any block, so a row's result does not depend on the rows it is batched with.
 void Panels(const float* x, int64_t N, int64_t I, const float* w, float* y, int64_t O, int64_t p0, int64_t p1) {
   int64_t n = 0;
-  for (; n + 8 <= N; n += 8) Rows<8, kPanels8>(x + n * I, I, w, y + n * O, O, p0, p1);
-  if (N - n >= 4) { Rows<4, kPanels4>(x + n * I, I, w, y + n * O, O, p0, p1); n += 4; }
-  if (N - n >= 2) { Rows<2, 4>(x + n * I, I, w, y + n * O, O, p0, p1); n += 2; }
-  if (N - n >= 1) Rows<1, 4>(x + n * I, I, w, y + n * O, O, p0, p1);
+  for (; n + 8 <= N; n += 8) RowBlock<8>(x + n * I, I, w, y + n * O, O, p0, p1);
+  x += n * I;
+  y += n * O;
+  switch (N - n) {
+    case 7: RowBlock<7>(x, I, w, y, O, p0, p1); break;
+    case 6: RowBlock<6>(x, I, w, y, O, p0, p1); break;
+    case 5: RowBlock<5>(x, I, w, y, O, p0, p1); break;
+    case 4: RowBlock<4>(x, I, w, y, O, p0, p1); break;
+    case 3: RowBlock<3>(x, I, w, y, O, p0, p1); break;
+    case 2: RowBlock<2>(x, I, w, y, O, p0, p1); break;
+    case 1: RowBlock<1>(x, I, w, y, O, p0, p1); break;
+    default: break;
+  }
 }
 
 constexpr int kMaxWeights = 8;
