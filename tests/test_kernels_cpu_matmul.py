@@ -30,8 +30,8 @@ def _uses_kernel(fn, *args) -> bool:
   return cpu_matmul.TARGET in jax.jit(fn).lower(*args).as_text()
 
 
-# Row counts hit every block (blocks of 8, then one block of the 1-7 rows left) and their remainders; out widths 8 to 1536 (1, 3 and many
-# panels, so every panel-group remainder); the SmolLM2 shapes; in widths down to 1.
+# Row counts hit every block (blocks of 8, then one block of the 1-7 rows left); out widths 8 to 1536 (1, 3
+# and many panels, so every panel-group remainder); the SmolLM2 shapes; in widths down to 1.
 @pytest.mark.parametrize("N,I,O", [(1, 576, 1536), (8, 576, 192), (5, 1536, 576), (2, 64, 8), (3, 33, 24),
                                    (4, 96, 40), (7, 8, 56), (9, 48, 16), (16, 48, 64), (17, 5, 72),
                                    (32, 64, 128), (6, 1, 16)])
