@@ -5,8 +5,12 @@ r"""The CPU decode kernel alone against XLA's dots and the weight-streaming limi
 SmolLM2-135M's 30 layers of linears (q / k / v, o, gate / up, down: 425 MB of float32 weights, random, packed
 in panels), chained as a decode step chains them, at 1 and 8 rows: `cpu_matmul`'s kernel and the XLA dot over
 the same panels, each ÷ the time to stream the weights once at the read bandwidth measured in the same run.
-Prints a table and writes benchmarks/results/decode_kernel.json. Rows of the same run are comparable; this
-machine's absolute speed moves by 10-40% between runs.
+With --experts E (> 0) it also times a top-2 MoE FFN of E packed SmolLM2-sized experts over the same 30 layers
+at --moe_rows tokens, each token routed to 2 random experts: `moe_dispatch.sparse_ffn` (the MoE decode path)
+against the chosen experts' SwiGLUs called directly on the same rows (no routing), so the dispatch's own cost
+and the experts' weight bytes per second show apart. Prints a table and writes
+benchmarks/results/decode_kernel.json. Rows of the same run are comparable; this machine's absolute speed moves
+by 10-40% between runs.
 """
 
 from __future__ import annotations
@@ -40,10 +44,53 @@ def chain(x_ND, layers, matmuls):
   return x_ND
 
 
+def moe_rows(res: dict, experts: int, n: int, repeats: int, rng):
+  """sparse_ffn vs the chosen experts' SwiGLUs called directly, `n` tokens x 30 layers (top-2 of `experts`)."""
+  from h3jax.config import ModelConfig
+  from h3jax.model import moe_dispatch
+  cfg = ModelConfig(vocab_size=8, hidden_size=D, intermediate_size=F, num_layers=1, num_heads=9, num_kv_heads=3,
+                    head_dim=64)
+  mk = lambda i, o: {"kernel_panels": cpu_matmul.pack_panels(jnp.asarray(0.02 * rng.standard_normal((i, o), np.float32)))}
+  layers = [[dict(gate_proj=mk(D, F), up_proj=mk(D, F), down_proj=mk(F, D)) for _ in range(experts)]
+            for _ in range(LAYERS)]
+  topi_NK = np.stack([rng.permutation(experts)[:2] for _ in range(n)]).astype(np.int32)
+  used = sorted(set(topi_NK.reshape(-1).tolist()))
+  combine_NK, valid_N = jnp.full((n, 2), 0.5, jnp.float32), jnp.ones((n,), bool)
+
+  def sparse(x_ND):
+    for ps in layers:
+      x_ND = x_ND + 0.01 * moe_dispatch.sparse_ffn(ps, x_ND, jnp.asarray(topi_NK), combine_NK, valid_N, None, cfg)
+    return x_ND
+
+  def direct(x_ND):  # every chosen expert on all n rows: the weight bytes sparse_ffn reads, no routing
+    for ps in layers:
+      x_ND = x_ND + 0.01 * sum(moe_dispatch._swiglu_2d(ps[e], x_ND, {}, cfg) for e in used)
+    return x_ND
+
+  x = 0.1 * jnp.ones((n, D), jnp.float32)
+  t = {}
+  for name, fn in (("sparse_ffn", sparse), ("direct", direct)):
+    f = jax.jit(fn)
+    f(x).block_until_ready()
+    t[name] = best_of(lambda: f(x).block_until_ready(), repeats)
+  nbytes = LAYERS * len(used) * 3 * D * F * 4
+  res["moe"] = {"experts": experts, "rows": n, "experts_used": len(used), "expert_bytes": nbytes,
+                "sparse_ffn_ms": 1e3 * t["sparse_ffn"], "direct_ms": 1e3 * t["direct"],
+                "sparse_ffn_gbs": nbytes / t["sparse_ffn"] / 1e9, "direct_gbs": nbytes / t["direct"] / 1e9}
+  m = res["moe"]
+  print(f"\nMoE FFN, {n} tokens, top-2 of {experts} experts ({len(used)} used, {nbytes / 1e6:.0f} MB of expert "
+        f"weights), 30 layers:")
+  print("| path | ms | expert weight GB/s |\n|---|---:|---:|")
+  print(f"| `sparse_ffn` | {m['sparse_ffn_ms']:.1f} | {m['sparse_ffn_gbs']:.1f} |")
+  print(f"| the chosen experts called directly | {m['direct_ms']:.1f} | {m['direct_gbs']:.1f} |")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--rows", default="1,8")
   ap.add_argument("--repeats", type=int, default=7)
+  ap.add_argument("--experts", type=int, default=3, help="MoE rows with this many experts (0: none)")
+  ap.add_argument("--moe_rows", type=int, default=8)
   ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "decode_kernel.json"))
   args = ap.parse_args()
   if not cpu_matmul.available():
@@ -72,6 +119,8 @@ def main():
     res["rows"][n] = row
     print(f"| {n} | {row['kernel_ms']:.1f} | {row['xla_ms']:.1f} | {row['kernel_gflops']:.0f} | "
           f"{100 * row['kernel_frac_of_streaming']:.0f}% | {row['xla_over_kernel']:.2f}x |")
+  if args.experts:
+    moe_rows(res, args.experts, args.moe_rows, args.repeats, np.random.default_rng(LAYERS))
   pathlib.Path(args.out).write_text(json.dumps(res, indent=2))
   print(f"wrote {args.out}")
 
