@@ -5,7 +5,7 @@ r"""The CPU decode kernel alone against XLA's dots and the weight-streaming limi
 SmolLM2-135M's 30 layers of linears (q / k / v, o, gate / up, down: 425 MB of float32 weights, random, packed
 in panels), chained as a decode step chains them, at 1 and 8 rows: `cpu_matmul`'s kernel and the XLA dot over
 the same panels, each ÷ the time to stream the weights once at the read bandwidth measured in the same run.
-With --experts E (> 0) it also times a top-2 MoE FFN of E packed SmolLM2-sized experts over the same 30 layers
+With --experts E (default 3; 0 skips it) it also times a top-2 MoE FFN of E packed SmolLM2-sized experts over the same 30 layers
 at --moe_rows tokens, each token routed to 2 random experts: `moe_dispatch.sparse_ffn` (the MoE decode path)
 against the chosen experts' SwiGLUs called directly on the same rows (no routing), so the dispatch's own cost
 and the experts' weight bytes per second show apart. Prints a table and writes
@@ -30,8 +30,12 @@ from timing import best_of, cpu_model, read_bandwidth
 D, F, KV, LAYERS = 576, 1536, 192, 30  # SmolLM2-135M
 
 
+def packed(rng, i: int, o: int):
+  return cpu_matmul.pack_panels(jnp.asarray(0.02 * rng.standard_normal((i, o), np.float32)))
+
+
 def layer_weights(rng) -> dict:
-  mk = lambda i, o: cpu_matmul.pack_panels(jnp.asarray(0.02 * rng.standard_normal((i, o), np.float32)))
+  mk = lambda i, o: packed(rng, i, o)
   return dict(qkv=(mk(D, D), mk(D, KV), mk(D, KV)), o=(mk(D, D),), gu=(mk(D, F), mk(D, F)), down=(mk(F, D),))
 
 
@@ -50,7 +54,7 @@ def moe_rows(res: dict, experts: int, n: int, repeats: int, rng):
   from h3jax.model import moe_dispatch
   cfg = ModelConfig(vocab_size=8, hidden_size=D, intermediate_size=F, num_layers=1, num_heads=9, num_kv_heads=3,
                     head_dim=64)
-  mk = lambda i, o: {"kernel_panels": cpu_matmul.pack_panels(jnp.asarray(0.02 * rng.standard_normal((i, o), np.float32)))}
+  mk = lambda i, o: {"kernel_panels": packed(rng, i, o)}
   layers = [[dict(gate_proj=mk(D, F), up_proj=mk(D, F), down_proj=mk(F, D)) for _ in range(experts)]
             for _ in range(LAYERS)]
   topi_NK = np.stack([rng.permutation(experts)[:2] for _ in range(n)]).astype(np.int32)
