@@ -5,12 +5,12 @@ r"""The CPU decode kernel alone against XLA's dots and the weight-streaming limi
 SmolLM2-135M's 30 layers of linears (q / k / v, o, gate / up, down: 425 MB of float32 weights, random, packed
 in panels), chained as a decode step chains them, at 1 and 8 rows: `cpu_matmul`'s kernel and the XLA dot over
 the same panels, each ÷ the time to stream the weights once at the read bandwidth measured in the same run.
-With --experts E (default 3; 0 skips it) it also times a top-2 MoE FFN of E packed SmolLM2-sized experts over the same 30 layers
-at --moe_rows tokens, each token routed to 2 random experts: `moe_dispatch.sparse_ffn` (the MoE decode path)
-against the chosen experts' SwiGLUs called directly on the same rows (no routing), so the dispatch's own cost
-and the experts' weight bytes per second show apart. Prints a table and writes
-benchmarks/results/decode_kernel.json. Rows of the same run are comparable; this machine's absolute speed moves
-by 10-40% between runs.
+With --experts E (default 3; 0 skips it) it also times a top-2 MoE FFN of E packed SmolLM2-sized experts over
+the same 30 layers at --moe_rows tokens, each routed to 2 random experts: `moe_dispatch.sparse_ffn` (the MoE
+decode path) against the chosen experts' SwiGLUs called directly on the same rows (no routing), so the
+dispatch's own cost and the experts' weight bytes per second show apart. Prints a table and writes
+benchmarks/results/decode_kernel.json. Rows of the same run are comparable; this machine's absolute speed
+moves by 10-40% between runs.
 """
 
 from __future__ import annotations
