@@ -16,6 +16,7 @@ moves by 10-40% between runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -35,7 +36,7 @@ def packed(rng, i: int, o: int):
 
 
 def layer_weights(rng) -> dict:
-  mk = lambda i, o: packed(rng, i, o)
+  mk = functools.partial(packed, rng)
   return dict(qkv=(mk(D, D), mk(D, KV), mk(D, KV)), o=(mk(D, D),), gu=(mk(D, F), mk(D, F)), down=(mk(F, D),))
 
 
@@ -46,6 +47,12 @@ def chain(x_ND, layers, matmuls):
     g, u = matmuls(a, *w["gu"])
     x_ND, = matmuls(g * u, *w["down"])
   return x_ND
+
+
+def jit_seconds(fn, x, repeats: int) -> float:
+  """Best wall seconds of jit(fn)(x) (best_of's warm-up call compiles it)."""
+  f = jax.jit(fn)
+  return best_of(lambda: f(x).block_until_ready(), repeats)
 
 
 def moe_rows(res: dict, experts: int, n: int, repeats: int, rng):
@@ -72,11 +79,7 @@ def moe_rows(res: dict, experts: int, n: int, repeats: int, rng):
     return x_ND
 
   x = 0.1 * jnp.ones((n, D), jnp.float32)
-  t = {}
-  for name, fn in (("sparse_ffn", sparse), ("direct", direct)):
-    f = jax.jit(fn)
-    f(x).block_until_ready()
-    t[name] = best_of(lambda: f(x).block_until_ready(), repeats)
+  t = {name: jit_seconds(fn, x, repeats) for name, fn in (("sparse_ffn", sparse), ("direct", direct))}
   nbytes = LAYERS * len(used) * 3 * D * F * 4
   res["moe"] = {"experts": experts, "rows": n, "experts_used": len(used), "expert_bytes": nbytes,
                 "sparse_ffn_ms": 1e3 * t["sparse_ffn"], "direct_ms": 1e3 * t["direct"],
@@ -112,11 +115,8 @@ def main():
   print("|---:|---:|---:|---:|---:|---:|")
   for n in (int(r) for r in args.rows.split(",")):
     x = 0.1 * jnp.ones((n, D), jnp.float32)
-    t = {}
-    for name, mm in (("kernel", cpu_matmul._kernel_matmuls), ("xla", cpu_matmul._xla_matmuls)):
-      f = jax.jit(lambda x, mm=mm: chain(x, layers, mm))
-      f(x).block_until_ready()
-      t[name] = best_of(lambda: f(x).block_until_ready(), args.repeats)
+    t = {name: jit_seconds(lambda x, mm=mm: chain(x, layers, mm), x, args.repeats)
+         for name, mm in (("kernel", cpu_matmul._kernel_matmuls), ("xla", cpu_matmul._xla_matmuls))}
     row = {"kernel_ms": 1e3 * t["kernel"], "xla_ms": 1e3 * t["xla"],
            "kernel_gflops": 2 * n * nbytes / 4 / t["kernel"] / 1e9, "kernel_frac_of_streaming": stream_s / t["kernel"],
            "xla_over_kernel": t["xla"] / t["kernel"]}

@@ -6,12 +6,13 @@ Lists every 2-D matmul of one forward+backward step at B x T tokens (per layer: 
 each as the forward x @ W, the input gradient g @ W^T and the weight gradient x^T @ g; then the tied or
 untied vocabulary projection's three), times each distinct product alone in each library (best of
 --repeats, transposes as views; XLA and OpenBLAS with h3jax's [in, out] kernels, torch with nn.Linear's
-[out, in] weights as transformers runs it), and sums them with their counts. Beside that it times the whole step in h3jax and in transformers, so the table splits each step
-into its GEMMs and the rest. Attention's batched dots (QK^T, PV) are not GEMMs of this list; they fall in
-"the rest" of both, and are timed apart: every layer's attention core (scores, mask, softmax, weighted
-values; no projections) forward+backward in h3jax's two layouts (`layers.attend_heads_first`, the training
-path, and `layers.attend_in_place`, the decode path) and in torch's fused scaled_dot_product_attention.
-Prints a table and writes benchmarks/results/step_gemms.json.
+[out, in] weights as transformers runs it), and sums them with their counts. Beside that it times the whole
+step in h3jax and in transformers, so the table splits each step into its GEMMs and the rest. Attention's
+batched dots (QK^T, PV) are not GEMMs of this list; they fall in "the rest" of both, and are timed apart:
+every layer's attention core (scores, mask, softmax, weighted values; no projections) forward+backward in
+h3jax's two layouts (`layers.attend_heads_first`, the training path, and `layers.attend_in_place`, the decode
+path) and in torch's fused scaled_dot_product_attention. Prints a table and writes
+benchmarks/results/step_gemms.json.
 """
 
 from __future__ import annotations
@@ -161,7 +162,8 @@ def bench(args) -> dict:
 def table(res: dict) -> str:
   rows = [f"SmolLM2 train step GEMMs, B={res['B']} T={res['T']} on {res['cpu_model']} "
           f"({res['cpu_count']} cores, load {res['load_average']:.1f})",
-          "| product | layout (torch's) | M x K x N | count | XLA GFLOP/s | torch GFLOP/s | OpenBLAS GFLOP/s | XLA ÷ torch time |",
+          "| product | layout (torch's) | M x K x N | count | XLA GFLOP/s | torch GFLOP/s | OpenBLAS GFLOP/s "
+          "| XLA ÷ torch time |",
           "|---|---|---|---|---|---|---|---|"]
   for g in res["gemms"]:
     rows.append(f"| {g['name']} | {g['layout']} ({g['torch_layout']}) | {g['M']}x{g['K']}x{g['N']} | {g['count']} | "
