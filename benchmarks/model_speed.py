@@ -4,7 +4,10 @@ r"""h3jax vs transformers (torch) on SmolLM2-135M-Instruct, same machine, same r
 
 Prints a table and writes benchmarks/results/model_speed.json:
   (a) forward+backward tokens/s (h3jax vs torch) and h3jax's achieved fraction of
-      the jax fp32 matmul peak measured in this run;
+      the jax fp32 matmul peak measured in this run, h3jax with the training default's
+      remat policy for a full fine-tune (`train.stages.resolve_remat`: "dots") and, beside it,
+      with none (every activation saved), the three timed in interleaved rounds (best of
+      --repeats each);
   (b) greedy decode tokens/s at batch 1 and 8 (h3jax vs `generate`), with the
       weight-streaming limit (weight bytes per step / measured memory bandwidth);
   (c) load time (h3jax.load_pretrained vs from_pretrained);
@@ -18,8 +21,9 @@ Prints a table and writes benchmarks/results/model_speed.json:
       1 and min(E, 8k) at batch 8);
   (e) a LoRA SFT step (frozen base, configs/smollm2.py's LoRA: r=8, alpha=4,
       dropout 0.1 on gate/up/down) ÷ a full fine-tune step, both AdamW, on the same
-      --lora_batch x --lora_seq batch, and the backprop floor (a step training only the
-      norm scales: forward + activation gradients, no weight-gradient dot) ÷ the full step, the three
+      --lora_batch x --lora_seq batch (each with the training default's remat, and the full
+      step also at the LoRA step's), and the backprop floor (a step training only the
+      norm scales: forward + activation gradients, no weight-gradient dot) ÷ the full step, the four
       timed in interleaved rounds (best of --repeats each).
 `--sections` runs a subset (train,decode,load,moe,lora). Run it on an otherwise idle
 machine: every number is a ratio taken in the same run.
@@ -103,17 +107,40 @@ def bench(args) -> dict:
   return res
 
 
+def train_remat(lora_enabled: bool) -> str:
+  """The remat policy `python -m h3jax.train` runs a full fine-tune (or a LoRA one) with by default."""
+  from h3jax.train import defaults, stages
+  config = defaults.default_config()
+  config.lora.enabled = lora_enabled
+  return stages.resolve_remat(config)
+
+
 def train_rows(res: dict, cfg, params, hf, args):
+  """(a), in interleaved rounds (this machine's speed drifts by 10-40% over minutes): h3jax with the training
+  default's remat policy (the row) and with none (every activation saved), and transformers."""
   ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
-  step = jax_train_step(params, cfg, jnp.asarray(ids))
-  t_jax = best_of(lambda: jax.block_until_ready(step(params)), args.repeats)
+  remat = train_remat(lora_enabled=False)
+  runs = {}
+  for name, r in (("h3jax", remat), ("h3jax_remat_none", "none")):
+    step = jax_train_step(params, cfg.replace(remat=r), jnp.asarray(ids))
+    runs[name] = lambda step=step: jax.block_until_ready(step(params))
   hf.train()
-  t_torch = best_of(torch_train_step(hf, ids), args.repeats)
+  runs["torch"] = torch_train_step(hf, ids)
+  times = {k: [] for k in runs}
+  for run in runs.values():
+    run()  # compile / warm up
+  for _ in range(args.repeats):
+    for k, run in runs.items():
+      t = time.perf_counter()
+      run()
+      times[k].append(time.perf_counter() - t)
   hf.eval()
+  t_jax, t_none, t_torch = (min(times[k]) for k in ("h3jax", "h3jax_remat_none", "torch"))
   n_params = params_lib.num_params(params)
   tokens = args.batch * args.seq
-  res.update(train_tok_s_h3jax=tokens / t_jax, train_tok_s_torch=tokens / t_torch,
-             train_speedup=t_torch / t_jax,
+  res.update(train_remat=remat, train_step_times_s=times,
+             train_tok_s_h3jax=tokens / t_jax, train_tok_s_torch=tokens / t_torch,
+             train_speedup=t_torch / t_jax, train_speedup_remat_none=t_torch / t_none,
              train_frac_of_matmul_peak=train_flops(cfg, n_params, args.batch, args.seq) / t_jax
              / (res["matmul_peak_gflops"] * 1e9))
 
@@ -220,15 +247,19 @@ def lora_vs_full_step(res: dict, cfg, params, args):
     run()
     return run
 
+  # Each as `h3jax.train` runs it by default: LoRA without remat, a full fine-tune with "dots"; the floor as the
+  # LoRA step (it bounds that step). The full step without remat too: the ratio at one policy.
+  full_cfg, lora_cfg = (cfg.replace(remat=train_remat(lora_enabled=e)) for e in (False, True))
   lp = lora.add_lora(params, lora.FFN_TARGETS, 8, jax.random.key(1))
-  lcfg = lora.lora_model_config(cfg, 8, 4.0, 0.1)
+  full_labels = optim.param_labels(params, optim.trainable_rules(lora=False, router=False, extra=("*",)))
   runs = {
-      "lora": step_fn(lcfg, lp, optim.param_labels(lp, optim.trainable_rules(lora=True, router=False))),
-      "full": step_fn(cfg, params, optim.param_labels(params, optim.trainable_rules(
-          lora=False, router=False, extra=("*",)))),
+      "lora": step_fn(lora.lora_model_config(lora_cfg, 8, 4.0, 0.1), lp,
+                      optim.param_labels(lp, optim.trainable_rules(lora=True, router=False))),
+      "full": step_fn(full_cfg, params, full_labels),
+      "full_as_lora": step_fn(lora_cfg, params, full_labels),
       # The floor of any step that trains something in the first layer: the forward and the activation
       # gradients through every layer, no weight-gradient dot (only the per-layer norm scales are trained).
-      "floor": step_fn(cfg, params, optim.param_labels(params, optim.trainable_rules(
+      "floor": step_fn(lora_cfg, params, optim.param_labels(params, optim.trainable_rules(
           lora=False, router=False, extra=("layers/attn_norm/*",)))),
   }
   # Rounds of one step each, interleaved: this machine's speed drifts by ~10% over minutes, which one
@@ -239,10 +270,13 @@ def lora_vs_full_step(res: dict, cfg, params, args):
       t = time.perf_counter()
       run()
       times[k].append(time.perf_counter() - t)
-  t_lora, t_full, t_floor = (min(times[k]) for k in ("lora", "full", "floor"))
+  t_lora, t_full, t_same, t_floor = (min(times[k]) for k in ("lora", "full", "full_as_lora", "floor"))
   res["lora_step_times_s"] = times
-  res.update(lora_batch=B, lora_seq=T, lora_step_s=t_lora, full_step_s=t_full, lora_over_full_step=t_lora / t_full,
-             backprop_floor_step_s=t_floor, backprop_floor_over_full_step=t_floor / t_full)
+  res.update(lora_batch=B, lora_seq=T, lora_remat=lora_cfg.remat, full_remat=full_cfg.remat, lora_step_s=t_lora,
+             full_step_s=t_full, lora_over_full_step=t_lora / t_full, full_step_same_remat_s=t_same,
+             lora_over_full_step_same_remat=t_lora / t_same,
+             backprop_floor_step_s=t_floor, backprop_floor_over_full_step=t_floor / t_full,
+             backprop_floor_over_full_step_same_remat=t_floor / t_same)
 
 
 def table(res: dict) -> str:
@@ -259,7 +293,8 @@ def table(res: dict) -> str:
   lines += [f"| {name} | {a:.1f} | {b:.1f} | {r:.2f}x |" for name, a, b, r in rows]
   if "train_frac_of_matmul_peak" in res:
     lines += ["", f"fwd+bwd at {100 * res['train_frac_of_matmul_peak']:.0f}% of the measured fp32 matmul peak "
-              f"({res['matmul_peak_gflops']:.0f} GFLOP/s)."]
+              f"({res['matmul_peak_gflops']:.0f} GFLOP/s), remat {res['train_remat']!r}; with every activation "
+              f"saved (remat 'none') {res['train_speedup_remat_none']:.2f}x transformers."]
   if "decode_frac_of_streaming_limit_b1" in res:
     lines += ["", f"Decode batch 1 at {100 * res['decode_frac_of_streaming_limit_b1']:.0f}% of the weight-streaming "
               f"limit ({res['decode_weight_streaming_limit_tok_s_b1']:.1f} tok/s at {res['read_bandwidth_gbs']:.1f} GB/s); "
@@ -280,10 +315,13 @@ def table(res: dict) -> str:
     lines.append("| MoE at the weight-streaming limit | " + " | ".join(
         f"{res[f'moe_streaming_ratio_b{B}']:.2f}x" for B in (1, 8)) + " |")
   if "lora_over_full_step" in res:
-    lines += ["", f"LoRA SFT step {res['lora_step_s']:.2f} s ÷ full fine-tune step {res['full_step_s']:.2f} s "
-              f"(batch {res['lora_batch']} x {res['lora_seq']}) = {res['lora_over_full_step']:.2f}x; the backprop floor "
-              f"(forward + activation gradients, no weight-gradient dot: only the norm scales trained) "
-              f"{res['backprop_floor_step_s']:.2f} s = {res['backprop_floor_over_full_step']:.2f}x"]
+    lines += ["", f"LoRA SFT step {res['lora_step_s']:.2f} s (remat {res['lora_remat']!r}) ÷ full fine-tune step "
+              f"{res['full_step_s']:.2f} s (remat {res['full_remat']!r}), batch {res['lora_batch']} x "
+              f"{res['lora_seq']}: {res['lora_over_full_step']:.2f}x; ÷ the full step at the LoRA step's remat "
+              f"({res['full_step_same_remat_s']:.2f} s): {res['lora_over_full_step_same_remat']:.2f}x. The backprop "
+              f"floor (forward + activation gradients, no weight-gradient dot: only the norm scales trained) "
+              f"{res['backprop_floor_step_s']:.2f} s = {res['backprop_floor_over_full_step']:.2f}x / "
+              f"{res['backprop_floor_over_full_step_same_remat']:.2f}x"]
   return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ def trainable(run):
 def test_stage_a_paper_lora_trains_only_ffn_adapters(tmp_path):
   run = stages.setup(tiny(tmp_path))
   assert run.cfg.lora_scale == 0.5 and run.cfg.lora_dropout == 0.1  # r=8, alpha=4
+  assert run.cfg.remat == "none"  # remat "auto": a LoRA step saves few activations
   assert trainable(run) == sorted(f"layers/mlp/{m}_proj/lora_{ab}" for m in ("gate", "up", "down")
                                   for ab in "ab")
   assert run.params["layers"]["mlp"]["up_proj"]["lora_a"].shape == (2, 32, 8)
@@ -41,6 +42,9 @@ def test_stage_a_full_ffn_option(tmp_path):
   c.train.trainable = ("layers/mlp/*",)
   run = stages.setup(c)
   assert trainable(run) == sorted(f"layers/mlp/{m}_proj/kernel" for m in ("gate", "up", "down"))
+  assert run.cfg.remat == "dots"  # remat "auto" where base weights train
+  c.model.remat = "full"
+  assert stages.setup(c).cfg.remat == "full"
   assert "lora_a" not in run.params["layers"]["mlp"]["up_proj"]
 
 
@@ -48,6 +52,10 @@ def test_bad_stage_and_vocab_mismatch(tmp_path):
   c = tiny(tmp_path)
   c.stage = "dpo"
   with pytest.raises(ValueError, match=r"unknown stage 'dpo'; expected one of \('sft', 'fusion'\)"):
+    stages.setup(c)
+  c = tiny(tmp_path)
+  c.model.remat = "partial"
+  with pytest.raises(ValueError, match=r"model.remat must be one of \('auto', 'none', 'full', 'dots'\), got 'partial'"):
     stages.setup(c)
   c = tiny(tmp_path)
   c.model.tiny.vocab_size = 64

@@ -183,11 +183,25 @@ def make_data(config, tokenizer, cfg: ModelConfig):
   return train, ev
 
 
+REMAT_POLICIES = ("auto", "none", "full", "dots")
+
+
+def resolve_remat(config) -> str:
+  """config.model.remat, with "auto" as "dots" where the base weights train and "none" for LoRA (whose step
+  saves few activations, so recomputing them costs more than it saves; train/defaults.py has the numbers)."""
+  remat = config.model.remat
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {remat!r}")
+  if remat == "auto":
+    return "none" if config.lora.enabled else "dots"
+  return remat
+
+
 def setup(config) -> Run:
   if config.stage not in STAGES:
     raise ValueError(f"unknown stage {config.stage!r}; expected one of {STAGES}")
   cfg, params, tok_src = load_base(config)
-  cfg = cfg.replace(dtype=config.model.compute_dtype, remat=config.model.remat)
+  cfg = cfg.replace(dtype=config.model.compute_dtype, remat=resolve_remat(config))
   if config.stage == "fusion" and config.fusion.dispatch:
     cfg = cfg.replace(moe_dispatch=config.fusion.dispatch)
   lc = objective.loss_config(config.loss, cfg)
