@@ -5,8 +5,8 @@
 
 Inputs: SmolLM2-135M-Instruct and three deterministic "fine-tuned" variants of it
 (base + seeded sparse Gaussian deltas on 5% of every tensor, written once to
---work), or real fine-tunes of it given with --experts. Every tool runs in its own subprocess on the same files in this run;
-the wall time is the whole process (imports, reading, merging, writing) and the
+--work), or real fine-tunes of it given with --experts. Every tool runs in its own subprocess on the same files in this
+run; the wall time is the whole process (imports, reading, merging, writing) and the
 peak RSS is the child's ru_maxrss. TIES: density 0.2, weights 1, normalize,
 lambda 1 (the same mergekit YAML for both). TSV-M: alpha 1 over all 2-D tensors
 (fusion-bench's defaults). Outputs are cross-checked in the same run (max

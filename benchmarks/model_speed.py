@@ -51,7 +51,7 @@ from h3jax import fusion, generation
 from h3jax.kernels import cpu_matmul
 from h3jax.model import llama, params as params_lib
 from h3jax.train import lora, objective, optim, step as step_lib
-from timing import best_of, best_wall_and_cpu, cpu_model, decode_tok_s, read_bandwidth, train_flops
+from timing import best_of, cpu_model, decode_tok_s, read_bandwidth, train_flops
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -160,7 +160,7 @@ def decode_rows(res: dict, cfg, params, hf, args):
     for name, kernel in (("h3jax", "1"), ("h3jax_xla", "0")):
       os.environ[cpu_matmul.ENABLE_ENV] = kernel  # read when generation unstacks (and packs) the params
       p = llama.unstack_layers(params, cfg)  # once, as `generate` does for all its batches
-      ours = lambda k: generation.generate_tokens(p, cfg, prompt, np.ones_like(prompt), max_new_tokens=k)
+      ours = lambda k, p=p: generation.generate_tokens(p, cfg, prompt, np.ones_like(prompt), max_new_tokens=k)
       # Timing includes prefill; subtract a 1-token run to isolate decode steps.
       t = best_of(lambda: ours(n), args.repeats) - best_of(lambda: ours(1), args.repeats)
       res[f"decode_tok_s_{name}_b{B}"] = B * (n - 1) / t
@@ -176,7 +176,8 @@ def decode_rows(res: dict, cfg, params, hf, args):
     res[f"decode_tok_s_torch_b{B}"] = B * (n - 1) / t_theirs
     res[f"decode_speedup_b{B}"] = res[f"decode_tok_s_h3jax_b{B}"] / res[f"decode_tok_s_torch_b{B}"]
     res[f"decode_kernel_speedup_b{B}"] = res[f"decode_tok_s_h3jax_b{B}"] / res[f"decode_tok_s_h3jax_xla_b{B}"]
-  res["decode_frac_of_streaming_limit_b1"] = res["decode_tok_s_h3jax_b1"] / res["decode_weight_streaming_limit_tok_s_b1"]
+  res["decode_frac_of_streaming_limit_b1"] = (res["decode_tok_s_h3jax_b1"]
+                                               / res["decode_weight_streaming_limit_tok_s_b1"])
   res["decode_frac_of_limit_b8"] = res["decode_tok_s_h3jax_b8"] / res["decode_limit_tok_s_b8"]
 
 
@@ -297,12 +298,13 @@ def table(res: dict) -> str:
               f"saved (remat 'none') {res['train_speedup_remat_none']:.2f}x transformers."]
   if "decode_frac_of_streaming_limit_b1" in res:
     lines += ["", f"Decode batch 1 at {100 * res['decode_frac_of_streaming_limit_b1']:.0f}% of the weight-streaming "
-              f"limit ({res['decode_weight_streaming_limit_tok_s_b1']:.1f} tok/s at {res['read_bandwidth_gbs']:.1f} GB/s); "
-              f"batch 8 at {100 * res['decode_frac_of_limit_b8']:.0f}% of min(8 x that, the matmul peak's "
-              f"{res['matmul_peak_gflops']:.0f} GFLOP/s ÷ 2 FLOP per weight) = {res['decode_limit_tok_s_b8']:.0f} tok/s. "
-              f"CPU decode kernel {'on' if res['decode_cpu_kernel'] else 'unavailable'}; XLA's dots alone: " + ", ".join(
-                  f"batch {B} {res[f'decode_tok_s_h3jax_xla_b{B}']:.1f} tok/s (kernel {res[f'decode_kernel_speedup_b{B}']:.2f}x)"
-                  for B in (1, 8)) + "."]
+              f"limit ({res['decode_weight_streaming_limit_tok_s_b1']:.1f} tok/s at "
+              f"{res['read_bandwidth_gbs']:.1f} GB/s); batch 8 at {100 * res['decode_frac_of_limit_b8']:.0f}% of "
+              f"min(8 x that, the matmul peak's {res['matmul_peak_gflops']:.0f} GFLOP/s ÷ 2 FLOP per weight) = "
+              f"{res['decode_limit_tok_s_b8']:.0f} tok/s. CPU decode kernel "
+              f"{'on' if res['decode_cpu_kernel'] else 'unavailable'}; XLA's dots alone: " + ", ".join(
+                  f"batch {B} {res[f'decode_tok_s_h3jax_xla_b{B}']:.1f} tok/s "
+                  f"(kernel {res[f'decode_kernel_speedup_b{B}']:.2f}x)" for B in (1, 8)) + "."]
   if "moe_decode_ratio_sparse_b1" in res:
     lines += ["", f"MoE ({res['moe_source']}; load_pretrained picks `{res['moe_load_pretrained_dispatch']}`) "
               "greedy decode tokens/s ÷ the dense model's, wall (CPU time):",

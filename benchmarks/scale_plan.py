@@ -134,7 +134,7 @@ def plan(s: Setting) -> dict:
   act_b = _BYTES[s.compute_dtype]
   L, D, F, E, k, V = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_experts,
                       cfg.num_experts_per_tok, cfg.vocab_size)
-  H, Dh = cfg.num_heads, cfg.head_dim
+  H = cfg.num_heads
   m = mesh["expert"]
 
   mem = {"params": 0.0, "optimizer": 0.0, "grads": 0.0}
@@ -212,8 +212,10 @@ def table(rows, hbm) -> str:
     mesh = " ".join(f"{a}={v}" for a, v in r["mesh"].items())
     comm = ", ".join(f"{a} {v:,.0f}" for a, v in r["comm_MB"].items())
     fits = "yes" if r["total_GB"] <= gb else "no"
-    lines.append(f"| {r['model']} | {hw} | {mesh} | {r['batch_size']}x{r['tokens_per_step'] // r['batch_size']} | {mg['params']:.2f} | {mg['optimizer'] + mg['grads']:.3f} | "
-                 f"{mg['activations']:.2f} | {r['total_GB']:.2f} | {fits} | {comm} |")
+    seq = r["tokens_per_step"] // r["batch_size"]
+    lines.append(f"| {r['model']} | {hw} | {mesh} | {r['batch_size']}x{seq} | {mg['params']:.2f} | "
+                 f"{mg['optimizer'] + mg['grads']:.3f} | {mg['activations']:.2f} | {r['total_GB']:.2f} | {fits} | "
+                 f"{comm} |")
   return "\n".join(lines)
 
 
@@ -253,7 +255,8 @@ def main(argv=None):
       print(json.dumps(r))
   else:
     print(f"Stage B (LoRA r=8 on attention + experts, router trainable), batch "
-          f"{a.batch_size or '4 rows per batch shard'} x {a.seq_len} tokens, bf16 weights, dropless, remat={'full' if a.remat else 'none'}; fits = total <= "
+          f"{a.batch_size or '4 rows per batch shard'} x {a.seq_len} tokens, bf16 weights, dropless, "
+          f"remat={'full' if a.remat else 'none'}; fits = total <= "
           f"{a.hbm_frac:.0%} of device memory")
     print(table(rows, hbm))
 

@@ -152,7 +152,7 @@ def bench(args) -> dict:
 
   ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
   step = jax_train_step(params, cfg, jnp.asarray(ids))
-  res["step_s_h3jax"] = best_of(lambda: jax.block_until_ready(step(params)), args.repeats)
+  res["step_s_h3jax"] = best_of(lambda step=step: jax.block_until_ready(step(params)), args.repeats)
   del step
   hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).train()
   res["step_s_torch"] = best_of(torch_train_step(hf, ids), args.repeats)

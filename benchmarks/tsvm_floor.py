@@ -176,7 +176,7 @@ def main():
     print(f"{str(tuple(r['shape'])):>14}{r['count']:>6}{r['kernel_s'] * r['count']:>10.2f}"
           f"{r['lapack_s'] * r['count']:>10.2f}{r['lapack_s'] / r['kernel_s']:>7.0%}")
   print(f"{'all 2-D':>14}{sum(r['count'] for r in rows):>6}{kernel:>10.2f}{lapack:>10.2f}{lapack / kernel:>7.0%}")
-  print(f"\npolar inputs that take the SVD (per call; error = relative Frobenius vs float64 polar):")
+  print("\npolar inputs that take the SVD (per call; error = relative Frobenius vs float64 polar):")
   print(f"{'input':>22}{'cond':>9}{'SVD ms':>8}{'err':>9}{'NS iters':>9}{'NS ms':>8}{'err':>9}{'QDWH ms':>9}"
         f"{'err':>9}")
   for r in rows:

@@ -49,8 +49,6 @@ METHODS = {
 }
 
 
-
-
 def load_expert(workdir: pathlib.Path):
   cfg, params = checkpoint.load_params(workdir / "checkpoints")
   return merge_lora(params, cfg.lora_scale)

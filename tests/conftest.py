@@ -1,6 +1,9 @@
 """Test set-up: 8 fake CPU devices (must precede the first JAX operation)."""
 
 import os
+import pathlib
+
+import pytest
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -33,9 +36,6 @@ def optimized_env(**extra) -> dict:
   flags = [f for f in os.environ["XLA_FLAGS"].split() if f not in FAST_COMPILE_XLA_FLAGS.split()]
   return dict(os.environ, XLA_FLAGS=" ".join(flags), **extra)
 
-import pathlib
-
-import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("H3JAX_DATA_ROOT", REPO.parent / "shared" / "data"))

@@ -5,7 +5,6 @@ import json
 import pathlib
 
 import jax
-import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 N_EXPERTS = 4

@@ -31,7 +31,8 @@ def test_model_folder_without_tokenizer(tmp_path, data_root):
   (model / "config.json").write_text("{}")
   (model / "model.safetensors").write_bytes(b"")
   with pytest.raises(ValueError, match=r"model folder .*model has no tokenizer"):
-    _run_main([f"--config={REPO}/configs/eval_quick.py",                f"--data_root={data_root}", f"--model={model}", f"--out={tmp_path / 'out'}"])
+    _run_main([f"--config={REPO}/configs/eval_quick.py", f"--data_root={data_root}", f"--model={model}",
+               f"--out={tmp_path / 'out'}"])
   assert not (tmp_path / "out" / "results.json").exists()
 
 
@@ -42,7 +43,8 @@ def test_no_model_flag(tmp_path):
 
 def test_missing_data_root_names_the_layout(tmp_path):
   with pytest.raises(FileNotFoundError, match="data root .*absent.* is not a directory; expected layout"):
-    _run_main([f"--config={REPO}/configs/eval_quick.py",                f"--data_root={tmp_path / 'absent'}", f"--model={tmp_path}", f"--out={tmp_path / 'out'}"])
+    _run_main([f"--config={REPO}/configs/eval_quick.py", f"--data_root={tmp_path / 'absent'}",
+               f"--model={tmp_path}", f"--out={tmp_path / 'out'}"])
 
 
 def _judges_available() -> bool:

@@ -12,7 +12,6 @@ import importlib.util
 import json
 import pathlib
 
-import jax
 import numpy as np
 import pytest
 

@@ -30,7 +30,8 @@ def test_gating_loss_masked_by_hand():
 
 
 def test_gating_loss_unmasked_by_hand():
-  # ex0 all 3 tokens: [.4,.4,.2], [.1,.7,.2], [1,0,0] -> P̄_1 = 1.1/3; ex1: [.3,.3,.4],[.2,.2,.6],[.2,.2,.6] -> P̄_2 = 1.6/3
+  # ex0 all 3 tokens: [.4,.4,.2], [.1,.7,.2], [1,0,0] -> P̄_1 = 1.1/3;
+  # ex1: [.3,.3,.4], [.2,.2,.6], [.2,.2,.6] -> P̄_2 = 1.6/3
   want = -(math.log(1.1 / 3) + math.log(1.6 / 3)) / 2
   got = fl.gating_loss(jnp.asarray(PROBS), jnp.asarray(TASK), jnp.asarray(MASK), unmasked=True)
   np.testing.assert_allclose(float(got), want, rtol=1e-6)

@@ -11,12 +11,12 @@ import torch
 
 peft = pytest.importorskip("peft")
 
-import h3jax
-from h3jax.hf import adapters
-from h3jax.model import llama
-from h3jax.train import lora as lora_lib
-from safetensors.numpy import load_file
-from tiny_hf import make_model, save_model
+import h3jax  # noqa: E402 (after the importorskip)
+from h3jax.hf import adapters  # noqa: E402
+from h3jax.model import llama  # noqa: E402
+from h3jax.train import lora as lora_lib  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
+from tiny_hf import make_model, save_model  # noqa: E402
 
 IDS = np.array([[1, 5, 9, 33, 7, 100, 64, 3, 17, 42, 11, 2]], np.int32)
 

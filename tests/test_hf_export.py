@@ -11,9 +11,9 @@ import torch
 import transformers
 
 import h3jax
-from h3jax.hf import export as hf_export, st_io
+from h3jax.hf import st_io
 from h3jax.model import llama, params as params_lib
-from tiny_hf import VARIANTS, make_model, save_model
+from tiny_hf import make_model, save_model
 from numerics import assert_close
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import h3jax
-from h3jax.hf import config_io, load as hf_load, st_io
+from h3jax.hf import config_io, st_io
 from tiny_hf import make_model, save_model
 
 
@@ -37,7 +37,8 @@ def test_tensors_equal_the_torch_state_dict(tiny):
   model, single, _ = tiny
   _, p = h3jax.load_pretrained(single)
   sd = {k: v.numpy() for k, v in model.state_dict().items()}
-  np.testing.assert_array_equal(p["layers"]["attn"]["k_proj"]["kernel"][1], sd["model.layers.1.self_attn.k_proj.weight"].T)
+  np.testing.assert_array_equal(p["layers"]["attn"]["k_proj"]["kernel"][1],
+                                sd["model.layers.1.self_attn.k_proj.weight"].T)
   np.testing.assert_array_equal(p["embed"]["embedding"], sd["model.embed_tokens.weight"])
   np.testing.assert_array_equal(p["lm_head"]["kernel"], sd["lm_head.weight"].T)
 

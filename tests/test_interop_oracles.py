@@ -183,7 +183,7 @@ def test_mergekit_moe_yaml_matches_mergekit_moe(moe_family, tmp_path, case):
   cfg_o, ours = h3jax.load_pretrained(tmp_path / "out")
   cfg_m, theirs = h3jax.load_pretrained(root / f"mk_{case}")  # mergekit writes transformers-5's fused layout
   assert cfg_o.num_experts == cfg_m.num_experts == 3
-  ro, rm = np.asarray(ours["layers"]["moe"]["router"]["kernel"]), np.asarray(theirs["layers"]["moe"]["router"]["kernel"])
+  ro, rm = (np.asarray(t["layers"]["moe"]["router"]["kernel"]) for t in (ours, theirs))
   if mode == "hidden":  # mergekit computes hidden states in bfloat16, h3jax in float32
     err = np.linalg.norm(ro - rm, axis=1) / np.linalg.norm(rm, axis=1)  # per layer and expert
     assert err.max() < 3e-2, err

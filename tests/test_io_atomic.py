@@ -166,10 +166,11 @@ def test_sigkill_between_the_renames_loses_nothing(tmp_path):
   finally:
     p.wait()
   assert not out.exists()  # killed between the renames: the old output is aside, whole
-  assert [q.name.startswith(".out.old-") for q in sorted(tmp_path.iterdir()) if q.name.startswith(".out.")] == [True, False]
+  leftovers = sorted(q for q in tmp_path.iterdir() if q.name.startswith(".out."))
+  assert [q.name.startswith(".out.old-") for q in leftovers] == [True, False]
   # The next run for this output restores it first, so --overwrite is needed again ...
   with pytest.raises(FileExistsError):
-    with io_atomic.output_dir(out) as tmp:
+    with io_atomic.output_dir(out):
       pass
   assert (out / "config.json").read_text() == "old"
   assert sorted(q.name for q in tmp_path.iterdir()) == ["aside", "out"]  # the killed run's temp is gone

@@ -156,7 +156,8 @@ _ANSWERS = [("Give me three tips for staying healthy.",
              "1. Eat a balanced diet with plenty of vegetables.\n2. Exercise regularly, at least 30 minutes a day."
              "\n3. Get seven to eight hours of sleep."),
             ("What is the capital of France?", "The capital of France is Paris."),
-            ("Write a haiku about autumn.", "Crisp leaves drift and fall,\ngolden light on quiet paths,\nthe year exhales slow."),
+            ("Write a haiku about autumn.",
+             "Crisp leaves drift and fall,\ngolden light on quiet paths,\nthe year exhales slow."),
             ("How do I reverse a list in Python?", "Use `my_list.reverse()` to reverse in place, or `my_list[::-1]` "
              "for a reversed copy.")]
 
@@ -201,7 +202,6 @@ def test_length_controlled_pairwise_judge_is_not_driven_by_length(built_lc):
   np.testing.assert_allclose(judge.prefer(instr, short, twice), 1 - p_lc, atol=1e-12)
 
 
-
 def test_length_control_lifts_shorter_preferred_agreement(built, built_lc):
   """On held-out pairs where the shorter answer wins, the plain judge is below chance (it mostly
   measures length); length control moves it to about chance (full build: 0.270 -> 0.482, n = 274),
@@ -219,6 +219,7 @@ def test_length_control_lifts_shorter_preferred_agreement(built, built_lc):
   assert plain["variant"] == "plain" and lc["variant"] == "length_controlled"
 
 # ----------------------------------------------------------------------------- HTTP judge
+
 
 class _Stub(http.server.BaseHTTPRequestHandler):
   requests = []

@@ -1,7 +1,6 @@
 """The CPU decode kernel (h3jax/kernels): products against float64, batch invariance, fallbacks, the build."""
 
 import logging
-import os
 
 import jax
 import jax.numpy as jnp

@@ -90,8 +90,8 @@ def test_cli_unknown_method_is_one_clear_error(fam, tmp_path):
 
 
 def _mk(base, models, method="ties", params=None, model_params=None, **top):
-  body = dict(merge_method=method, models=[dict(model=m, parameters=dict(dict(weight=1.0) if model_params is None else model_params))
-                                           for m in models], **top)
+  per_model = dict(weight=1.0) if model_params is None else model_params
+  body = dict(merge_method=method, models=[dict(model=m, parameters=dict(per_model)) for m in models], **top)
   if base is not None:
     body["base_model"] = base
   if params is not None:

@@ -38,7 +38,7 @@ KINDS = ["normal", "ties", "heavy", "sparse", "sorted", "subnormal"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("n", [1, 1000, 70_001])  # 70_001 > 4 x sample: the bracket path  
+@pytest.mark.parametrize("n", [1, 1000, 70_001])  # 70_001 > 4 x sample: the bracket path
 def test_topk_mask_equals_stable_sort(kind, n):
   rng = np.random.default_rng([n, KINDS.index(kind)])
   x = make(kind, n, rng).astype(np.float32)

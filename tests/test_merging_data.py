@@ -106,6 +106,7 @@ def test_regmean_closed_form_and_objective(tiny):
   merged = M.regmean(None, [params, other], grams=grams, reduce_non_diagonal_ratio=1.0)
   avg = M.linear(None, [params, other])
   k = lambda t: t["layers"]["mlp"]["down_proj"]["kernel"][0]
+
   def obj(x):
     return sum(float(jnp.trace((x - k(p)).T @ gr["layers/mlp/down_proj/kernel"][0] @ (x - k(p))))
                for p, gr in zip((params, other), grams))

@@ -274,5 +274,6 @@ def test_ties_propagates_a_nan_input_instead_of_writing_the_base(mode):
   base, models = family("some_zero", 1)
   models = [m.copy() for m in models]
   models[2][3, 4] = np.nan
-  out = np.asarray(M.ties(base, models, density=0.5, mode=mode, trim_scope="tensor" if mode == "fusion_bench" else None))
+  scope = "tensor" if mode == "fusion_bench" else None
+  out = np.asarray(M.ties(base, models, density=0.5, mode=mode, trim_scope=scope))
   assert np.isnan(out[3, 4]) and np.isfinite(np.delete(out.ravel(), 3 * out.shape[1] + 4)).all()

@@ -95,5 +95,3 @@ def test_svd_methods_linear_in_alpha(seed, a):
   d1 = np.asarray(M.tsv_m(base, ms)) - base
   assert_close(np.asarray(M.tsv_m(base, ms, alpha=a)) - base, a * d1, rtol=1e-4, atol_rel=1e-5)
   assert_close(np.asarray(M.tsv_m(base, ms, alpha=[a] * 3)) - base, a * d1, rtol=1e-4, atol_rel=1e-5)
-
-

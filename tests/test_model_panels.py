@@ -57,11 +57,13 @@ def test_every_layer_kernel_and_the_head_are_packed_but_not_the_router(monkeypat
   plain = _leaf_paths(_plain(monkeypatch, params, cfg))
   assert not {p for p in plain if "panels" in p}
   q = packed["layers"][1]["attn"]["q_proj"]["kernel_panels"]
-  np.testing.assert_array_equal(np.asarray(cpu_matmul.unpack_panels(q)), np.asarray(params["layers"]["attn"]["q_proj"]["kernel"][1]))
+  np.testing.assert_array_equal(np.asarray(cpu_matmul.unpack_panels(q)),
+                                np.asarray(params["layers"]["attn"]["q_proj"]["kernel"][1]))
   assert llama.unstack_layers(packed, cfg) is packed  # idempotent
   unstacked = _plain(monkeypatch, params, cfg)  # a caller's own unstacked params are packed, never emptied
   again = llama.unstack_layers(unstacked, cfg)
-  assert "kernel" in unstacked["layers"][0]["attn"]["q_proj"] and "kernel_panels" in again["layers"][0]["attn"]["q_proj"]
+  assert "kernel" in unstacked["layers"][0]["attn"]["q_proj"]
+  assert "kernel_panels" in again["layers"][0]["attn"]["q_proj"]
 
 
 def test_a_head_that_cannot_be_packed_is_left_and_nothing_is_packed_twice(monkeypatch, tmp_path):

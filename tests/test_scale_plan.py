@@ -71,7 +71,8 @@ HLO = """HloModule m
 
 ENTRY %main (x: f32[4,8]) -> f32[4,8] {
   %w = (s32[], f32[4,8]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
-  %ar = bf16[1024]{0} all-reduce(%g), replica_groups=mesh['axis_0'=1,'axis_1'=4,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_2'}, to_apply=%add
+  %ar = bf16[1024]{0} all-reduce(%g), replica_groups=mesh['axis_0'=1,'axis_1'=4,'axis_2'=2], device_ids=([2,4]T(1,0)) \
+{'axis_2'}, to_apply=%add
   %rs = f32[2,8]{1,0} reduce-scatter(%h), replica_groups=[2,4]<=[8], dimensions={0}
   ROOT %r = f32[4,8] get-tuple-element(%w), index=1
 }

@@ -12,7 +12,6 @@ regenerating it from unchanged data gives the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pathlib
 import re

@@ -5,8 +5,8 @@ Interface for the trainer (kept stable):
   records = load_records(spec, split="train", data_root=None, task=None)
       spec: an axis ("helpful" | "harmless" | "honest"), "mixture", a record
       set of `splits.EXTRA_SETS` ("refusals": synthetic template refusals),
-      names joined with "+" ("harmless+refusals"), or a JSONL file of {"instruction", "response", ["input"], ["task"]} rows (errors name
-      file:line); task overrides every record's label.
+      names joined with "+" ("harmless+refusals"), or a JSONL file of {"instruction", "response", ["input"], ["task"]}
+      rows (errors name file:line); task overrides every record's label.
   records = mixture_records(data_root, axes=AXES, weights=None, seed=0,
                             honesty_rule="hash", task_labels="per_source")
       Union of the per-axis train splits with task labels 0 helpful, 1

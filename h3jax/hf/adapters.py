@@ -39,9 +39,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _LORA_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.[A-Za-z0-9_]+)?\.weight$")
 # adapter_config keys whose non-default value changes the adapted model in a way h3jax does not apply.
-_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "fan_in_fan_out": False, "layer_replication": None, "target_parameters": None,
-                "trainable_token_indices": None, "alora_invocation_tokens": None, "use_qalora": False,
-                "use_bdlora": None}
+_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "fan_in_fan_out": False, "layer_replication": None,
+                "target_parameters": None, "trainable_token_indices": None, "alora_invocation_tokens": None,
+                "use_qalora": False, "use_bdlora": None}
 
 
 class AdapterError(ValueError):

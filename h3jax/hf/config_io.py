@@ -52,6 +52,8 @@ _NO_EFFECT = _BOOKKEEPING | _GENERATION_DEFAULTS | {
 
 def _is_bookkeeping(key: str) -> bool:
   return key.startswith("_") or key in _NO_EFFECT
+
+
 # attribute -> predicate on its value, with the reason shown when it fails.
 _REQUIRED_VALUES = {
     "hidden_act": (lambda v: v == "silu", "only hidden_act='silu' (SwiGLU) is implemented"),

@@ -3,8 +3,8 @@
 The format is an 8-byte little-endian header length, a JSON header mapping
 names to {dtype, shape, data_offsets}, then raw little-endian bytes. We parse it
 ourselves (rather than via `safetensors.numpy`) so that bf16 comes back as
-`ml_dtypes.bfloat16`, tensors are read one at a time with pread, every offset is validated against the file size before any
-data is touched (a truncated download is a clear error, not garbage), and the
+`ml_dtypes.bfloat16`, tensors are read one at a time with pread, every offset is validated against the file size before
+any data is touched (a truncated download is a clear error, not garbage), and the
 writer can stream tensors to disk with O(1) host memory.
 """
 

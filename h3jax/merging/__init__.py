@@ -12,19 +12,20 @@ pytree engine `tree`); `h3jax.merging.streaming` runs them file to file, one ten
 (mergekit YAML / `.py` configs, `python -m h3jax.merge`), and imports this package, never the reverse.
 """
 
-from h3jax.merging import blocks, rules
+# Re-exported: the package's public names (noqa F401: imported to be used as h3jax.merging.<name>).
+from h3jax.merging import blocks, rules  # noqa: F401
 from h3jax.merging.basic import (breadcrumbs, breadcrumbs_ties, consensus_ta, consensus_ties,
                                  dare_linear, dare_ties, della, della_linear, linear,
                                  model_stock, slerp, task_arithmetic)
-from h3jax.merging.data_dependent import (compute_fisher, compute_regmean_grams, fisher,
+from h3jax.merging.data_dependent import (compute_fisher, compute_regmean_grams, fisher,  # noqa: F401
                                           regmean)
-from h3jax.merging.emr import emr, emr_tensor
+from h3jax.merging.emr import emr, emr_tensor  # noqa: F401
 from h3jax.merging.mergekit_extra import arcee_fusion, nearswap, passthrough, ram, ramplus_tl, sce
-from h3jax.merging.resm import layer_sparsity, resm, sparsity_range
+from h3jax.merging.resm import layer_sparsity, resm, sparsity_range  # noqa: F401
 from h3jax.merging.spherical import karcher, multislerp, nuslerp
 from h3jax.merging.svd import iso_c, iso_cts, tsv_m
-from h3jax.merging.ties import global_thresholds, ties
-from h3jax.merging.tree import (NonFiniteError, check_finite, fold_lora, merge_leaf, merge_tree,
+from h3jax.merging.ties import global_thresholds, ties  # noqa: F401
+from h3jax.merging.tree import (NonFiniteError, check_finite, fold_lora, merge_leaf, merge_tree,  # noqa: F401
                                 nonfinite_leaves)
 
 METHODS = {

@@ -22,6 +22,7 @@ from h3jax.merging import select
 from h3jax.merging import tree as tree_lib
 from h3jax.merging.tree import common_kwargs, pop_lambda
 
+
 def _in_axis_hp(in_axis, default: int = 1):
   """mergekit ranks (DELLA: dim 1) / normalises (Model Stock: dim -1) along the input axis of
   HF [out, in] weights, which is axis 0 of h3jax [in, out] kernels."""

@@ -218,8 +218,8 @@ def _build(sc) -> List[Stage]:
 
   def evaluate(r, deps, factor=1.0):
     gens = [f"gen/{r}/{i}of{shards}" for i in range(shards)]
-    stages.extend(Stage(g, "gen", deps, factor * n_gen * cost["gen_item"] / shards, (("row", r), ("shard", (i, shards))))
-                  for i, g in enumerate(gens))
+    stages.extend(Stage(g, "gen", deps, factor * n_gen * cost["gen_item"] / shards,
+                        (("row", r), ("shard", (i, shards)))) for i, g in enumerate(gens))
     stages.append(Stage(f"score/{r}", "score", tuple(gens), factor * n_mc * cost["mc_item"] + cost["score"],
                         (("row", r),)))
 

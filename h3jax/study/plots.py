@@ -10,7 +10,6 @@ from typing import List
 import numpy as np
 
 from h3jax.evaluation.report import _plt, plot_router_usage
-from h3jax.study import plan
 from h3jax.study.defaults import AXES, MERGE_ROWS
 
 FAMILIES = {

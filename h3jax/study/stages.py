@@ -173,8 +173,8 @@ def run_base(sc, workdir, stage: plan.Stage) -> dict:
   return {"params": int(sum(x.size for x in jax.tree.leaves(params)))}
 
 
-RUNNERS = {"base": run_base, "train": run_train, "merge": run_merge, "val": run_val, "select": run_select, "gen": run_gen,
-           "score": run_score, "analysis": run_analysis}
+RUNNERS = {"base": run_base, "train": run_train, "merge": run_merge, "val": run_val, "select": run_select,
+           "gen": run_gen, "score": run_score, "analysis": run_analysis}
 
 
 def clear(workdir, stage: plan.Stage) -> None:

@@ -26,7 +26,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from h3jax import progress as progress_lib
 from h3jax.train import optim, sharding, stages, step as step_lib

@@ -44,6 +44,7 @@ _E = EXPERT  # short names for the table below
 _F = FSDP
 _T = TENSOR
 
+
 class MeshError(ValueError):
   """A mesh that cannot be built or does not fit the model / batch (the train CLI prints `error:`)."""
 

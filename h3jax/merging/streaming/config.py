@@ -278,5 +278,3 @@ def _h3jax_method(name, where):
 def _needs_base(fn, name) -> bool:
   from h3jax import merging
   return name not in getattr(merging, "BASE_FREE", BASE_FREE)
-
-

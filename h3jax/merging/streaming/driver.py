@@ -6,8 +6,8 @@ and per-layer gradients, from the layer index in the name), runs the jitted
 array-level transform from `h3jax.merging` (compiled once per tensor shape and
 hyper-parameters), casts, hands the result to a streaming `SafetensorsWriter`,
 and drops everything. Peak host memory is therefore a few float32 copies of the largest
-tensor (`tensor_memory_bytes`: (inputs + 1) times a measured per-method factor), not the model size. Everything is written into a
-temporary folder next to `out_dir` and renamed into place at the end, so a
+tensor (`tensor_memory_bytes`: (inputs + 1) times a measured per-method factor), not the model size. Everything is
+written into a temporary folder next to `out_dir` and renamed into place at the end, so a
 failed merge leaves nothing behind (`h3jax.io_atomic`: the output may not be, hold or lie in
 an input; the old output is replaced only once the new one is complete). Inputs: `h3jax.merging.streaming.inputs`.
 
@@ -325,8 +325,6 @@ def _finish(writer, stats, log, spec, name, out_np_dtype, result, fallback=None)
     stats[name] = {k: np.asarray(v).tolist() for k, v in tensor_stats.items()}
     log(f"{spec.method} {name}: " + ", ".join(f"{k}={np.round(v, 4)}" for k, v in stats[name].items()))
   writer.add(name, out.astype(out_np_dtype, copy=False))
-
-
 
 
 def local_devices(n: int) -> list:

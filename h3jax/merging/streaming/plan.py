@@ -153,4 +153,3 @@ def out_dtype(spec: MergeSpec, src_dtype, action: str = "merge", in_dtypes=()) -
   if spec.dtype is not None:
     return np.dtype(DTYPES[spec.dtype])
   return np.dtype(src_dtype)
-

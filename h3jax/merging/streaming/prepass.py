@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+
 def global_pre_passes(spec, plan, base, models):
   """Whole-model statistics some methods need, computed by streaming passes (O(tensor) memory).
 

@@ -111,7 +111,6 @@ class MergeSpec:
     return None
 
 
-
 # Keywords every h3jax transform takes through **kw (see h3jax.merging.basic).
 _COMMON_KWARGS = {"rules", "lora_scale", "lambda"}
 
@@ -129,8 +128,6 @@ def accepted_kwargs(fn) -> Optional[set]:
   if "lambda_" in names:
     names.add("lambda")
   return names
-
-
 
 
 def method_defaults(spec: MergeSpec) -> Tuple[dict, dict]:
@@ -160,4 +157,3 @@ def h3jax_kwargs(shared: Mapping[str, Any], per_model: Mapping[str, Sequence], s
       raise MergeConfigError(f"parameter {key!r} is set for some models but not all")
     out[key] = tuple(values)
   return out
-
