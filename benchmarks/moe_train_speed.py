@@ -6,9 +6,9 @@ r"""Full train-step throughput: fused SmolLM2-135M 3-expert MoE in h3jax vs tran
 Both sides get the same model shapes (SmolLM2-135M: D=576, F=1536, 30 layers, 9/3 heads, V=49152,
 tied embeddings, E=3 experts, top-2), random weights, fp32, AdamW on every parameter, and the same
 batch; one step = forward + backward + optimizer update. h3jax uses `h3jax.train.step.make_step`
-(jitted; `--dispatch` picks the MoE backend), torch uses `MixtralForCausalLM` (eager). Reported:
-median seconds per step after warm-up (compile excluded) and tokens/s. Run both in one process on the
-same CPU so the numbers are comparable; prints one JSON line per implementation.
+(jitted; `--dispatch` picks the MoE backend, `--remat` the remat policy), torch uses `MixtralForCausalLM`
+(eager). Reported: median seconds per step after warm-up (compile excluded) and tokens/s. Run both in one
+process on the same CPU so the numbers are comparable; prints one JSON line per implementation.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def bench_h3jax(a) -> dict:
   from h3jax.config import ModelConfig
   from h3jax.model import params as params_lib
   from h3jax.train import objective, optim, step as step_lib
-  cfg = ModelConfig(**shapes(a.layers), num_experts=3, num_experts_per_tok=a.top_k, moe_dispatch=a.dispatch)
+  cfg = ModelConfig(**shapes(a.layers), num_experts=3, num_experts_per_tok=a.top_k, moe_dispatch=a.dispatch,
+                    remat=a.remat)
   params = params_lib.init_params(cfg, jax.random.key(0))
   labels = optim.param_labels(params, ((r".*", True),))
   tx = optim.make_optimizer(labels, optax.constant_schedule(1e-5), clip_norm=0.0)
@@ -57,7 +58,7 @@ def bench_h3jax(a) -> dict:
   step()
   compile_s = time.perf_counter() - t
   ts = time_steps(step, a.steps, a.warmup)
-  return {"impl": f"h3jax ({a.dispatch})", "compile_s": compile_s, **_summary(ts, a)}
+  return {"impl": f"h3jax ({a.dispatch}, remat {a.remat})", "compile_s": compile_s, **_summary(ts, a)}
 
 
 def bench_torch(a) -> dict:
@@ -99,6 +100,8 @@ def main():
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--top_k", type=int, default=2)
   p.add_argument("--dispatch", default="capacity", choices=("dense", "capacity", "ragged"))
+  p.add_argument("--remat", default="dots", choices=("none", "full", "dots"),
+                 help="h3jax's remat policy (default: what `h3jax.train` runs a Stage B / full fine-tune with)")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--only", choices=("h3jax", "torch"), default=None)
