@@ -44,7 +44,7 @@ def bench_h3jax(a) -> dict:
   cfg = ModelConfig(**shapes(a.layers), num_experts=3, num_experts_per_tok=a.top_k, moe_dispatch=a.dispatch,
                     remat=a.remat)
   params = params_lib.init_params(cfg, jax.random.key(0))
-  labels = optim.param_labels(params, ((r".*", True),))
+  labels = optim.param_labels(params, optim.trainable_rules(lora=False, router=True, extra=("*",)))
   tx = optim.make_optimizer(labels, optax.constant_schedule(1e-5), clip_norm=0.0)
   fn = jax.jit(step_lib.make_step(cfg, objective.loss_config({}, cfg), labels, tx), donate_argnums=(0,))
   b = jax.tree.map(jax.numpy.asarray, batch(a.batch, a.seq, cfg.vocab_size))
