@@ -42,7 +42,8 @@ def test_stage_a_full_ffn_option(tmp_path):
   c.train.trainable = ("layers/mlp/*",)
   run = stages.setup(c)
   assert trainable(run) == sorted(f"layers/mlp/{m}_proj/kernel" for m in ("gate", "up", "down"))
-  assert run.cfg.remat == "dots"  # remat "auto" where base weights train
+  assert run.cfg.remat == "dots"  # remat "auto": a dense model whose base weights train
+  assert stages.resolve_remat(c, moe=True) == "none"  # an MoE's expert matmuls are batched: "dots" recomputes them
   c.model.remat = "full"
   assert stages.setup(c).cfg.remat == "full"
   assert "lora_a" not in run.params["layers"]["mlp"]["up_proj"]

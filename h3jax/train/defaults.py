@@ -29,12 +29,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.hf_dir = ""  # HF folder or h3jax checkpoint; empty: random `tiny` model
   c.model.param_dtype = "float32"
   c.model.compute_dtype = "float32"  # or bfloat16 (norms, softmax, router, loss stay f32)
-  # "none" (every activation saved) | "full" (layer inputs only) | "dots" (the layers' matmul outputs; norms,
-  # RoPE, SiLU and attention recomputed in the backward) | "auto": "dots" where the base weights train, "none"
-  # for LoRA (train/stages.resolve_remat). Measured on CPU (SmolLM2, interleaved rounds): a full fine-tune
-  # step at 8 x 256 took 12.61 s with "dots" against 15.26 s with "none" (faster in 5 of 5 rounds): its
-  # saved activations are zero-filled, written and read back through stacked buffers, fresh pages every
-  # step. A LoRA step saves far fewer (no frozen kernel's input) and gains nothing: 11.75 against 11.12 s.
+  # "none" (every activation saved) | "full" (layer inputs only) | "dots" (the unbatched matmuls' outputs;
+  # norms, RoPE, SiLU and attention recomputed in the backward) | "auto": "dots" for a dense model whose base
+  # weights train, else "none" (train/stages.resolve_remat). Measured on CPU (SmolLM2, interleaved rounds): a
+  # full fine-tune step at 8 x 256 took 12.61 s with "dots" against 15.26 s with "none" (faster in 5 of 5
+  # rounds): its saved activations are zero-filled, written and read back through stacked buffers, fresh
+  # pages every step. A LoRA step saves far fewer (no frozen kernel's input) and gains nothing (11.75 against
+  # 11.12 s); the fused 3-expert MoE loses (17.00 / 17.84 against 14.35 / 17.20 s at 4 x 256): its expert
+  # matmuls are batched dots, which "dots" recomputes. Where memory is short, "full" keeps the least.
   c.model.remat = "auto"
   c.model.tiny = ml_collections.ConfigDict(dict(
       vocab_size=259, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -186,14 +186,15 @@ def make_data(config, tokenizer, cfg: ModelConfig):
 REMAT_POLICIES = ("auto", "none", "full", "dots")
 
 
-def resolve_remat(config) -> str:
-  """config.model.remat, with "auto" as "dots" where the base weights train and "none" for LoRA (whose step
-  saves few activations, so recomputing them costs more than it saves; train/defaults.py has the numbers)."""
+def resolve_remat(config, moe: bool = False) -> str:
+  """config.model.remat, with "auto" as "dots" for a dense model whose base weights train, else "none": a LoRA
+  step saves few activations, and an MoE's expert matmuls are batched dots, which "dots" recomputes
+  (train/defaults.py has the numbers)."""
   remat = config.model.remat
   if remat not in REMAT_POLICIES:
     raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {remat!r}")
   if remat == "auto":
-    return "none" if config.lora.enabled else "dots"
+    return "none" if config.lora.enabled or moe else "dots"
   return remat
 
 
@@ -201,7 +202,7 @@ def setup(config) -> Run:
   if config.stage not in STAGES:
     raise ValueError(f"unknown stage {config.stage!r}; expected one of {STAGES}")
   cfg, params, tok_src = load_base(config)
-  cfg = cfg.replace(dtype=config.model.compute_dtype, remat=resolve_remat(config))
+  cfg = cfg.replace(dtype=config.model.compute_dtype, remat=resolve_remat(config, moe=cfg.is_moe))
   if config.stage == "fusion" and config.fusion.dispatch:
     cfg = cfg.replace(moe_dispatch=config.fusion.dispatch)
   lc = objective.loss_config(config.loss, cfg)
