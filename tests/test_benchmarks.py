@@ -1,5 +1,6 @@
-"""Benchmark scripts stay runnable: each timed path runs once at toy size (their numbers are not checked here;
-performance claims live in the scripts' own output, README → Numbers)."""
+"""Benchmark scripts stay runnable where nothing else runs them: moe_train_speed.py's h3jax step once at toy size
+(it stopped running unnoticed once, after a change to the trainable-rule dialect). Its numbers are not checked
+here: performance claims live in the scripts' own output (README → Numbers)."""
 
 import argparse
 import sys
