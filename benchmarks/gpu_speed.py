@@ -93,7 +93,7 @@ def main():
   ap.add_argument("--out", default="benchmarks/results/gpu_speed.json")
   args = ap.parse_args()
   if args.tiny:
-    args.batch, args.seq, args.decode_batches, args.new_tokens, args.repeats = 2, 64, "1,2", 8, 1
+    args.batch, args.seq, args.decode_batches, args.new_tokens, args.repeats = 2, 64, "1,2", 32, 2
   dev = jax.devices()[0]
   res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
          "device": str(dev), "device_kind": getattr(dev, "device_kind", ""), "platform": dev.platform,

@@ -61,7 +61,8 @@ def cpu_model() -> str:
 
 
 def decode_tok_s(params, cfg, B: int, prompt_len: int, new_tokens: int, repeats: int) -> tuple:
-  """Greedy decode (wall, CPU-time) tokens/s at batch B (a 1-token run is subtracted: prefill excluded)."""
+  """Greedy decode (wall, CPU-time) tokens/s at batch B (a 1-token run is subtracted: prefill excluded); NaN
+  where the decode steps took no measurable time beyond that run's noise (a toy model: `gpu_speed.py --tiny`)."""
   import numpy as np
   from h3jax import generation
   from h3jax.model import llama
@@ -69,4 +70,4 @@ def decode_tok_s(params, cfg, B: int, prompt_len: int, new_tokens: int, repeats:
   prompt = np.random.RandomState(B).randint(3, cfg.vocab_size, (B, prompt_len))
   run = lambda n: generation.generate_tokens(params, cfg, prompt, np.ones_like(prompt), max_new_tokens=n)
   long, short = best_wall_and_cpu(lambda: run(new_tokens), repeats), best_wall_and_cpu(lambda: run(1), repeats)
-  return tuple(B * (new_tokens - 1) / (a - b) for a, b in zip(long, short))
+  return tuple(B * (new_tokens - 1) / (a - b) if a > b else float("nan") for a, b in zip(long, short))
