@@ -51,7 +51,7 @@ from h3jax import fusion, generation
 from h3jax.kernels import cpu_matmul
 from h3jax.model import llama, params as params_lib
 from h3jax.train import lora, objective, optim, step as step_lib
-from timing import best_of, cpu_model, decode_tok_s, read_bandwidth, train_flops
+from timing import best_of, cpu_model, decode_tok_s, interleaved_rounds, read_bandwidth, train_flops
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -126,14 +126,9 @@ def train_rows(res: dict, cfg, params, hf, args):
     runs[name] = lambda step=step: jax.block_until_ready(step(params))
   hf.train()
   runs["torch"] = torch_train_step(hf, ids)
-  times = {k: [] for k in runs}
   for run in runs.values():
     run()  # compile / warm up
-  for _ in range(args.repeats):
-    for k, run in runs.items():
-      t = time.perf_counter()
-      run()
-      times[k].append(time.perf_counter() - t)
+  times = interleaved_rounds(runs, args.repeats)
   hf.eval()
   t_jax, t_none, t_torch = (min(times[k]) for k in ("h3jax", "h3jax_remat_none", "torch"))
   n_params = params_lib.num_params(params)
@@ -263,14 +258,7 @@ def lora_vs_full_step(res: dict, cfg, params, args):
       "floor": step_fn(lora_cfg, params, optim.param_labels(params, optim.trainable_rules(
           lora=False, router=False, extra=("layers/attn_norm/*",)))),
   }
-  # Rounds of one step each, interleaved: this machine's speed drifts by ~10% over minutes, which one
-  # configuration timed after another turns into a ratio error (0.68x and 0.76x in two such runs).
-  times = {k: [] for k in runs}
-  for _ in range(args.repeats):
-    for k, run in runs.items():
-      t = time.perf_counter()
-      run()
-      times[k].append(time.perf_counter() - t)
+  times = interleaved_rounds(runs, args.repeats)
   t_lora, t_full, t_same, t_floor = (min(times[k]) for k in ("lora", "full", "full_as_lora", "floor"))
   res["lora_step_times_s"] = times
   res.update(lora_batch=B, lora_seq=T, lora_remat=lora_cfg.remat, full_remat=full_cfg.remat, lora_step_s=t_lora,
