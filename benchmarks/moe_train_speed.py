@@ -100,12 +100,15 @@ def main():
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--top_k", type=int, default=2)
   p.add_argument("--dispatch", default="capacity", choices=("dense", "capacity", "ragged"))
-  p.add_argument("--remat", default="none", choices=("none", "full", "dots"),
+  p.add_argument("--remat", default=None, choices=("none", "full", "dots"),
                  help="h3jax's remat policy (default: what `h3jax.train` trains an MoE with, remat 'auto')")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--only", choices=("h3jax", "torch"), default=None)
   a = p.parse_args()
+  if a.remat is None:
+    from h3jax.train import defaults, stages
+    a.remat = stages.resolve_remat(defaults.default_config(), moe=True)
   if a.only != "torch":
     print(json.dumps(bench_h3jax(a)), flush=True)
   if a.only != "h3jax":
