@@ -48,7 +48,7 @@ import transformers
 
 import h3jax
 from h3jax import fusion, generation
-from h3jax.kernels import cpu_matmul
+from h3jax.kernels import cpu_matmul, native
 from h3jax.model import llama, params as params_lib
 from h3jax.train import lora, objective, optim, step as step_lib
 from timing import best_of, cpu_model, decode_tok_s, interleaved_rounds, read_bandwidth, train_flops
@@ -153,14 +153,14 @@ def decode_rows(res: dict, cfg, params, hf, args):
     prompt = np.random.RandomState(B).randint(3, cfg.vocab_size, (B, args.prompt_len))
     n = args.new_tokens
     for name, kernel in (("h3jax", "1"), ("h3jax_xla", "0")):
-      os.environ[cpu_matmul.ENABLE_ENV] = kernel  # read when generation unstacks (and packs) the params
+      os.environ[native.ENABLE_ENV] = kernel  # read when generation unstacks (and packs) the params
       p = llama.unstack_layers(params, cfg)  # once, as `generate` does for all its batches
       ours = lambda k, p=p: generation.generate_tokens(p, cfg, prompt, np.ones_like(prompt), max_new_tokens=k)
       # Timing includes prefill; subtract a 1-token run to isolate decode steps.
       t = best_of(lambda: ours(n), args.repeats) - best_of(lambda: ours(1), args.repeats)
       res[f"decode_tok_s_{name}_b{B}"] = B * (n - 1) / t
       del p
-    del os.environ[cpu_matmul.ENABLE_ENV]
+    del os.environ[native.ENABLE_ENV]
     tp = torch.as_tensor(prompt)
 
     def theirs(k):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from h3jax.kernels import cpu_matmul
+from h3jax.kernels import cpu_matmul, native
 
 pytestmark = pytest.mark.skipif(not cpu_matmul.available(), reason="no C++ compiler: the kernel cannot be built")
 
@@ -124,7 +124,7 @@ def test_pack_round_trip():
 
 
 def test_disabled_by_environment(monkeypatch):
-  monkeypatch.setenv(cpu_matmul.ENABLE_ENV, "0")
+  monkeypatch.setenv(native.ENABLE_ENV, "0")
   assert not cpu_matmul.available()
   x, w = _data(2, 16, 8)
   assert not _uses_kernel(cpu_matmul.panel_matmul, x, cpu_matmul.pack_panels(w))
@@ -132,9 +132,10 @@ def test_disabled_by_environment(monkeypatch):
 
 def test_no_compiler_falls_back_with_one_warning(monkeypatch, tmp_path, caplog):
   monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-  monkeypatch.setenv(cpu_matmul.CACHE_ENV, str(tmp_path / "cache"))
+  monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
+  monkeypatch.setattr(native, "_state", {})
   monkeypatch.setattr(cpu_matmul, "_state", {})
-  with caplog.at_level(logging.WARNING, logger=cpu_matmul.__name__):
+  with caplog.at_level(logging.WARNING, logger=native.__name__):
     assert not cpu_matmul.available() and not cpu_matmul.available()
   assert len(caplog.records) == 1 and "no C++ compiler" in caplog.records[0].getMessage()
   x, w = _data(2, 16, 8)
@@ -148,16 +149,16 @@ def test_failed_build_leaves_nothing(monkeypatch, tmp_path):
   fake.chmod(0o755)
   monkeypatch.setenv("CXX", str(fake))
   with pytest.raises(RuntimeError, match="error: broken"):
-    cpu_matmul.build(tmp_path / "cache")
+    native.build(tmp_path / "cache")
   assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.name != ".lock"]
 
 
 def test_build_is_cached_per_cpu(monkeypatch, tmp_path):
-  lib = cpu_matmul.build(tmp_path)
+  lib = native.build(tmp_path)
   stamp = lib.stat().st_mtime_ns
-  assert cpu_matmul.build(tmp_path) == lib and lib.stat().st_mtime_ns == stamp  # not rebuilt
+  assert native.build(tmp_path) == lib and lib.stat().st_mtime_ns == stamp  # not rebuilt
   assert not list(lib.parent.glob(".build-*"))
-  monkeypatch.setattr(cpu_matmul, "_cpu_identity", lambda: "another cpu")
+  monkeypatch.setattr(native, "_cpu_identity", lambda: "another cpu")
   monkeypatch.setenv("CXX", "/bin/false")  # a different CPU needs its own build: this one must fail
   with pytest.raises(RuntimeError):
-    cpu_matmul.build(tmp_path)
+    native.build(tmp_path)

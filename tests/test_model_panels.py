@@ -7,7 +7,7 @@ import pytest
 
 import h3jax
 from h3jax import fusion, generation
-from h3jax.kernels import cpu_matmul
+from h3jax.kernels import cpu_matmul, native
 from h3jax.model import ensemble, llama, moe_dispatch, panels
 from h3jax.rules import path_str
 from h3jax.train import lora as train_lora
@@ -43,7 +43,7 @@ def _with_lora(tmp_path):
 
 def _plain(monkeypatch, params, cfg):
   with monkeypatch.context() as m:
-    m.setenv(cpu_matmul.ENABLE_ENV, "0")
+    m.setenv(native.ENABLE_ENV, "0")
     return llama.unstack_layers(params, cfg)
 
 
@@ -131,7 +131,7 @@ def test_packed_decoding_equals_plain(model, monkeypatch, tmp_path):
   assert_close(got[:, ids.shape[1] - 1:][real], want[:, ids.shape[1] - 1:][real], rtol=1e-5, atol_rel=1e-5)
   a, la = generation.generate_tokens(packed, cfg, ids, mask, max_new_tokens=1)  # a one-token answer
   with monkeypatch.context() as m:
-    m.setenv(cpu_matmul.ENABLE_ENV, "0")
+    m.setenv(native.ENABLE_ENV, "0")
     b, lb = generation.generate_tokens(params, cfg, ids, mask, max_new_tokens=1)
   np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(la, lb)

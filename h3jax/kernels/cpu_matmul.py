@@ -8,141 +8,52 @@ one contiguous stream), keeps a block of rows' accumulators in registers, and sh
 calling thread and XLA's intra-op pool. Measured for SmolLM2-135M's 30 layers (x @ W chained, one process):
 25.8 -> 14.9 ms at 1 row, 57.6 -> 27.5 ms at 8 rows (`benchmarks/model_speed.py` has the decode rows).
 
-The kernel is compiled with the machine's C++ compiler (`$CXX`, else `c++`) and `-march=native` into
-`$H3JAX_KERNEL_CACHE` (default `~/.cache/h3jax/kernels`), keyed by the source, compiler, jaxlib and CPU
-flags, so a cached build never runs on a CPU it was not built for. Without a compiler, or with
-`H3JAX_CPU_KERNELS=0`, nothing is packed and XLA's dots run as before. `panel_matmul` lowers to the
-kernel only on CPU and for at most MAX_ROWS rows; elsewhere (GPU, prefill) it is an XLA dot over the panels.
+The kernel is part of the library `native.py` builds with the machine's C++ compiler for this CPU. Without
+a compiler, or with `H3JAX_CPU_KERNELS=0`, nothing is packed and XLA's dots run as before. `panel_matmul`
+lowers to the kernel only on CPU and for at most MAX_ROWS rows; elsewhere (GPU, prefill) it is an XLA dot
+over the panels.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-SOURCE = Path(__file__).with_name("panel_matmul.cc")
+from h3jax.kernels import native
+
 TARGET = "h3jax_panel_matmul_f32"
 SYMBOL = "H3jaxPanelMatmulF32"
 LANES = 8  # columns per panel (one 256-bit vector of float32)
 MAX_ROWS = 32  # above this the product is compute-bound and XLA's GEMM is the better kernel
-ENABLE_ENV = "H3JAX_CPU_KERNELS"
-CACHE_ENV = "H3JAX_KERNEL_CACHE"
-DEFAULT_CACHE = "~/.cache/h3jax/kernels"
-CXXFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w")
 
 log = logging.getLogger(__name__)
 
-
-def enabled() -> bool:
-  return os.environ.get(ENABLE_ENV, "1") not in ("0", "false", "no", "off")
-
-
-def _cpu_identity() -> str:
-  """The CPU's model and instruction-set flags (what -march=native compiles for)."""
-  with contextlib.suppress(OSError):
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    keep = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")]
-    return "\n".join(sorted(set(keep)))
-  return f"{platform.machine()} {platform.processor()}"
+_state: dict = {}  # "ok": whether the FFI target is registered in this process (decided once)
+_state_lock = threading.Lock()
 
 
-def _compiler() -> str:
-  return os.environ.get("CXX") or "c++"
-
-
-def _build_key(cxx_version: str) -> str:
-  import jaxlib
-  h = hashlib.sha256()
-  for part in (SOURCE.read_bytes(), cxx_version.encode(), " ".join(CXXFLAGS).encode(),
-               jaxlib.__version__.encode(), _cpu_identity().encode()):
-    h.update(part)
-    h.update(b"\0")
-  return h.hexdigest()[:16]
-
-
-def _cache_root() -> Path:
-  return Path(os.path.expanduser(os.environ.get(CACHE_ENV) or DEFAULT_CACHE))
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path):
-  """Serializes concurrent builds (test workers, parallel study stages) where fcntl exists."""
+def _register() -> bool:
+  lib = native.library()
+  if lib is None:
+    return False
   try:
-    import fcntl
-  except ImportError:  # pragma: no cover - not POSIX: racing builds still end in an atomic rename
-    yield
-    return
-  with open(lock_path, "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def build(cache_root: Path | None = None) -> Path:
-  """The compiled kernel library (built if not cached). Raises RuntimeError with the compiler's output."""
-  cxx = _compiler()
-  if shutil.which(cxx) is None:
-    raise RuntimeError(f"no C++ compiler {cxx!r} on PATH (set CXX)")
-  version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-  root = Path(cache_root) if cache_root is not None else _cache_root()
-  out_dir = root / _build_key(version)
-  lib = out_dir / "libh3jax_cpu_kernels.so"
-  if lib.exists():
-    return lib
-  out_dir.mkdir(parents=True, exist_ok=True)
-  with _locked(out_dir / ".lock"):
-    if lib.exists():  # another process built it while we waited
-      return lib
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
-    os.close(fd)
-    try:
-      cmd = [cxx, *CXXFLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
-      log.info("building the h3jax CPU kernels into %s (once per machine)", out_dir)
-      done = subprocess.run(cmd, capture_output=True, text=True)
-      if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-      os.replace(tmp, lib)  # whole or absent: a reader never loads a half-written library
-    finally:
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(tmp)
-  return lib
-
-
-_state: dict = {}  # "ok": whether the kernel was built and registered in this process (decided once)
-_state_lock = threading.Lock()  # threads of one process (the merge driver's, a server's) register it once
-
-
-def _load() -> bool:
-  try:
-    lib = ctypes.cdll.LoadLibrary(str(build()))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, SYMBOL)), platform="cpu")
     return True
-  except Exception as e:  # no compiler, a failed build, an FFI mismatch: XLA's dots still work
-    log.warning("h3jax CPU kernels unavailable, decoding uses XLA's dots: %s", e)
+  except Exception as e:  # an FFI mismatch: XLA's dots still work
+    log.warning("h3jax decode kernel unavailable, decoding uses XLA's dots: %s", e)
     return False
 
 
 def available() -> bool:
   """Whether the kernel is built and registered (and not disabled by H3JAX_CPU_KERNELS=0)."""
-  if not enabled():
+  if not native.enabled():
     return False
   with _state_lock:
     if "ok" not in _state:
-      _state["ok"] = _load()
+      _state["ok"] = _register()
     return _state["ok"]
 
 

@@ -26,6 +26,7 @@ import numpy as np
 _BINS = 1 << 16
 _ROW = 1024
 _SAMPLE = 1 << 14  # random sample size for the numpy bracket
+BRACKET_MIN = 4 * _SAMPLE  # at most this many entries: one partition of them all, no bracket
 
 
 # ----------------------------------------------------------------------------- numpy (CPU host)
@@ -39,27 +40,45 @@ def np_kth_largest_bits(bits_n: np.ndarray, k: int):
   strictly inside are partitioned.
   """
   n = bits_n.size
-  if n <= 4 * _SAMPLE:
+  if n <= BRACKET_MIN:
     t = np.partition(bits_n, n - k)[n - k]
     n_ge = np.count_nonzero(bits_n >= t)
     return t, n - np.count_nonzero(bits_n <= t), n_ge - np.count_nonzero(bits_n > t)
-  s_m = np.sort(bits_n[np.random.default_rng(n).integers(0, n, _SAMPLE)])
+  return kth_largest_in_bracket(
+      n, k, bits_n[sample_indices(n)],
+      lambda lo, hi: (np.count_nonzero(bits_n > hi), np.count_nonzero(bits_n == hi)),
+      lambda lo, hi: (bits_n[(bits_n > lo) & (bits_n < hi)], np.count_nonzero(bits_n == lo)))
+
+
+def sample_indices(n: int) -> np.ndarray:
+  """The bracket's random sample of positions (seeded by n: the same cut on every run)."""
+  return np.random.default_rng(n).integers(0, n, _SAMPLE)
+
+
+def kth_largest_in_bracket(n: int, k: int, sample_m: np.ndarray, counts, inside):
+  """np_kth_largest_bits' search over n uint32 values seen only through `sample_m` (values at
+  `sample_indices(n)`), `counts(lo, hi)` -> (#values > hi, #values == hi) and `inside(lo, hi)` ->
+  (the values strictly between lo and hi, #values == lo), called only after counts(lo, hi): so a native
+  pass can give both at once. A value repeated many times (the zeros of a sparse task vector) lands on
+  a bracket end, where it is counted rather than partitioned."""
+  s_m = np.sort(sample_m)
   pos = (n - k) / n * (_SAMPLE - 1)  # ascending rank of the answer, in sample units
   margin = 4 * int(np.sqrt(_SAMPLE)) + 2
   while True:
     lo = s_m[int(pos) - margin] if int(pos) - margin > 0 else np.uint32(0)
     hi = s_m[int(pos) + 1 + margin] if int(pos) + 1 + margin < _SAMPLE else np.uint32(0xFFFFFFFF)
-    n_gt_hi = np.count_nonzero(bits_n > hi)
-    n_eq_hi = np.count_nonzero(bits_n == hi)
+    n_gt_hi, n_eq_hi = counts(lo, hi)
     n_ge_hi = n_gt_hi + n_eq_hi
     if n_gt_hi < k <= n_ge_hi:
       return hi, n_gt_hi, n_eq_hi
-    if k > n_ge_hi:
-      n_ge_lo = np.count_nonzero(bits_n >= lo)
-      if k <= n_ge_lo:
-        cand = bits_n[(bits_n >= lo) & (bits_n < hi)]
-        t = np.partition(cand, n_ge_lo - k)[n_ge_lo - k]  # ascending rank of the answer in cand
+    if k > n_ge_hi and lo < hi:
+      cand, n_eq_lo = inside(lo, hi)
+      n_gt_lo = n_ge_hi + cand.size
+      if k <= n_gt_lo:
+        t = np.partition(cand, n_gt_lo - k)[n_gt_lo - k]  # ascending rank of the answer in cand
         return t, n_ge_hi + np.count_nonzero(cand > t), np.count_nonzero(cand == t)
+      if k <= n_gt_lo + n_eq_lo:
+        return lo, n_gt_lo, n_eq_lo
     margin *= 8  # sample missed (adversarial layout): widen; exactness never depends on it
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from h3jax import rules
 from h3jax.config import ModelConfig
-from h3jax.kernels import cpu_matmul
+from h3jax.kernels import cpu_matmul, native
 
 # Which leaves of a layer tree are packed (paths like "attn/q_proj/kernel", "moe/experts/0/up_proj/kernel").
 # The router is read by `moe.route` as a matrix of its own (and has E columns, rarely a multiple of 8).
@@ -59,7 +59,7 @@ def _on_one_cpu(x) -> bool:
 
 def should_pack(params, cfg: ModelConfig) -> bool:
   """Pack for the CPU kernel: float32 compute, every leaf on one CPU device, the kernel built."""
-  if not cpu_matmul.enabled() or cfg.ensemble_size or jnp.dtype(cfg.compute_dtype) != jnp.float32:
+  if not native.enabled() or cfg.ensemble_size or jnp.dtype(cfg.compute_dtype) != jnp.float32:
     return False
   if not all(_on_one_cpu(x) for x in jax.tree.leaves(params)):
     return False
