@@ -19,6 +19,8 @@ the k-th magnitude broken by flat index (mergekit's argsort order is arbitrary).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,9 +52,13 @@ def np_kth_largest_bits(bits_n: np.ndarray, k: int):
       lambda lo, hi: (bits_n[(bits_n > lo) & (bits_n < hi)], np.count_nonzero(bits_n == lo)))
 
 
+@functools.lru_cache(maxsize=64)
 def sample_indices(n: int) -> np.ndarray:
-  """The bracket's random sample of positions (seeded by n: the same cut on every run)."""
-  return np.random.default_rng(n).integers(0, n, _SAMPLE)
+  """The bracket's random sample of positions (seeded by n: the same cut on every run), ascending so the
+  gathers run forward; cached: a model has a handful of tensor sizes, each cut three times or more."""
+  idx = np.sort(np.random.default_rng(n).integers(0, n, _SAMPLE))
+  idx.flags.writeable = False
+  return idx
 
 
 def kth_largest_in_bracket(n: int, k: int, sample_m: np.ndarray, counts, inside):
