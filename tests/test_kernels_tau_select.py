@@ -85,20 +85,29 @@ def test_bfloat16_inputs(monkeypatch, load_dtype):
   np.testing.assert_array_equal(got[1], want[1])
 
 
-def test_bracket_counts_equal_numpy():
+def test_one_pass_counts_equal_numpy():
+  """Three models with their own brackets in one pass; the NaN / inf count covers the base and the models."""
   rng = np.random.default_rng(2)
   base = rng.standard_normal(SHAPE).astype(np.float32)
-  model = (base + np.where(rng.random(SHAPE) < 0.3, rng.standard_normal(SHAPE), 0)).astype(np.float32)
-  u = _bits(model, base).reshape(-1)
-  q = np.quantile(u, [0.0, 0.5, 0.7, 0.9]).astype(np.uint32)
-  for lo, hi in [(0, 0), (0, q[2]), (q[1], q[3]), (q[3], q[3]), (q[2], q[2] + 1), (0, 0xFFFFFFFF)]:
-    n_gt, n_eq, n_eq_lo, cand = tau_select.bracket(model, base, lo, hi, cap=u.size)
-    assert (n_gt, n_eq, n_eq_lo) == (np.count_nonzero(u > hi), np.count_nonzero(u == hi),
-                                     np.count_nonzero(u == lo)), (lo, hi)
-    np.testing.assert_array_equal(cand, u[(u > lo) & (u < hi)])  # in index order
-  inside = np.count_nonzero((u > q[1]) & (u < q[3]))
-  assert tau_select.bracket(model, base, q[1], q[3], cap=inside) is None  # no room: nothing counted
-  assert tau_select.bracket(model, base, q[1], q[3], cap=inside + 1)[3].size == inside
+  models = [(base + np.where(rng.random(SHAPE) < p, rng.standard_normal(SHAPE), 0)).astype(np.float32)
+            for p in (0.3, 1.0, 0.0)]
+  us = [_bits(m, base).reshape(-1) for m in models]
+  q = np.quantile(us[0], [0.5, 0.7, 0.9]).astype(np.uint32)
+  for ends in [[(0, 0), (0, 0xFFFFFFFF), (0, 0)], [(0, q[1]), (q[0], q[2]), (q[2], q[2])],
+               [(q[1], q[1] + 1), (q[2], q[2]), (0, 5)]]:
+    lo, hi = zip(*ends)
+    counts, cands, bad = tau_select.brackets(models, base, lo, hi, [base.size] * 3)
+    assert bad == 0
+    for j, (u, l, h) in enumerate(zip(us, lo, hi)):
+      assert tuple(counts[j]) == (np.count_nonzero(u > h), np.count_nonzero(u == h), np.count_nonzero(u == l))
+      np.testing.assert_array_equal(cands[j], u[(u > l) & (u < h)])  # in index order
+  inside = np.count_nonzero((us[0] > q[0]) & (us[0] < q[2]))
+  assert tau_select.brackets(models[:1], base, [q[0]], [q[2]], [inside - 1]) is None  # no room: nothing counted
+  assert tau_select.brackets(models[:1], base, [q[0]], [q[2]], [inside])[1][0].size == inside
+  for where, arrays in (("base", [models, base.copy()]), ("model", [[models[0], models[1].copy()], base])):
+    bad_x = arrays[1] if where == "base" else arrays[0][1]
+    bad_x[3, 4], bad_x[7, 0], bad_x[9, 9] = np.nan, np.inf, -np.inf
+    assert tau_select.brackets(*arrays, [0] * len(arrays[0]), [0] * len(arrays[0]), [8] * len(arrays[0]))[2] == 3
 
 
 def test_a_misleading_sample_only_costs_passes(monkeypatch):
@@ -108,14 +117,34 @@ def test_a_misleading_sample_only_costs_passes(monkeypatch):
   base = rng.standard_normal(SHAPE).astype(np.float32)
   model = (base + rng.standard_normal(SHAPE)).astype(np.float32)
   calls = []
-  real = tau_select.bracket
+  real = tau_select.brackets
   monkeypatch.setattr(select, "sample_indices", lambda n: np.zeros(1 << 14, np.int64))
-  monkeypatch.setattr(tau_select, "bracket", lambda *a, **k: calls.append(k["cap"]) or real(*a, **k))
+  monkeypatch.setattr(tau_select, "brackets", lambda *a: calls.append(a[4][0]) or real(*a))
   for density in (0.1, 0.9):
     k = int(density * base.size)
     got = host_topk.host_cuts(base, [model], [density])
     assert (got[0].view(np.uint32)[0], got[1][0]) == _brute_cut(model, base, k)
   assert len(calls) > 2 and base.size in calls  # widened, and retried with room for every entry
+
+
+def test_several_models_one_pass_and_the_input_check(monkeypatch):
+  """host_cuts_checked: one native pass for every model cut natively; finite True / False where it read every
+  input, None where a model was kept whole or cut by numpy (the driver then checks the inputs itself)."""
+  rng = np.random.default_rng(4)
+  base = rng.standard_normal(SHAPE).astype(np.float32)
+  models = [(base + rng.standard_normal(SHAPE) * s).astype(np.float32) for s in (1.0, 0.1, 0.0)]
+  passes = []
+  real = tau_select.brackets
+  monkeypatch.setattr(tau_select, "brackets", lambda *a: passes.append(len(a[0])) or real(*a))
+  thr, cut, finite = host_topk.host_cuts_checked(base, models, [0.2, 0.5, 0.7])
+  assert passes == [3] and finite is True
+  want = _numpy_cuts(monkeypatch, base, models, [0.2, 0.5, 0.7])
+  np.testing.assert_array_equal(thr, want[0])
+  np.testing.assert_array_equal(cut, want[1])
+  assert host_topk.host_cuts_checked(base, models, [0.2, 1.0, 0.7])[2] is None  # one kept whole
+  assert host_topk.host_cuts_checked(base, [models[0], models[1].astype(np.float16)], [0.2, 0.5])[2] is None
+  models[2][5, 5] = np.nan
+  assert host_topk.host_cuts_checked(base, models, [0.2, 0.5, 0.7])[2] is False
 
 
 def test_unsupported_inputs_take_the_numpy_path(monkeypatch):

@@ -16,8 +16,9 @@ from safetensors.numpy import save_file
 import merge_fixtures as mf
 from h3jax import merging
 from h3jax.hf.st_io import SafetensorsWriter
+from h3jax.kernels import tau_select
 from h3jax.merging.streaming import config as mcfg
-from h3jax.merging.streaming import driver
+from h3jax.merging.streaming import driver, host_topk
 
 
 def _spec(method, base, models, params=None, model_params=None, **kw):
@@ -314,10 +315,13 @@ def test_tensors_round_robin_over_devices_give_the_same_output(raw, tmp_path, mo
     np.testing.assert_array_equal(one[k], two[k], err_msg=k)
 
 
-def _nonfinite_family(tmp_path, bad_model=1):
-  """Raw files: base + 2 models; model `bad_model`'s 'w_a' holds a NaN and an inf."""
+BIG = (300, 257)  # above select.BRACKET_MIN: TIES cuts (and checks) it in the native pass where it is built
+
+
+def _nonfinite_family(tmp_path, bad_model=1, shape=(6, 4)):
+  """Raw files: base + 2 models; 'w_a' of model `bad_model` (-1: the base) holds a NaN and an inf."""
   rng = np.random.default_rng(3)
-  base = {"w_a": rng.standard_normal((6, 4)).astype(np.float32), "w_b": rng.standard_normal((4, 6)).astype(np.float32)}
+  base = {"w_a": rng.standard_normal(shape).astype(np.float32), "w_b": rng.standard_normal((4, 6)).astype(np.float32)}
   files = [str(tmp_path / "base.safetensors")]
   save_file(base, files[0])
   for i in range(2):
@@ -326,25 +330,36 @@ def _nonfinite_family(tmp_path, bad_model=1):
       m["w_a"][0, 0], m["w_a"][2, 1] = np.nan, np.inf
     files.append(str(tmp_path / f"m{i}.safetensors"))
     save_file(m, files[-1])
+  if bad_model == -1:
+    bad = dict(base, w_a=base["w_a"].copy())
+    bad["w_a"][0, 0], bad["w_a"][2, 1] = np.nan, np.inf
+    save_file(bad, files[0])
   return base, files
 
 
-@pytest.mark.parametrize("method,params", [("ties", dict(density=0.5)), ("tsv_m", {}),
-                                           ("task_arithmetic", {})])
-def test_nonfinite_input_stops_the_merge_and_writes_nothing(tmp_path, method, params):
-  """TIES used to drop the NaN silently (no sign agrees with NaN: the base value was written)."""
-  _, files = _nonfinite_family(tmp_path)
+@pytest.mark.parametrize("method,params,shape,bad", [
+    ("ties", dict(density=0.5), (6, 4), 1), ("ties", dict(density=0.5), BIG, 1), ("ties", dict(density=0.5), BIG, -1),
+    ("tsv_m", {}, (6, 4), 1), ("task_arithmetic", {}, (6, 4), 1)])
+def test_nonfinite_input_stops_the_merge_and_writes_nothing(tmp_path, monkeypatch, method, params, shape, bad):
+  """TIES used to drop the NaN silently (no sign agrees with NaN: the base value was written). A large TIES
+  tensor is checked by the cuts' native pass, which must name the same input."""
+  _, files = _nonfinite_family(tmp_path, bad, shape)
   spec = _spec(method, files[0], files[1:], params)
+  seen, real = [], host_topk.host_cuts_checked
+  monkeypatch.setattr(host_topk, "host_cuts_checked", lambda *a: seen.append(real(*a)) or seen[-1])
   with pytest.raises(driver.MergeError) as e:
     driver.run_merge(spec, tmp_path / "out", progress=False)
+  if shape == BIG and tau_select.supported(np.zeros(1, np.float32), np.zeros(1, np.float32)):
+    assert [r[2] for r in seen].count(False) == 1  # the native pass found it
   msg = str(e.value)
-  assert msg.startswith(f"{method}: input tensor 'w_a' of {files[2]} has 1 NaN and 1 inf entries")
+  assert msg.startswith(f"{method}: input tensor 'w_a' of {files[bad + 1]} has 1 NaN and 1 inf entries")
   assert "nothing was written" in msg and "\n" not in msg
   assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
-def test_nonfinite_keep_base_writes_the_base_tensor_and_reports_it(tmp_path):
-  base, files = _nonfinite_family(tmp_path)
+@pytest.mark.parametrize("shape", [(6, 4), BIG])
+def test_nonfinite_keep_base_writes_the_base_tensor_and_reports_it(tmp_path, shape):
+  base, files = _nonfinite_family(tmp_path, shape=shape)
   logs = []
   rep = driver.run_merge(_spec("ties", files[0], files[1:], dict(density=0.5)), tmp_path / "out",
                          progress=False, nonfinite="keep_base", log=logs.append)

@@ -61,6 +61,16 @@ def sample_indices(n: int) -> np.ndarray:
   return idx
 
 
+def bracket_ends(n: int, k: int, s_m: np.ndarray, widen: int = 0) -> tuple:
+  """(lo, hi) around the k-th largest of n values, from the ascending sample `s_m` of them; each `widen`
+  step makes the margin 8x wider (after a miss)."""
+  pos = int((n - k) / n * (s_m.size - 1))  # ascending rank of the answer, in sample units
+  margin = (4 * int(np.sqrt(s_m.size)) + 2) * 8 ** widen
+  lo = s_m[pos - margin] if pos - margin > 0 else np.uint32(0)
+  hi = s_m[pos + 1 + margin] if pos + 1 + margin < s_m.size else np.uint32(0xFFFFFFFF)
+  return lo, hi
+
+
 def kth_largest_in_bracket(n: int, k: int, sample_m: np.ndarray, counts, inside):
   """np_kth_largest_bits' search over n uint32 values seen only through `sample_m` (values at
   `sample_indices(n)`), `counts(lo, hi)` -> (#values > hi, #values == hi) and `inside(lo, hi)` ->
@@ -68,11 +78,9 @@ def kth_largest_in_bracket(n: int, k: int, sample_m: np.ndarray, counts, inside)
   pass can give both at once. A value repeated many times (the zeros of a sparse task vector) lands on
   a bracket end, where it is counted rather than partitioned."""
   s_m = np.sort(sample_m)
-  pos = (n - k) / n * (_SAMPLE - 1)  # ascending rank of the answer, in sample units
-  margin = 4 * int(np.sqrt(_SAMPLE)) + 2
+  widen = 0
   while True:
-    lo = s_m[int(pos) - margin] if int(pos) - margin > 0 else np.uint32(0)
-    hi = s_m[int(pos) + 1 + margin] if int(pos) + 1 + margin < _SAMPLE else np.uint32(0xFFFFFFFF)
+    lo, hi = bracket_ends(n, k, s_m, widen)
     n_gt_hi, n_eq_hi = counts(lo, hi)
     n_ge_hi = n_gt_hi + n_eq_hi
     if n_gt_hi < k <= n_ge_hi:
@@ -85,7 +93,7 @@ def kth_largest_in_bracket(n: int, k: int, sample_m: np.ndarray, counts, inside)
         return t, n_ge_hi + np.count_nonzero(cand > t), np.count_nonzero(cand == t)
       if k <= n_gt_lo + n_eq_lo:
         return lo, n_gt_lo, n_eq_lo
-    margin *= 8  # sample missed (adversarial layout): widen; exactness never depends on it
+    widen += 1  # sample missed (adversarial layout): widen; exactness never depends on it
 
 
 def np_topk_cut(bits_n: np.ndarray, k: int):

@@ -209,11 +209,13 @@ def _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats
     kept.append(name)
     return ref
 
-  def checked(inp, name):  # every input tensor is checked on the reader thread, as it is read
-    x = inp.get(name)
+  def check(inp, name, x):
     if not _finite(x):
       raise _NonFinite(f"input tensor {name!r} of {inp.path} has {_count_nonfinite(x)}")
     return x
+
+  def checked(inp, name):  # every input tensor is checked on the reader thread, as it is read
+    return check(inp, name, inp.get(name))
 
   def read(name, to=lambda x: x):  # every input's tensor, in input order
     if aligned(name):
@@ -227,14 +229,22 @@ def _stream_tensors(spec, plan, base, models, devices, randomized, writer, stats
         x = read(name)[0] if aligned(name) else checked(src, name)
         return out_dt, np.asarray(x).astype(out_dt), None
       fast = host_topk.ties_hparams(spec.method, kwargs, len(models)) if base is not None else None
-      # Numpy reads stay on the host only where the host needs them (the TIES cuts); otherwise
-      # each is handed to jax at once and dropped.
-      to_jax = (lambda x: x) if fast is not None else (lambda x: jnp.asarray(x, device=dev))
-      arrays = read(name, to_jax)
+      cuts = None
+      if fast is not None and not aligned(name):
+        # Numpy reads stay on the host, where the TIES cuts read them; their pass also checks the
+        # inputs for NaN / inf where it reads them all (else they are checked here, as below).
+        arrays = [i.get(name) for i in srcs]
+        *cuts, finite = host_topk.host_cuts_checked(arrays[0], arrays[1:], dict(fast)["density"], load_dt)
+        if finite is not True:
+          for inp, x in zip(srcs, arrays):
+            check(inp, name, x)
+      else:  # handed to jax at once and dropped (or kept on the host for the cuts below)
+        arrays = read(name, (lambda x: x) if fast is not None else (lambda x: jnp.asarray(x, device=dev)))
     except _NonFinite as e:
       return out_dt, fallback(name, str(e)).astype(out_dt), None
     base_x, xs = (arrays[0], arrays[1:]) if base is not None else (None, arrays)
-    cuts = None if fast is None else host_topk.host_cuts(base_x, xs, dict(fast)["density"], load_dt)
+    if fast is not None and cuts is None:
+      cuts = host_topk.host_cuts(base_x, xs, dict(fast)["density"], load_dt)
     return out_dt, None, (kwargs, base_x, xs, fast, cuts, dev)
 
   def dispatch():

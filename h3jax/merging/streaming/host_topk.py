@@ -59,15 +59,26 @@ def host_cuts(base: np.ndarray, models: Sequence[np.ndarray], density: Sequence[
               load_dtype=None):
   """Per model, (thr [N] float32, cutoff [N] int32) of mergekit's magnitude top-k of tau_i,
   k = max(1, int(density_i * numel)); density >= 1 keeps everything."""
+  return host_cuts_checked(base, models, density, load_dtype)[:2]
+
+
+def host_cuts_checked(base: np.ndarray, models: Sequence[np.ndarray], density: Sequence[float],
+                      load_dtype=None):
+  """host_cuts, and whether the inputs are finite: True / False where the native pass read every input (it
+  checks them as it goes), None where some were not read natively (the caller checks them)."""
   n = base.size
-  b_n = buf_n = None  # the numpy path's float32 base and difference, made on first use
+  k_N = [max(1, int(d * n)) for d in density]
+  keep_all = [d >= 1 or k >= n for d, k in zip(density, k_N)]  # thr 0, cutoff n - 1: every entry kept
   thr_N, cut_N = np.zeros(len(models), np.uint32), np.full(len(models), n - 1, np.int32)
-  for i, (m, d) in enumerate(zip(models, density)):
-    k = max(1, int(d * n))
-    if d >= 1 or k >= n:
-      continue  # thr 0, cutoff n - 1: every entry kept
-    if n > select.BRACKET_MIN and tau_select.supported(m, base, load_dtype):
-      thr_N[i], cut_N[i] = _native_cut(m.reshape(-1), base.reshape(-1), k)
+  native = [i for i, m in enumerate(models) if not keep_all[i] and n > select.BRACKET_MIN
+            and tau_select.supported(m, base, load_dtype)]
+  finite = _native_cuts(base.reshape(-1), [models[i].reshape(-1) for i in native], [k_N[i] for i in native],
+                        thr_N, cut_N, native) if native else None
+  if len(native) < len(models):
+    finite = None  # a model kept whole, or cut with numpy below, was not read by the native pass
+  b_n = buf_n = None  # the numpy path's float32 base and difference, made on first use
+  for i, (m, k) in enumerate(zip(models, k_N)):
+    if keep_all[i] or i in native:
       continue
     if b_n is None:
       b_n, buf_n = _as_f32(base, load_dtype).reshape(-1), np.empty(n, np.float32)
@@ -79,31 +90,44 @@ def host_cuts(base: np.ndarray, models: Sequence[np.ndarray], density: Sequence[
     # index tie-break, a pass over the tensor, only matters for a non-zero threshold.
     thr_N[i] = thr
     cut_N[i] = -1 if thr == 0 else select.np_tie_cutoff(bits_n, thr, k - n_gt, n_eq)
-  return thr_N.view(np.float32), cut_N
+  return thr_N.view(np.float32), cut_N, finite
 
 
-def _native_cut(m_n: np.ndarray, b_n: np.ndarray, k: int) -> tuple:
-  """host_cuts' (thr bits, cutoff) for one model through `tau_select`: the same sample, bracket and
-  answer as the numpy path, with |tau| never stored (one native pass per bracket tried)."""
-  n = m_n.size
+def _native_cuts(b_n, ms, k_M, thr_N, cut_N, slots) -> Optional[bool]:
+  """Fills thr_N / cut_N at `slots` with the cuts of models `ms` through `tau_select`: the same samples,
+  brackets and answers as the numpy path. The first bracket of every model comes from one pass over the
+  base and all the models (which also counts NaN / inf); a model whose bracket missed gets passes of its
+  own. Returns whether the inputs are finite (None: the first pass overflowed and was not completed)."""
+  n = b_n.size
   idx = select.sample_indices(n)
-  sample = np.subtract(m_n[idx].astype(np.float32), b_n[idx].astype(np.float32)).view(np.uint32)
-  sample &= np.uint32(0x7FFFFFFF)
-  found = {}
+  b_s = b_n[idx].astype(np.float32)
+  samples = [np.subtract(m[idx].astype(np.float32), b_s).view(np.uint32) & np.uint32(0x7FFFFFFF) for m in ms]
+  sorted_samples = [np.sort(s) for s in samples]
+  firsts = [select.bracket_ends(n, k, s) for k, s in zip(k_M, sorted_samples)]
 
-  def counts(lo, hi):
-    frac = np.count_nonzero((sample > lo) & (sample < hi)) / sample.size
-    got = tau_select.bracket(m_n, b_n, lo, hi, cap=int(1.25 * frac * n) + 4096)
-    if got is None:  # far more entries inside than the sample showed: room for all
-      got = tau_select.bracket(m_n, b_n, lo, hi, cap=n)
-    n_gt, n_eq, found["eq_lo"], found["cand"] = got
-    return n_gt, n_eq
+  def cap(sample, lo, hi):  # room for the entries inside the bracket, from the sample's share
+    return int(1.25 * np.count_nonzero((sample > lo) & (sample < hi)) / sample.size * n) + 4096
 
-  thr, n_gt, n_eq = select.kth_largest_in_bracket(n, k, sample, counts,
-                                                  lambda lo, hi: (found["cand"], found["eq_lo"]))
-  if thr == 0:
-    return thr, -1
-  return thr, (n - 1 if k - n_gt == n_eq else tau_select.tie_index(m_n, b_n, thr, k - n_gt))
+  got = tau_select.brackets(ms, b_n, *zip(*firsts), [cap(s, *f) for s, f in zip(samples, firsts)])
+  finite = None if got is None else got[2] == 0
+  for j, (m, k, sample) in enumerate(zip(ms, k_M, samples)):
+    found = {}
+
+    def counts(lo, hi, j=j, m=m, sample=sample):
+      if got is not None and (lo, hi) == firsts[j]:
+        c3, cand = got[0][j], got[1][j]
+      else:  # a widened bracket (or an overflowed first pass): this model alone, with room
+        one = tau_select.brackets([m], b_n, [lo], [hi], [cap(sample, lo, hi)])
+        one = one or tau_select.brackets([m], b_n, [lo], [hi], [n])
+        c3, cand = one[0][0], one[1][0]
+      found["inside"] = cand, int(c3[2])
+      return int(c3[0]), int(c3[1])
+
+    thr, n_gt, n_eq = select.kth_largest_in_bracket(n, k, sample, counts, lambda lo, hi: found["inside"])
+    thr_N[slots[j]] = thr
+    cut_N[slots[j]] = -1 if thr == 0 else (n - 1 if k - n_gt == n_eq else
+                                           tau_select.tie_index(m, b_n, thr, k - n_gt))
+  return finite
 
 
 @functools.lru_cache(maxsize=64)
