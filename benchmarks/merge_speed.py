@@ -11,7 +11,8 @@ peak RSS is the child's ru_maxrss. TIES: density 0.2, weights 1, normalize,
 lambda 1 (the same mergekit YAML for both). TSV-M: alpha 1 over all 2-D tensors
 (fusion-bench's defaults). Outputs are cross-checked in the same run (max
 relative error for TIES, relative Frobenius error of the merged delta for
-TSV-M). With TIES it also times a no-merge floor in the same run: a process that
+TSV-M). With TIES it also times a no-merge floor in the same run, alternating with h3jax
+round by round (the ratio per round and best / best are printed): a process that
 starts jax, reads every input with h3jax's reader, sums them and writes the sums,
 so the table shows the largest speed-up any merge could reach on this machine.
 Prints a table and writes benchmarks/results/merge_speed.json.
@@ -218,7 +219,8 @@ def main():
   p.add_argument("--work", default=str(REPO / "artifacts" / "merge_bench"))
   p.add_argument("--methods", default="ties,tsv_m")
   p.add_argument("--repeats", type=int, default=2,
-                 help="h3jax runs per method (the first is cold: empty compilation cache); best reported")
+                 help="warm rounds per method; TIES: one cold h3jax run (empty compilation cache), then "
+                      "this many rounds of h3jax and the no-merge floor, alternating; best reported")
   p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "merge_speed.json"))
   p.add_argument("--experts", default="",
                  help="comma-separated HF folders of real fine-tunes of --smollm2 to merge instead of the "
@@ -252,19 +254,27 @@ def main():
                        "model": str(base), "variants": [str(v) for v in variants],
                        "real_experts": bool(args.experts), "runs": {}}
 
-  def run(tag, cmd, out_dir, repeats=1):
-    """Best wall time of `repeats` runs; all runs are recorded (h3jax: run 1 is cold, with an
-    empty compilation cache; later runs reuse the compiled kernels)."""
-    all_runs = []
+  def run_rounds(jobs, repeats=1):
+    """`repeats` rounds, each running every (tag, cmd, out_dir) of `jobs` once, in order: interleaved, so a
+    machine whose speed drifts (these VMs' does, by up to 40% within minutes) slows every job alike.
+    Returns each job's best run (by wall time); all runs are recorded."""
+    runs = {tag: [] for tag, _, _ in jobs}
     for _ in range(repeats):
-      shutil.rmtree(out_dir, ignore_errors=True)
-      res = timed(cmd, env)
-      all_runs.append(res)
-      print(f"  {tag}: {res['wall_s']:.1f}s (CPU {res['cpu_s']:.1f}s), peak RSS {res['peak_rss_mb']:.0f} MB",
-            flush=True)
-    best = min(all_runs, key=lambda r: r["wall_s"])
-    results["runs"][tag] = {"best": best, "all": all_runs}
-    return best, all_runs[0]
+      for tag, cmd, out_dir in jobs:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        res = timed(cmd, env)
+        runs[tag].append(res)
+        print(f"  {tag}: {res['wall_s']:.1f}s (CPU {res['cpu_s']:.1f}s), peak RSS {res['peak_rss_mb']:.0f} MB",
+              flush=True)
+    for tag, all_runs in runs.items():
+      results["runs"].setdefault(tag, {}).update(best=min(all_runs, key=lambda r: r["wall_s"]), all=all_runs)
+    return [results["runs"][tag]["best"] for tag, _, _ in jobs]
+
+  def run(tag, cmd, out_dir, repeats=1):
+    """(best, first) of `repeats` runs (h3jax: run 1 is cold, with an empty compilation cache; later runs
+    reuse the compiled kernels)."""
+    best, = run_rounds([(tag, cmd, out_dir)], repeats)
+    return best, results["runs"][tag]["all"][0]
 
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -284,14 +294,19 @@ def main():
         "models:\n" + "".join(f"  - model: {v}\n    parameters: {{weight: 1.0, density: 0.2}}\n" for v in variants)
         + "parameters: {normalize: true, lambda: 1.0}\ndtype: float32\nout_dtype: float32\n")
     shutil.rmtree(work / "xla_cache", ignore_errors=True)
-    h, cold = run("h3jax_ties", [h3jax_py, "-m", "h3jax.merge", f"--config={cfg}", f"--out={work / 'h3jax_ties'}",
-                                 f"--devices={args.h3jax_devices}", "--noprogress",
-                                 f"--compilation_cache={work / 'xla_cache'}"], work / "h3jax_ties", args.repeats)
+    h3jax_job = ("h3jax_ties", [h3jax_py, "-m", "h3jax.merge", f"--config={cfg}", f"--out={work / 'h3jax_ties'}",
+                                f"--devices={args.h3jax_devices}", "--noprogress",
+                                f"--compilation_cache={work / 'xla_cache'}"], work / "h3jax_ties")
+    cold, = run_rounds([h3jax_job])  # compiles the kernels into the cache
+    results["runs"]["h3jax_ties"] = {"cold": cold}
+    h, fl = run_rounds([h3jax_job, ("io_floor", [h3jax_py, "-c", _IO_FLOOR, work / "io_floor", base, *variants],
+                                    work / "io_floor")], args.repeats)
+    per_round = [a["wall_s"] / b["wall_s"] for a, b in zip(results["runs"]["h3jax_ties"]["all"],
+                                                            results["runs"]["io_floor"]["all"])]
     row = {"method": "TIES d=0.2", "h3jax_s": h["wall_s"], "h3jax_cold_s": cold["wall_s"],
-           "h3jax_cpu_s": h["cpu_s"], "h3jax_rss_mb": h["peak_rss_mb"]}
-    fl, _ = run("io_floor", [h3jax_py, "-c", _IO_FLOOR, work / "io_floor", base, *variants], work / "io_floor",
-                args.repeats)
-    row.update(io_floor_s=fl["wall_s"])
+           "h3jax_cpu_s": h["cpu_s"], "h3jax_rss_mb": h["peak_rss_mb"], "io_floor_s": fl["wall_s"],
+           "floor_ratio_best": h["wall_s"] / fl["wall_s"], "floor_ratio_per_round": per_round,
+           "floor_ratio_median": float(np.median(per_round))}
     if mk_yaml.exists():
       m, _ = run("mergekit_ties", [mk_yaml, cfg, work / "mergekit_ties"], work / "mergekit_ties")
       if args.mergekit_cuda:
@@ -339,6 +354,8 @@ def main():
     if "io_floor_s" in r:
       print(f"{'':<12}no-merge floor (start jax, read inputs, sum, write): {r['io_floor_s']:.1f} s, "
             f"{r.get('floor_speedup', float('nan')):.1f}x the peer: the most any merge could reach here")
+      print(f"{'':<12}h3jax / floor: {r['floor_ratio_best']:.2f}x best / best, per round (interleaved) "
+            f"{', '.join(f'{x:.2f}' for x in r['floor_ratio_per_round'])}: median {r['floor_ratio_median']:.2f}x")
   print(f"wrote {out}")
 
 
