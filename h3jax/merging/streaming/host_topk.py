@@ -9,10 +9,10 @@ the arrays it has just read, and passes the cuts as traced arguments to a kernel
 compiled once per tensor shape: exactly the output of `h3jax.merging.ties`.
 
 The cuts of float32 / bfloat16 tensors above `select.BRACKET_MIN` entries come from
-one native pass over model and base per model (`h3jax.kernels.tau_select`: |tau| is
-never stored); the numpy path (elsewhere, or without a C++ compiler) takes ~10 passes
-and gives the same cut from the same sample. On SmolLM2-135M with 3 models: 0.75 s
-of reader time -> see benchmarks/merge_speed.py.
+one native pass over the base and all models of a tensor (`h3jax.kernels.tau_select`:
+|tau| is never stored, and the inputs are checked for NaN / inf on the way); the numpy
+path (elsewhere, or without a C++ compiler) takes ~10 passes per model and gives the
+same cut from the same sample. SmolLM2-135M x 3 models: 0.41 s against 0.75 s.
 """
 
 from __future__ import annotations
