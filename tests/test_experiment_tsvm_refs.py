@@ -1,4 +1,4 @@
-"""The yardsticks of experiments/tsvm_vs_fusionbench.py and experiments/merge_3h.py.
+"""The yardsticks of experiments/tsvm_vs_fusionbench.py (experiments/tsvm_refs.py) and experiments/merge_3h.py.
 
 docs/merging.md ("TSV-M vs fusion-bench on FFN-only LoRA experts") reports errors against the
 script's float64 TSV-M / Iso-CTS re-computations; these tests check that those implement the same
@@ -30,7 +30,7 @@ def _load(name):
 
 @pytest.fixture(scope="module")
 def exp():
-  return _load("tsvm_vs_fusionbench")
+  return _load("tsvm_refs")
 
 
 def _full_rank_tasks(rng, m=24, n=18, t=3):
