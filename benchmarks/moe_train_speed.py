@@ -94,13 +94,14 @@ def _summary(ts, a) -> dict:
 
 
 def main():
+  from h3jax.config import REMAT
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--layers", type=int, default=30)
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--top_k", type=int, default=2)
   p.add_argument("--dispatch", default="capacity", choices=("dense", "capacity", "ragged"))
-  p.add_argument("--remat", default=None, choices=("none", "full", "dots"),
+  p.add_argument("--remat", default=None, choices=REMAT,
                  help="h3jax's remat policy (default: what `h3jax.train` trains an MoE with, remat 'auto')")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=1)

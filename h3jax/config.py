@@ -19,6 +19,7 @@ import jax.numpy as jnp
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 MOE_DISPATCH = ("dense", "capacity", "ragged", "expert_parallel", "sparse")
+REMAT = ("none", "full", "dots")  # what the layer scan saves for the backward (model/llama.py)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -96,8 +97,8 @@ class ModelConfig:
     if self.ensemble_size and (self.ensemble_size < 2 or self.ensemble_mode not in ("prob", "logprob")):
       raise ValueError(f"ensemble_size must be 0 or >= 2 and ensemble_mode prob|logprob, got "
                        f"{self.ensemble_size}, {self.ensemble_mode!r}")
-    if self.remat not in ("none", "full", "dots"):
-      raise ValueError(f"remat must be none|full|dots, got {self.remat!r}")
+    if self.remat not in REMAT:
+      raise ValueError(f"remat must be {'|'.join(REMAT)}, got {self.remat!r}")
     if self.num_experts:
       if self.num_experts < 2:
         raise ValueError(f"num_experts must be >= 2 (or 0 for dense), got {self.num_experts}")

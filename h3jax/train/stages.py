@@ -27,7 +27,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from h3jax.config import ModelConfig, RopeConfig
+from h3jax.config import REMAT, ModelConfig, RopeConfig
 from h3jax.data import pipeline as data_lib
 from h3jax.data import tokenize as tok_lib
 from h3jax.model import params as params_lib
@@ -183,7 +183,7 @@ def make_data(config, tokenizer, cfg: ModelConfig):
   return train, ev
 
 
-REMAT_POLICIES = ("auto", "none", "full", "dots")
+REMAT_POLICIES = ("auto", *REMAT)  # "auto": resolved by resolve_remat
 
 
 def resolve_remat(config, moe: bool = False) -> str:
