@@ -67,9 +67,7 @@ int64_t Brackets(const T* const* ms, int64_t M, const T* b, int64_t n, const uin
       for (int64_t i = 0; i < e; ++i) {
         const float x = ToF32(m[i]);
         nm += NonFinite(x);
-        float d = x - bf[i];
-        std::memcpy(&u[i], &d, 4);
-        u[i] &= 0x7FFFFFFFu;
+        u[i] = AbsDiffBits(x, bf[i]);
         g += u[i] > h;
         q += u[i] == h;
         ql += u[i] == l;

@@ -47,7 +47,7 @@ def np_kth_largest_bits(bits_n: np.ndarray, k: int):
     n_ge = np.count_nonzero(bits_n >= t)
     return t, n - np.count_nonzero(bits_n <= t), n_ge - np.count_nonzero(bits_n > t)
   return kth_largest_in_bracket(
-      n, k, bits_n[sample_indices(n)],
+      n, k, np.sort(bits_n[sample_indices(n)]),
       lambda lo, hi: (np.count_nonzero(bits_n > hi), np.count_nonzero(bits_n == hi)),
       lambda lo, hi: (bits_n[(bits_n > lo) & (bits_n < hi)], np.count_nonzero(bits_n == lo)))
 
@@ -71,13 +71,12 @@ def bracket_ends(n: int, k: int, s_m: np.ndarray, widen: int = 0) -> tuple:
   return lo, hi
 
 
-def kth_largest_in_bracket(n: int, k: int, sample_m: np.ndarray, counts, inside):
-  """np_kth_largest_bits' search over n uint32 values seen only through `sample_m` (values at
-  `sample_indices(n)`), `counts(lo, hi)` -> (#values > hi, #values == hi) and `inside(lo, hi)` ->
-  (the values strictly between lo and hi, #values == lo), called only after counts(lo, hi): so a native
-  pass can give both at once. A value repeated many times (the zeros of a sparse task vector) lands on
-  a bracket end, where it is counted rather than partitioned."""
-  s_m = np.sort(sample_m)
+def kth_largest_in_bracket(n: int, k: int, s_m: np.ndarray, counts, inside):
+  """np_kth_largest_bits' search over n uint32 values seen only through `s_m` (their values at
+  `sample_indices(n)`, ascending), `counts(lo, hi)` -> (#values > hi, #values == hi) and `inside(lo, hi)`
+  -> (the values strictly between lo and hi, #values == lo), called only after counts(lo, hi): so a
+  native pass can give both at once. A value repeated many times (the zeros of a sparse task vector)
+  lands on a bracket end, where it is counted rather than partitioned."""
   widen = 0
   while True:
     lo, hi = bracket_ends(n, k, s_m, widen)

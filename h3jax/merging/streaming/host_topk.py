@@ -101,12 +101,13 @@ def _native_cuts(b_n, ms, k_M, thr_N, cut_N, slots) -> Optional[bool]:
   n = b_n.size
   idx = select.sample_indices(n)
   b_s = b_n[idx].astype(np.float32)
-  samples = [np.subtract(m[idx].astype(np.float32), b_s).view(np.uint32) & np.uint32(0x7FFFFFFF) for m in ms]
-  sorted_samples = [np.sort(s) for s in samples]
-  firsts = [select.bracket_ends(n, k, s) for k, s in zip(k_M, sorted_samples)]
+  samples = [np.sort(np.subtract(m[idx].astype(np.float32), b_s).view(np.uint32) & np.uint32(0x7FFFFFFF))
+             for m in ms]  # ascending
+  firsts = [select.bracket_ends(n, k, s) for k, s in zip(k_M, samples)]
 
   def cap(sample, lo, hi):  # room for the entries inside the bracket, from the sample's share
-    return int(1.25 * np.count_nonzero((sample > lo) & (sample < hi)) / sample.size * n) + 4096
+    inside = np.searchsorted(sample, hi, "left") - np.searchsorted(sample, lo, "right")
+    return int(1.25 * max(inside, 0) / sample.size * n) + 4096
 
   got = tau_select.brackets(ms, b_n, *zip(*firsts), [cap(s, *f) for s, f in zip(samples, firsts)])
   finite = None if got is None else got[2] == 0
