@@ -111,6 +111,15 @@ def raw_family(root, n_models: int = 3, seed: int = 0):
   return files[0], files[1:]
 
 
+def spec(method, base, models, params=None, model_params=None, **kw):
+  """The driver's MergeSpec of a py-config: `params` the method's, `model_params` one dict per model."""
+  from h3jax.merging.streaming import config as mcfg
+  return mcfg.from_py_config(dict(merge_method=method, base_model=base,
+                                  models=[dict(model=m, parameters=(model_params or [{}] * len(models))[i])
+                                          for i, m in enumerate(models)],
+                                  parameters=params or {}, **kw))
+
+
 def read_tensors(path) -> dict:
   """All tensors of an output folder (single file or sharded) as float32 numpy."""
   path = pathlib.Path(path)

@@ -21,7 +21,6 @@ import yaml
 
 import merge_fixtures as mf
 from h3jax import io_atomic
-from h3jax.merging.streaming import config as mcfg
 from h3jax.merging.streaming import driver
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -43,8 +42,7 @@ def fam(tmp_path_factory):
 
 
 def _spec(base, models):
-  return mcfg.from_py_config(dict(merge_method="task_arithmetic", base_model=base,
-                                  models=[dict(model=m, parameters=dict(weight=0.5)) for m in models]))
+  return mf.spec("task_arithmetic", base, models, model_params=[dict(weight=0.5)] * len(models))
 
 
 # --- (a) an output that is, holds or lies inside an input is refused -----------------------------

@@ -1,5 +1,6 @@
 """Out-of-core merge driver: streaming == whole-tree transforms, layer gradients, tied
-embeddings, sharded I/O, atomic output, seeded reproducibility, host-memory bound."""
+embeddings, sharded I/O, atomic output, seeded reproducibility, host-memory bound (what is not finite:
+test_merge_driver_nonfinite.py)."""
 
 from __future__ import annotations
 
@@ -16,16 +17,7 @@ from safetensors.numpy import save_file
 import merge_fixtures as mf
 from h3jax import merging
 from h3jax.hf.st_io import SafetensorsWriter
-from h3jax.kernels import tau_select
-from h3jax.merging.streaming import config as mcfg
-from h3jax.merging.streaming import driver, host_topk
-
-
-def _spec(method, base, models, params=None, model_params=None, **kw):
-  return mcfg.from_py_config(dict(merge_method=method, base_model=base,
-                                  models=[dict(model=m, parameters=(model_params or [{}] * len(models))[i])
-                                          for i, m in enumerate(models)],
-                                  parameters=params or {}, **kw))
+from h3jax.merging.streaming import driver
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +38,7 @@ def llama(tmp_path_factory):
 def test_streaming_equals_whole_tree(raw, tmp_path, method, params):
   """Tensor-by-tensor from files == the pytree transform on the whole (loaded) model."""
   base_f, model_fs = raw
-  driver.run_merge(_spec(method, base_f, model_fs, params), tmp_path / "out", progress=False)
+  driver.run_merge(mf.spec(method, base_f, model_fs, params), tmp_path / "out", progress=False)
   ours = mf.read_tensors(tmp_path / "out")
   base = mf.read_tensors(base_f)
   models = [mf.read_tensors(f) for f in model_fs]
@@ -60,7 +52,7 @@ def test_layer_gradient_and_filters_hand_computed(llama, tmp_path):
   """weight = gradient [0, 1] over layers (t = i / (L-1)); a filter list for mlp; t = 0 off-layer."""
   base_d, model_ds, cfg = llama
   L = cfg["num_hidden_layers"]
-  spec = _spec("task_arithmetic", base_d, model_ds, {"lambda_": 0.5},
+  spec = mf.spec("task_arithmetic", base_d, model_ds, {"lambda_": 0.5},
                [dict(weight=[0.0, 1.0]), dict(weight=[dict(filter="mlp", value=2.0), dict(value=0.25)])])
   driver.run_merge(spec, tmp_path / "out", progress=False)
   out = mf.read_tensors(tmp_path / "out")
@@ -90,7 +82,7 @@ def test_tied_sharded_bf16_roundtrip_loads_in_transformers(tmp_path):
     w.close()
   assert os.path.exists(os.path.join(model_ds[1], "model.safetensors.index.json"))
   (tmp_path / "in" / "base" / "tokenizer_config.json").write_text("{}")
-  spec = _spec("linear", None, [base_d] + model_ds, dict(weight=1.0), max_shard_size="30KB")
+  spec = mf.spec("linear", None, [base_d] + model_ds, dict(weight=1.0), max_shard_size="30KB")
   driver.run_merge(spec, tmp_path / "out", progress=False)
   files = sorted(os.listdir(tmp_path / "out"))
   assert "model.safetensors.index.json" in files and "tokenizer_config.json" in files
@@ -108,7 +100,7 @@ def test_tied_sharded_bf16_roundtrip_loads_in_transformers(tmp_path):
 
 def test_keep_base_embeddings_skip_rules_and_per_tensor_params(llama, tmp_path):
   base_d, model_ds, _ = llama
-  spec = _spec("task_arithmetic", base_d, model_ds, dict(lambda_=1.0), embeddings="base",
+  spec = mf.spec("task_arithmetic", base_d, model_ds, dict(lambda_=1.0), embeddings="base",
                rules=[dict(filter="re:layers\\.0\\..*norm", action="skip"),
                       dict(filter="self_attn", parameters=dict(lambda_=0.0))])
   driver.run_merge(spec, tmp_path / "out", progress=False)
@@ -137,7 +129,7 @@ def test_failure_leaves_nothing(raw, tmp_path, monkeypatch):
 
   monkeypatch.setattr(SafetensorsWriter, "add", flaky)
   with pytest.raises(OSError, match="disk full"):
-    driver.run_merge(_spec("task_arithmetic", base_f, model_fs), tmp_path / "out", progress=False)
+    driver.run_merge(mf.spec("task_arithmetic", base_f, model_fs), tmp_path / "out", progress=False)
   assert os.listdir(tmp_path) == []
 
 
@@ -146,7 +138,7 @@ def test_random_methods_seeded_and_order_independent(raw, tmp_path):
   params = dict(density=0.5)
   runs = {}
   for tag, seed in (("a", 3), ("b", 3), ("c", 4)):
-    driver.run_merge(_spec("dare_ties", base_f, model_fs, params, seed=seed), tmp_path / tag, progress=False)
+    driver.run_merge(mf.spec("dare_ties", base_f, model_fs, params, seed=seed), tmp_path / tag, progress=False)
     runs[tag] = mf.read_tensors(tmp_path / tag)
   assert all(np.array_equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
   assert not np.array_equal(runs["a"]["w_a"], runs["c"]["w_a"])
@@ -158,7 +150,7 @@ def test_random_methods_seeded_and_order_independent(raw, tmp_path):
     t = mf.read_tensors(f)
     files.append(str(sub / os.path.basename(f)))
     save_file({k: t[k] for k in ("w_b", "w_a")}, files[-1])
-  driver.run_merge(_spec("dare_ties", files[0], files[1:], params, seed=3), tmp_path / "d", progress=False)
+  driver.run_merge(mf.spec("dare_ties", files[0], files[1:], params, seed=3), tmp_path / "d", progress=False)
   part = mf.read_tensors(tmp_path / "d")
   for k in part:
     np.testing.assert_array_equal(part[k], runs["a"][k])
@@ -166,11 +158,11 @@ def test_random_methods_seeded_and_order_independent(raw, tmp_path):
 
 def test_resm_stats_reported_and_default_equals_tsv_m(raw, tmp_path):
   base_f, model_fs = raw
-  driver.run_merge(_spec("tsv_m", base_f, model_fs), tmp_path / "tsv", progress=False)
-  driver.run_merge(_spec("resm", base_f, model_fs), tmp_path / "resm", progress=False)
+  driver.run_merge(mf.spec("tsv_m", base_f, model_fs), tmp_path / "tsv", progress=False)
+  driver.run_merge(mf.spec("resm", base_f, model_fs), tmp_path / "resm", progress=False)
   a, b = mf.read_tensors(tmp_path / "tsv"), mf.read_tensors(tmp_path / "resm")
   assert all(np.array_equal(a[k], b[k]) for k in a)
-  rep = driver.run_merge(_spec("resm", base_f, model_fs, dict(outlier_mode="sv", kappa=1.0,
+  rep = driver.run_merge(mf.spec("resm", base_f, model_fs, dict(outlier_mode="sv", kappa=1.0,
                                                                 rank_mode="sparsity", lambda_r=0.5)),
                          tmp_path / "resm2", progress=False)
   stats = rep["tensor_stats"]
@@ -202,7 +194,7 @@ def test_peak_host_memory_is_a_few_tensors_not_the_model(tmp_path, monkeypatch):
     for j in range(n_tensors):
       w.add(f"t{j:02d}", np.random.default_rng(j).standard_normal((512, 512)).astype(np.float32) + 0.01 * i)
     w.close()
-  spec = _spec("task_arithmetic", files[0], files[1:], dict(lambda_=0.5))
+  spec = mf.spec("task_arithmetic", files[0], files[1:], dict(lambda_=0.5))
   driver.run_merge(spec, tmp_path / "warm", progress=False)  # compile once
   loop_peak, loop_rss = [], []
   real_close = SafetensorsWriter.close
@@ -259,7 +251,7 @@ def test_peak_host_memory_per_method_is_within_the_budget(one_big_tensor, tmp_pa
   not in it (measured 888 / 1155 / 1926 MiB for 640 budgeted with 128 MiB). Now the driver
   budgets `tensor_memory_bytes` per method and the measured growth stays within it."""
   files, tensor = one_big_tensor, 4096 * 3072 * 4
-  spec = _spec(method, files[0], files[1:], params, model_params=[{"weight": 1.0}] * 3)
+  spec = mf.spec(method, files[0], files[1:], params, model_params=[{"weight": 1.0}] * 3)
   before = _rss_anon_kb()
   peak, stop = [before], threading.Event()
 
@@ -281,24 +273,12 @@ def test_peak_host_memory_per_method_is_within_the_budget(one_big_tensor, tmp_pa
   assert 4 * tensor < grew <= budget + 16 * 2**20, (method, grew / 2**20, budget / 2**20)
 
 
-def test_multislerp_without_an_answer_is_an_error_and_writes_nothing(tmp_path):
-  v = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
-  files = []
-  for i, x in enumerate([v, -v, v]):  # weights 1, 2, 1: the weighted unit mean is zero
-    files.append(str(tmp_path / f"m{i}.safetensors"))
-    save_file({"w": x}, files[-1])
-  spec = _spec("multislerp", None, files, model_params=[{"weight": 1.0}, {"weight": 2.0}, {"weight": 1.0}])
-  with pytest.raises(driver.MergeError, match=r"multislerp: the weighted sum of the unit task vectors of 'w'"):
-    driver.run_merge(spec, tmp_path / "out", progress=False)
-  assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
-
-
 @pytest.mark.parametrize("method,params", [("ties", dict(density=0.3)), ("tsv_m", {}),
                                            ("dare_ties", dict(density=0.5))])
 def test_tensors_round_robin_over_devices_give_the_same_output(raw, tmp_path, monkeypatch, method, params):
   import jax
   base_f, model_fs = raw
-  spec = _spec(method, base_f, model_fs, params)
+  spec = mf.spec(method, base_f, model_fs, params)
   driver.run_merge(spec, tmp_path / "one", progress=False)
   used, real = [], driver._merge_tensor
 
@@ -315,83 +295,6 @@ def test_tensors_round_robin_over_devices_give_the_same_output(raw, tmp_path, mo
     np.testing.assert_array_equal(one[k], two[k], err_msg=k)
 
 
-BIG = (300, 257)  # above select.BRACKET_MIN: TIES cuts (and checks) it in the native pass where it is built
-
-
-def _nonfinite_family(tmp_path, bad_model=1, shape=(6, 4)):
-  """Raw files: base + 2 models; 'w_a' of model `bad_model` (-1: the base) holds a NaN and an inf."""
-  rng = np.random.default_rng(3)
-  base = {"w_a": rng.standard_normal(shape).astype(np.float32), "w_b": rng.standard_normal((4, 6)).astype(np.float32)}
-  files = [str(tmp_path / "base.safetensors")]
-  save_file(base, files[0])
-  for i in range(2):
-    m = {k: v + 0.1 * rng.standard_normal(v.shape).astype(np.float32) for k, v in base.items()}
-    if i == bad_model:
-      m["w_a"][0, 0], m["w_a"][2, 1] = np.nan, np.inf
-    files.append(str(tmp_path / f"m{i}.safetensors"))
-    save_file(m, files[-1])
-  if bad_model == -1:
-    bad = dict(base, w_a=base["w_a"].copy())
-    bad["w_a"][0, 0], bad["w_a"][2, 1] = np.nan, np.inf
-    save_file(bad, files[0])
-  return base, files
-
-
-@pytest.mark.parametrize("method,params,shape,bad", [
-    ("ties", dict(density=0.5), (6, 4), 1), ("ties", dict(density=0.5), BIG, 1), ("ties", dict(density=0.5), BIG, -1),
-    ("tsv_m", {}, (6, 4), 1), ("task_arithmetic", {}, (6, 4), 1)])
-def test_nonfinite_input_stops_the_merge_and_writes_nothing(tmp_path, monkeypatch, method, params, shape, bad):
-  """TIES used to drop the NaN silently (no sign agrees with NaN: the base value was written). A large TIES
-  tensor is checked by the cuts' native pass, which must name the same input."""
-  _, files = _nonfinite_family(tmp_path, bad, shape)
-  spec = _spec(method, files[0], files[1:], params)
-  seen, real = [], host_topk.host_cuts_checked
-  monkeypatch.setattr(host_topk, "host_cuts_checked", lambda *a: seen.append(real(*a)) or seen[-1])
-  with pytest.raises(driver.MergeError) as e:
-    driver.run_merge(spec, tmp_path / "out", progress=False)
-  if shape == BIG and tau_select.supported(np.zeros(1, np.float32), np.zeros(1, np.float32)):
-    assert [r[2] for r in seen].count(False) == 1  # the native pass found it
-  msg = str(e.value)
-  assert msg.startswith(f"{method}: input tensor 'w_a' of {files[bad + 1]} has 1 NaN and 1 inf entries")
-  assert "nothing was written" in msg and "\n" not in msg
-  assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
-
-
-@pytest.mark.parametrize("shape", [(6, 4), BIG])
-def test_nonfinite_keep_base_writes_the_base_tensor_and_reports_it(tmp_path, shape):
-  base, files = _nonfinite_family(tmp_path, shape=shape)
-  logs = []
-  rep = driver.run_merge(_spec("ties", files[0], files[1:], dict(density=0.5)), tmp_path / "out",
-                         progress=False, nonfinite="keep_base", log=logs.append)
-  out = mf.read_tensors(tmp_path / "out")
-  np.testing.assert_array_equal(out["w_a"], base["w_a"])
-  assert not np.array_equal(out["w_b"], base["w_b"]) and np.isfinite(out["w_b"]).all()
-  assert rep["nonfinite_kept_base"] == ["w_a"]
-  assert any("w_a" in line and "kept the base's tensor" in line for line in logs)
-  with pytest.raises(driver.MergeError, match="nonfinite must be one of"):
-    driver.run_merge(_spec("ties", files[0], files[1:]), tmp_path / "o2", progress=False, nonfinite="zero")
-
-
-def test_nonfinite_merged_tensor_stops_the_merge(tmp_path):
-  """Finite inputs whose merge is not finite: linear, weights 1 + 1 unnormalised, out_dtype
-  float16 overflows (4e4 + 4e4 > 65504)."""
-  files = []
-  for i in range(2):
-    files.append(str(tmp_path / f"m{i}.safetensors"))
-    save_file({"w": np.full((3, 2), 4e4, np.float32), "v": np.ones((3,), np.float32)}, files[-1])
-  spec = _spec("linear", None, files, dict(normalize=False), model_params=[{"weight": 1.0}] * 2,
-               out_dtype="float16")
-  with pytest.raises(driver.MergeError, match=r"^linear: merged tensor 'w' has 0 NaN and 6 inf entries; "
-                                              r"nothing was written"):
-    driver.run_merge(spec, tmp_path / "out", progress=False)
-  assert not (tmp_path / "out").exists()
-  rep = driver.run_merge(spec, tmp_path / "out", progress=False, nonfinite="keep_base")
-  out = mf.read_tensors(tmp_path / "out")
-  np.testing.assert_array_equal(out["w"], np.full((3, 2), 4e4))  # the first model's (no base)
-  np.testing.assert_array_equal(out["v"], 2 * np.ones(3))
-  assert rep["nonfinite_kept_base"] == ["w"]
-
-
 def test_zero_task_vectors_on_some_tensors_stream_finite(tmp_path):
   """FFN-only experts: every non-FFN tensor unchanged. TSV-M / RESM / Iso-CTS are finite, and the
   unchanged tensors are exactly the base."""
@@ -405,7 +308,7 @@ def test_zero_task_vectors_on_some_tensors_stream_finite(tmp_path):
     dirs.append(mf.write_llama(root / f"m{i}", {k: (v if ".mlp." in k else base[k]) for k, v in m.items()}, cfg))
   for method, params in (("tsv_m", {}), ("resm", dict(rank_mode="sparsity", outlier_mode="sv")),
                          ("iso_cts", {})):
-    driver.run_merge(_spec(method, base_d, dirs, params), root / method, progress=False)
+    driver.run_merge(mf.spec(method, base_d, dirs, params), root / method, progress=False)
     out = mf.read_tensors(root / method)
     for k, v in out.items():
       assert np.isfinite(v).all(), (method, k)
