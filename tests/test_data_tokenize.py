@@ -115,7 +115,7 @@ def test_tokenize_errors(smol_tok, tmp_path):
   assert tk.pad_id(smol_tok) == smol_tok.pad_token_id == 2 and tk.pad_id(tk.ByteTokenizer()) == 0
 
 
-def test_tokenizer_is_loaded_once_per_folder_until_its_files_change(tmp_path):
+def test_tokenizer_is_loaded_once_per_content_until_its_files_change(tmp_path):
   import shutil
   from h3jax.hf import loader
   d = tmp_path / "tok"
@@ -131,6 +131,14 @@ def test_tokenizer_is_loaded_once_per_folder_until_its_files_change(tmp_path):
   (d / "tokenizer_config.json").write_text(json.dumps(cfg))
   b = tk.load_tokenizer(d)
   assert b is not a and b.model_max_length == 77 and a.model_max_length != 77
+  # another folder holding the same files (a copy, other mtimes: an exported model's) shares the object;
+  # one whose files differ in a byte does not
+  same, other = tmp_path / "same", tmp_path / "other"
+  shutil.copytree(d, same, copy_function=shutil.copy)
+  shutil.copytree(d, other)
+  (other / "tokenizer_config.json").write_text(json.dumps(cfg) + " ")
+  assert tk.load_tokenizer(same) is b and tk.load_tokenizer(other) is not b
+  assert tk.load_tokenizer(other).model_max_length == 77
 
 
 @hypothesis.settings(max_examples=200, deadline=None)

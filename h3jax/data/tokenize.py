@@ -22,6 +22,7 @@ add_special_tokens=...), bos/eos/pad_token_id and the chat-template API.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import pathlib
 from typing import List, Optional, Sequence
@@ -71,21 +72,33 @@ _TOKENIZER_INPUTS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model
 
 
 def auto_tokenizer(folder):
-  """transformers.AutoTokenizer of `folder`, one object per process while the folder's tokenizer files
-  are unchanged (keyed by their sizes and modification times). Loading SmolLM2's takes ~0.4 s and an
-  in-process study stage loads it several times (each model it evaluates, the base, the data); callers
-  must not modify the returned tokenizer (h3jax.merging.streaming.vocab, which adds tokens, loads its own)."""
+  """transformers.AutoTokenizer of `folder`, one object per process for each distinct content of the files
+  it reads (`_TOKENIZER_INPUTS`): folders holding the same tokenizer share it, and a folder whose files
+  change loads again. Loading SmolLM2's takes ~0.4 s, and an in-process study stage evaluates several model
+  folders that all carry copies of one tokenizer (the tiny study: 15 loads before, 3 now). Callers must not
+  modify the returned tokenizer (h3jax.merging.streaming.vocab, which adds tokens, loads its own)."""
   path = pathlib.Path(folder).resolve()
-  stamp = tuple((n, s.st_size, s.st_mtime_ns) for n in _TOKENIZER_INPUTS
-                if (f := path / n).is_file() and (s := f.stat()))
-  return _auto_tokenizer(str(path), stamp)
+  key = tuple((n, _file_digest(f)) for n in _TOKENIZER_INPUTS if (f := path / n).is_file())
+  if key not in _TOKENIZERS:
+    from transformers import AutoTokenizer  # lazy: tiny runs never import transformers
+    while len(_TOKENIZERS) >= 8:
+      _TOKENIZERS.pop(next(iter(_TOKENIZERS)))  # the oldest
+    _TOKENIZERS[key] = AutoTokenizer.from_pretrained(str(path))
+  return _TOKENIZERS[key]
 
 
-@functools.lru_cache(maxsize=8)
-def _auto_tokenizer(path: str, stamp: tuple):
-  del stamp  # part of the cache key only
-  from transformers import AutoTokenizer  # lazy: tiny runs never import transformers
-  return AutoTokenizer.from_pretrained(path)
+_TOKENIZERS: dict = {}  # the files' (name, digest) pairs -> the tokenizer of the first folder seen with them
+
+
+def _file_digest(f: pathlib.Path) -> str:
+  s = f.stat()
+  return _digest(str(f), s.st_size, s.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+  del size, mtime_ns  # part of the cache key only: a rewritten file is read again
+  return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 def pad_id(tokenizer) -> int:
