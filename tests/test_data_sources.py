@@ -49,6 +49,23 @@ def _root_with(tmp_path, folder, file, lines):
   return tmp_path
 
 
+def test_a_file_loads_once_until_it_changes(tmp_path):
+  f = tmp_path / "rows.jsonl"
+  f.write_text("".join(json.dumps({"a": i}) + "\n" for i in range(3)))
+  ds = sources.load_jsonl(f, ("a",))
+  assert sources.load_jsonl(f, ("a",)) is ds and sources.load_jsonl(str(f), ("a",)) is ds
+  rows = ds.to_list()
+  rows[0]["a"] = 99  # the records are the caller's own
+  assert ds.to_list()[0]["a"] == 0
+  with open(f, "a") as fh:  # a changed file is read again
+    fh.write(json.dumps({"a": 3}) + "\n")
+  ds2 = sources.load_jsonl(f, ("a",))
+  assert ds2 is not ds and [r["a"] for r in ds2.to_list()] == [0, 1, 2, 3]
+  f.write_text(json.dumps({"b": 1}) + "\n")  # and checked again: a required field is missing
+  with pytest.raises(ValueError, match="rows.jsonl"):
+    sources.load_jsonl(f, ("a",))
+
+
 def test_missing_root_names_path_and_layout(tmp_path):
   missing = tmp_path / "nope"
   with pytest.raises(FileNotFoundError, match=r"data root '.*nope' is not a directory") as e:
