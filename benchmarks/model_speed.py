@@ -9,7 +9,8 @@ Prints a table and writes benchmarks/results/model_speed.json:
       with none (every activation saved), the three timed in interleaved rounds (best of
       --repeats each);
   (b) greedy decode tokens/s at batch 1 and 8 (h3jax vs `generate`), with the
-      weight-streaming limit (weight bytes per step / measured memory bandwidth);
+      weight-streaming limit (weight bytes per step / the memory bandwidth, read in each
+      of --decode_rounds rounds just before h3jax's decode is timed);
   (c) load time (h3jax.load_pretrained vs from_pretrained);
   (d) greedy decode tokens/s at batch 1 and 8 of a fused 3-expert top-2 MoE of the
       model (`--moe DIR`, else the model fused with itself with a random router,
@@ -51,7 +52,7 @@ from h3jax import fusion, generation
 from h3jax.kernels import cpu_matmul, native
 from h3jax.model import llama, params as params_lib
 from h3jax.train import lora, objective, optim, step as step_lib
-from timing import best_of, cpu_model, decode_tok_s, interleaved_rounds, read_bandwidth, train_flops
+from timing import best_of, cpu_model, decode_tok_s, interleaved_rounds, read_bandwidth, time_steps, train_flops
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -144,10 +145,8 @@ def decode_rows(res: dict, cfg, params, hf, args):
   """(b), with the CPU decode kernel (h3jax.kernels.cpu_matmul, what `generate` uses on CPU) and without it
   (H3JAX_CPU_KERNELS=0: XLA's dots) in the same run."""
   n_matmul_params = params_lib.num_params(params) - params["embed"]["embedding"].size * (not cfg.tie_word_embeddings)
-  res["decode_weight_streaming_limit_tok_s_b1"] = res["read_bandwidth_gbs"] * 1e9 / decode_weight_bytes(params)
   # at batch 8 a step also cannot beat the matmul peak: 2 FLOP per weight (the head included) per token
-  res["decode_limit_tok_s_b8"] = min(8 * res["decode_weight_streaming_limit_tok_s_b1"],
-                                     res["matmul_peak_gflops"] * 1e9 / (2 * n_matmul_params))
+  roof_tok_s = res["matmul_peak_gflops"] * 1e9 / (2 * n_matmul_params)
   res["decode_cpu_kernel"] = cpu_matmul.available()
   for B in (1, 8):
     prompt = np.random.RandomState(B).randint(3, cfg.vocab_size, (B, args.prompt_len))
@@ -156,9 +155,11 @@ def decode_rows(res: dict, cfg, params, hf, args):
       os.environ[native.ENABLE_ENV] = kernel  # read when generation unstacks (and packs) the params
       p = llama.unstack_layers(params, cfg)  # once, as `generate` does for all its batches
       ours = lambda k, p=p: generation.generate_tokens(p, cfg, prompt, np.ones_like(prompt), max_new_tokens=k)
-      # Timing includes prefill; subtract a 1-token run to isolate decode steps.
-      t = best_of(lambda: ours(n), args.repeats) - best_of(lambda: ours(1), args.repeats)
-      res[f"decode_tok_s_{name}_b{B}"] = B * (n - 1) / t
+      if name == "h3jax":
+        decode_limit_rounds(res, ours, kernel_calls(p, B), n, B, decode_weight_bytes(params), args.decode_rounds)
+      else:  # timing includes prefill; subtract a 1-token run to isolate decode steps
+        t = best_of(lambda: ours(n), args.repeats) - best_of(lambda: ours(1), args.repeats)
+        res[f"decode_tok_s_{name}_b{B}"] = B * (n - 1) / t
       del p
     del os.environ[native.ENABLE_ENV]
     tp = torch.as_tensor(prompt)
@@ -171,9 +172,72 @@ def decode_rows(res: dict, cfg, params, hf, args):
     res[f"decode_tok_s_torch_b{B}"] = B * (n - 1) / t_theirs
     res[f"decode_speedup_b{B}"] = res[f"decode_tok_s_h3jax_b{B}"] / res[f"decode_tok_s_torch_b{B}"]
     res[f"decode_kernel_speedup_b{B}"] = res[f"decode_tok_s_h3jax_b{B}"] / res[f"decode_tok_s_h3jax_xla_b{B}"]
+  res["decode_weight_streaming_limit_tok_s_b1"] = res["decode_streaming_limit_tok_s_best_round_b1"]
+  res["decode_limit_tok_s_b8"] = min(8 * res["decode_streaming_limit_tok_s_best_round_b8"], roof_tok_s)
   res["decode_frac_of_streaming_limit_b1"] = (res["decode_tok_s_h3jax_b1"]
                                                / res["decode_weight_streaming_limit_tok_s_b1"])
   res["decode_frac_of_limit_b8"] = res["decode_tok_s_h3jax_b8"] / res["decode_limit_tok_s_b8"]
+  r1, r8 = res["decode_rounds_b1"], res["decode_rounds_b8"]
+  r8["frac_of_limit"] = [t / min(8 * lim, roof_tok_s) for t, lim in zip(r8["tok_s"], r8["streaming_limit_tok_s"])]
+  res["decode_frac_median_round_b1"] = float(np.median(r1["frac_of_streaming"]))
+  res["decode_frac_median_round_b8"] = float(np.median(r8["frac_of_limit"]))
+
+
+def kernel_calls(p, B: int):
+  """A run of the decode step's weight products alone: the CPU kernel calls of a step at B rows over the
+  packed params `p` (q / k / v, o, gate / up, down per layer, then the head), chained as a step chains them,
+  with none of the step's other work (norms, RoPE, attention, the cache, sampling). None without the kernel."""
+  if "kernel_panels" not in p.get("lm_head", {}):
+    return None
+  groups = [[layer[a][k]["kernel_panels"] for k in ks] for layer in p["layers"]
+            for a, ks in (("attn", ("q_proj", "k_proj", "v_proj")), ("attn", ("o_proj",)),
+                          ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))]
+  groups.append([p["lm_head"]["kernel_panels"]])
+  width = max(g[0].shape[1] for g in groups)
+
+  @jax.jit
+  def chain(x_NW, groups):
+    for g in groups:  # each call's input depends on the previous output, as in the step
+      y = cpu_matmul.panel_matmuls(x_NW[:, :g[0].shape[1]], g)[0]
+      x_NW = jnp.tile(y, (1, -(-width // y.shape[1])))[:, :width] * 1e-3
+    return x_NW
+  x = jnp.ones((B, width), jnp.float32)
+  return lambda: chain(x, groups).block_until_ready()
+
+
+def decode_limit_rounds(res: dict, ours, kernels, n: int, B: int, weight_bytes: float, rounds: int):
+  """h3jax's decode at batch B in `rounds` interleaved rounds, each reading the memory bandwidth just before
+  timing n and 1 new tokens (prefill excluded by the difference) and the step's kernel calls alone
+  (`kernel_calls`). This machine's bandwidth moved by 10-30% within minutes, so a fraction of a limit read
+  minutes apart mixed two machine states (72-89% across runs of the same code). The row's tokens/s is the
+  best round's; the fractions are per round, and the best tokens/s ÷ the best round's limit (conservative:
+  the fastest bandwidth seen)."""
+  nbytes = 1 << 30
+  x = jnp.ones((nbytes // 4,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  # A round: the bandwidth (best of 3 sums of ~40 ms), n and 1 new tokens (one call each: ~1 s and ~0.1 s),
+  # the kernel calls alone (best of 5 calls of ~25 ms): a single call this short varied by 30% here.
+  best = lambda fn, k: min(time_steps(fn, k, warmup=0))
+  runs = {"bandwidth": (lambda: total(x).block_until_ready(), 3), "n": (lambda: ours(n), 1),
+          "1": (lambda: ours(1), 1)}
+  if kernels is not None:
+    runs["kernels"] = (kernels, 5)
+  for fn, _ in runs.values():
+    fn()  # compile / warm up
+  times = {k: [] for k in runs}
+  for _ in range(rounds):
+    for k, (fn, calls) in runs.items():
+      times[k].append(best(fn, calls))
+  limits = [nbytes / t / weight_bytes for t in times["bandwidth"]]  # tok/s per step at that round's bandwidth
+  step_s = [(a - b) / (n - 1) for a, b in zip(times["n"], times["1"])]
+  rec = dict(tok_s=[B / t for t in step_s], streaming_limit_tok_s=limits,
+             frac_of_streaming=[1 / (t * lim) for t, lim in zip(step_s, limits)])
+  if kernels is not None:  # the kernels' own fraction of the limit, and the step's time outside them
+    rec["kernels_frac_of_streaming"] = [1 / (t * lim) for t, lim in zip(times["kernels"], limits)]
+    rec["step_ms_outside_kernels"] = [1e3 * (a - b) for a, b in zip(step_s, times["kernels"])]
+  res[f"decode_tok_s_h3jax_b{B}"] = B * (n - 1) / (min(times["n"]) - min(times["1"]))
+  res[f"decode_rounds_b{B}"] = rec
+  res[f"decode_streaming_limit_tok_s_best_round_b{B}"] = max(limits)
 
 
 def decode_weight_bytes(params, experts_read: int = 1, num_experts: int = 1) -> float:
@@ -268,6 +332,18 @@ def lora_vs_full_step(res: dict, cfg, params, args):
              backprop_floor_over_full_step_same_remat=t_floor / t_same)
 
 
+def kernels_line(res: dict) -> str:
+  """The decode step's kernel calls alone against the batch-1 streaming limit, per round, and the step's time
+  outside them: how much of the gap to the limit is the kernels' and how much the rest of the step's."""
+  r = res["decode_rounds_b1"]
+  if "kernels_frac_of_streaming" not in r:
+    return ""
+  return (" Batch 1, the step's kernel calls alone: "
+          + ", ".join(f"{100 * f:.0f}%" for f in r["kernels_frac_of_streaming"])
+          + " of the limit per round; the step's time outside them: " + ", ".join(
+              f"{t:.1f}" for t in r["step_ms_outside_kernels"]) + " ms.")
+
+
 def table(res: dict) -> str:
   rows = []
   if "train_tok_s_h3jax" in res:
@@ -287,9 +363,15 @@ def table(res: dict) -> str:
   if "decode_frac_of_streaming_limit_b1" in res:
     lines += ["", f"Decode batch 1 at {100 * res['decode_frac_of_streaming_limit_b1']:.0f}% of the weight-streaming "
               f"limit ({res['decode_weight_streaming_limit_tok_s_b1']:.1f} tok/s at "
-              f"{res['read_bandwidth_gbs']:.1f} GB/s); batch 8 at {100 * res['decode_frac_of_limit_b8']:.0f}% of "
-              f"min(8 x that, the matmul peak's {res['matmul_peak_gflops']:.0f} GFLOP/s ÷ 2 FLOP per weight) = "
-              f"{res['decode_limit_tok_s_b8']:.0f} tok/s. CPU decode kernel "
+              "the fastest bandwidth of the interleaved rounds); batch 8 at "
+              f"{100 * res['decode_frac_of_limit_b8']:.0f}% of min(8 x that, the matmul peak's "
+              f"{res['matmul_peak_gflops']:.0f} GFLOP/s ÷ 2 FLOP per weight) = {res['decode_limit_tok_s_b8']:.0f} "
+              "tok/s. Per round (each against its own bandwidth): batch 1 " + ", ".join(
+                  f"{100 * f:.0f}%" for f in res["decode_rounds_b1"]["frac_of_streaming"])
+              + f" (median {100 * res['decode_frac_median_round_b1']:.0f}%), batch 8 " + ", ".join(
+                  f"{100 * f:.0f}%" for f in res["decode_rounds_b8"]["frac_of_limit"])
+              + f" (median {100 * res['decode_frac_median_round_b8']:.0f}%)." + kernels_line(res)
+              + " CPU decode kernel "
               f"{'on' if res['decode_cpu_kernel'] else 'unavailable'}; XLA's dots alone: " + ", ".join(
                   f"batch {B} {res[f'decode_tok_s_h3jax_xla_b{B}']:.1f} tok/s "
                   f"(kernel {res[f'decode_kernel_speedup_b{B}']:.2f}x)" for B in (1, 8)) + "."]
@@ -323,6 +405,7 @@ def main():
   ap.add_argument("--prompt_len", type=int, default=32)
   ap.add_argument("--new_tokens", type=int, default=64)
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--decode_rounds", type=int, default=5)
   ap.add_argument("--moe", default="", help="a fused Mixtral folder; empty: fuse --model with itself")
   ap.add_argument("--lora_batch", type=int, default=8)
   ap.add_argument("--lora_seq", type=int, default=256)
