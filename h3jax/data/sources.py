@@ -230,9 +230,9 @@ def _is_utf8(path) -> bool:
 
 def load_jsonl(path, required: Sequence[str] = (), *, cache_dir=None) -> datasets.Dataset:
   """A JSONL file as a Dataset via the `datasets` JSON loader, with located errors. One load per process
-  while the file is unchanged (keyed by its size and modification time): an in-process study loads the same
-  sources in every evaluation stage, 0.1-0.2 s each through the loader. A Dataset is immutable and
-  `to_list()` builds new records, so callers cannot change what the next one gets."""
+  while the file is unchanged (keyed by its inode, size and times): an in-process study loads the same
+  sources in every evaluation stage (`load_eval_sets`: 0.34 s a call through the loader, 0.05-0.15 s with
+  this). A Dataset is immutable and `to_list()` builds new records, so no caller changes what the next gets."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"data file not found: {path}")

@@ -92,12 +92,12 @@ _TOKENIZERS: dict = {}  # the files' (name, digest) pairs -> the tokenizer of th
 
 def _file_digest(f: pathlib.Path) -> str:
   s = f.stat()
-  return _digest(str(f), s.st_size, s.st_mtime_ns)
+  return _digest(str(f), (s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns))
 
 
 @functools.lru_cache(maxsize=256)
-def _digest(path: str, size: int, mtime_ns: int) -> str:
-  del size, mtime_ns  # part of the cache key only: a rewritten file is read again
+def _digest(path: str, stamp: tuple) -> str:
+  del stamp  # part of the cache key only: a rewritten file is read again
   return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
