@@ -52,7 +52,8 @@ from h3jax import fusion, generation
 from h3jax.kernels import cpu_matmul, native
 from h3jax.model import llama, params as params_lib
 from h3jax.train import lora, objective, optim, step as step_lib
-from timing import best_of, cpu_model, decode_tok_s, interleaved_rounds, read_bandwidth, time_steps, train_flops
+from decode_limit import decode_limit_rounds, kernel_calls
+from timing import best_of, cpu_model, decode_tok_s, interleaved_rounds, read_bandwidth, train_flops
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -181,63 +182,6 @@ def decode_rows(res: dict, cfg, params, hf, args):
   r8["frac_of_limit"] = [t / min(8 * lim, roof_tok_s) for t, lim in zip(r8["tok_s"], r8["streaming_limit_tok_s"])]
   res["decode_frac_median_round_b1"] = float(np.median(r1["frac_of_streaming"]))
   res["decode_frac_median_round_b8"] = float(np.median(r8["frac_of_limit"]))
-
-
-def kernel_calls(p, B: int):
-  """A run of the decode step's weight products alone: the CPU kernel calls of a step at B rows over the
-  packed params `p` (q / k / v, o, gate / up, down per layer, then the head), chained as a step chains them,
-  with none of the step's other work (norms, RoPE, attention, the cache, sampling). None without the kernel."""
-  if "kernel_panels" not in p.get("lm_head", {}):
-    return None
-  groups = [[layer[a][k]["kernel_panels"] for k in ks] for layer in p["layers"]
-            for a, ks in (("attn", ("q_proj", "k_proj", "v_proj")), ("attn", ("o_proj",)),
-                          ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))]
-  groups.append([p["lm_head"]["kernel_panels"]])
-  width = max(g[0].shape[1] for g in groups)
-
-  @jax.jit
-  def chain(x_NW, groups):
-    for g in groups:  # each call's input depends on the previous output, as in the step
-      y = cpu_matmul.panel_matmuls(x_NW[:, :g[0].shape[1]], g)[0]
-      x_NW = jnp.tile(y, (1, -(-width // y.shape[1])))[:, :width] * 1e-3
-    return x_NW
-  x = jnp.ones((B, width), jnp.float32)
-  return lambda: chain(x, groups).block_until_ready()
-
-
-def decode_limit_rounds(res: dict, ours, kernels, n: int, B: int, weight_bytes: float, rounds: int):
-  """h3jax's decode at batch B in `rounds` interleaved rounds, each reading the memory bandwidth just before
-  timing n and 1 new tokens (prefill excluded by the difference) and the step's kernel calls alone
-  (`kernel_calls`). This machine's bandwidth moved by 10-30% within minutes, so a fraction of a limit read
-  minutes apart mixed two machine states (72-89% across runs of the same code). The row's tokens/s is the
-  best round's; the fractions are per round, and the best tokens/s ÷ the best round's limit (conservative:
-  the fastest bandwidth seen)."""
-  nbytes = 1 << 30
-  x = jnp.ones((nbytes // 4,), jnp.float32)
-  total = jax.jit(jnp.sum)
-  # A round: the bandwidth (best of 3 sums of ~40 ms), n and 1 new tokens (one call each: ~1 s and ~0.1 s),
-  # the kernel calls alone (best of 5 calls of ~25 ms): a single call this short varied by 30% here.
-  best = lambda fn, k: min(time_steps(fn, k, warmup=0))
-  runs = {"bandwidth": (lambda: total(x).block_until_ready(), 3), "n": (lambda: ours(n), 1),
-          "1": (lambda: ours(1), 1)}
-  if kernels is not None:
-    runs["kernels"] = (kernels, 5)
-  for fn, _ in runs.values():
-    fn()  # compile / warm up
-  times = {k: [] for k in runs}
-  for _ in range(rounds):
-    for k, (fn, calls) in runs.items():
-      times[k].append(best(fn, calls))
-  limits = [nbytes / t / weight_bytes for t in times["bandwidth"]]  # tok/s per step at that round's bandwidth
-  step_s = [(a - b) / (n - 1) for a, b in zip(times["n"], times["1"])]
-  rec = dict(tok_s=[B / t for t in step_s], streaming_limit_tok_s=limits,
-             frac_of_streaming=[1 / (t * lim) for t, lim in zip(step_s, limits)])
-  if kernels is not None:  # the kernels' own fraction of the limit, and the step's time outside them
-    rec["kernels_frac_of_streaming"] = [1 / (t * lim) for t, lim in zip(times["kernels"], limits)]
-    rec["step_ms_outside_kernels"] = [1e3 * (a - b) for a, b in zip(step_s, times["kernels"])]
-  res[f"decode_tok_s_h3jax_b{B}"] = B * (n - 1) / (min(times["n"]) - min(times["1"]))
-  res[f"decode_rounds_b{B}"] = rec
-  res[f"decode_streaming_limit_tok_s_best_round_b{B}"] = max(limits)
 
 
 def decode_weight_bytes(params, experts_read: int = 1, num_experts: int = 1) -> float:

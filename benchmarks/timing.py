@@ -37,13 +37,19 @@ def best_of(fn, repeats: int) -> float:
   return min(time_steps(fn, repeats, warmup=1))
 
 
-def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-  """Bytes/s of a jitted float32 sum over `nbytes` (a streaming read: the decode rows' limit)."""
+def bandwidth_probe(nbytes: int = 1 << 30):
+  """A call that streams `nbytes` once: a jitted float32 sum over a buffer made here (the decode rows'
+  limit is nbytes / its time). Made once, timed as often as wanted (model_speed reads it every round)."""
   import jax
   import jax.numpy as jnp
   x = jnp.ones((nbytes // 4,), jnp.float32)
   f = jax.jit(jnp.sum)
-  return nbytes / best_of(lambda: f(x).block_until_ready(), repeats)
+  return lambda: f(x).block_until_ready()
+
+
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+  """Bytes/s of `bandwidth_probe(nbytes)`, best of `repeats` calls."""
+  return nbytes / best_of(bandwidth_probe(nbytes), repeats)
 
 
 def best_wall_and_cpu(fn, repeats: int) -> tuple:
