@@ -8,7 +8,11 @@ the same panels, each ÷ the time to stream the weights once at the read bandwid
 With --experts E (default 3; 0 skips it) it also times a top-2 MoE FFN of E packed SmolLM2-sized experts over
 the same 30 layers at --moe_rows tokens, each routed to 2 random experts: `moe_dispatch.sparse_ffn` (the MoE
 decode path) against the chosen experts' SwiGLUs called directly on the same rows (no routing), so the
-dispatch's own cost and the experts' weight bytes per second show apart. Prints a table and writes
+dispatch's own cost and the experts' weight bytes per second show apart. With --call_rounds R (default 5; 0
+skips it) the same layers' weights at 1 row are streamed in three call layouts, in R interleaved rounds with the
+read bandwidth: one kernel call per weight (210), grouped as a step groups them (120), and up to 8 weights of the
+same input width per call (27), so a per-call cost would show as a falling fraction with more calls. Prints a
+table and writes
 benchmarks/results/decode_kernel.json. Rows of the same run are comparable; this machine's absolute speed
 moves by 10-40% between runs.
 """
@@ -26,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from h3jax.kernels import cpu_matmul
-from timing import best_of, cpu_model, read_bandwidth
+from timing import bandwidth_probe, best_of, cpu_model, read_bandwidth, time_steps
 
 D, F, KV, LAYERS = 576, 1536, 192, 30  # SmolLM2-135M
 
@@ -92,12 +96,55 @@ def moe_rows(res: dict, experts: int, n: int, repeats: int, rng):
   print(f"| the chosen experts called directly | {m['direct_ms']:.1f} | {m['direct_gbs']:.1f} |")
 
 
+def call_layouts(res: dict, layers, rounds: int):
+  """The weights at 1 row in 210, 120 and 27 kernel calls, each chained through its input, against the
+  read bandwidth of the same round (jnp.sum over 1 GiB, best of 3)."""
+  ws = [w for layer in layers for g in ("qkv", "o", "gu", "down") for w in layer[g]]
+  nbytes = sum(int(w.size) * 4 for w in ws)
+  by_width = {}
+  for w in ws:
+    by_width.setdefault(w.shape[1], []).append(w)
+  layouts = {"one call per weight": [[w] for w in ws],
+             "as a step groups them": [layer[g] for layer in layers for g in ("qkv", "o", "gu", "down")],
+             "8 per call, by input width": [g[i:i + 8] for g in by_width.values() for i in range(0, len(g), 8)]}
+  width = max(w.shape[1] for w in ws)
+
+  @jax.jit
+  def chained(x0_NW, groups):
+    x_NW = x0_NW
+    for g in groups:  # x0 + 0 * y: each call waits for the previous one, at fixed input values
+      y = cpu_matmul._kernel_matmuls(x_NW[:, :g[0].shape[1]], *g)[0]
+      x_NW = x0_NW + 0.0 * jnp.tile(y, (1, -(-width // y.shape[1])))[:, :width]
+    return x_NW
+
+  x = 0.1 * jnp.ones((1, width), jnp.float32)
+  runs = {"bandwidth": bandwidth_probe(1 << 30)}
+  runs.update({k: (lambda g=g: chained(x, g).block_until_ready()) for k, g in layouts.items()})
+  for fn in runs.values():
+    fn()
+  times = {k: [] for k in runs}
+  for _ in range(rounds):
+    for k, fn in runs.items():
+      times[k].append(min(time_steps(fn, 3, warmup=0)))
+  bw = [(1 << 30) / t for t in times["bandwidth"]]
+  res["calls"] = {"weight_bytes": nbytes, "rounds": rounds, "bandwidth_gbs": [b / 1e9 for b in bw]}
+  print(f"\n1 row, {nbytes / 1e6:.0f} MB of weights in three call layouts, {rounds} interleaved rounds "
+        f"(read bandwidth {min(bw) / 1e9:.1f}-{max(bw) / 1e9:.1f} GB/s):")
+  print("| layout | calls | best ms | fraction of the round's bandwidth: median (range) |\n|---|---:|---:|---|")
+  for k, groups in layouts.items():
+    frac = sorted(nbytes / t / b for t, b in zip(times[k], bw))
+    res["calls"][k] = {"calls": len(groups), "ms": [1e3 * t for t in times[k]], "frac_of_bandwidth": frac}
+    print(f"| {k} | {len(groups)} | {1e3 * min(times[k]):.1f} | {100 * float(np.median(frac)):.0f}% "
+          f"({100 * frac[0]:.0f}-{100 * frac[-1]:.0f}%) |")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--rows", default="1,8")
   ap.add_argument("--repeats", type=int, default=7)
   ap.add_argument("--experts", type=int, default=3, help="MoE rows with this many experts (0: none)")
   ap.add_argument("--moe_rows", type=int, default=8)
+  ap.add_argument("--call_rounds", type=int, default=5, help="rounds of the call-layout rows (0: none)")
   ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "decode_kernel.json"))
   args = ap.parse_args()
   if not cpu_matmul.available():
@@ -125,6 +172,8 @@ def main():
           f"{100 * row['kernel_frac_of_streaming']:.0f}% | {row['xla_over_kernel']:.2f}x |")
   if args.experts:
     moe_rows(res, args.experts, args.moe_rows, args.repeats, np.random.default_rng(LAYERS))
+  if args.call_rounds:
+    call_layouts(res, layers, args.call_rounds)
   pathlib.Path(args.out).write_text(json.dumps(res, indent=2))
   print(f"wrote {args.out}")
 
