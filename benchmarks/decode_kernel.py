@@ -12,9 +12,8 @@ dispatch's own cost and the experts' weight bytes per second show apart. With --
 skips it) the same layers' weights at 1 row are streamed in three call layouts, in R interleaved rounds with the
 read bandwidth: one kernel call per weight (210), grouped as a step groups them (120), and up to 8 weights of the
 same input width per call (27), so a per-call cost would show as a falling fraction with more calls. Prints a
-table and writes
-benchmarks/results/decode_kernel.json. Rows of the same run are comparable; this machine's absolute speed
-moves by 10-40% between runs.
+table and writes benchmarks/results/decode_kernel.json. Rows of the same run are comparable; this machine's
+absolute speed moves by 10-40% between runs.
 """
 
 from __future__ import annotations
