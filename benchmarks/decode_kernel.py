@@ -11,7 +11,10 @@ decode path) against the chosen experts' SwiGLUs called directly on the same row
 dispatch's own cost and the experts' weight bytes per second show apart. With --call_rounds R (default 5; 0
 skips it) the same layers' weights at 1 row are streamed in three call layouts, in R interleaved rounds with the
 read bandwidth: one kernel call per weight (210), grouped as a step groups them (120), and up to 8 weights of the
-same input width per call (27), so a per-call cost would show as a falling fraction with more calls. Prints a
+same input width per call (27), so a per-call cost would show as a falling fraction with more calls. With
+--attention_slots S (default 96 = model_speed's 32-token prompt and 64 new tokens; 0 skips it) it times one decode
+step's attention over 30 layers' stacked caches of S slots at each --rows: XLA's path (the layer's slice, two
+einsums) against the native kernel (`kernels/decode_attention.py`), and reading the caches once. Prints a
 table and writes benchmarks/results/decode_kernel.json. Rows of the same run are comparable; this machine's
 absolute speed moves by 10-40% between runs.
 """
@@ -137,6 +140,40 @@ def call_layouts(res: dict, layers, rounds: int):
           f"({100 * frac[0]:.0f}-{100 * frac[-1]:.0f}%) |")
 
 
+def attention_rows(res: dict, rows, slots: int, repeats: int):
+  """One decode step's attention over 30 layers' caches [30, B, slots, 3, 64] (SmolLM2's kv heads), chained
+  through the query: XLA's path against the native kernel, and the caches' bytes at the read bandwidth."""
+  from h3jax.config import ModelConfig
+  from h3jax.kernels import decode_attention
+  from h3jax.model import layers as layers_lib
+  K, R, Dh = 3, 3, 64
+  cfg = ModelConfig(vocab_size=8, hidden_size=D, intermediate_size=F, num_layers=LAYERS, num_heads=K * R,
+                    num_kv_heads=K, head_dim=Dh)
+  xla = lambda q, k, v, m, l: layers_lib._cached_attend(q[:, None], k, v, m[:, None], l, slots, cfg)[:, 0]
+  paths = {"XLA": xla, "kernel": lambda q, k, v, m, l: decode_attention.attend(q, k, v, m, l, xla)}
+  bw = read_bandwidth()
+  res["attention"] = {"slots": slots, "read_bandwidth_gbs": bw / 1e9, "rows": {}}
+  print(f"\nDecode attention, 30 layers, {slots} cache slots (read bandwidth {bw / 1e9:.1f} GB/s):")
+  print("| rows | XLA ms | kernel ms | reading the caches once ms | XLA ÷ kernel time |\n|---:|---:|---:|---:|---:|")
+  for n in rows:
+    rng = np.random.default_rng(n)
+    k, v = (jnp.asarray(rng.standard_normal((LAYERS, n, slots, K, Dh), np.float32)) for _ in range(2))
+    q, mask = jnp.asarray(rng.standard_normal((n, K, R, Dh), np.float32)), jnp.ones((n, slots), bool)
+
+    def chain(q, k, v, mask, attend):
+      out = q
+      for layer in range(LAYERS):
+        out = q + 1e-3 * attend(out, k, v, mask, jnp.int32(layer)).reshape(q.shape)
+      return out
+
+    t = {name: best_of(lambda f=jax.jit(functools.partial(chain, attend=a)): f(q, k, v, mask).block_until_ready(),
+                       repeats) for name, a in paths.items()}
+    read_s = 2 * k.size * 4 / bw
+    res["attention"]["rows"][n] = {"xla_ms": 1e3 * t["XLA"], "kernel_ms": 1e3 * t["kernel"], "read_ms": 1e3 * read_s}
+    print(f"| {n} | {1e3 * t['XLA']:.2f} | {1e3 * t['kernel']:.2f} | {1e3 * read_s:.2f} | "
+          f"{t['XLA'] / t['kernel']:.2f}x |")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--rows", default="1,8")
@@ -144,6 +181,7 @@ def main():
   ap.add_argument("--experts", type=int, default=3, help="MoE rows with this many experts (0: none)")
   ap.add_argument("--moe_rows", type=int, default=8)
   ap.add_argument("--call_rounds", type=int, default=5, help="rounds of the call-layout rows (0: none)")
+  ap.add_argument("--attention_slots", type=int, default=96, help="cache slots of the attention rows (0: none)")
   ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "decode_kernel.json"))
   args = ap.parse_args()
   if not cpu_matmul.available():
@@ -173,6 +211,8 @@ def main():
     moe_rows(res, args.experts, args.moe_rows, args.repeats, np.random.default_rng(LAYERS))
   if args.call_rounds:
     call_layouts(res, layers, args.call_rounds)
+  if args.attention_slots:
+    attention_rows(res, [int(r) for r in args.rows.split(",")], args.attention_slots, args.repeats)
   pathlib.Path(args.out).write_text(json.dumps(res, indent=2))
   print(f"wrote {args.out}")
 

@@ -7,7 +7,7 @@ import pytest
 
 import h3jax
 from h3jax import fusion, generation
-from h3jax.kernels import cpu_matmul, native
+from h3jax.kernels import cpu_matmul, decode_attention, native
 from h3jax.model import ensemble, llama, moe_dispatch, panels
 from h3jax.rules import path_str
 from h3jax.train import lora as train_lora
@@ -138,7 +138,7 @@ def test_packed_decoding_equals_plain(model, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("model", ["qwen2_bias", "lora", "moe"])
-def test_a_decode_step_makes_four_kernel_calls_per_layer(model, tmp_path):
+def test_a_decode_step_makes_four_kernel_calls_and_one_attention_call_per_layer(model, tmp_path):
   """q / k / v in one call and gate / up in one (they share their input), o and down alone, then the head:
   with biases, with LoRA pairs beside the packed kernels, and in each sparse MoE expert (every tile's
   switch holds a gate / up call and a down call per expert)."""
@@ -153,3 +153,4 @@ def test_a_decode_step_makes_four_kernel_calls_per_layer(model, tmp_path):
     assert cfg.moe_dispatch == "sparse"
     ffn_calls *= moe_dispatch.sparse_tiles(B, cfg.num_experts_per_tok, cfg.num_experts)[1] * cfg.num_experts
   assert text.count(f"@{cpu_matmul.TARGET}(") == (2 + ffn_calls) * cfg.num_layers + 1
+  assert text.count(f"@{decode_attention.TARGET}(") == cfg.num_layers  # attention reads the cache in place

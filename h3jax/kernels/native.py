@@ -4,8 +4,8 @@ Every `*.cc` listed in SOURCES is compiled with `$CXX` (else `c++`) and `-march=
 under `$H3JAX_KERNEL_CACHE` (default `~/.cache/h3jax/kernels`), keyed by the sources, compiler, jaxlib and
 CPU flags, so a cached build never runs on a CPU it was not built for. `library()` loads it once per
 process; without a compiler, after a failed build, or with `H3JAX_CPU_KERNELS=0` it is None (one warning),
-and every caller keeps its numpy / XLA path. Users: `cpu_matmul` (decode matmuls, an XLA FFI target) and
-`tau_select` (the streaming TIES cuts, plain C calls through ctypes).
+and every caller keeps its numpy / XLA path. Users: `cpu_matmul` and `decode_attention` (decode matmuls and
+attention, XLA FFI targets) and `tau_select` (the streaming TIES cuts, plain C calls through ctypes).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 
 _HERE = Path(__file__).parent
-SOURCES = (_HERE / "panel_matmul.cc", _HERE / "tau_select.cc")
+SOURCES = (_HERE / "panel_matmul.cc", _HERE / "decode_attention.cc", _HERE / "tau_select.cc")
 ENABLE_ENV = "H3JAX_CPU_KERNELS"
 CACHE_ENV = "H3JAX_KERNEL_CACHE"
 DEFAULT_CACHE = "~/.cache/h3jax/kernels"

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from h3jax.config import ModelConfig, RopeConfig
+from h3jax.kernels import decode_attention
 from h3jax.model import panels
 
 
@@ -180,6 +181,15 @@ def attend_heads_first(q_BTKRH, k_BSKH, v_BSKH, mask_BTS, cfg: ModelConfig):
   return out_BKMH.reshape(B, K, R, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, K * R * Dh)
 
 
+def _cached_attend(q_BTKRH, k_LBSKH, v_LBSKH, mask_BTS, layer, S: int, cfg: ModelConfig):
+  """attend_in_place over the first S slots of layer `layer` of the stacked caches [L, B, S_max, K, Dh]."""
+  B, _, K, _, Dh = q_BTKRH.shape
+  start = (layer,) + (jnp.int32(0),) * 4
+  k_BSKH = jax.lax.dynamic_slice(k_LBSKH, start, (1, B, S, K, Dh))[0]
+  v_BSKH = jax.lax.dynamic_slice(v_LBSKH, start, (1, B, S, K, Dh))[0]
+  return attend_in_place(q_BTKRH, k_BSKH, v_BSKH, mask_BTS, cfg)
+
+
 def attention(p: dict, x_BTD, cos_BTH, sin_BTH, mask_BTS, cfg: ModelConfig, *,
               kv_cache=None, cache_index=None, layer=0, kv_len=None, rng=None, taps=None):
   """Causal GQA self-attention.
@@ -200,22 +210,24 @@ def attention(p: dict, x_BTD, cos_BTH, sin_BTH, mask_BTS, cfg: ModelConfig, *,
   v_BTKH = v_BTE.reshape(B, T, K, Dh)
   q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
   k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
+  q_BTKRH = q_BTNH.reshape(B, T, K, R, Dh)  # query head h uses kv head h // R
   new_cache = None
   if kv_cache is not None:
     k_LBSKH, v_LBSKH = kv_cache
-    S = kv_len or k_LBSKH.shape[2]
     at = tuple(jnp.asarray(i, jnp.int32) for i in (layer, 0, cache_index, 0, 0))
     k_LBSKH = jax.lax.dynamic_update_slice(k_LBSKH, k_BTKH[None].astype(k_LBSKH.dtype), at)
     v_LBSKH = jax.lax.dynamic_update_slice(v_LBSKH, v_BTKH[None].astype(v_LBSKH.dtype), at)
     new_cache = (k_LBSKH, v_LBSKH)
-    layer_start = at[:2] + (at[1],) * 3  # (layer, 0, 0, 0, 0)
-    k_BSKH = jax.lax.dynamic_slice(k_LBSKH, layer_start, (1, B, S, K, Dh))[0]
-    v_BSKH = jax.lax.dynamic_slice(v_LBSKH, layer_start, (1, B, S, K, Dh))[0]
+    S = kv_len or k_LBSKH.shape[2]
+    # One query per row with packed decode params (float32, one CPU device): the native kernel reads the
+    # layer's keys and values in place; prefill and every other case run XLA's einsums on the layer's slice.
+    if T == 1 and "kernel_panels" in p["q_proj"] and decode_attention.fits(q_BTKRH[:, 0], k_LBSKH):
+      xla = lambda q, k, v, m, l: _cached_attend(q[:, None], k, v, m[:, None], l, S, cfg)[:, 0]
+      o_in_BTE = decode_attention.attend(q_BTKRH[:, 0], k_LBSKH, v_LBSKH, mask_BTS[:, 0], at[0], xla)[:, None]
+    else:
+      o_in_BTE = _cached_attend(q_BTKRH, k_LBSKH, v_LBSKH, mask_BTS, at[0], S, cfg)
   else:
-    k_BSKH, v_BSKH = k_BTKH, v_BTKH
-  q_BTKRH = q_BTNH.reshape(B, T, K, R, Dh)  # query head h uses kv head h // R
-  attend = attend_heads_first if kv_cache is None else attend_in_place  # decode keeps its measured path
-  o_in_BTE = attend(q_BTKRH, k_BSKH, v_BSKH, mask_BTS, cfg)
+    o_in_BTE = attend_heads_first(q_BTKRH, k_BTKH, v_BTKH, mask_BTS, cfg)
   if taps is not None:  # o_proj's input, for callers that observe activations (RegMean's Grams)
     taps["o_in"] = o_in_BTE
   return linear(p["o_proj"], o_in_BTE, cfg, rngs[3]), new_cache
