@@ -64,7 +64,7 @@ def attend(q_BKRH, k_LBSKH, v_LBSKH, mask_BS, layer, xla_attend):
     return xla_attend(q_BKRH, k_LBSKH, v_LBSKH, mask_BS, layer)
 
   def kernel(q, k, v, m, l):
-    out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((B, K * R * Dh), jnp.float32))
+    out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((B, K * R * Dh), jnp.float32), vmap_method="sequential")
     return out(q, k, v, m, l)
 
   return jax.lax.platform_dependent(q_BKRH, k_LBSKH, v_LBSKH, mask_BS.astype(bool), layer,
