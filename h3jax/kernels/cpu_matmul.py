@@ -16,9 +16,6 @@ over the panels.
 
 from __future__ import annotations
 
-import logging
-import threading
-
 import jax
 import jax.numpy as jnp
 
@@ -29,32 +26,10 @@ SYMBOL = "H3jaxPanelMatmulF32"
 LANES = 8  # columns per panel (one 256-bit vector of float32)
 MAX_ROWS = 32  # above this the product is compute-bound and XLA's GEMM is the better kernel
 
-log = logging.getLogger(__name__)
-
-_state: dict = {}  # "ok": whether the FFI target is registered in this process (decided once)
-_state_lock = threading.Lock()
-
-
-def _register() -> bool:
-  lib = native.library()
-  if lib is None:
-    return False
-  try:
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, SYMBOL)), platform="cpu")
-    return True
-  except Exception as e:  # an FFI mismatch: XLA's dots still work
-    log.warning("h3jax decode kernel unavailable, decoding uses XLA's dots: %s", e)
-    return False
-
 
 def available() -> bool:
   """Whether the kernel is built and registered (and not disabled by H3JAX_CPU_KERNELS=0)."""
-  if not native.enabled():
-    return False
-  with _state_lock:
-    if "ok" not in _state:
-      _state["ok"] = _register()
-    return _state["ok"]
+  return native.ffi_target(TARGET, SYMBOL)
 
 
 def packable(kernel_IO) -> bool:

@@ -12,9 +12,6 @@ runs the caller's XLA path.
 
 from __future__ import annotations
 
-import logging
-import threading
-
 import jax
 import jax.numpy as jnp
 
@@ -24,26 +21,10 @@ TARGET = "h3jax_decode_attention_f32"
 SYMBOL = "H3jaxDecodeAttentionF32"
 MAX_GROUP, MAX_HEAD_DIM, LANES = 16, 256, 8  # decode_attention.cc's kMaxGroup, kMaxDh, kLanes
 
-log = logging.getLogger(__name__)
-_state: dict = {}
-_state_lock = threading.Lock()
-
 
 def available() -> bool:
   """Whether the kernel is built and registered (and not disabled by H3JAX_CPU_KERNELS=0)."""
-  if not native.enabled():
-    return False
-  with _state_lock:
-    if "ok" not in _state:
-      lib = native.library()
-      try:
-        if lib is not None:
-          jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, SYMBOL)), platform="cpu")
-        _state["ok"] = lib is not None
-      except Exception as e:  # an FFI mismatch: XLA's attention still works
-        log.warning("h3jax decode attention kernel unavailable, decoding uses XLA's: %s", e)
-        _state["ok"] = False
-    return _state["ok"]
+  return native.ffi_target(TARGET, SYMBOL)
 
 
 def fits(q_BKRH, k_LBSKH) -> bool:

@@ -127,3 +127,27 @@ def library():
         log.warning("h3jax CPU kernels unavailable (numpy / XLA paths are used instead): %s", e)
         _state["lib"] = None
     return _state["lib"]
+
+
+_targets: dict = {}  # FFI target name -> whether it is registered in this process (decided once)
+
+
+def ffi_target(target: str, symbol: str) -> bool:
+  """Registers the library's handler `symbol` as the CPU FFI target `target`, once per process. False when
+  the library is disabled or missing, or the registration fails (one warning): the caller uses its XLA path."""
+  if not enabled():
+    return False
+  with _state_lock:
+    if target in _targets:
+      return _targets[target]
+  lib = library()
+  with _state_lock:
+    if target not in _targets:
+      try:
+        if lib is not None:
+          jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+        _targets[target] = lib is not None
+      except Exception as e:  # an FFI mismatch: XLA's ops still work
+        log.warning("h3jax CPU kernel %s unavailable, XLA's ops run instead: %s", target, e)
+        _targets[target] = False
+    return _targets[target]
