@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from h3jax.kernels import cpu_matmul, native
+from h3jax.kernels import cpu_matmul, decode_attention, native
 
 pytestmark = pytest.mark.skipif(not cpu_matmul.available(), reason="no C++ compiler: the kernel cannot be built")
 
@@ -134,9 +134,9 @@ def test_no_compiler_falls_back_with_one_warning(monkeypatch, tmp_path, caplog):
   monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
   monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
   monkeypatch.setattr(native, "_state", {})
-  monkeypatch.setattr(cpu_matmul, "_state", {})
-  with caplog.at_level(logging.WARNING, logger=native.__name__):
-    assert not cpu_matmul.available() and not cpu_matmul.available()
+  monkeypatch.setattr(native, "_targets", {})
+  with caplog.at_level(logging.WARNING, logger=native.__name__):  # both kernels' targets: one warning
+    assert not cpu_matmul.available() and not cpu_matmul.available() and not decode_attention.available()
   assert len(caplog.records) == 1 and "no C++ compiler" in caplog.records[0].getMessage()
   x, w = _data(2, 16, 8)
   assert not _uses_kernel(cpu_matmul.panel_matmul, x, cpu_matmul.pack_panels(w))
