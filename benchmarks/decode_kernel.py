@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from h3jax.kernels import cpu_matmul
-from timing import bandwidth_probe, best_of, cpu_model, read_bandwidth, time_steps
+from decode_limit import chained_calls
+from timing import bandwidth_probe, best_of, cpu_model, interleaved_rounds, read_bandwidth
 
 D, F, KV, LAYERS = 576, 1536, 192, 30  # SmolLM2-135M
 
@@ -109,25 +110,11 @@ def call_layouts(res: dict, layers, rounds: int):
   layouts = {"one call per weight": [[w] for w in ws],
              "as a step groups them": [layer[g] for layer in layers for g in ("qkv", "o", "gu", "down")],
              "8 per call, by input width": [g[i:i + 8] for g in by_width.values() for i in range(0, len(g), 8)]}
-  width = max(w.shape[1] for w in ws)
-
-  @jax.jit
-  def chained(x0_NW, groups):
-    x_NW = x0_NW
-    for g in groups:  # x0 + 0 * y: each call waits for the previous one, at fixed input values
-      y = cpu_matmul._kernel_matmuls(x_NW[:, :g[0].shape[1]], *g)[0]
-      x_NW = x0_NW + 0.0 * jnp.tile(y, (1, -(-width // y.shape[1])))[:, :width]
-    return x_NW
-
-  x = 0.1 * jnp.ones((1, width), jnp.float32)
   runs = {"bandwidth": bandwidth_probe(1 << 30)}
-  runs.update({k: (lambda g=g: chained(x, g).block_until_ready()) for k, g in layouts.items()})
+  runs.update({k: chained_calls(g, 1) for k, g in layouts.items()})
   for fn in runs.values():
     fn()
-  times = {k: [] for k in runs}
-  for _ in range(rounds):
-    for k, fn in runs.items():
-      times[k].append(min(time_steps(fn, 3, warmup=0)))
+  times = interleaved_rounds(runs, rounds, calls={k: 3 for k in runs})
   bw = [(1 << 30) / t for t in times["bandwidth"]]
   res["calls"] = {"weight_bytes": nbytes, "rounds": rounds, "bandwidth_gbs": [b / 1e9 for b in bw]}
   print(f"\n1 row, {nbytes / 1e6:.0f} MB of weights in three call layouts, {rounds} interleaved rounds "

@@ -14,19 +14,12 @@ import jax
 import jax.numpy as jnp
 
 from h3jax.kernels import cpu_matmul
-from timing import bandwidth_probe, time_steps
+from timing import bandwidth_probe, interleaved_rounds
 
 
-def kernel_calls(p, B: int):
-  """A run of the decode step's weight products alone: the CPU kernel calls of a step at B rows over the
-  packed params `p` (q / k / v, o, gate / up, down per layer, then the head), chained as a step chains them,
-  with none of the step's other work (norms, RoPE, attention, the cache, sampling). None without the kernel."""
-  if "kernel_panels" not in p.get("lm_head", {}):
-    return None
-  groups = [[layer[a][k]["kernel_panels"] for k in ks] for layer in p["layers"]
-            for a, ks in (("attn", ("q_proj", "k_proj", "v_proj")), ("attn", ("o_proj",)),
-                          ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))]
-  groups.append([p["lm_head"]["kernel_panels"]])
+def chained_calls(groups, B: int):
+  """A call that runs the CPU kernel over each group of packed weights (at most 8 sharing an input width) at B
+  rows, one after another: each call's input depends on the previous output, as in a decode step."""
   width = max(g[0].shape[1] for g in groups)
 
   @jax.jit
@@ -43,6 +36,18 @@ def kernel_calls(p, B: int):
   return lambda: chain(x, groups).block_until_ready()
 
 
+def kernel_calls(p, B: int):
+  """A run of the decode step's weight products alone: the CPU kernel calls of a step at B rows over the
+  packed params `p` (q / k / v, o, gate / up, down per layer, then the head), chained as a step chains them,
+  with none of the step's other work (norms, RoPE, attention, the cache, sampling). None without the kernel."""
+  if "kernel_panels" not in p.get("lm_head", {}):
+    return None
+  groups = [[layer[a][k]["kernel_panels"] for k in ks] for layer in p["layers"]
+            for a, ks in (("attn", ("q_proj", "k_proj", "v_proj")), ("attn", ("o_proj",)),
+                          ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))]
+  return chained_calls(groups + [[p["lm_head"]["kernel_panels"]]], B)
+
+
 def decode_limit_rounds(res: dict, ours, kernels, n: int, B: int, weight_bytes: float, rounds: int):
   """h3jax's decode at batch B (`ours(k)`: k new tokens) in `rounds` rounds of the module docstring, into
   `res`: the row's tokens/s (best n-token run less best 1-token run), the per-round tokens/s, limits and
@@ -55,10 +60,8 @@ def decode_limit_rounds(res: dict, ours, kernels, n: int, B: int, weight_bytes: 
     runs["kernels"] = (kernels, 5)
   for fn, _ in runs.values():
     fn()  # compile / warm up
-  times = {k: [] for k in runs}
-  for _ in range(rounds):
-    for k, (fn, calls) in runs.items():
-      times[k].append(min(time_steps(fn, calls, warmup=0)))
+  times = interleaved_rounds({k: fn for k, (fn, _) in runs.items()}, rounds,
+                             calls={k: c for k, (_, c) in runs.items()})
   limits = [nbytes / t / weight_bytes for t in times["bandwidth"]]  # tok/s per step at that round's bandwidth
   step_s = [(a - b) / (n - 1) for a, b in zip(times["n"], times["1"])]
   rec = dict(tok_s=[B / t for t in step_s], streaming_limit_tok_s=limits,

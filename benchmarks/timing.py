@@ -19,16 +19,16 @@ def time_steps(step, n: int, warmup: int = 1) -> list:
   return out
 
 
-def interleaved_rounds(runs: dict, rounds: int) -> dict:
-  """{name: [wall seconds per round]}: each round calls every (already warmed-up) run once, in order. On a
-  machine whose speed drifts over minutes, configurations timed one after another turn the drift into a
-  ratio error (0.68x and 0.76x in two such LoRA runs); rounds expose every configuration to it alike."""
+def interleaved_rounds(runs: dict, rounds: int, calls: dict | None = None) -> dict:
+  """{name: [wall seconds per round]}: each round calls every (already warmed-up) run in order, `calls[name]`
+  times (default once), and keeps its best. On a machine whose speed drifts over minutes, configurations timed
+  one after another turn the drift into a ratio error (0.68x and 0.76x in two such LoRA runs); rounds expose
+  every configuration to it alike."""
+  calls = calls or {}
   times = {k: [] for k in runs}
   for _ in range(rounds):
     for k, run in runs.items():
-      t = time.perf_counter()
-      run()
-      times[k].append(time.perf_counter() - t)
+      times[k].append(min(time_steps(run, calls.get(k, 1), warmup=0)))
   return times
 
 
