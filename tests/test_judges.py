@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import QUICK_JUDGES, build_quick_judges
+from numerics import assert_close
 from h3jax.evaluation import judges as J
 from h3jax.evaluation.judges import data as data_lib
 from h3jax.evaluation.judges import features as F
@@ -120,7 +121,7 @@ def test_artifacts_round_trip_and_behave(built):
   assert js.info.score([q, q], [good, bad]).tolist()[0] > js.info.score([q], [bad])[0]
   ab = js.pairwise.prefer(["Say hi", "Name a colour"], ["Hello!", "Blue"], ["Hi there, friend.", "Red"])
   ba = js.pairwise.prefer(["Say hi", "Name a colour"], ["Hi there, friend.", "Red"], ["Hello!", "Blue"])
-  np.testing.assert_allclose(ab, 1 - ba, atol=1e-12)
+  assert_close(ab, 1 - ba, rtol=1e-12)  # the pairwise head is antisymmetric by construction
   assert js.get("pairwise") is js.pairwise and js["truth"] is js.truth
 
 
@@ -190,7 +191,7 @@ def test_length_controlled_pairwise_judge_is_not_driven_by_length(built_lc):
   short = [a for _, a in _ANSWERS]
   # padded with whitespace: the same tokens, only chars/lines differ -> exactly no preference
   padded = [a.replace(" ", "   ").replace("\n", "\n\n\n") + "\n" * 20 for a in short]
-  np.testing.assert_allclose(judge.prefer(instr, padded, short), 0.5, atol=1e-6)
+  assert_close(judge.prefer(instr, padded, short), np.full(len(short), 0.5), rtol=2e-6)
   # the same answer said twice (no new content, twice the length): no strong preference either way,
   # while the dropped length term alone would prefer the long copy
   twice = [a + "\n\n" + a for a in short]
@@ -199,7 +200,7 @@ def test_length_controlled_pairwise_judge_is_not_driven_by_length(built_lc):
   assert np.all(np.abs(p_lc - 0.5) < 0.15), p_lc
   assert np.all(p_len > 0.6), p_len
   assert np.all(np.abs(p_lc - 0.5) < np.abs(p_len - 0.5))
-  np.testing.assert_allclose(judge.prefer(instr, short, twice), 1 - p_lc, atol=1e-12)
+  assert_close(judge.prefer(instr, short, twice), 1 - p_lc, rtol=1e-12)
 
 
 def test_length_control_lifts_shorter_preferred_agreement(built, built_lc):
