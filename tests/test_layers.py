@@ -1,4 +1,5 @@
-"""h3jax.model.layers: the LoRA dropout mask (a counter hash seeded from the key, not threefry)."""
+"""h3jax.model.layers: the LoRA dropout mask (a counter hash seeded from the key, not threefry), the LoRA term's
+own backward, attention against a float64 reference."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from h3jax.model import layers
+from numerics import assert_close
 
 
 @pytest.mark.parametrize("rate", [0.05, 0.1, 0.25, 0.5])
@@ -53,6 +55,56 @@ def test_linear_lora_dropout_scales_kept_inputs():
   want = np.asarray(x) @ np.asarray(p["kernel"]) + 0.5 * xl @ np.asarray(p["lora_a"]) @ np.asarray(p["lora_b"])
   got = np.asarray(layers.linear(p, x, cfg, rng))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def _lora_grads_f64(x, a, b, g, scale):
+  """Gradients of sum(g * scale * x @ a @ b) w.r.t. x, a, b in float64 numpy."""
+  x, a, b, g = (np.asarray(t, np.float64) for t in (x, a, b, g))
+  dh = scale * g @ b.T
+  return dh @ a.T, x.T @ dh, scale * (x @ a).T @ g
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("case", ["random", "b_zero", "a_zero", "one_token", "rank_one"])
+def test_lora_delta_backward_equals_autodiff_and_float64(case, dtype):
+  """lora_delta's own backward against jax's autodiff of the same formula and a float64 reference, on the
+  degenerate factors of real LoRA: lora_b = 0 (every adapter at initialisation: lora_a's gradient is exactly
+  0, lora_b's is not), lora_a = 0, a single token, rank 1."""
+  rs = np.random.RandomState(0)
+  N, I, O, R, scale = (1 if case == "one_token" else 37), 24, 20, (1 if case == "rank_one" else 4), 0.75
+  x, a, b, g = (rs.randn(*s).astype(np.float32) for s in ((N, I), (I, R), (R, O), (N, O)))
+  if case == "b_zero":
+    b[:] = 0
+  if case == "a_zero":
+    a[:] = 0
+  x, a, b, g = (jnp.asarray(t, dtype) for t in (x, a, b, g))
+  loss = lambda f: (lambda x, a, b: jnp.sum((f(x, a, b) * g).astype(jnp.float32)))
+  mine = jax.jit(jax.grad(loss(lambda x, a, b: layers.lora_delta(x, a, b, scale)), argnums=(0, 1, 2)))(x, a, b)
+  auto = jax.jit(jax.grad(loss(lambda x, a, b: (scale * (x @ a)) @ b), argnums=(0, 1, 2)))(x, a, b)
+  ref = _lora_grads_f64(x, a, b, g, scale)
+  rtol = 1e-5 if dtype == jnp.float32 else 2e-2
+  for name, m, au, r in zip(("x", "lora_a", "lora_b"), mine, auto, ref):
+    assert m.dtype == dtype and m.shape == r.shape, name
+    if not r.any():  # b = 0 gives a = 0-gradient and x-gradient exactly; a = 0 the same for x
+      assert not np.asarray(m, np.float32).any() and not np.asarray(au, np.float32).any(), name
+      continue
+    assert_close(m, r, rtol=rtol, atol_rel=rtol, err_msg=f"{name} vs float64")
+    assert_close(m, au, rtol=rtol, atol_rel=rtol, err_msg=f"{name} vs autodiff")
+  y = layers.lora_delta(x, a, b, scale)
+  assert_close(y, scale * np.asarray(x, np.float64) @ np.asarray(a, np.float64) @ np.asarray(b, np.float64),
+               rtol=rtol, atol_rel=rtol, atol=0 if (case not in ("b_zero", "a_zero")) else 1e-30)
+
+
+def test_lora_a_gradient_is_formed_rank_by_input():
+  """The reason for lora_delta's backward: the compiled gradient forms lora_a's gradient as an [r, in] product
+  (dh^T x) and transposes that, never the [in, r] product XLA:CPU runs several times slower."""
+  N, I, O, R = 64, 48, 40, 4
+  args = [jnp.ones(s, jnp.float32) for s in ((N, I), (I, R), (R, O), (N, O))]
+  f = jax.jit(jax.grad(lambda x, a, b, g: jnp.sum(layers.lora_delta(x, a, b, 0.5) * g), argnums=1))
+  hlo = f.lower(*args).compile().as_text()
+  dots = [l for l in hlo.splitlines() if " dot(" in l]
+  assert any(f"f32[{R},{I}]" in l.split("=")[1].split("dot(")[0] for l in dots), dots
+  assert not any(f"f32[{I},{R}]" in l.split("=")[1].split("dot(")[0] for l in dots), dots
 
 
 def _attention_reference(q_BTKRH, k_BSKH, v_BSKH, mask_BTS):

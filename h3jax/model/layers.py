@@ -8,6 +8,7 @@ and GQA groups query head h with kv head h // R (a reshape, never a tile).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -105,6 +106,36 @@ def dropout_keep(rng, rate: float, shape) -> jax.Array:
   return (x >= jnp.uint32(min(int(rate * 2.0 ** 32), 2 ** 32 - 1))).reshape(shape)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def lora_delta(x_NI, a_IR, b_RO, scale: float):
+  """scale * (x @ a) @ b, the LoRA term of a linear (scaled on the rank-r side: r values per token, not out).
+
+  Its own backward because of how XLA:CPU runs lora_a's gradient: formed as autodiff does, x^T @ dh with the
+  [in, r] result, it took 1.55 ms (in 576) and 3.78 ms (in 1536) at 2048 tokens and r = 8, against 0.29 / 0.56
+  ms for dh^T @ x, the same product with the [r, in] result; XLA rewrites a transpose of that product back
+  into the slow form, so an optimization barrier sits between them. SmolLM2's LoRA step (gate / up / down, 8 x
+  256 tokens, 4 interleaved rounds): 12.0-12.6 s against 12.8-14.1 s, faster in every round. The gradients
+  equal autodiff's and a float64 reference (tests/test_layers.py).
+  """
+  return (scale * (x_NI @ a_IR)) @ b_RO
+
+
+def _lora_delta_fwd(x_NI, a_IR, b_RO, scale):
+  hs_NR = scale * (x_NI @ a_IR)
+  return hs_NR @ b_RO, (x_NI, a_IR, b_RO, hs_NR)
+
+
+def _lora_delta_bwd(scale, res, g_NO):
+  x_NI, a_IR, b_RO, hs_NR = res
+  db_RO = jnp.einsum("nr,no->ro", hs_NR, g_NO)
+  dh_NR = scale * (g_NO @ b_RO.T)
+  da_RI = jax.lax.optimization_barrier(jnp.einsum("nr,ni->ri", dh_NR, x_NI))
+  return dh_NR @ a_IR.T, da_RI.T, db_RO
+
+
+lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
+
+
 def linears(ps, x_BTI, cfg: ModelConfig, rngs=None) -> list:
   """[linear(p, x_BTI, cfg, rng) for p, rng in zip(ps, rngs)], the base matmuls of packed decode params in one
   kernel call (model/panels.py): the weights that share an input (q / k / v, gate / up) go together."""
@@ -123,8 +154,7 @@ def linears(ps, x_BTI, cfg: ModelConfig, rngs=None) -> list:
       if rng is not None and cfg.lora_dropout > 0:
         keep = dropout_keep(rng, cfg.lora_dropout, x_NI.shape)
         xl_NI = jnp.where(keep, x_NI / (1.0 - cfg.lora_dropout), 0).astype(dt)
-      h_NR = xl_NI @ p["lora_a"].astype(dt)
-      y_NO = y_NO + cfg.lora_scale * (h_NR @ p["lora_b"].astype(dt))
+      y_NO = y_NO + lora_delta(xl_NI, p["lora_a"].astype(dt), p["lora_b"].astype(dt), cfg.lora_scale)
     outs.append(y_NO.reshape(*x_BTI.shape[:-1], y_NO.shape[-1]))
   return outs
 
