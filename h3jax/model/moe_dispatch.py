@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from h3jax.config import ModelConfig
-from h3jax.model import panels
+from h3jax.model import layers, panels
 
 BACKENDS = ("dense", "capacity", "ragged", "expert_parallel", "sparse")
 EXPERT_AXIS = "expert"
@@ -281,9 +281,9 @@ def _linears_2d(ps, x_MI, keeps_MI, cfg: ModelConfig) -> list:
   x_MI = x_MI.astype(dt)
   outs = []
   for p, keep_MI, y_MO in zip(ps, keeps_MI, panels.matmuls(ps, x_MI, dt)):
-    if "lora_a" in p:
-      h_MR = _lora_input(x_MI, keep_MI, cfg) @ p["lora_a"].astype(dt)
-      y_MO = y_MO + cfg.lora_scale * (h_MR @ p["lora_b"].astype(dt))
+    if "lora_a" in p:  # layers.lora_delta: its backward forms lora_a's gradient the fast way round
+      y_MO = y_MO + layers.lora_delta(_lora_input(x_MI, keep_MI, cfg), p["lora_a"].astype(dt),
+                                      p["lora_b"].astype(dt), cfg.lora_scale)
     outs.append(y_MO)
   return outs
 
