@@ -66,8 +66,8 @@ def _lora_grads_f64(x, a, b, g, scale):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("case", ["random", "b_zero", "a_zero", "one_token", "rank_one"])
-def test_lora_delta_backward_equals_autodiff_and_float64(case, dtype):
-  """lora_delta's own backward against jax's autodiff of the same formula and a float64 reference, on the
+def test_lora_term_backward_equals_autodiff_and_float64(case, dtype):
+  """lora_term's own backward against jax's autodiff of the same formula and a float64 reference, on the
   degenerate factors of real LoRA: lora_b = 0 (every adapter at initialisation: lora_a's gradient is exactly
   0, lora_b's is not), lora_a = 0, a single token, rank 1."""
   rs = np.random.RandomState(0)
@@ -79,7 +79,7 @@ def test_lora_delta_backward_equals_autodiff_and_float64(case, dtype):
     a[:] = 0
   x, a, b, g = (jnp.asarray(t, dtype) for t in (x, a, b, g))
   loss = lambda f: (lambda x, a, b: jnp.sum((f(x, a, b) * g).astype(jnp.float32)))
-  mine = jax.jit(jax.grad(loss(lambda x, a, b: layers.lora_delta(x, a, b, scale)), argnums=(0, 1, 2)))(x, a, b)
+  mine = jax.jit(jax.grad(loss(lambda x, a, b: layers.lora_term(x, a, b, scale)), argnums=(0, 1, 2)))(x, a, b)
   auto = jax.jit(jax.grad(loss(lambda x, a, b: (scale * (x @ a)) @ b), argnums=(0, 1, 2)))(x, a, b)
   ref = _lora_grads_f64(x, a, b, g, scale)
   rtol = 1e-5 if dtype == jnp.float32 else 2e-2
@@ -90,17 +90,17 @@ def test_lora_delta_backward_equals_autodiff_and_float64(case, dtype):
       continue
     assert_close(m, r, rtol=rtol, atol_rel=rtol, err_msg=f"{name} vs float64")
     assert_close(m, au, rtol=rtol, atol_rel=rtol, err_msg=f"{name} vs autodiff")
-  y = layers.lora_delta(x, a, b, scale)
+  y = layers.lora_term(x, a, b, scale)
   assert_close(y, scale * np.asarray(x, np.float64) @ np.asarray(a, np.float64) @ np.asarray(b, np.float64),
                rtol=rtol, atol_rel=rtol, atol=0 if (case not in ("b_zero", "a_zero")) else 1e-30)
 
 
 def test_lora_a_gradient_is_formed_rank_by_input():
-  """The reason for lora_delta's backward: the compiled gradient forms lora_a's gradient as an [r, in] product
+  """The reason for lora_term's backward: the compiled gradient forms lora_a's gradient as an [r, in] product
   (dh^T x) and transposes that, never the [in, r] product XLA:CPU runs several times slower."""
   N, I, O, R = 64, 48, 40, 4
   args = [jnp.ones(s, jnp.float32) for s in ((N, I), (I, R), (R, O), (N, O))]
-  f = jax.jit(jax.grad(lambda x, a, b, g: jnp.sum(layers.lora_delta(x, a, b, 0.5) * g), argnums=1))
+  f = jax.jit(jax.grad(lambda x, a, b, g: jnp.sum(layers.lora_term(x, a, b, 0.5) * g), argnums=1))
   hlo = f.lower(*args).compile().as_text()
   dots = [l for l in hlo.splitlines() if " dot(" in l]
   assert any(f"f32[{R},{I}]" in l.split("=")[1].split("dot(")[0] for l in dots), dots

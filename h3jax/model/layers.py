@@ -107,7 +107,7 @@ def dropout_keep(rng, rate: float, shape) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def lora_delta(x_NI, a_IR, b_RO, scale: float):
+def lora_term(x_NI, a_IR, b_RO, scale: float):
   """scale * (x @ a) @ b, the LoRA term of a linear (scaled on the rank-r side: r values per token, not out).
 
   Its own backward because of how XLA:CPU runs lora_a's gradient: formed as autodiff does, x^T @ dh with the
@@ -120,12 +120,12 @@ def lora_delta(x_NI, a_IR, b_RO, scale: float):
   return (scale * (x_NI @ a_IR)) @ b_RO
 
 
-def _lora_delta_fwd(x_NI, a_IR, b_RO, scale):
+def _lora_term_fwd(x_NI, a_IR, b_RO, scale):
   hs_NR = scale * (x_NI @ a_IR)
   return hs_NR @ b_RO, (x_NI, a_IR, b_RO, hs_NR)
 
 
-def _lora_delta_bwd(scale, res, g_NO):
+def _lora_term_bwd(scale, res, g_NO):
   x_NI, a_IR, b_RO, hs_NR = res
   db_RO = jnp.einsum("nr,no->ro", hs_NR, g_NO)
   dh_NR = scale * (g_NO @ b_RO.T)
@@ -133,7 +133,7 @@ def _lora_delta_bwd(scale, res, g_NO):
   return dh_NR @ a_IR.T, da_RI.T, db_RO
 
 
-lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
+lora_term.defvjp(_lora_term_fwd, _lora_term_bwd)
 
 
 def linears(ps, x_BTI, cfg: ModelConfig, rngs=None) -> list:
@@ -154,7 +154,7 @@ def linears(ps, x_BTI, cfg: ModelConfig, rngs=None) -> list:
       if rng is not None and cfg.lora_dropout > 0:
         keep = dropout_keep(rng, cfg.lora_dropout, x_NI.shape)
         xl_NI = jnp.where(keep, x_NI / (1.0 - cfg.lora_dropout), 0).astype(dt)
-      y_NO = y_NO + lora_delta(xl_NI, p["lora_a"].astype(dt), p["lora_b"].astype(dt), cfg.lora_scale)
+      y_NO = y_NO + lora_term(xl_NI, p["lora_a"].astype(dt), p["lora_b"].astype(dt), cfg.lora_scale)
     outs.append(y_NO.reshape(*x_BTI.shape[:-1], y_NO.shape[-1]))
   return outs
 

@@ -281,8 +281,8 @@ def _linears_2d(ps, x_MI, keeps_MI, cfg: ModelConfig) -> list:
   x_MI = x_MI.astype(dt)
   outs = []
   for p, keep_MI, y_MO in zip(ps, keeps_MI, panels.matmuls(ps, x_MI, dt)):
-    if "lora_a" in p:  # layers.lora_delta: its backward forms lora_a's gradient the fast way round
-      y_MO = y_MO + layers.lora_delta(_lora_input(x_MI, keep_MI, cfg), p["lora_a"].astype(dt),
+    if "lora_a" in p:  # layers.lora_term: its backward forms lora_a's gradient the fast way round
+      y_MO = y_MO + layers.lora_term(_lora_input(x_MI, keep_MI, cfg), p["lora_a"].astype(dt),
                                       p["lora_b"].astype(dt), cfg.lora_scale)
     outs.append(y_MO)
   return outs
