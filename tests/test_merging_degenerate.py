@@ -1,4 +1,4 @@
-"""Every merge method on degenerate task vectors (hypothesis): all zero, some experts zero,
+"""Every merge method on degenerate task vectors: all zero, some experts zero,
 rank-deficient, linearly dependent (antipodal), identical, tiny (1e-9 relative; ~1e-20 absolute,
 whose squares underflow float32), bf16 inputs.
 
@@ -96,10 +96,11 @@ def call_every_method(base, models):
   return out
 
 
-@PROPS
-@given(kind=st.sampled_from(FAMILIES[:-1]), seed=st.integers(0, 10_000))
-def test_every_method_is_finite_on_degenerate_task_vectors(kind, seed):
-  base, models = family(kind, seed)
+# The two tests over every family take each family once (a fixed seed each), not hypothesis draws: 8
+# derandomized draws of (family, seed, shape) left out the rank-deficient and antipodal families in both.
+@pytest.mark.parametrize("kind", FAMILIES[:-1])
+def test_every_method_is_finite_on_degenerate_task_vectors(kind):
+  base, models = family(kind, FAMILIES.index(kind))
   for name, merged in call_every_method(base, models).items():
     merged = _f32(merged)
     assert np.isfinite(merged).all(), f"{name} on {kind}: non-finite output"
@@ -116,10 +117,10 @@ def _svd_family_calls(base, models, solver):
   }
 
 
-@PROPS
-@given(kind=st.sampled_from(FAMILIES), seed=st.integers(0, 10_000), shape=st.sampled_from(SHAPES))
-def test_every_solver_agrees_with_svd_on_degenerate_task_vectors(kind, seed, shape):
-  base, models = family(kind, seed, shape=shape)
+@pytest.mark.parametrize("kind,shape", [(k, SHAPES[i % len(SHAPES)]) for i, k in enumerate(FAMILIES)])
+def test_every_solver_agrees_with_svd_on_degenerate_task_vectors(kind, shape):
+  """Every family once, the shapes in turn (each (shape, dtype) compiles its kernels once)."""
+  base, models = family(kind, 11 * FAMILIES.index(kind), shape=shape)
   ref = {k: _f32(v) for k, v in _svd_family_calls(base, models, "svd").items()}
   b = _f32(base)
   for solver in ("auto", "gram"):
