@@ -95,16 +95,41 @@ def test_lora_term_backward_equals_autodiff_and_float64(case, dtype):
   assert_close(y, y_ref, rtol=rtol, atol_rel=rtol)  # a zero factor: y_ref = 0 and y must be exactly 0
 
 
+@pytest.mark.parametrize("shared_x", [False, True])
+def test_lora_term_batched_over_experts(shared_x):
+  """The MoE's expert axis: x [E, M, I] (capacity slots) or one x [M, I] for every expert (dense dispatch),
+  factors [E, I, r] / [E, r, O]; gradients against autodiff and a float64 reference per expert (a shared x's
+  gradient sums over the experts). Expert 1's lora_b is 0, as at initialisation. (Inside the expert-parallel
+  shard_map: tests/test_moe.py's expert-parallel tests.)"""
+  rs = np.random.RandomState(1)
+  E, M, I, O, R, scale = 3, 11, 16, 12, 4, 0.5
+  x = rs.randn(*((M, I) if shared_x else (E, M, I))).astype(np.float32)
+  a, b, g = rs.randn(E, I, R).astype(np.float32), rs.randn(E, R, O).astype(np.float32), rs.randn(E, M, O)
+  b[1] = 0
+  x, a, b, g = (jnp.asarray(t, jnp.float32) for t in (x, a, b, g))
+  loss = lambda f: (lambda x, a, b: jnp.sum(f(x, a, b) * g))
+  mine = jax.grad(loss(lambda x, a, b: layers.lora_term(x, a, b, scale)), argnums=(0, 1, 2))(x, a, b)
+  auto = jax.grad(loss(lambda x, a, b: (scale * (x @ a)) @ b), argnums=(0, 1, 2))(x, a, b)
+  per = [_lora_grads_f64(x if shared_x else x[e], a[e], b[e], g[e], scale) for e in range(E)]
+  ref = (sum(p[0] for p in per) if shared_x else np.stack([p[0] for p in per]),
+         np.stack([p[1] for p in per]), np.stack([p[2] for p in per]))
+  for name, m, au, r in zip(("x", "lora_a", "lora_b"), mine, auto, ref):
+    assert m.shape == r.shape, name
+    assert_close(m, r, rtol=1e-5, atol_rel=1e-5, err_msg=f"{name} vs float64")
+    assert_close(m, au, rtol=1e-5, atol_rel=1e-5, err_msg=f"{name} vs autodiff")
+  assert not np.asarray(mine[1][1]).any()  # lora_b = 0: that expert's lora_a gradient is exactly 0
+
+
 def test_lora_a_gradient_is_formed_rank_by_input():
   """The reason for lora_term's backward: the compiled gradient forms lora_a's gradient as an [r, in] product
   (dh^T x) and transposes that, never the [in, r] product XLA:CPU runs several times slower."""
-  N, I, O, R = 64, 48, 40, 4
-  args = [jnp.ones(s, jnp.float32) for s in ((N, I), (I, R), (R, O), (N, O))]
-  f = jax.jit(jax.grad(lambda x, a, b, g: jnp.sum(layers.lora_term(x, a, b, 0.5) * g), argnums=1))
-  hlo = f.lower(*args).compile().as_text()
-  dots = [l for l in hlo.splitlines() if " dot(" in l]
-  assert any(f"f32[{R},{I}]" in l.split("=")[1].split("dot(")[0] for l in dots), dots
-  assert not any(f"f32[{I},{R}]" in l.split("=")[1].split("dot(")[0] for l in dots), dots
+  N, I, O, R, E = 64, 48, 40, 4, 3  # also batched over experts, as the MoE's capacity dispatch runs it
+  for shapes, out, slow in ((((N, I), (I, R), (R, O), (N, O)), f"f32[{R},{I}]", f"f32[{I},{R}]"),
+                            (((E, N, I), (E, I, R), (E, R, O), (E, N, O)), f"f32[{E},{R},{I}]", f"f32[{E},{I},{R}]")):
+    args = [jnp.ones(s, jnp.float32) for s in shapes]
+    f = jax.jit(jax.grad(lambda x, a, b, g: jnp.sum(layers.lora_term(x, a, b, 0.5) * g), argnums=1))
+    dots = [l.split("=")[1].split("dot(")[0] for l in f.lower(*args).compile().as_text().splitlines() if " dot(" in l]
+    assert any(out in d for d in dots) and not any(slow in d for d in dots), dots
 
 
 def _attention_reference(q_BTKRH, k_BSKH, v_BSKH, mask_BTS):

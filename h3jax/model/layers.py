@@ -106,34 +106,64 @@ def dropout_keep(rng, rate: float, shape) -> jax.Array:
   return (x >= jnp.uint32(min(int(rate * 2.0 ** 32), 2 ** 32 - 1))).reshape(shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def lora_term(x_NI, a_IR, b_RO, scale: float):
+def lora_term(x_MI, a_IR, b_RO, scale: float):
   """scale * (x @ a) @ b, the LoRA term of a linear (scaled on the rank-r side: r values per token, not out).
+  Leading axes batch as in jnp.matmul (experts: x [E, M, I] or a shared [M, I], a [E, I, r], b [E, r, O]).
 
   Its own backward because of how XLA:CPU runs lora_a's gradient: formed as autodiff does, x^T @ dh with the
   [in, r] result, it took 1.55 ms (in 576) and 3.78 ms (in 1536) at 2048 tokens and r = 8, against 0.29 / 0.56
-  ms for dh^T @ x, the same product with the [r, in] result; XLA rewrites a transpose of that product back
-  into the slow form, so an optimization barrier sits between them. SmolLM2's LoRA step (gate / up / down, 8 x
-  256 tokens, 4 interleaved rounds): 12.0-12.6 s against 12.8-14.1 s, faster in every round. The gradients
-  equal autodiff's and a float64 reference (tests/test_layers.py).
+  ms for dh^T @ x, the same product with the [r, in] result (3 experts x 1400 tokens: 2.82 / 7.65 ms against
+  0.46 / 1.10 ms); XLA rewrites a transpose of that product back into the slow form, so an optimization
+  barrier sits between them. SmolLM2's LoRA step (gate / up / down, 8 x 256 tokens, 4 interleaved rounds):
+  12.0-12.6 s against 12.8-14.1 s, faster in every round. The gradients equal autodiff's and a float64
+  reference (tests/test_layers.py).
   """
-  return (scale * (x_NI @ a_IR)) @ b_RO
+  # Inside shard_map each gradient must vary along the same mesh axes as its input (as autodiff's transposes
+  # make it): the inputs' axes are read here, where they are known, and handed to the backward.
+  vma = tuple(tuple(sorted(_varying_axes(v))) for v in (x_MI, a_IR, b_RO))
+  return _lora_term(x_MI, a_IR, b_RO, scale, vma)
 
 
-def _lora_term_fwd(x_NI, a_IR, b_RO, scale):
-  hs_NR = scale * (x_NI @ a_IR)
-  return hs_NR @ b_RO, (x_NI, a_IR, b_RO, hs_NR)
+def _varying_axes(v) -> frozenset:
+  """The shard_map mesh axes v varies along (empty outside shard_map)."""
+  t = jax.typeof(v)
+  m = getattr(t, "manual_axis_type", None)  # jax 0.10; earlier releases name the set `vma`
+  return frozenset(m.varying if m is not None else getattr(t, "vma", ()))
 
 
-def _lora_term_bwd(scale, res, g_NO):
-  x_NI, a_IR, b_RO, hs_NR = res
-  db_RO = jnp.einsum("nr,no->ro", hs_NR, g_NO)
-  dh_NR = scale * (g_NO @ b_RO.T)
-  da_RI = jax.lax.optimization_barrier(jnp.einsum("nr,ni->ri", dh_NR, x_NI))
-  return dh_NR @ a_IR.T, da_RI.T, db_RO
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _lora_term(x_MI, a_IR, b_RO, scale, vma):
+  return (scale * (x_MI @ a_IR)) @ b_RO
 
 
-lora_term.defvjp(_lora_term_fwd, _lora_term_bwd)
+def _lora_term_fwd(x_MI, a_IR, b_RO, scale, vma):
+  hs_MR = scale * (x_MI @ a_IR)
+  return hs_MR @ b_RO, (x_MI, a_IR, b_RO, hs_MR)
+
+
+def _typed(grad, axes):
+  """grad summed over the mesh axes it varies along beyond `axes`, and marked varying along the rest."""
+  have, want = _varying_axes(grad), frozenset(axes)
+  if have - want:
+    grad = jax.lax.psum(grad, tuple(sorted(have - want)))
+  if want - have:
+    grad = jax.lax.pcast(grad, tuple(sorted(want - have)), to="varying")
+  return grad
+
+
+def _lora_term_bwd(scale, vma, res, g_MO):
+  x_MI, a_IR, b_RO, hs_MR = res
+  t = lambda z: jnp.swapaxes(z, -1, -2)
+  db_RO = t(hs_MR) @ g_MO
+  dh_MR = scale * (g_MO @ t(b_RO))
+  da_RI = jax.lax.optimization_barrier(t(dh_MR) @ x_MI)
+  dx_MI = dh_MR @ t(a_IR)
+  if dx_MI.ndim > x_MI.ndim:  # x shared by the leading (expert) axes: its gradient sums over them
+    dx_MI = dx_MI.sum(axis=tuple(range(dx_MI.ndim - x_MI.ndim)))
+  return tuple(_typed(d, axes) for d, axes in zip((dx_MI, t(da_RI), db_RO), vma))
+
+
+_lora_term.defvjp(_lora_term_fwd, _lora_term_bwd)
 
 
 def linears(ps, x_BTI, cfg: ModelConfig, rngs=None) -> list:

@@ -51,11 +51,9 @@ def expert_linear(p: dict, x, keep_EMI, cfg: ModelConfig):
   x = x.astype(dt)
   sub = "mi" if x.ndim == 2 else "emi"
   y_EMO = jnp.einsum(f"{sub},eio->emo", x, p["kernel"].astype(dt))
-  if "lora_a" in p:
+  if "lora_a" in p:  # layers.lora_term: its backward forms lora_a's gradient as [E, r, in]
     xl = _lora_input(x, keep_EMI, cfg)  # broadcasts a shared x against [E, M, I] masks
-    sub_l = "mi" if xl.ndim == 2 else "emi"
-    h_EMR = jnp.einsum(f"{sub_l},eir->emr", xl, p["lora_a"].astype(dt))
-    y_EMO = y_EMO + cfg.lora_scale * jnp.einsum("emr,ero->emo", h_EMR, p["lora_b"].astype(dt))
+    y_EMO = y_EMO + layers.lora_term(xl, p["lora_a"].astype(dt), p["lora_b"].astype(dt), cfg.lora_scale)
   return y_EMO
 
 
