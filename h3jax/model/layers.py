@@ -106,6 +106,13 @@ def dropout_keep(rng, rate: float, shape) -> jax.Array:
   return (x >= jnp.uint32(min(int(rate * 2.0 ** 32), 2 ** 32 - 1))).reshape(shape)
 
 
+def lora_input(x, keep, cfg: ModelConfig):
+  """The LoRA branch's input: x, or with dropout (keep: the dropout_keep mask) x * keep / (1 - rate)."""
+  if keep is None:
+    return x
+  return jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0).astype(x.dtype)
+
+
 def lora_term(x_MI, a_IR, b_RO, scale: float):
   """scale * (x @ a) @ b, the LoRA term of a linear (scaled on the rank-r side: r values per token, not out).
   Leading axes batch as in jnp.matmul (experts: x [E, M, I] or a shared [M, I], a [E, I, r], b [E, r, O]).
@@ -126,9 +133,7 @@ def lora_term(x_MI, a_IR, b_RO, scale: float):
 
 def _varying_axes(v) -> frozenset:
   """The shard_map mesh axes v varies along (empty outside shard_map)."""
-  t = jax.typeof(v)
-  m = getattr(t, "manual_axis_type", None)  # jax 0.10; earlier releases name the set `vma`
-  return frozenset(m.varying if m is not None else getattr(t, "vma", ()))
+  return frozenset(jax.typeof(v).manual_axis_type.varying)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -180,11 +185,9 @@ def linears(ps, x_BTI, cfg: ModelConfig, rngs=None) -> list:
     if "bias" in p:
       y_NO = y_NO + p["bias"].astype(dt)
     if "lora_a" in p:
-      xl_NI = x_NI
-      if rng is not None and cfg.lora_dropout > 0:
-        keep = dropout_keep(rng, cfg.lora_dropout, x_NI.shape)
-        xl_NI = jnp.where(keep, x_NI / (1.0 - cfg.lora_dropout), 0).astype(dt)
-      y_NO = y_NO + lora_term(xl_NI, p["lora_a"].astype(dt), p["lora_b"].astype(dt), cfg.lora_scale)
+      keep = dropout_keep(rng, cfg.lora_dropout, x_NI.shape) if rng is not None and cfg.lora_dropout > 0 else None
+      y_NO = y_NO + lora_term(lora_input(x_NI, keep, cfg), p["lora_a"].astype(dt), p["lora_b"].astype(dt),
+                              cfg.lora_scale)
     outs.append(y_NO.reshape(*x_BTI.shape[:-1], y_NO.shape[-1]))
   return outs
 

@@ -39,12 +39,6 @@ EXPERT_AXIS = "expert"
 
 # ----------------------------------------------------------------------------- expert compute
 
-def _lora_input(x, keep, cfg: ModelConfig):
-  if keep is None:
-    return x
-  return jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0).astype(x.dtype)
-
-
 def expert_linear(p: dict, x, keep_EMI, cfg: ModelConfig):
   """Per-expert x @ kernel (+ LoRA). x is [M, I] (shared by all experts) or [E, M, I] -> [E, M, O]."""
   dt = cfg.compute_dtype
@@ -52,7 +46,7 @@ def expert_linear(p: dict, x, keep_EMI, cfg: ModelConfig):
   sub = "mi" if x.ndim == 2 else "emi"
   y_EMO = jnp.einsum(f"{sub},eio->emo", x, p["kernel"].astype(dt))
   if "lora_a" in p:  # layers.lora_term: its backward forms lora_a's gradient as [E, r, in]
-    xl = _lora_input(x, keep_EMI, cfg)  # broadcasts a shared x against [E, M, I] masks
+    xl = layers.lora_input(x, keep_EMI, cfg)  # broadcasts a shared x against [E, M, I] masks
     y_EMO = y_EMO + layers.lora_term(xl, p["lora_a"].astype(dt), p["lora_b"].astype(dt), cfg.lora_scale)
   return y_EMO
 
@@ -84,7 +78,7 @@ def _ragged_linear(p: dict, x_MI, group_sizes_E, keep_MI, cfg: ModelConfig):
   x_MI = x_MI.astype(dt)
   y_MO = _ragged_dot(x_MI, p["kernel"].astype(dt), group_sizes_E)
   if "lora_a" in p:
-    h_MR = _ragged_dot(_lora_input(x_MI, keep_MI, cfg), p["lora_a"].astype(dt), group_sizes_E)
+    h_MR = _ragged_dot(layers.lora_input(x_MI, keep_MI, cfg), p["lora_a"].astype(dt), group_sizes_E)
     y_MO = y_MO + cfg.lora_scale * _ragged_dot(h_MR, p["lora_b"].astype(dt), group_sizes_E)
   return y_MO
 
@@ -280,7 +274,7 @@ def _linears_2d(ps, x_MI, keeps_MI, cfg: ModelConfig) -> list:
   outs = []
   for p, keep_MI, y_MO in zip(ps, keeps_MI, panels.matmuls(ps, x_MI, dt)):
     if "lora_a" in p:  # layers.lora_term: its backward forms lora_a's gradient the fast way round
-      y_MO = y_MO + layers.lora_term(_lora_input(x_MI, keep_MI, cfg), p["lora_a"].astype(dt),
+      y_MO = y_MO + layers.lora_term(layers.lora_input(x_MI, keep_MI, cfg), p["lora_a"].astype(dt),
                                       p["lora_b"].astype(dt), cfg.lora_scale)
     outs.append(y_MO)
   return outs
