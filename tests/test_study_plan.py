@@ -262,6 +262,58 @@ def test_stage_keys_do_not_depend_on_where_the_workdir_or_checkout_is(tmp_path):
   assert [s.key for s in plan.build(sc)] != [k for _, k in keys[1]]
 
 
+def test_stage_keys_do_not_depend_on_where_the_data_lives(tmp_path, monkeypatch):
+  """Another machine keeps the data elsewhere, or reads it from the hub (no data root): the same keys. The
+  keys of the earlier scheme (the data root's path hashed) are each stage's `old_keys`."""
+  keys = {}
+  for root in (str(tmp_path / "data"), "/elsewhere/shared/data", ""):
+    monkeypatch.setenv("H3JAX_DATA_ROOT", root)
+    sc = _config()
+    plan.resolve_base(sc, tmp_path)
+    keys[root] = {s.name: s for s in plan.build(sc)}
+  a, b, hub = keys.values()
+  assert [s.key for s in a.values()] == [s.key for s in b.values()] == [s.key for s in hub.values()]
+  assert all(s.old_keys != b[n].old_keys and s.key not in s.old_keys for n, s in a.items() if s.old_keys)
+  trained = [n for n, s in a.items() if s.old_keys]  # the training recipes and everything built on them
+  assert "train/expert_helpful" in trained and "score/moe_gate_drift" in trained and "gen/base/0of2" not in trained
+
+
+def test_a_stage_done_under_its_old_key_stays_done_and_is_published_under_todays(tmp_path):
+  import json
+  from h3jax.study import publish, runner
+  sc = _config()
+  plan.resolve_base(sc, tmp_path)
+  st = {s.name: s for s in plan.build(sc)}
+  w, name = tmp_path / "w", "train/expert_helpful"
+  old = st[name].old_keys[0]
+  (w / name / "checkpoints").mkdir(parents=True)
+  (w / name / "KEY").write_text(old + "\n")  # killed mid-run under the old scheme: resumed, not emptied
+  runner._start(w, st[name])
+  assert (w / name / "checkpoints").is_dir() and (w / name / "KEY").read_text().strip() == st[name].key
+  (w / name / "DONE.json").write_text(json.dumps({"stage": name, "key": old, "result": {}, "seconds": 1}))
+  assert runner.is_done(w, st[name]) and not plan.is_stale(w, st[name])
+  (w / name / "DONE.json").write_text(json.dumps({"stage": name, "key": "0" * 16, "result": {}, "seconds": 1}))
+  assert plan.is_stale(w, st[name])
+  (w / name / "DONE.json").write_text(json.dumps({"stage": name, "key": old, "result": {}, "seconds": 1}))
+  (w / name / "checkpoints").rmdir()  # no expert to export (the tiny study's test publishes real ones)
+  (w / "analysis").mkdir()
+  (w / "analysis" / "results.json").write_text("{}")
+  publish.publish(sc, w, tmp_path / "pub")
+  assert json.loads((tmp_path / "pub" / "timings.json").read_text())[name]["key"] == st[name].key
+
+
+def test_the_published_study_is_todays_config_wherever_the_data_lives(tmp_path, monkeypatch):
+  """experiments/results/study_smollm2 restores (its stages' keys are this config's) on a machine whose data
+  root is not this one's: a change to a default that the training recipes hash would show here."""
+  import json
+  published = json.loads((REPO / "experiments" / "results" / "study_smollm2" / "timings.json").read_text())
+  monkeypatch.setenv("H3JAX_DATA_ROOT", "/elsewhere/shared/data")
+  sc = _config()
+  plan.resolve_base(sc, tmp_path)
+  st = {s.name: s for s in plan.build(sc)}
+  assert len(published) == 120 and {n: t["key"] for n, t in published.items()} == {n: st[n].key for n in published}
+
+
 def test_restore_takes_a_rows_stages_by_exact_name():
   """merge_resm's stages are not merge_resm_tuned's, nor moe_gate's moe_gate_drift's (a prefix match
   would restore or record the other row's stages)."""

@@ -44,6 +44,7 @@ class Stage:
   est_s: float
   args: Tuple[Tuple[str, object], ...] = ()
   key: str = ""  # hash of the stage's settings and its dependencies' keys (with_keys)
+  old_keys: Tuple[str, ...] = ()  # the same settings' keys under an earlier key scheme (with_keys)
 
   @property
   def arg(self) -> dict:
@@ -144,8 +145,9 @@ def _plain(x):
   return x.to_dict() if hasattr(x, "to_dict") else x
 
 
-def stage_settings(sc, s: Stage) -> dict:
-  """What a stage's output depends on besides its dependencies' outputs (hashed into its key)."""
+def stage_settings(sc, s: Stage, legacy: bool = False) -> dict:
+  """What a stage's output depends on besides its dependencies' outputs (hashed into its key). `legacy`:
+  as keys were made before 2026-12-08, with the training data root's path in the recipe."""
   row = s.arg.get("row")
   common = {"kind": s.kind, "args": [list(a) for a in s.args], "base": sc.base}
   if s.kind == "base":
@@ -158,7 +160,10 @@ def stage_settings(sc, s: Stage) -> dict:
       c = recipes.mixture_config(sc)
     else:
       c = recipes.moe_config(sc, moe_rows(sc)[row], [f"train/expert_{a}/checkpoints" for a in AXES])
-    return dict(common, recipe=_plain(c))
+    recipe = _plain(c)
+    if not legacy:  # where the data lives is no setting: its content is pinned by third_party/datasets.json
+      recipe["data"]["data_root"] = DATA_ROOT_MARK
+    return dict(common, recipe=recipe)
   if s.kind in ("merge", "select"):
     return dict(common, merge=_plain(sc.merges[row]), tokenizer=sc.tokenizer)
   if s.kind in ("val", "gen", "score"):
@@ -172,16 +177,34 @@ def stage_settings(sc, s: Stage) -> dict:
 _REPO = str(pathlib.Path(__file__).resolve().parents[2])
 
 
+DATA_ROOT_MARK = "<data root>"
+
+
+def _key(sc, s: Stage, keys: dict, legacy: bool) -> str:
+  blob = json.dumps([stage_settings(sc, s, legacy), [keys.get(d, d) for d in s.deps]], sort_keys=True,
+                    default=str)
+  blob = blob.replace(_REPO, "<repo>")
+  if sc.get("tiny_base"):  # the tiny base lives in the workdir; the `base` stage's key stands for it
+    blob = blob.replace(str(sc.base), "<tiny base>")
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def with_keys(sc, stages: List[Stage]) -> List[Stage]:
-  keys, out = {}, []
+  """The stages with their keys. `old_keys` holds the key each stage had under the previous scheme, which
+  hashed the training data root's absolute path: stages done (or published) under it stay done where the
+  data root is the same, and are recorded under the current key from then on."""
+  keys, legacy, out = {}, {}, []
   for s in stages:  # dependencies come first
-    blob = json.dumps([stage_settings(sc, s), [keys.get(d, d) for d in s.deps]], sort_keys=True, default=str)
-    blob = blob.replace(_REPO, "<repo>")
-    if sc.get("tiny_base"):  # the tiny base lives in the workdir; the `base` stage's key stands for it
-      blob = blob.replace(str(sc.base), "<tiny base>")
-    keys[s.name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    out.append(dataclasses.replace(s, key=keys[s.name]))
+    keys[s.name] = _key(sc, s, keys, legacy=False)
+    legacy[s.name] = _key(sc, s, legacy, legacy=True)
+    old = (legacy[s.name],) if legacy[s.name] != keys[s.name] else ()
+    out.append(dataclasses.replace(s, key=keys[s.name], old_keys=old))
   return out
+
+
+def is_current(s: Stage, key: Optional[str]) -> bool:
+  """Whether a record under `key` is one of this stage's current settings (None: a record from before keys)."""
+  return key is None or key == s.key or key in s.old_keys
 
 
 def done_record(workdir, s: Stage) -> Optional[dict]:
@@ -191,7 +214,7 @@ def done_record(workdir, s: Stage) -> Optional[dict]:
   if not path.is_file():
     return None
   rec = json.loads(path.read_text())
-  return rec if rec.get("key", s.key) == s.key else None
+  return rec if is_current(s, rec.get("key")) else None
 
 
 def is_stale(workdir, s: Stage) -> bool:

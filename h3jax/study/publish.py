@@ -13,6 +13,7 @@ import pathlib
 import shutil
 
 from h3jax import io_atomic
+from h3jax.study import plan
 
 
 def publish(sc, workdir, dest) -> str:
@@ -28,9 +29,13 @@ def publish(sc, workdir, dest) -> str:
       if f.suffix in (".json", ".md", ".png") and f.name != "DONE.json":
         shutil.copy2(f, tmp / f.name)
     stage_recipes, timings = {}, {}
+    stages = {s.name: s for s in plan.build(sc)}
     for p in sorted(w.glob("**/DONE.json")):
       rec = json.loads(p.read_text())
       timings[rec["stage"]] = {k: rec.get(k) for k in ("seconds", "cpu_seconds", "finished", "result", "key")}
+      s = stages.get(rec["stage"])
+      if s is not None and plan.is_current(s, rec.get("key")):  # done under an earlier key scheme: today's key
+        timings[rec["stage"]]["key"] = s.key
       recipe = p.parent / "recipe.json"
       if recipe.is_file():
         stage_recipes[rec["stage"]] = json.loads(recipe.read_text())

@@ -150,7 +150,7 @@ def restore(sc, workdir, published) -> dict:
   _check_config(sc, recipes_pub["study"], src)
   stages = {s.name: s for s in plan.build(sc)}
   unknown = sorted(n for n in timings if n not in stages)
-  stale = sorted(n for n, t in timings.items() if n in stages and t.get("key") not in (None, stages[n].key))
+  stale = sorted(n for n, t in timings.items() if n in stages and not plan.is_current(stages[n], t.get("key")))
   if unknown or stale:
     raise ValueError(f"{src}: stages {(unknown + stale)[:5]} are not this config's stages (unknown {len(unknown)}, "
                      f"other keys {len(stale)}); published under other settings or another h3jax version")

@@ -48,7 +48,7 @@ def _start(workdir, stage: plan.Stage) -> None:
   d = pathlib.Path(workdir) / stage.name
   marker = d / "KEY"
   old = marker.read_text().strip() if marker.is_file() else None
-  if plan.is_stale(workdir, stage) or (old is not None and old != stage.key):
+  if plan.is_stale(workdir, stage) or (old is not None and not plan.is_current(stage, old)):
     _log(f"{stage.name}: settings changed since it ran; redoing it from scratch")
     shutil.rmtree(d)
   d.mkdir(parents=True, exist_ok=True)
