@@ -59,3 +59,28 @@ def test_mistyped_checkpoint_is_one_error_line_and_creates_nothing(tmp_path):
       f"error: checkpoint folder not found: {tmp_path / 'chekpoints'} (pass the run's checkpoints/ folder, "
       f"e.g. runs/NAME/checkpoints)"]
   assert os.listdir(tmp_path) == []  # neither the mistyped checkpoint folder nor --out
+
+
+def test_a_recorded_tokenizer_folder_that_is_gone_is_one_error_line_before_writing(tmp_path):
+  """A run moved to another machine records a tokenizer folder that is not there: the export names it and
+  the flag that replaces it before writing anything, instead of failing after the tensors."""
+  src = save_model(make_model("llama_gqa_linear"), tmp_path / "src")
+  cfg, params = h3jax.load_pretrained(src)
+  gone = tmp_path / "elsewhere" / "smollm2"
+  with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+    ckpt.save(3, params=params, config=cfg, extra={"tokenizer_source": str(gone)})
+  run = _export(tmp_path, f"--checkpoint={tmp_path / 'ckpt'}", f"--out={tmp_path / 'hf'}")
+  assert run.returncode == 2, run.stderr[-3000:]
+  assert run.stderr.strip().splitlines()[-1] == (
+      f"error: the checkpoint's tokenizer folder {gone} (recorded when it was trained) is not here; pass "
+      f"--tokenizer_source DIR (a folder with the tokenizer files)")
+  assert not (tmp_path / "hf").exists()
+  tok = tmp_path / "tok"
+  tok.mkdir()
+  (tok / "tokenizer.json").write_text("{}")
+  ok = _export(tmp_path, f"--checkpoint={tmp_path / 'ckpt'}", f"--out={tmp_path / 'hf'}", f"--tokenizer_source={tok}")
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  assert (tmp_path / "hf" / "tokenizer.json").read_text() == "{}"
+  peft = _export(tmp_path, f"--checkpoint={tmp_path / 'ckpt'}", f"--out={tmp_path / 'peft'}", "--format=peft")
+  assert peft.returncode == 2 and peft.stderr.strip().splitlines()[-1].endswith("pass --base DIR (the base model)")
+  assert not (tmp_path / "peft").exists()
