@@ -300,6 +300,11 @@ def test_a_stage_done_under_its_old_key_stays_done_and_is_published_under_todays
   (w / "analysis" / "results.json").write_text("{}")
   publish.publish(sc, w, tmp_path / "pub")
   assert json.loads((tmp_path / "pub" / "timings.json").read_text())[name]["key"] == st[name].key
+  (w / name / "KEY").write_text(old + "\n")
+  assert runner.rekey_old_records(w, list(st.values())) == 1  # what a run does first: today's keys on disk
+  assert json.loads((w / name / "DONE.json").read_text())["key"] == st[name].key
+  assert (w / name / "KEY").read_text().strip() == st[name].key
+  assert runner.rekey_old_records(w, list(st.values())) == 0
 
 
 def test_the_published_study_is_todays_config_wherever_the_data_lives(tmp_path, monkeypatch):

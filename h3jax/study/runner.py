@@ -55,6 +55,22 @@ def _start(workdir, stage: plan.Stage) -> None:
   io_atomic.write_text(marker, stage.key + "\n")
 
 
+def rekey_old_records(workdir, stages) -> int:
+  """Records (DONE.json, KEY) of stages done under an earlier key scheme (plan.with_keys) rewritten with
+  today's key, so the workdir stays done when carried to a machine whose data root is elsewhere."""
+  n = 0
+  for s in stages:
+    rec = plan.done_record(workdir, s)
+    if rec is not None and rec.get("key") in s.old_keys:
+      stage_lib._write_json(done_path(workdir, s.name), dict(rec, key=s.key))
+      if (pathlib.Path(workdir) / s.name / "KEY").is_file():
+        io_atomic.write_text(pathlib.Path(workdir) / s.name / "KEY", s.key + "\n")
+      n += 1
+  if n:
+    _log(f"{n} stage record(s) of an earlier key scheme now carry today's keys")
+  return n
+
+
 def lock_workdir(workdir):
   """An exclusive lock on the workdir (held while the returned file is open): one runner per workdir, two
   would start the same stages."""
@@ -142,6 +158,7 @@ def run(sc, workdir, *, config_path: str, overrides=(), patterns=(), workers: in
   planned = plan.build(sc)  # the config's estimates: calibrated against measurements, never twice
   all_stages = plan.calibrated(workdir, planned)
   by_name = {s.name: s for s in all_stages}
+  rekey_old_records(workdir, all_stages)
   wanted = {s.name for s in plan.select(all_stages, patterns)}
   todo = set()
 
