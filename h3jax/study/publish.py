@@ -34,7 +34,7 @@ def publish(sc, workdir, dest) -> str:
       rec = json.loads(p.read_text())
       timings[rec["stage"]] = {k: rec.get(k) for k in ("seconds", "cpu_seconds", "finished", "result", "key")}
       s = stages.get(rec["stage"])
-      if s is not None and plan.is_current(s, rec.get("key")):  # done under an earlier key scheme: today's key
+      if s is not None and plan.is_current(s, rec.get("key")):  # also done under an old scheme or before keys
         timings[rec["stage"]]["key"] = s.key
       recipe = p.parent / "recipe.json"
       if recipe.is_file():
