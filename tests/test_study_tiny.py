@@ -98,13 +98,17 @@ def test_tiny_study_end_to_end(tmp_path, data_root, judges_dir, monkeypatch):
   assert "stages" in json.loads((out / "recipes.json").read_text())
   rep = rescore.rescore(scw, out)
   assert rep["max_abs_diff"] <= 1e-9 and not any(v["not_rescored"] for v in rep["rows"].values())
-  _check_restore(tmp_path, w, out, judges_dir, data_root, sc)
+  elsewhere = tmp_path / "data_elsewhere"  # the other machine keeps the same data at another path
+  elsewhere.symlink_to(data_root, target_is_directory=True)
+  monkeypatch.setenv("H3JAX_DATA_ROOT", str(elsewhere))
+  _check_restore(tmp_path, w, out, judges_dir, elsewhere, sc)
 
 
 def _check_restore(tmp_path, w, published, judges_dir, data_root, sc):
-  """A fresh workdir restored from the published folder (another machine): every stage done, the
-  experts' checkpoints equal the trained ones, the analysis and a re-publish reproduce the published
-  results; a stage needing outputs that were not restored, another config, other judges are refused."""
+  """A fresh workdir restored from the published folder (another machine, its data at another path): every
+  stage done, the experts' checkpoints equal the trained ones, the analysis and a re-publish reproduce the
+  published results; a stage needing outputs that were not restored, another config, other judges are
+  refused."""
   import numpy as np
   from h3jax import checkpoint
   from h3jax.model.params import flatten_dict
