@@ -55,7 +55,7 @@ test: smollm2 oracles
 # reproduce an AMD machine's cache-size-dependent blocking, but a comparison with no real margin fails here.
 PORTABLE_ENV := XLA_FLAGS="--xla_cpu_max_isa=SSE4_2 --xla_cpu_multi_thread_eigen=false" \
   ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 OPENBLAS_CORETYPE=Haswell \
-  NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR"
+  NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR" H3JAX_KERNEL_MARCH=haswell
 test-portable: smollm2 oracles
 	$(PORTABLE_ENV) H3JAX_STRICT_SKIPS=1 $(PY) -m pytest -n 2 -m "not optin" tests
 

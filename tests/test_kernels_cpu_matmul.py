@@ -162,3 +162,20 @@ def test_build_is_cached_per_cpu(monkeypatch, tmp_path):
   monkeypatch.setenv("CXX", "/bin/false")  # a different CPU needs its own build: this one must fail
   with pytest.raises(RuntimeError):
     native.build(tmp_path)
+
+
+def test_the_build_takes_the_requested_march(monkeypatch, tmp_path):
+  """H3JAX_KERNEL_MARCH=haswell (make test-portable) builds the AVX2 code paths, cached apart from native."""
+  args = tmp_path / "args"
+  fake = tmp_path / "cxx"  # records its arguments and writes the -o file
+  fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo fake 1.0 && exit 0\necho \"$@\" > " + str(args) +
+                  "\nwhile [ $# -gt 1 ]; do [ \"$1\" = -o ] && touch \"$2\"; shift; done\n")
+  fake.chmod(0o755)
+  monkeypatch.setenv("CXX", str(fake))
+  monkeypatch.delenv(native.MARCH_ENV, raising=False)
+  native_lib = native.build(tmp_path / "cache")
+  assert "-march=native" in args.read_text().split()
+  monkeypatch.setenv(native.MARCH_ENV, "haswell")
+  haswell_lib = native.build(tmp_path / "cache")
+  assert "-march=haswell" in args.read_text().split() and "-march=native" not in args.read_text().split()
+  assert haswell_lib.parent != native_lib.parent and native_lib.is_file()

@@ -1,8 +1,9 @@
 """The native kernels' shared library: built on first use with the machine's C++ compiler, cached per CPU.
 
-Every `*.cc` listed in SOURCES is compiled with `$CXX` (else `c++`) and `-march=native` into one library
-under `$H3JAX_KERNEL_CACHE` (default `~/.cache/h3jax/kernels`), keyed by the sources, compiler, jaxlib and
-CPU flags, so a cached build never runs on a CPU it was not built for. `library()` loads it once per
+Every `*.cc` listed in SOURCES is compiled with `$CXX` (else `c++`) and `-march=native` (`$H3JAX_KERNEL_MARCH`
+instead, e.g. `haswell`: the AVX2 code paths, tested on an AVX-512 machine by `make test-portable`) into one
+library under `$H3JAX_KERNEL_CACHE` (default `~/.cache/h3jax/kernels`), keyed by the sources, compiler, flags,
+jaxlib and CPU flags, so a cached build never runs on a CPU it was not built for. `library()` loads it once per
 process; without a compiler, after a failed build, or with `H3JAX_CPU_KERNELS=0` it is None (one warning),
 and every caller keeps its numpy / XLA path. Users: `cpu_matmul` and `decode_attention` (decode matmuls and
 attention, XLA FFI targets) and `tau_select` (the streaming TIES cuts, plain C calls through ctypes).
@@ -29,6 +30,7 @@ SOURCES = (_HERE / "panel_matmul.cc", _HERE / "decode_attention.cc", _HERE / "ta
 ENABLE_ENV = "H3JAX_CPU_KERNELS"
 CACHE_ENV = "H3JAX_KERNEL_CACHE"
 DEFAULT_CACHE = "~/.cache/h3jax/kernels"
+MARCH_ENV = "H3JAX_KERNEL_MARCH"  # the build's -march (default native; e.g. haswell: an AVX2 build to test here)
 CXXFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w")
 
 log = logging.getLogger(__name__)
@@ -51,10 +53,15 @@ def _compiler() -> str:
   return os.environ.get("CXX") or "c++"
 
 
+def _cxxflags() -> tuple:
+  march = os.environ.get(MARCH_ENV) or "native"
+  return tuple(f"-march={march}" if f == "-march=native" else f for f in CXXFLAGS)
+
+
 def _build_key(cxx_version: str) -> str:
   import jaxlib
   h = hashlib.sha256()
-  for part in (*(src.read_bytes() for src in SOURCES), cxx_version.encode(), " ".join(CXXFLAGS).encode(),
+  for part in (*(src.read_bytes() for src in SOURCES), cxx_version.encode(), " ".join(_cxxflags()).encode(),
                jaxlib.__version__.encode(), _cpu_identity().encode()):
     h.update(part)
     h.update(b"\0")
@@ -99,7 +106,7 @@ def build(cache_root: Path | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-      cmd = [cxx, *CXXFLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
+      cmd = [cxx, *_cxxflags(), f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
       log.info("building the h3jax CPU kernels into %s (once per machine)", out_dir)
       done = subprocess.run(cmd, capture_output=True, text=True)
       if done.returncode != 0:
