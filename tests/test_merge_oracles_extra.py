@@ -120,13 +120,16 @@ def _bf16_family(root):
 
 
 def _assert_mask_flips_only(body, ours, theirs, what):
-  """Both outputs are base + mask * delta; they may disagree on <= 1% of the mask."""
-  base = _cached(body["base_model"])[what.split(": ")[1]]
-  model = _cached(body["models"][0]["model"])[what.split(": ")[1]]
+  """Both outputs are base + mask * delta; they may disagree on <= 1% of the mask. A kept entry is
+  base + (model - base) in float32 as both compute it, which is not `model` where model - base rounds (signs
+  differ, say): a flip there showed up only when torch ran its AVX2 kernels (make test-portable)."""
+  f32 = lambda a: np.asarray(a, np.float32)
+  base = f32(_cached(body["base_model"])[what.split(": ")[1]])
+  kept = base + (f32(_cached(body["models"][0]["model"])[what.split(": ")[1]]) - base)
   flips = ours != theirs
   assert flips.mean() <= 0.01, f"{what}: {flips.mean():.2%} of the entries differ"
-  assert np.all((ours[flips] == base[flips]) | (ours[flips] == model[flips])), what
-  assert np.all((theirs[flips] == base[flips]) | (theirs[flips] == model[flips])), what
+  assert np.all((ours[flips] == base[flips]) | (ours[flips] == kept[flips])), what
+  assert np.all((theirs[flips] == base[flips]) | (theirs[flips] == kept[flips])), what
   if ours.size > 1:  # a 1-element row has KL 0: everything is kept
     assert 0 < np.mean(ours != base) < 0.5, f"{what}: the mask keeps all or nothing"
 
