@@ -129,8 +129,8 @@ def export_checkpoint(checkpoint_dir, out_dir, *, step: Optional[int] = None, to
     tokenizer_source = restored["extra"].get("tokenizer_source")
     needed = format != "peft" or not base  # a PEFT adapter names its base: --base, else this folder
     if needed and tokenizer_source and not pathlib.Path(tokenizer_source).is_dir():  # a run moved elsewhere
-      flag = "--base DIR (the base model)" if format == "peft" else "--tokenizer_source DIR (a folder with the " \
-          "tokenizer files)"
+      flag = ("--base DIR (the base model)" if format == "peft"
+              else "--tokenizer_source DIR (a folder with the tokenizer files)")
       raise FileNotFoundError(f"the checkpoint's tokenizer folder {tokenizer_source} (recorded when it was "
                               f"trained) is not here; pass {flag}")
   if format == "peft":

@@ -145,9 +145,9 @@ def _plain(x):
   return x.to_dict() if hasattr(x, "to_dict") else x
 
 
-def stage_settings(sc, s: Stage, legacy: bool = False) -> dict:
-  """What a stage's output depends on besides its dependencies' outputs (hashed into its key). `legacy`:
-  as keys were made before 2026-12-08, with the training data root's path in the recipe."""
+def stage_settings(sc, s: Stage) -> dict:
+  """What a stage's output depends on besides its dependencies' outputs (hashed into its key, less where
+  things live: `_location_free`)."""
   row = s.arg.get("row")
   common = {"kind": s.kind, "args": [list(a) for a in s.args], "base": sc.base}
   if s.kind == "base":
@@ -160,10 +160,7 @@ def stage_settings(sc, s: Stage, legacy: bool = False) -> dict:
       c = recipes.mixture_config(sc)
     else:
       c = recipes.moe_config(sc, moe_rows(sc)[row], [f"train/expert_{a}/checkpoints" for a in AXES])
-    recipe = _plain(c)
-    if not legacy:  # where the data lives is no setting: its content is pinned by third_party/datasets.json
-      recipe["data"]["data_root"] = DATA_ROOT_MARK
-    return dict(common, recipe=recipe)
+    return dict(common, recipe=_plain(c))
   if s.kind in ("merge", "select"):
     return dict(common, merge=_plain(sc.merges[row]), tokenizer=sc.tokenizer)
   if s.kind in ("val", "gen", "score"):
@@ -180,9 +177,16 @@ _REPO = str(pathlib.Path(__file__).resolve().parents[2])
 DATA_ROOT_MARK = "<data root>"
 
 
-def _key(sc, s: Stage, keys: dict, legacy: bool) -> str:
-  blob = json.dumps([stage_settings(sc, s, legacy), [keys.get(d, d) for d in s.deps]], sort_keys=True,
-                    default=str)
+def _location_free(settings: dict) -> dict:
+  """The settings without where the training data lives: its content is pinned by third_party/datasets.json."""
+  if "recipe" not in settings:
+    return settings
+  recipe = settings["recipe"]
+  return dict(settings, recipe=dict(recipe, data=dict(recipe["data"], data_root=DATA_ROOT_MARK)))
+
+
+def _key(sc, settings: dict, dep_keys: list) -> str:
+  blob = json.dumps([settings, dep_keys], sort_keys=True, default=str)
   blob = blob.replace(_REPO, "<repo>")
   if sc.get("tiny_base"):  # the tiny base lives in the workdir; the `base` stage's key stands for it
     blob = blob.replace(str(sc.base), "<tiny base>")
@@ -195,8 +199,9 @@ def with_keys(sc, stages: List[Stage]) -> List[Stage]:
   data root is the same, and are recorded under the current key from then on."""
   keys, legacy, out = {}, {}, []
   for s in stages:  # dependencies come first
-    keys[s.name] = _key(sc, s, keys, legacy=False)
-    legacy[s.name] = _key(sc, s, legacy, legacy=True)
+    settings = stage_settings(sc, s)
+    keys[s.name] = _key(sc, _location_free(settings), [keys.get(d, d) for d in s.deps])
+    legacy[s.name] = _key(sc, settings, [legacy.get(d, d) for d in s.deps])
     old = (legacy[s.name],) if legacy[s.name] != keys[s.name] else ()
     out.append(dataclasses.replace(s, key=keys[s.name], old_keys=old))
   return out

@@ -63,8 +63,9 @@ def rekey_old_records(workdir, stages) -> int:
     rec = plan.done_record(workdir, s)
     if rec is not None and rec.get("key") in s.old_keys:
       stage_lib._write_json(done_path(workdir, s.name), dict(rec, key=s.key))
-      if (pathlib.Path(workdir) / s.name / "KEY").is_file():
-        io_atomic.write_text(pathlib.Path(workdir) / s.name / "KEY", s.key + "\n")
+      marker = pathlib.Path(workdir) / s.name / "KEY"
+      if marker.is_file():
+        io_atomic.write_text(marker, s.key + "\n")
       n += 1
   if n:
     _log(f"{n} stage record(s) of an earlier key scheme now carry today's keys")
